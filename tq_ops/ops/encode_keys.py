@@ -1,0 +1,30 @@
+"""turboquant::encode_keys: fused key encode (norm, rotate, quantize, pack, QJL residual sketch)."""
+from __future__ import annotations
+
+from torch import Tensor
+from torch.library import triton_op
+
+from tq_ops import _checks, reference
+
+
+@triton_op("turboquant::encode_keys", mutates_args=())
+def encode_keys(key: Tensor, rotation: Tensor, projection: Tensor, centroids: Tensor, bits: int,
+                qjl: bool) -> Tensor:
+    """Encode keys into packed key records.
+
+    Args:
+        key: (..., D) fp16/bf16/fp32.
+        rotation: (D, D) fp32, Pi.  projection: (D, D) fp32, S' (ignored when qjl is False).
+        centroids: (2**bits,) fp32, the key codebook.
+        bits: MSE bits 1..4.  qjl: add the 1-bit residual sketch (TurboQuant_prod).
+    Returns:
+        (..., key_bytes) uint8 records: codes | signs | norm fp16 | gamma fp16 (tq_ops.layout).
+        A norm above 65504 is stored as +inf (fp16): tq_ops.api checks for it in eager mode.
+    """
+    d = _checks.rotation(rotation)
+    _checks.rotation(projection)
+    _checks.floats("key", key)
+    _checks.head_dim("key", key, d)
+    _checks.codebook("encode_keys", centroids, bits)
+    _checks.same_device(key=key, rotation=rotation, projection=projection, centroids=centroids)
+    return reference.encode_keys(key, rotation, projection, centroids, bits, qjl)

@@ -1,0 +1,185 @@
+"""The seed's standalone API, usable without vLLM: TurboQuantConfig and TurboQuantAttentionImpl.
+
+State is kept per sequence (the seed kept one state per layer and mixed requests together).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tq_ops import _checks, _env
+from tq_ops import ops as tq
+from tq_ops.codec import TQCodec
+from tq_ops.config import TQConfig, TQConfigError
+
+
+@dataclass(frozen=True)
+class TurboQuantConfig:
+    """The seed's configuration (same field names and defaults), plus value bits, sinks and seed.
+
+    `TurboQuantConfig.from_env()` reads the TQ_* variables (tq_ops._env).
+    """
+
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    max_seq_len: int = 4096
+    flush_interval: int = 128
+    b_mse: int = 2
+    b_qjl: int = 1
+    device: str = "cuda"
+    value_bits: int = 3
+    sink_tokens: int = 0
+    rotation_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise TQConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise TQConfigError(f"num_heads={self.num_heads} is not divisible by "
+                                f"num_kv_heads={self.num_kv_heads}")
+        self.tq_config  # validates the format fields
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "TurboQuantConfig":
+        values = _env.read_env(environ)
+        values.pop("preset", None)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def tq_config(self) -> TQConfig:
+        return TQConfig(head_dim=self.head_dim, key_mse_bits=self.b_mse, key_qjl_bits=self.b_qjl,
+                        value_bits=self.value_bits, rotation_seed=self.rotation_seed,
+                        sink_tokens=self.sink_tokens, flush_interval=self.flush_interval)
+
+    def resolved_device(self) -> torch.device:
+        """TQ_DEVICE, falling back to the CPU with a warning when CUDA is asked for but absent."""
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn(f"TQ_DEVICE={self.device} but no CUDA GPU is available: using the CPU",
+                          RuntimeWarning, stacklevel=2)
+            return torch.device("cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class _SequenceState:
+    sink_key: Tensor
+    sink_value: Tensor
+    key_records: Tensor
+    value_records: Tensor
+    buffer_key: Tensor
+    buffer_value: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sink_key.shape[0] + self.key_records.shape[0] + self.buffer_key.shape[0]
+
+
+class TurboQuantAttentionImpl:
+    """Attention with a TurboQuant-compressed KV cache, one state per sequence.
+
+    forward(query, key, value, sequence_id=0):
+      * the first `sink_tokens` tokens of a sequence are kept exact;
+      * prefill (a call with more than one token) attends causally over the exact chunk and the
+        sequence's earlier tokens, then batch-encodes all its tokens (the seed's behaviour);
+      * decode (one token) appends the raw token to the sequence's buffer; when the buffer holds
+        flush_interval tokens they are compressed in one batch;
+      * attention is one softmax over sinks, compressed tokens and buffered tokens; query head h
+        reads KV head h // (num_heads / num_kv_heads).
+    """
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 tq_config: TurboQuantConfig | None = None, layer_idx: int = 0):
+        num_kv_heads = num_kv_heads or num_heads
+        _checks.gqa(num_heads, num_kv_heads)
+        cfg = tq_config or TurboQuantConfig(num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                            head_dim=head_size)
+        if cfg.head_dim != head_size:
+            cfg = dataclasses.replace(cfg, head_dim=head_size)
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads, self.layer_idx, self.config = num_kv_heads, layer_idx, cfg
+        self.format = cfg.tq_config
+        self.device = cfg.resolved_device()
+        self.codec = TQCodec.build(self.format, self.device)
+        self._states: dict[object, _SequenceState] = {}
+
+    # -- state -------------------------------------------------------------------------------
+    def _empty(self, dtype: torch.dtype) -> _SequenceState:
+        raw = torch.empty(0, self.num_kv_heads, self.head_size, dtype=dtype, device=self.device)
+        lay = self.format.layout
+        kr = torch.empty(0, self.num_kv_heads, lay.key_bytes, dtype=torch.uint8, device=self.device)
+        vr = torch.empty(0, self.num_kv_heads, lay.value_bytes, dtype=torch.uint8, device=self.device)
+        return _SequenceState(raw, raw.clone(), kr, vr, raw.clone(), raw.clone())
+
+    def reset(self, sequence_id: object = None) -> None:
+        """Forget one sequence (or all when sequence_id is None)."""
+        if sequence_id is None:
+            self._states.clear()
+        else:
+            self._states.pop(sequence_id, None)
+
+    def num_tokens(self, sequence_id: object = 0) -> int:
+        state = self._states.get(sequence_id)
+        return 0 if state is None else state.num_tokens
+
+    def memory_bytes(self, sequence_id: object = 0) -> int:
+        """Bytes held for one sequence: compressed records plus exact sinks and buffer."""
+        s = self._states.get(sequence_id)
+        if s is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in dataclasses.astuple(s))
+
+    def _encode(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        c, f = self.codec, self.format
+        return (tq.encode_keys(k, c.rotation, c.qjl_projection, c.key_centroids, f.key_mse_bits,
+                               f.use_qjl),
+                tq.encode_values(v, c.rotation, c.value_centroids, f.value_bits))
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, sequence_id: object = 0) -> Tensor:
+        """query (T, Hq*D) or (T, Hq, D); key, value (T, Hkv*D) or (T, Hkv, D).
+        Returns the attention output in the shape and dtype of query."""
+        out_shape = query.shape
+        q = query.reshape(query.shape[0], self.num_heads, self.head_size)
+        k = key.reshape(key.shape[0], self.num_kv_heads, self.head_size)
+        v = value.reshape(value.shape[0], self.num_kv_heads, self.head_size)
+        if not (q.shape[0] == k.shape[0] == v.shape[0]):
+            _checks.fail(f"query, key and value must have the same number of tokens, got "
+                         f"{q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if t.device != self.device:
+                _checks.fail(f"{name} is on {t.device} but this layer's cache is on {self.device}")
+            if not bool(torch.isfinite(t).all()):
+                _checks.fail(f"{name} contains NaN or Inf")
+        if k.shape[0] and float(torch.linalg.vector_norm(k.float(), dim=-1).max()) > 65504:
+            _checks.fail("a key norm exceeds 65504, the fp16 range of the stored norms")
+        state = self._states.get(sequence_id) or self._empty(k.dtype)
+        n_new = k.shape[0]
+        take = min(max(self.format.sink_tokens - state.sink_key.shape[0], 0), n_new)
+        state.sink_key = torch.cat([state.sink_key, k[:take]])
+        state.sink_value = torch.cat([state.sink_value, v[:take]])
+        recent_k = torch.cat([state.buffer_key, k[take:]])
+        recent_v = torch.cat([state.buffer_value, v[take:]])
+        c, f = self.codec, self.format
+        out = tq.attention(q, state.key_records, state.value_records, state.sink_key,
+                           state.sink_value, recent_k, recent_v, c.rotation, c.qjl_projection,
+                           c.key_centroids, c.value_centroids, f.key_mse_bits, f.use_qjl,
+                           f.value_bits, self.scale, True)
+        prefill = n_new > 1
+        if prefill or recent_k.shape[0] >= max(f.flush_interval, 1):
+            kr, vr = self._encode(recent_k, recent_v)
+            state.key_records = torch.cat([state.key_records, kr])
+            state.value_records = torch.cat([state.value_records, vr])
+            recent_k, recent_v = recent_k[:0], recent_v[:0]
+        state.buffer_key, state.buffer_value = recent_k, recent_v
+        self._states[sequence_id] = state
+        return out.reshape(out_shape)
+
+    __call__ = forward
