@@ -273,16 +273,18 @@ def gather_pages(cache: Tensor, block_table: Tensor, d: int, key_bits: int, qjl:
 
 
 def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor,
-                           raw_key: Tensor, raw_value: Tensor, raw_lens: Tensor, rotation: Tensor,
+                           raw_key: Tensor, raw_value: Tensor, raw_index: Tensor, raw_lens: Tensor,
+                           rotation: Tensor,
                            projection: Tensor, key_centroids: Tensor, value_centroids: Tensor,
                            key_bits: int, qjl: bool, value_bits: int, scale: float,
                            kv_start: int) -> Tensor:
     """One query token per sequence over its compressed pages and its exact raw tokens.
 
     query (B, Hq, D); cache (NB, Hkv, P) uint8; block_table (B, MB) int32; kv_lens (B,) int32: the
-    compressed tokens are page positions kv_start..kv_lens[b]-1; raw_key/raw_value (B, R, Hkv, D),
-    of which the first raw_lens[b] are valid (sinks and the recent buffer: order does not matter to
-    a single query).  Returns (B, Hq, D) in query.dtype.
+    compressed tokens are page positions kv_start..kv_lens[b]-1; raw_key/raw_value (N, R, Hkv, D)
+    is a pool of exact tokens, sequence b owning row raw_index[b] of which the first raw_lens[b]
+    are valid (sinks and the recent buffer: order does not matter to a single query).
+    Returns (B, Hq, D) in query.dtype.
     """
     b, hq, d = query.shape
     hkv = cache.shape[1]
@@ -296,8 +298,9 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
                      key_bits, qjl).reshape(b, hkv, g, n)
     pos = torch.arange(n, device=query.device)
     comp_ok = (pos[None, :] >= kv_start) & (pos[None, :] < kv_lens.to(torch.int64)[:, None])
-    rk = raw_key.to(torch.float32).permute(0, 2, 1, 3)  # (B, Hkv, R, D)
-    rv = raw_value.to(torch.float32).permute(0, 2, 1, 3)
+    rows = raw_index.to(torch.int64)
+    rk = raw_key[rows].to(torch.float32).permute(0, 2, 1, 3)  # (B, Hkv, R, D)
+    rv = raw_value[rows].to(torch.float32).permute(0, 2, 1, 3)
     raw_logits = torch.einsum("bhgd,bhrd->bhgr", qg, rk)
     raw_ok = torch.arange(raw_key.shape[1], device=query.device)[None, :] < raw_lens.to(torch.int64)[:, None]
     logits = torch.cat([est.masked_fill(~comp_ok[:, None, None, :], float("-inf")),
