@@ -314,5 +314,94 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
     return out.reshape(b, hq, d).to(query.dtype)
 
 
+def _rotated_pages(cache: Tensor, block_table: Tensor, rotation: Tensor, projection: Tensor,
+                   key_centroids: Tensor, value_centroids: Tensor, key_bits: int, qjl: bool,
+                   value_bits: int) -> tuple[Tensor, Tensor]:
+    """Every page position of every sequence as rotated-domain vectors: keys k_eff with
+    <Pi q, k_eff> equal to the key_scores estimate, values n c[code] (not yet un-rotated).
+    Returns two (B, MB*block_size, Hkv, D) fp32 tensors."""
+    d = rotation.shape[0]
+    keys, values = gather_pages(cache, block_table, d, key_bits, qjl, value_bits)
+    codes, signs, norm, gamma = parse_key_records(keys, d, key_bits, qjl)
+    k_eff = key_centroids[codes]
+    if qjl:
+        k_eff = k_eff + qjl_scale(d) * gamma.unsqueeze(-1) * (signs @ projection)
+    vcodes, vnorm = parse_value_records(values, d, value_bits)
+    return k_eff * norm.unsqueeze(-1), value_centroids[vcodes] * vnorm.unsqueeze(-1)
+
+
+# Queries per step of the prefill reference: bounds its (tile, Hq, keys of the batch) logits.
+_PREFILL_LOGIT_ELEMENTS = 1 << 24
+
+
+def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor,
+                            cache: Tensor, block_table: Tensor, prefix_lens: Tensor,
+                            raw_key: Tensor, raw_value: Tensor, raw_index: Tensor,
+                            raw_lens: Tensor, rotation: Tensor, projection: Tensor,
+                            key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
+                            qjl: bool, value_bits: int, scale: float, kv_start: int) -> Tensor:
+    """Varlen chunked prefill: each sequence's chunk attends to its compressed prefix, its raw pool
+    tokens and, causally, to itself, in one softmax.
+
+    query (T, Hq, D); key/value (T, Hkv, D), the chunk's own exact K/V; cu_seqlens_q (B+1,) int:
+    sequence b owns tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1.  cache (NB, Hkv, P) uint8,
+    block_table (B, MB) int32, prefix_lens (B,) int32: compressed page positions
+    kv_start .. prefix_lens[b]-1 are visible to every query of sequence b.  raw_key/raw_value
+    (N, R, Hkv, D): sequence b's row raw_index[b], first raw_lens[b] tokens, visible to every query
+    of b (they sit before the chunk).  Chunk token i sees chunk tokens j <= i of its sequence.
+    Returns (T, Hq, D) in query.dtype.
+
+    Every query is scored against every sequence's keys and masked to its own, with the queries
+    taken in static tiles: static shapes (it traces) at the price of B-fold work.
+    """
+    t, hq, d = query.shape
+    hkv = cache.shape[1]
+    g = hq // hkv
+    dev = query.device
+    k_rot, v_rot = _rotated_pages(cache, block_table, rotation, projection, key_centroids,
+                                  value_centroids, key_bits, qjl, value_bits)
+    b, n = k_rot.shape[0], k_rot.shape[1]
+    k_rot, v_rot = k_rot.reshape(b * n, hkv, d), v_rot.reshape(b * n, hkv, d)
+    rows = raw_index.to(torch.int64)
+    r = raw_key.shape[1]
+    rk = raw_key[rows].to(torch.float32).reshape(b * r, hkv, d)
+    rv = raw_value[rows].to(torch.float32).reshape(b * r, hkv, d)
+    kk, vv = key.to(torch.float32), value.to(torch.float32)
+
+    cu = cu_seqlens_q.to(torch.int64)
+    tok = torch.arange(t, device=dev)
+    seq = torch.searchsorted(cu[1:], tok, right=True)  # (T,) sequence of each chunk token
+    comp_seq = torch.arange(b, device=dev).repeat_interleave(n)
+    comp_pos = torch.arange(n, device=dev).repeat(b)
+    comp_ok_key = (comp_pos >= kv_start) & (comp_pos < prefix_lens.to(torch.int64)[comp_seq])
+    raw_seq = torch.arange(b, device=dev).repeat_interleave(r)
+    raw_ok_key = torch.arange(r, device=dev).repeat(b) < raw_lens.to(torch.int64)[raw_seq]
+
+    q32 = query.to(torch.float32).reshape(t, hkv, g, d)
+    q_rot = rotate(q32, rotation)
+    tile = max(1, _PREFILL_LOGIT_ELEMENTS // max(1, hq * (b * n + b * r + t)))
+    outs = []
+    for t0 in range(0, t, tile):
+        sl = slice(t0, min(t, t0 + tile))
+        s_q = seq[sl]
+        lc = torch.einsum("thgd,khd->thgk", q_rot[sl], k_rot)
+        lr = torch.einsum("thgd,khd->thgk", q32[sl], rk)
+        lk = torch.einsum("thgd,khd->thgk", q32[sl], kk)
+        ok_c = (comp_seq[None, :] == s_q[:, None]) & comp_ok_key[None, :]
+        ok_r = (raw_seq[None, :] == s_q[:, None]) & raw_ok_key[None, :]
+        ok_k = (seq[None, :] == s_q[:, None]) & (tok[None, :] <= tok[sl][:, None])
+        logits = torch.cat([lc.masked_fill(~ok_c[:, None, None, :], float("-inf")),
+                            lr.masked_fill(~ok_r[:, None, None, :], float("-inf")),
+                            lk.masked_fill(~ok_k[:, None, None, :], float("-inf"))], -1) * scale
+        p = torch.softmax(logits, dim=-1)
+        o = unrotate(torch.einsum("thgk,khd->thgd", p[..., :b * n], v_rot), rotation)
+        o = o + torch.einsum("thgk,khd->thgd", p[..., b * n:b * n + b * r], rv)
+        o = o + torch.einsum("thgk,khd->thgd", p[..., b * n + b * r:], vv)
+        outs.append(o.reshape(-1, hq, d))
+    if not outs:
+        return query.new_empty((0, hq, d))
+    return torch.cat(outs, 0).to(query.dtype)
+
+
 def scale_default(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)

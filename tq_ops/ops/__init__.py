@@ -6,10 +6,11 @@ from tq_ops.ops.key_scores import key_scores
 from tq_ops.ops.mse_dequantize import mse_dequantize
 from tq_ops.ops.mse_quantize import mse_quantize
 from tq_ops.ops.paged_decode_attention import paged_decode_attention
+from tq_ops.ops.paged_prefill_attention import paged_prefill_attention
 from tq_ops.ops.qjl_sketch import qjl_sketch
 from tq_ops.ops.rotate import rotate, unrotate
 from tq_ops.ops.write_cache import write_cache
 
 __all__ = ["attention", "encode_keys", "encode_values", "key_scores", "mse_dequantize",
-           "mse_quantize", "paged_decode_attention", "qjl_sketch", "rotate", "unrotate",
-           "write_cache"]
+           "mse_quantize", "paged_decode_attention", "paged_prefill_attention", "qjl_sketch",
+           "rotate", "unrotate", "write_cache"]

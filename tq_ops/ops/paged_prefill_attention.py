@@ -1,0 +1,91 @@
+"""turboquant::paged_prefill_attention: a varlen chunk of queries over its own raw K/V (causal), the
+compressed prefix in the paged cache and the raw pool tokens, in one softmax."""
+from __future__ import annotations
+
+from torch import Tensor
+from torch.library import triton_op
+
+from tq_ops import _checks, layout, reference
+from tq_ops.ops.write_cache import check_cache
+
+
+def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
+                       raw_value, raw_index, raw_lens, rotation, key_centroids, value_centroids,
+                       key_bits, qjl, value_bits, kv_start) -> int:
+    """Static checks of paged_prefill_attention's arguments; returns head_dim."""
+    d = _checks.rotation(rotation)
+    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
+    _checks.codebook("key", key_centroids, key_bits)
+    _checks.codebook("value", value_centroids, value_bits)
+    _checks.floats("query", query, rank=3)
+    _checks.head_dim("query", query, d)
+    hkv = cache.shape[1] if cache.dim() == 3 else 0
+    check_cache(cache, lay, hkv)
+    _checks.gqa(query.shape[1], hkv)
+    for name, t in (("key", key), ("value", value)):
+        _checks.floats(name, t, rank=3)
+        if tuple(t.shape) != (query.shape[0], hkv, d):
+            _checks.fail(f"{name} must be (T={query.shape[0]}, {hkv}, {d}), got {tuple(t.shape)}")
+    _checks.ints("cu_seqlens_q", cu_seqlens_q, rank=1)
+    _checks.ints("block_table", block_table, rank=2)
+    _checks.ints("prefix_lens", prefix_lens, rank=1)
+    _checks.ints("raw_index", raw_index, rank=1)
+    _checks.ints("raw_lens", raw_lens, rank=1)
+    b = block_table.shape[0]
+    if cu_seqlens_q.shape[0] != b + 1:
+        _checks.fail(f"cu_seqlens_q needs B+1 = {b + 1} entries, got {cu_seqlens_q.shape[0]}")
+    if prefix_lens.shape[0] != b or raw_index.shape[0] != b or raw_lens.shape[0] != b:
+        _checks.fail(f"prefix_lens, raw_index and raw_lens need {b} rows (one per sequence)")
+    for name, t in (("raw_key", raw_key), ("raw_value", raw_value)):
+        _checks.floats(name, t, rank=4)
+        if t.shape[2] != hkv or t.shape[3] != d or t.shape != raw_key.shape:
+            _checks.fail(f"{name} must be (N, R, {hkv}, {d}) like raw_key, got {tuple(t.shape)}")
+    if kv_start < 0:
+        _checks.fail(f"kv_start={kv_start} must be >= 0")
+    _checks.same_device(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cache=cache,
+                        block_table=block_table, prefix_lens=prefix_lens, raw_key=raw_key,
+                        raw_index=raw_index, raw_lens=raw_lens, rotation=rotation)
+    return d
+
+
+@triton_op("turboquant::paged_prefill_attention", mutates_args=())
+def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor,
+                            cache: Tensor, block_table: Tensor, prefix_lens: Tensor,
+                            raw_key: Tensor, raw_value: Tensor, raw_index: Tensor,
+                            raw_lens: Tensor, rotation: Tensor, projection: Tensor,
+                            key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
+                            qjl: bool, value_bits: int, scale: float, kv_start: int) -> Tensor:
+    """Chunked (varlen) prefill attention: exact causal attention inside each chunk, plus the
+    sequence's compressed prefix and raw pool tokens, merged exactly in one softmax.
+
+    Positions of sequence b, in order: compressed page positions kv_start .. prefix_lens[b]-1,
+    then its raw pool tokens, then its chunk.  Every chunk query sees the whole prefix (compressed
+    and raw) and the chunk tokens up to and including itself.  The chunk's own K/V are read exact
+    from `key`/`value` (write them to the cache separately, with write_cache, if they should persist;
+    prefix_lens must then not count them).
+
+    Args:
+        query: (T, Hq, D) fp16/bf16/fp32, the chunks of all sequences, concatenated.
+        key, value: (T, Hkv, D) fp16/bf16/fp32, the same tokens' exact keys and values.
+        cu_seqlens_q: (B+1,) int32, cumulative chunk lengths; cu_seqlens_q[0] == 0,
+            cu_seqlens_q[B] == T, non-decreasing.
+        cache: (num_blocks, Hkv, block_size * slot_bytes) uint8 (tq_ops.layout).
+        block_table: (B, max_blocks) int32, page ids of each sequence.
+        prefix_lens: (B,) int32; page positions kv_start .. prefix_lens[b]-1 are the compressed
+            prefix of sequence b (0 for a fresh prompt).
+        raw_key, raw_value: (N, R, Hkv, D), the pool of exact tokens (as in
+            paged_decode_attention): sequence b owns row raw_index[b], first raw_lens[b] valid.
+        raw_index, raw_lens: (B,) int32.
+        rotation, projection: (D, D) fp32.  key_centroids, value_centroids: fp32 codebooks.
+        key_bits, qjl, value_bits: the format.  scale: softmax scale.
+        kv_start: first page position attended (e.g. the sink count when sinks are kept raw).
+    Returns:
+        (T, Hq, D) in query.dtype.  Query head h reads KV head h // (Hq / Hkv).
+    """
+    check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
+                       raw_value, raw_index, raw_lens, rotation, key_centroids, value_centroids,
+                       key_bits, qjl, value_bits, kv_start)
+    return reference.paged_prefill_attention(
+        query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key, raw_value,
+        raw_index, raw_lens, rotation, projection, key_centroids, value_centroids, key_bits, qjl,
+        value_bits, scale, kv_start)
