@@ -174,7 +174,7 @@ def _compressed_logits(qg: Tensor, key_records: Tensor, rotation: Tensor, projec
     hkv, g, tq, d = qg.shape
     recs = key_records.permute(1, 0, 2)  # (Hkv, Tc, kb)
     est = key_scores(qg.reshape(hkv, g * tq, d), recs, rotation, projection, centroids, bits, qjl)
-    return est.reshape(hkv, g, tq, -1)
+    return est.reshape(hkv, g, tq, key_records.shape[0])  # explicit: Tq may be 0
 
 
 def _compressed_values(p: Tensor, value_records: Tensor, rotation: Tensor, centroids: Tensor,
@@ -293,7 +293,7 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
     n = keys.shape[1]
     qg = query.to(torch.float32).reshape(b, hkv, g, d)
     # compressed part, batched over (B*Hkv)
-    krec = keys.permute(0, 2, 1, 3).reshape(b * hkv, n, -1)
+    krec = keys.permute(0, 2, 1, 3).reshape(b * hkv, n, keys.shape[-1])  # explicit: B may be 0
     est = key_scores(qg.reshape(b * hkv, g, d), krec, rotation, projection, key_centroids,
                      key_bits, qjl).reshape(b, hkv, g, n)
     pos = torch.arange(n, device=query.device)
@@ -309,6 +309,10 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
     p = torch.nan_to_num(p, nan=0.0)  # a sequence with no tokens at all outputs zeros
     codes, norm = parse_value_records(values.permute(0, 2, 1, 3), d, value_bits)  # (B, Hkv, N, .)
     rotated = value_centroids[codes] * norm.unsqueeze(-1)
+    # Unwritten page slots and unused raw rows hold arbitrary bytes (NaN/Inf norms): p = 0 there,
+    # but 0 * NaN = NaN, so zero the values themselves.
+    rotated = torch.where(comp_ok[:, None, :, None], rotated, 0.0)
+    rv = torch.where(raw_ok[:, None, :, None], rv, 0.0)
     out = unrotate(torch.einsum("bhgn,bhnd->bhgd", p[..., :n], rotated), rotation)
     out = out + torch.einsum("bhgr,bhrd->bhgd", p[..., n:], rv)
     return out.reshape(b, hq, d).to(query.dtype)
@@ -377,6 +381,10 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     raw_seq = torch.arange(b, device=dev).repeat_interleave(r)
     raw_ok_key = torch.arange(r, device=dev).repeat(b) < raw_lens.to(torch.int64)[raw_seq]
 
+    # Unwritten page slots and unused raw rows hold arbitrary bytes (NaN/Inf): p = 0 there, but
+    # 0 * NaN = NaN, so zero the values themselves.
+    v_rot = torch.where(comp_ok_key[:, None, None], v_rot, 0.0)
+    rv = torch.where(raw_ok_key[:, None, None], rv, 0.0)
     q32 = query.to(torch.float32).reshape(t, hkv, g, d)
     q_rot = rotate(q32, rotation)
     tile = max(1, _PREFILL_LOGIT_ELEMENTS // max(1, hq * (b * n + b * r + t)))
