@@ -1,0 +1,62 @@
+"""Helpers shared by several test files: cached codecs, input generators, readable ids."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from tq_ops import TQCodec, TQConfig, capabilities
+
+HEAD_DIMS = capabilities.TESTED_HEAD_DIMS
+BITS = tuple(range(capabilities.MSE_BITS_RANGE[0], capabilities.MSE_BITS_RANGE[1] + 1))
+DTYPES = capabilities.INPUT_DTYPES
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@functools.lru_cache(maxsize=64)
+def codec(head_dim: int, key_bits: int = 2, qjl: bool = True, value_bits: int = 3,
+          seed: int = 0) -> TQCodec:
+    return TQCodec.build(TQConfig(head_dim=head_dim, key_mse_bits=key_bits,
+                                  key_qjl_bits=int(qjl), value_bits=value_bits,
+                                  rotation_seed=seed))
+
+
+def np64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+KINDS = ("gauss", "heavy", "outliers", "scaled", "with_zero_rows", "onehot", "constant")
+
+
+def vectors(rng: np.random.Generator, shape: tuple[int, ...], kind: str,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Test vectors (..., D) of a given structure, as a tensor of `dtype` (float64 generation,
+    then one rounding, so the oracle sees exactly the values the reference sees)."""
+    d = shape[-1]
+    if kind == "gauss":
+        x = rng.standard_normal(shape)
+    elif kind == "heavy":
+        x = rng.standard_t(3, size=shape)
+    elif kind == "outliers":  # a Gaussian bulk plus two channels at 20x (algorithm.md 7.4)
+        x = rng.standard_normal(shape)
+        x[..., rng.choice(d, 2, replace=False)] *= 20
+    elif kind == "scaled":  # per-row magnitudes across six decades
+        x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 2, size=shape[:-1] + (1,))
+    elif kind == "with_zero_rows":
+        x = rng.standard_normal(shape)
+        x[rng.random(shape[:-1]) < 0.3] = 0
+    elif kind == "onehot":
+        x = np.zeros(shape)
+        idx = rng.integers(0, d, size=shape[:-1])
+        np.put_along_axis(x, idx[..., None], rng.uniform(0.5, 3, size=shape[:-1] + (1,)), -1)
+    elif kind == "constant":
+        x = np.ones(shape) * rng.choice([-1.0, 1.0], size=shape[:-1] + (1,))
+    else:
+        raise ValueError(kind)
+    return torch.from_numpy(x).to(dtype)
+
+
+def random_unit(gen: torch.Generator, n: int, d: int) -> torch.Tensor:
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return (x / x.norm(dim=-1, keepdim=True)).float()
