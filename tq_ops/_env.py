@@ -4,6 +4,8 @@
     TQ_NUM_KV_HEADS (32)  TQ_HEAD_DIM (128)  TQ_MAX_SEQ_LEN (4096)  TQ_DEVICE (cuda)
 and our additions: TQ_PRESET (unset; a preset name whose bits replace TQ_B_MSE/TQ_B_QJL defaults),
 TQ_VALUE_BITS (3), TQ_SINK_TOKENS (0), TQ_SEED (0).
+The vLLM plugin's opt-in switch TQ_VLLM_ENABLE (0) is read by `vllm_enabled` (it is not a format
+field, so `read_env` leaves it out).
 
 A bad value raises TQConfigError naming the variable, the value and the allowed range.
 """
@@ -95,3 +97,14 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict[str, object]:
             f"TQ_NUM_HEADS={values['num_heads']} is not divisible by "
             f"TQ_NUM_KV_HEADS={values['num_kv_heads']}: expected TQ_NUM_KV_HEADS to divide it")
     return values
+
+
+VLLM_ENABLE = EnvVar("TQ_VLLM_ENABLE", "vllm_enable", 0, "0 or 1", 0, 1)
+
+
+def vllm_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """TQ_VLLM_ENABLE=1: the vLLM plugin may replace the backend vLLM would pick by itself (on CPU,
+    where vLLM ignores --attention-backend).  Unset or 0: it acts only when selected by name."""
+    env = os.environ if environ is None else environ
+    raw = env.get(VLLM_ENABLE.name)
+    return raw is not None and bool(_parse(VLLM_ENABLE, raw))

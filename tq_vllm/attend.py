@@ -1,0 +1,111 @@
+"""The backend's attention over the paged cache and the raw pool, without vLLM types (so it is
+tested on its own).  Shapes: T tokens, Hq / Hkv query / KV heads, D head_dim; `cache` is the
+(num_blocks, Hkv, block_size * slot_bytes) uint8 paged cache of tq_ops.layout; `raw_key` /
+`raw_value` are the (N, R, Hkv, D) raw pool (row per request: sinks, then the current group).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+import tq_ops  # noqa: F401  (registers torch.ops.turboquant.*)
+from tq_ops import reference
+from tq_ops.codec import TQCodec
+from tq_vllm.window import Segment, Window
+
+tq = torch.ops.turboquant
+
+
+def decode(codec: TQCodec, window: Window, query: Tensor, cache: Tensor, block_table: Tensor,
+           kv_lens: Tensor, raw_key: Tensor, raw_value: Tensor, raw_index: Tensor,
+           raw_lens: Tensor, scale: float) -> Tensor:
+    """One query per request.  query (B, Hq, D); block_table (B, MB) int32; kv_lens (B,) int32 =
+    ring_start of the query position; raw_index / raw_lens (B,) int32.  Returns (B, Hq, D)."""
+    f = codec.config
+    return tq.paged_decode_attention(query, cache, block_table, kv_lens, raw_key, raw_value,
+                                     raw_index, raw_lens, codec.rotation, codec.qjl_projection,
+                                     codec.key_centroids, codec.value_centroids, f.key_mse_bits,
+                                     f.use_qjl, f.value_bits, scale, window.sink_tokens)
+
+
+def _records(codec: TQCodec, cache: Tensor, block_row: Tensor, start: int, end: int):
+    """Key and value records (end-start, Hkv, bytes) of page positions [start, end) of one
+    sequence whose page ids are block_row (MB,)."""
+    f = codec.config
+    block_size = cache.shape[2] // f.slot_bytes
+    nblk = -(-end // block_size)
+    keys, values = reference.gather_pages(cache, block_row[None, :nblk], f.head_dim,
+                                          f.key_mse_bits, f.use_qjl, f.value_bits)
+    return keys[0, start:end], values[0, start:end]
+
+
+def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segment],
+                       query: Tensor, key: Tensor, value: Tensor, cache: Tensor,
+                       block_table: Tensor, raw_key: Tensor, raw_value: Tensor,
+                       rows: Sequence[int], scale: float, out: Tensor) -> None:
+    """Prefill, one turboquant::attention call per segment (cost ~ its queries x its keys).
+
+    query (T, Hq, D), key / value (T, Hkv, D): the batch's tokens (segment token indices point
+    into them); rows[b] is request b's raw-pool row; out (T, Hq, D) receives the segments'
+    outputs.  The pool must already hold the sinks and the group tokens before each segment."""
+    f = codec.config
+    s_cnt = window.sink_tokens
+    for seg in segments:
+        t0, t1 = seg.tok_start, seg.tok_start + seg.end - seg.start
+        n_sink = min(s_cnt, seg.start)
+        pool_k = raw_key[rows[seg.req], :seg.pool_len]
+        pool_v = raw_value[rows[seg.req], :seg.pool_len]
+        if seg.prefix_len > s_cnt:
+            krec, vrec = _records(codec, cache, block_table[seg.req], s_cnt, seg.prefix_len)
+        else:
+            lay = f.layout
+            hkv = cache.shape[1]
+            krec = cache.new_zeros((0, hkv, lay.key_bytes))
+            vrec = cache.new_zeros((0, hkv, lay.value_bytes))
+        recent_k = torch.cat([pool_k[n_sink:].to(key.dtype), key[t0:t1]])
+        recent_v = torch.cat([pool_v[n_sink:].to(value.dtype), value[t0:t1]])
+        out[t0:t1] = tq.attention(query[t0:t1], krec, vrec, pool_k[:n_sink].to(key.dtype),
+                                  pool_v[:n_sink].to(value.dtype), recent_k, recent_v,
+                                  codec.rotation, codec.qjl_projection, codec.key_centroids,
+                                  codec.value_centroids, f.key_mse_bits, f.use_qjl, f.value_bits,
+                                  scale, True)
+
+
+def prefill_varlen(codec: TQCodec, window: Window, segments: Sequence[Segment], query: Tensor,
+                   key: Tensor, value: Tensor, cache: Tensor, block_table: Tensor,
+                   raw_key: Tensor, raw_value: Tensor, raw_index: Tensor, scale: float,
+                   out: Tensor) -> None:
+    """Prefill, all segments in one turboquant::paged_prefill_attention call (the GPU path).
+
+    Same arguments as prefill_contiguous except raw_index: (B,) int32 device rows."""
+    if not segments:
+        return
+    f = codec.config
+    dev = query.device
+    first = segments[0].tok_start
+    last = segments[-1].tok_start + segments[-1].end - segments[-1].start
+    cu = [0]
+    for seg in segments:
+        if seg.tok_start - first != cu[-1]:
+            raise ValueError("segments must tile the prefill tokens in order")
+        cu.append(cu[-1] + seg.end - seg.start)
+    seg_req = torch.tensor([s.req for s in segments], dtype=torch.int64, device=dev)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
+    prefix = torch.tensor([s.prefix_len for s in segments], dtype=torch.int32, device=dev)
+    pool = torch.tensor([s.pool_len for s in segments], dtype=torch.int32, device=dev)
+    res = tq.paged_prefill_attention(
+        query[first:last], key[first:last], value[first:last], cu_t, cache,
+        block_table[seg_req], prefix, raw_key, raw_value, raw_index[seg_req], pool,
+        codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
+        f.key_mse_bits, f.use_qjl, f.value_bits, scale, window.sink_tokens)
+    out[first:last] = res
+
+
+def write_raw(raw_key: Tensor, raw_value: Tensor, key: Tensor, value: Tensor, rows: Tensor,
+              slots: Tensor) -> None:
+    """raw_key[rows[i], slots[i]] = key[i] (and values).  key/value (n, Hkv, D); rows / slots
+    (n,) int64.  Entries aimed at the scratch row may collide; no other two may."""
+    raw_key.index_put_((rows, slots), key.to(raw_key.dtype))
+    raw_value.index_put_((rows, slots), value.to(raw_value.dtype))

@@ -1,0 +1,380 @@
+"""The vLLM V1 attention backend: TurboQuant-packed K/V inside vLLM's paged blocks, plus the seed's
+flush buffer (exact newest tokens) as a raw pool with one row per running request.
+
+Data flow of one layer in one step (see tq_vllm.window for which tokens are exact):
+  do_kv_cache_update: every new token is encoded into its paged slot (turboquant::write_cache);
+      decode tokens and sink tokens are also copied exact into their raw-pool slot;
+  forward: decode requests (query length 1, first in the batch) run
+      turboquant::paged_decode_attention over their compressed pages and raw-pool row; prefill
+      requests are split into segments that share one exact/compressed split and attend over
+      the compressed prefix, the raw pool and their own exact chunk; then the prefill tokens of
+      each request's last group are copied into the raw pool (after, so that the group that the
+      chunk started in is still there while it is read).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from tq_ops.codec import TQCodec
+from tq_vllm import attend, compat
+from tq_vllm import config as tq_config
+from tq_vllm.rows import RawRows
+from tq_vllm.window import Segment, segments as split_segments
+
+from vllm.v1.attention.backend import (  # noqa: E402
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+logger = logging.getLogger("tq_vllm")
+
+
+def _is_ours(backend_cls) -> bool:
+    return isinstance(backend_cls, type) and issubclass(backend_cls, TQAttentionBackend)
+
+
+class TQAttentionBackend(AttentionBackend):
+    """Selected as CUSTOM (every vLLM), TQ_KV (vLLM >= 0.32), or on CPU with TQ_VLLM_ENABLE=1."""
+
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(tq_config.SUPPORTED_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return TQAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return TQMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        # The packed page holds whole fp16 scalars per component and kernels tile 16 tokens.
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        # A multiple of the flush interval keeps prefix-cache hits on flush points.
+        group = tq_config.window_for(tq_config.format_for(128)).group
+        if group > 1 and group % 16 == 0 and default_block_size % group:
+            return group * max(1, -(-default_block_size // group))
+        return default_block_size
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return not tq_config.layer_problems(head_size=head_size)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        from vllm.v1.kv_cache_interface import KVCacheLayout
+
+        # (blocks, heads, tokens, slot) physically: each (block, head) page is contiguous,
+        # which is tq_ops.layout's page.
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def customize_spec(cls, spec):
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        if type(spec) is not FullAttentionSpec or spec.sliding_window is not None:
+            return spec
+        slot = tq_config.format_for(spec.head_size).slot_bytes
+        return dataclasses.replace(spec, dtype=torch.uint8, state_content_bytes=slot)
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        return (num_blocks, num_kv_heads, block_size * tq_config.format_for(head_size).slot_bytes)
+
+    @classmethod
+    def validate_configuration(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
+                               has_sink, use_sparse, *args, **kwargs) -> list[str]:
+        reasons = super().validate_configuration(head_size, dtype, kv_cache_dtype, block_size,
+                                                 use_mla, has_sink, use_sparse, *args, **kwargs)
+        return reasons + tq_config.layer_problems(
+            head_size=head_size, dtype=dtype, kv_cache_dtype=kv_cache_dtype, use_mla=use_mla,
+            has_sink=has_sink, use_sparse=use_sparse,
+            attn_type=kwargs.get("attn_type", "decoder"),
+            has_sliding_window=kwargs.get("has_sliding_window", False))
+
+
+class TQKVBackend(TQAttentionBackend):
+    """The same backend under its own name (vLLM >= 0.32: --attention-backend TQ_KV)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "TQ_KV"
+
+
+def check_selector_config(sel) -> None:
+    """For the CPU platform, which never calls validate_configuration."""
+    tq_config.raise_if_problems(tq_config.layer_problems(
+        head_size=sel.head_size, dtype=sel.dtype, kv_cache_dtype=sel.kv_cache_dtype,
+        use_mla=getattr(sel, "use_mla", False), has_sink=getattr(sel, "has_sink", False),
+        use_sparse=getattr(sel, "use_sparse", False),
+        attn_type=getattr(sel, "attn_type", "decoder"),
+        has_sliding_window=getattr(sel, "has_sliding_window", False)))
+
+
+@dataclass
+class TQMetadata:
+    """Per-step metadata (shared by every layer of the group).
+
+    Device tensors the captured decode path reads are slices of the builder's persistent buffers.
+    block_table (B, MB) int32 and slot_mapping (T,) are vLLM's.  kv_lens / raw_lens / raw_index
+    (B,) int32: per request, the compressed end (= ring start) and exact-token count of its last
+    position, and its raw-pool row.  pre_rows / post_rows / slots (>= T,) int64: each token's
+    raw-pool row for the write before attention (decode and sink tokens) and after it (prefill
+    tokens of the request's last group), the scratch row otherwise, and its slot."""
+
+    num_reqs: int
+    num_actual_tokens: int
+    num_decodes: int
+    block_table: Tensor
+    slot_mapping: Tensor
+    kv_lens: Tensor
+    raw_lens: Tensor
+    raw_index: Tensor
+    pre_rows: Tensor
+    post_rows: Tensor
+    slots: Tensor
+    rows_host: list[int] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    scratch_row: int = 0
+
+
+class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
+    # Uniform decode batches (query length 1 + spec tokens) are replayed as full CUDA graphs:
+    # decode reads only persistent buffers and launches fixed grids.  Mixed batches run the
+    # prefill segments eagerly (host loop over segments), so not ALWAYS.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if hasattr(self, "_init_reorder_batch_threshold"):
+            self._init_reorder_batch_threshold(1)
+        else:
+            self.reorder_batch_threshold = 1
+        self.fmt = tq_config.format_for(kv_cache_spec.head_size)
+        self.window = tq_config.window_for(self.fmt)
+        cache = vllm_config.cache_config
+        tq_config.raise_if_problems(tq_config.scheduling_problems(
+            self.fmt, block_size=cache.block_size,
+            prefix_caching=bool(getattr(cache, "enable_prefix_caching", False))))
+        sched = vllm_config.scheduler_config
+        self.max_reqs = int(sched.max_num_seqs)
+        self.scratch_row = self.max_reqs
+        max_tokens = max(int(sched.max_num_batched_tokens), self.max_reqs) + 64
+        i32 = dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.kv_lens = torch.zeros(self.max_reqs, **i32)
+        self.raw_lens = torch.zeros(self.max_reqs, **i32)
+        self.raw_index = torch.full((self.max_reqs,), self.scratch_row, **i32)
+        self.pre_rows = torch.full((max_tokens,), self.scratch_row, **i64)
+        self.post_rows = torch.full((max_tokens,), self.scratch_row, **i64)
+        self.slots = torch.zeros(max_tokens, **i64)
+        self.runner = compat.find_model_runner()
+        self.rows = RawRows(self.max_reqs, self.window)
+        self._capturing = False
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):
+        # Capture runs on dummy requests: every row goes to the scratch row, so capture never
+        # touches a live request's exact tokens.
+        self._capturing = True
+        try:
+            return self.build(0, common_attn_metadata)
+        finally:
+            self._capturing = False
+
+    def _assign_rows(self, cam: CommonAttentionMetadata, first_pos: list[int],
+                     seq_cpu: list[int]) -> list[int]:
+        n = cam.num_reqs
+        if self._capturing:
+            return [self.scratch_row] * n
+        if self.runner is not None:
+            ids = compat.batch_request_ids(self.runner, n)
+            return self.rows.assign(ids, compat.live_request_ids(self.runner), first_pos, seq_cpu)
+        req_idx = compat.request_table_index(cam)
+        if req_idx is not None:
+            return [int(r) for r in req_idx[:n]]
+        raise RuntimeError("tq_vllm: cannot identify requests (no model runner with an input "
+                           "batch and no req_idx in the metadata); this vLLM is not supported")
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TQMetadata:
+        cam = common_attn_metadata
+        n, t = cam.num_reqs, cam.num_actual_tokens
+        qsl_cpu = cam.query_start_loc_cpu[: n + 1].tolist()
+        qlens = [qsl_cpu[i + 1] - qsl_cpu[i] for i in range(n)]
+        num_decodes = 0
+        while num_decodes < n and qlens[num_decodes] == 1:
+            num_decodes += 1
+        seq_cpu = compat.seq_lens_cpu(cam).tolist()
+        first_pos = [seq_cpu[i] - qlens[i] for i in range(n)]
+        rows = self._assign_rows(cam, first_pos, seq_cpu)
+        self.raw_index[:n].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+
+        w = self.window
+        seq = cam.seq_lens[:n].to(torch.int64)
+        last = seq - 1
+        self.kv_lens[:n].copy_(w.ring_start_t(last))
+        self.raw_lens[:n].copy_(w.raw_len_t(last))
+
+        qsl = cam.query_start_loc[: n + 1].to(torch.int64)
+        tok = torch.arange(t, device=seq.device)
+        req = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=max(n - 1, 0))
+        pos = seq[req] - (qsl[req + 1] - qsl[req]) + (tok - qsl[req])
+        row = self.raw_index[:n].to(torch.int64)[req]
+        in_last_group = pos >= w.ring_start_t(last)[req]
+        is_sink = pos < w.sink_tokens
+        is_decode = req < num_decodes
+        scratch = torch.full_like(row, self.scratch_row)
+        self.pre_rows[:t].copy_(torch.where(is_decode | is_sink, row, scratch))
+        self.post_rows[:t].copy_(torch.where(~is_decode & ~is_sink & in_last_group, row, scratch))
+        self.slots[:t].copy_(torch.where(pos >= 0, w.slot_t(pos.clamp(min=0)), 0))
+
+        segs: list[Segment] = []
+        for b in range(num_decodes, n):
+            segs += split_segments(w, b, qsl_cpu[b], first_pos[b], seq_cpu[b])
+        return TQMetadata(num_reqs=n, num_actual_tokens=t, num_decodes=num_decodes,
+                          block_table=cam.block_table_tensor[:n],
+                          slot_mapping=cam.slot_mapping[:t], kv_lens=self.kv_lens[:n],
+                          raw_lens=self.raw_lens[:n], raw_index=self.raw_index[:n],
+                          pre_rows=self.pre_rows, post_rows=self.post_rows, slots=self.slots,
+                          rows_host=rows, segments=segs, scratch_row=self.scratch_row)
+
+
+def _metadata_for(layer) -> TQMetadata | None:
+    from vllm.forward_context import get_forward_context
+
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):
+        md = md[0] if md else None
+    if isinstance(md, dict):
+        md = md.get(layer.layer_name)
+    return md
+
+
+def _pages(kv_cache: Tensor) -> Tensor:
+    """vLLM's per-layer cache tensor as tq_ops' (num_blocks, Hkv, block_size * slot_bytes)."""
+    if kv_cache.dim() == 3:
+        return kv_cache
+    if not kv_cache.is_contiguous():
+        raise RuntimeError("tq_vllm: the KV cache view is not contiguous; the backend needs the "
+                           "LBHNC layout (set VLLM_KV_CACHE_LAYOUT accordingly)")
+    return kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1)
+
+
+class TQAttentionImpl(AttentionImpl[TQMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **kwargs) -> None:
+        tq_config.raise_if_problems(tq_config.layer_problems(
+            head_size=head_size, kv_cache_dtype=kv_cache_dtype, attn_type=attn_type,
+            has_sliding_window=sliding_window is not None, alibi=alibi_slopes is not None,
+            logits_soft_cap=logits_soft_cap, kv_sharing=kv_sharing_target_layer_name is not None,
+            has_sink=kwargs.get("sinks") is not None))
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.fmt = tq_config.format_for(head_size)
+        self.window = tq_config.window_for(self.fmt)
+        from vllm.config import get_current_vllm_config
+
+        self.num_rows = int(get_current_vllm_config().scheduler_config.max_num_seqs) + 1
+        self.codec: TQCodec | None = None
+        self.raw_key: Tensor | None = None
+        self.raw_value: Tensor | None = None
+
+    def _ensure(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Codec tensors and the raw pool, allocated on the first (profiling) call so that the
+        profiler counts them before the KV cache is sized, and before any graph capture."""
+        if self.codec is None or self.codec.device != device:
+            self.codec = TQCodec.build(self.fmt, device)
+        if self.raw_key is None or self.raw_key.device != device or self.raw_key.dtype != dtype:
+            shape = (self.num_rows, self.window.row_slots, self.num_kv_heads, self.head_size)
+            self.raw_key = torch.zeros(shape, dtype=dtype, device=device)
+            self.raw_value = torch.zeros(shape, dtype=dtype, device=device)
+            logger.info("tq_vllm: raw pool of %d request rows x %d tokens per layer (%.1f MiB)",
+                        self.num_rows, self.window.row_slots,
+                        2 * self.raw_key.numel() * self.raw_key.element_size() / 2**20)
+
+    @staticmethod
+    def raw_pool_bytes(num_rows: int, window, num_kv_heads: int, head_size: int,
+                       dtype: torch.dtype) -> int:
+        """Bytes of one layer's raw pool (keys and values)."""
+        return 2 * num_rows * window.row_slots * num_kv_heads * head_size * (
+            torch.tensor([], dtype=dtype).element_size())
+
+    def do_kv_cache_update(self, layer, key: Tensor, value: Tensor, kv_cache: Tensor,
+                           slot_mapping: Tensor) -> None:
+        md = _metadata_for(layer)
+        if md is None:
+            return
+        self._ensure(key.device, key.dtype)
+        n = min(key.shape[0], slot_mapping.shape[0])
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        c, f = self.codec, self.fmt
+        torch.ops.turboquant.write_cache(k, v, _pages(kv_cache), slot_mapping[:n], c.rotation,
+                                         c.qjl_projection, c.key_centroids, c.value_centroids,
+                                         f.key_mse_bits, f.use_qjl, f.value_bits)
+        rows = torch.where(slot_mapping[:n] >= 0, md.pre_rows[:n], md.scratch_row)
+        attend.write_raw(self.raw_key, self.raw_value, k, v, rows, md.slots[:n])
+
+    def forward(self, layer, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
+                attn_metadata: TQMetadata, output: Tensor | None = None, output_scale=None,
+                output_block_scale=None, **kwargs) -> Tensor:
+        if output is None:
+            output = torch.empty_like(query)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("tq_vllm: fused output quantization is not supported")
+        self._ensure(query.device, query.dtype)
+        md = attn_metadata
+        if md is None:  # profiling / dummy run
+            return output.fill_(0)
+        t, hq, d, hkv = md.num_actual_tokens, self.num_heads, self.head_size, self.num_kv_heads
+        q = query[:t].view(t, hq, d)
+        out = output[:t].view(t, hq, d)
+        cache = _pages(kv_cache)
+        nd = md.num_decodes
+        if nd:
+            out[:nd] = attend.decode(self.codec, self.window, q[:nd], cache, md.block_table[:nd],
+                                     md.kv_lens[:nd], self.raw_key, self.raw_value,
+                                     md.raw_index[:nd], md.raw_lens[:nd], self.scale)
+        if md.segments:
+            k = key[:t].view(t, hkv, d)
+            v = value[:t].view(t, hkv, d)
+            if q.device.type == "cuda":
+                attend.prefill_varlen(self.codec, self.window, md.segments, q, k, v, cache,
+                                      md.block_table, self.raw_key, self.raw_value,
+                                      md.raw_index, self.scale, out)
+            else:
+                attend.prefill_contiguous(self.codec, self.window, md.segments, q, k, v, cache,
+                                          md.block_table, self.raw_key, self.raw_value,
+                                          md.rows_host, self.scale, out)
+            rows = torch.where(md.slot_mapping[:t] >= 0, md.post_rows[:t], md.scratch_row)
+            attend.write_raw(self.raw_key, self.raw_value, k, v, rows, md.slots[:t])
+        return output

@@ -1,0 +1,182 @@
+"""Everything that differs between the supported vLLM releases (0.26.0 .. newest), in one place.
+
+Eras (see the project's vLLM notes):
+  * 0.26 / 0.27: `get_kv_cache_shape` is required and there is no `customize_spec`, so the packed
+    page size comes from a FullAttentionSpec subclass returned by a wrapper around
+    `Attention.get_kv_cache_spec`;
+  * 0.28 / 0.29: both `customize_spec` and `get_kv_cache_shape`;
+  * 0.30+: `customize_spec` and KV-cache layouts, no `get_kv_cache_shape`;
+  * 0.32+: `register_backend("NAME", path)` creates a new backend name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from typing import Any
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def vllm_version() -> tuple[int, int, int]:
+    import vllm
+
+    parts = []
+    for piece in vllm.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def has_customize_spec() -> bool:
+    from vllm.v1.attention.backend import AttentionBackend
+
+    return hasattr(AttentionBackend, "customize_spec")
+
+
+def has_named_registration() -> bool:
+    """vLLM >= 0.32 turns register_backend("NAME", path) into a new enum member."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return hasattr(AttentionBackendEnum, "register") or vllm_version() >= (0, 32, 0)
+
+
+def register_backend(name: str, class_path: str) -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend as reg
+
+    if name == "CUSTOM":
+        reg(AttentionBackendEnum.CUSTOM, class_path)
+    else:
+        reg(name, class_path)
+
+
+# -- the packed page size on 0.26 / 0.27 -------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def legacy_spec_class():
+    """FullAttentionSpec subclass whose page holds `tq_slot_bytes` per (token, KV head).
+
+    KVCacheSpecRegistry looks managers up along the MRO, so it is managed like full attention."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class TQPagedAttentionSpec(FullAttentionSpec):
+        tq_slot_bytes: int = 0
+
+        @property
+        def real_page_size_bytes(self) -> int:
+            return self.block_size * self.num_kv_heads * self.tq_slot_bytes
+
+        @classmethod
+        def merge(cls, specs):
+            merged = super().merge(specs)
+            if any(s.tq_slot_bytes != specs[0].tq_slot_bytes for s in specs):
+                raise ValueError("tq_vllm: all layers of a KV-cache group must use one format")
+            return dataclasses.replace(merged, tq_slot_bytes=specs[0].tq_slot_bytes)
+
+    TQPagedAttentionSpec.__module__ = __name__
+    TQPagedAttentionSpec.__qualname__ = "TQPagedAttentionSpec"
+    return TQPagedAttentionSpec
+
+
+def install_legacy_spec_hook(is_ours, slot_bytes_for) -> None:
+    """Wrap Attention.get_kv_cache_spec (once) so that layers whose backend `is_ours` get the
+    packed spec.  Needed only where the backend has no customize_spec hook."""
+    from vllm.model_executor.layers.attention import attention as attn_mod
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    cls = attn_mod.Attention
+    if getattr(cls.get_kv_cache_spec, "_tq_wrapped", False):
+        return
+    original = cls.get_kv_cache_spec
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original(self, vllm_config)
+        if spec is None or not is_ours(self.get_attn_backend()):
+            return spec
+        if type(spec) is not FullAttentionSpec:
+            return spec  # refused earlier by validation (sliding window, MLA, ...)
+        return legacy_spec_class()(
+            block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+            head_size_v=spec.head_size_v, dtype=torch.uint8,
+            tq_slot_bytes=slot_bytes_for(spec.head_size))
+
+    get_kv_cache_spec._tq_wrapped = True  # type: ignore[attr-defined]
+    cls.get_kv_cache_spec = get_kv_cache_spec
+
+
+# -- CPU: the platform ignores --attention-backend ---------------------------------------------
+
+def install_cpu_selection_hook(our_names: tuple[str, ...], path_for, forced: bool,
+                               check) -> None:
+    """On the CPU platform, return our backend when the user selected one of `our_names` (or
+    always, when `forced` by TQ_VLLM_ENABLE=1); anything else goes to vLLM's own choice.
+    `check(attn_selector_config)` raises with the reasons when the layer is unsupported."""
+    from vllm.platforms import cpu as cpu_mod
+
+    cls = cpu_mod.CpuPlatform
+    current = cls.__dict__.get("get_attn_backend_cls")
+    if getattr(getattr(current, "__func__", current), "_tq_wrapped", False):
+        return
+    original = cls.get_attn_backend_cls  # bound classmethod
+
+    def get_attn_backend_cls(klass, selected_backend, attn_selector_config, *args, **kwargs):
+        name = getattr(selected_backend, "name", None)
+        if name in our_names or (forced and selected_backend is None):
+            check(attn_selector_config)
+            return path_for(name if name in our_names else "CUSTOM")
+        return original(selected_backend, attn_selector_config, *args, **kwargs)
+
+    get_attn_backend_cls._tq_wrapped = True  # type: ignore[attr-defined]
+    cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+# -- per-request identity inside the metadata builder ------------------------------------------
+
+def find_model_runner(max_depth: int = 40) -> Any | None:
+    """The model runner that is constructing the calling metadata builder (found on the stack).
+
+    Model runner V1 (GPU and CPU) keeps the batch's request ids in `input_batch.req_ids`; the
+    builder needs them to give each request a stable raw-pool row (batch rows move)."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if obj is not None and hasattr(obj, "input_batch") and hasattr(obj, "requests"):
+            return obj
+        frame = frame.f_back
+    return None
+
+
+def batch_request_ids(runner: Any, num_reqs: int) -> list[str | None]:
+    ids = list(getattr(runner.input_batch, "req_ids", []))[:num_reqs]
+    return ids + [None] * (num_reqs - len(ids))
+
+
+def live_request_ids(runner: Any) -> set[str]:
+    return set(getattr(runner, "requests", {}).keys())
+
+
+def seq_lens_cpu(cam) -> torch.Tensor:
+    """(num_reqs,) host sequence lengths: exact for prefill rows (and for decode rows outside
+    asynchronous speculative decoding, which the backend does not declare support for)."""
+    for name in ("seq_lens_cpu_upper_bound", "seq_lens_cpu"):
+        t = getattr(cam, name, None)
+        if t is not None:
+            return t[: cam.num_reqs]
+    raise RuntimeError("tq_vllm: this vLLM gives no host copy of seq_lens")
+
+
+def request_table_index(cam):
+    """Model runner V2 passes each row's stable request-table index (0.32+)."""
+    return getattr(cam, "req_idx", None)
