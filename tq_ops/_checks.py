@@ -48,21 +48,36 @@ def head_dim(name: str, x: Tensor, d: int) -> None:
         fail(f"{name} has last dim {x.shape[-1]} but the rotation is {d}x{d}")
 
 
-def rotation(rot: Tensor) -> int:
+def rotation(rot: Tensor, name: str = "rotation") -> int:
+    if not isinstance(rot, Tensor):
+        fail(f"{name} must be a torch.Tensor, got {type(rot).__name__}")
     if rot.dim() != 2 or rot.shape[0] != rot.shape[1] or rot.dtype != torch.float32:
-        fail(f"rotation must be a square fp32 matrix, got {tuple(rot.shape)} {rot.dtype}")
+        fail(f"{name} must be a square fp32 matrix, got {tuple(rot.shape)} {rot.dtype}")
     problems = capabilities.head_dim_problems(int(rot.shape[0]))
     if problems:
-        fail(problems[0])
+        fail(f"{name} is {tuple(rot.shape)}: {problems[0]}")
     return int(rot.shape[0])
 
 
+def projection(proj: Tensor, d: int) -> None:
+    """The QJL matrix S': (D, D) fp32 like the rotation."""
+    if not isinstance(proj, Tensor):
+        fail(f"projection must be a torch.Tensor, got {type(proj).__name__}")
+    if tuple(proj.shape) != (d, d) or proj.dtype != torch.float32:
+        fail(f"projection must be an fp32 ({d}, {d}) matrix like the rotation, got "
+             f"{tuple(proj.shape)} {proj.dtype}")
+
+
 def codebook(name: str, centroids: Tensor, bits: int) -> None:
+    """name: "key" / "value" for the ops' key_centroids/key_bits and value_centroids/value_bits
+    arguments; anything else (the op name) for plain centroids/bits."""
+    c_arg, b_arg = (f"{name}_centroids", f"{name}_bits") if name in ("key", "value") else \
+        ("centroids", "bits")
     lo, hi = capabilities.MSE_BITS_RANGE
     if not lo <= bits <= hi:
-        fail(f"{name} bits={bits} is outside {lo}..{hi}")
+        fail(f"{b_arg}={bits} is outside {lo}..{hi}")
     if centroids.dim() != 1 or centroids.shape[0] != 2**bits or centroids.dtype != torch.float32:
-        fail(f"{name} centroids must be fp32 of shape ({2**bits},) for {bits} bits, got "
+        fail(f"{c_arg} must be fp32 of shape ({2**bits},) for {b_arg}={bits}, got "
              f"{tuple(centroids.shape)} {centroids.dtype}")
 
 

@@ -11,6 +11,7 @@ def check_attention_args(query, key_records, value_records, sink_key, sink_value
                          recent_value, rotation, projection, key_centroids, value_centroids,
                          key_bits, qjl, value_bits) -> None:
     d = _checks.rotation(rotation)
+    _checks.projection(projection, d)
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     _checks.floats("query", query, rank=3)
     _checks.head_dim("query", query, d)
@@ -39,7 +40,9 @@ def check_attention_args(query, key_records, value_records, sink_key, sink_value
         _checks.fail(f"{query.shape[0]} queries but only {total} keys: the queries must be the "
                      f"last positions of the sequence")
     _checks.same_device(query=query, key_records=key_records, value_records=value_records,
-                        sink_key=sink_key, recent_key=recent_key, rotation=rotation)
+                        sink_key=sink_key, sink_value=sink_value, recent_key=recent_key,
+                        recent_value=recent_value, rotation=rotation, projection=projection,
+                        key_centroids=key_centroids, value_centroids=value_centroids)
 
 
 @triton_op("turboquant::attention", mutates_args=())

@@ -22,7 +22,7 @@ def encode_keys(key: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
         A norm above 65504 is stored as +inf (fp16): tq_ops.api checks for it in eager mode.
     """
     d = _checks.rotation(rotation)
-    _checks.rotation(projection)
+    _checks.projection(projection, d)
     _checks.floats("key", key)
     _checks.head_dim("key", key, d)
     _checks.codebook("encode_keys", centroids, bits)

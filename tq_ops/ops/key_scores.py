@@ -22,6 +22,7 @@ def key_scores(query: Tensor, key_records: Tensor, rotation: Tensor, projection:
         (B, Tq, Tk) fp32.
     """
     d = _checks.rotation(rotation)
+    _checks.projection(projection, d)
     _checks.floats("query", query, rank=3)
     _checks.head_dim("query", query, d)
     _checks.codebook("key_scores", centroids, bits)

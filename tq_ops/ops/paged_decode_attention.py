@@ -32,6 +32,7 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
         (B, Hq, D) in query.dtype; a sequence with no valid token gets zeros.
     """
     d = _checks.rotation(rotation)
+    _checks.projection(projection, d)
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     _checks.codebook("key", key_centroids, key_bits)
     _checks.codebook("value", value_centroids, value_bits)
@@ -55,7 +56,9 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
     if kv_start < 0:
         _checks.fail(f"kv_start={kv_start} must be >= 0")
     _checks.same_device(query=query, cache=cache, block_table=block_table, kv_lens=kv_lens,
-                        raw_key=raw_key, raw_lens=raw_lens, rotation=rotation)
+                        raw_key=raw_key, raw_value=raw_value, raw_index=raw_index,
+                        raw_lens=raw_lens, rotation=rotation, projection=projection,
+                        key_centroids=key_centroids, value_centroids=value_centroids)
     return reference.paged_decode_attention(query, cache, block_table, kv_lens, raw_key, raw_value,
                                             raw_index, raw_lens, rotation, projection, key_centroids,
                                             value_centroids, key_bits, qjl, value_bits, scale,

@@ -44,7 +44,9 @@ def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, pref
         _checks.fail(f"kv_start={kv_start} must be >= 0")
     _checks.same_device(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cache=cache,
                         block_table=block_table, prefix_lens=prefix_lens, raw_key=raw_key,
-                        raw_index=raw_index, raw_lens=raw_lens, rotation=rotation)
+                        raw_value=raw_value, raw_index=raw_index, raw_lens=raw_lens,
+                        rotation=rotation, key_centroids=key_centroids,
+                        value_centroids=value_centroids)
     return d
 
 
@@ -82,9 +84,11 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     Returns:
         (T, Hq, D) in query.dtype.  Query head h reads KV head h // (Hq / Hkv).
     """
-    check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
-                       raw_value, raw_index, raw_lens, rotation, key_centroids, value_centroids,
-                       key_bits, qjl, value_bits, kv_start)
+    d = check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens,
+                           raw_key, raw_value, raw_index, raw_lens, rotation, key_centroids,
+                           value_centroids, key_bits, qjl, value_bits, kv_start)
+    _checks.projection(projection, d)
+    _checks.same_device(query=query, projection=projection)
     return reference.paged_prefill_attention(
         query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key, raw_value,
         raw_index, raw_lens, rotation, projection, key_centroids, value_centroids, key_bits, qjl,

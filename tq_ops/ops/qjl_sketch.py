@@ -18,7 +18,7 @@ def qjl_sketch(residual: Tensor, projection: Tensor) -> tuple[Tensor, Tensor]:
         signs: (..., D/8) uint8, bit j%8 of byte j//8 is 1 when (S' r)_j >= 0 (z_j = +1).
         gamma: (...,) fp32, ||r||.
     """
-    d = _checks.rotation(projection)
+    d = _checks.rotation(projection, "projection")
     _checks.floats("residual", residual)
     _checks.head_dim("residual", residual, d)
     _checks.same_device(residual=residual, projection=projection)

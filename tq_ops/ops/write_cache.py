@@ -37,6 +37,7 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
         None.
     """
     d = _checks.rotation(rotation)
+    _checks.projection(projection, d)
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     _checks.codebook("key", key_centroids, key_bits)
     _checks.codebook("value", value_centroids, value_bits)
@@ -50,6 +51,7 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
         _checks.fail(f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens")
     check_cache(cache, lay, key.shape[1])
     _checks.same_device(key=key, value=value, cache=cache, slot_mapping=slot_mapping,
-                        rotation=rotation)
+                        rotation=rotation, projection=projection, key_centroids=key_centroids,
+                        value_centroids=value_centroids)
     reference.write_cache(key, value, cache, slot_mapping, rotation, projection, key_centroids,
                           value_centroids, key_bits, qjl, value_bits)
