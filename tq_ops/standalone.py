@@ -39,8 +39,15 @@ class TurboQuantConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise TQConfigError(f"{name}={getattr(self, name)} must be >= 1")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TQConfigError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise TQConfigError(f"{name}={value} must be >= 1")
+        dev = self.device
+        if not isinstance(dev, str) or not (dev in ("cpu", "cuda") or (
+                dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise TQConfigError(f'device={dev!r} must be "cpu", "cuda" or "cuda:N"')
         if self.num_heads % self.num_kv_heads:
             raise TQConfigError(f"num_heads={self.num_heads} is not divisible by "
                                 f"num_kv_heads={self.num_kv_heads}")
@@ -143,13 +150,28 @@ class TurboQuantAttentionImpl:
                 tq.encode_values(v, c.rotation, c.value_centroids, f.value_bits))
 
     # -- forward -----------------------------------------------------------------------------
+    def _heads(self, name: str, t: Tensor, heads: int) -> Tensor:
+        """(T, heads*D) or (T, heads, D) -> (T, heads, D); anything else is a TQInputError."""
+        _checks.floats(name, t)
+        d = self.head_size
+        if not ((t.dim() == 2 and t.shape[1] == heads * d)
+                or (t.dim() == 3 and tuple(t.shape[1:]) == (heads, d))):
+            _checks.fail(f"{name} must be (T, {heads * d}) or (T, {heads}, {d}), got "
+                         f"{tuple(t.shape)}")
+        return t.reshape(t.shape[0], heads, d)
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, sequence_id: object = 0) -> Tensor:
-        """query (T, Hq*D) or (T, Hq, D); key, value (T, Hkv*D) or (T, Hkv, D).
-        Returns the attention output in the shape and dtype of query."""
+        """query (T, Hq*D) or (T, Hq, D); key, value (T, Hkv*D) or (T, Hkv, D), one dtype
+        (fp16/bf16/fp32) for the three and for every call of a sequence.
+        Returns the attention output in the shape and dtype of query (T = 0 gives an empty one).
+        A bad call raises TQInputError and leaves the sequence's state unchanged."""
         out_shape = query.shape
-        q = query.reshape(query.shape[0], self.num_heads, self.head_size)
-        k = key.reshape(key.shape[0], self.num_kv_heads, self.head_size)
-        v = value.reshape(value.shape[0], self.num_kv_heads, self.head_size)
+        q = self._heads("query", query, self.num_heads)
+        k = self._heads("key", key, self.num_kv_heads)
+        v = self._heads("value", value, self.num_kv_heads)
+        if not (q.dtype == k.dtype == v.dtype):
+            _checks.fail(f"query, key and value must share one dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
         if not (q.shape[0] == k.shape[0] == v.shape[0]):
             _checks.fail(f"query, key and value must have the same number of tokens, got "
                          f"{q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
@@ -161,25 +183,32 @@ class TurboQuantAttentionImpl:
         if k.shape[0] and float(torch.linalg.vector_norm(k.float(), dim=-1).max()) > 65504:
             _checks.fail("a key norm exceeds 65504, the fp16 range of the stored norms")
         state = self._states.get(sequence_id) or self._empty(k.dtype)
+        if state.sink_key.dtype != k.dtype:
+            _checks.fail(f"key dtype {k.dtype} differs from the {state.sink_key.dtype} this "
+                         f"sequence started with; call reset({sequence_id!r}) to start over")
+        if k.shape[0] == 0:
+            return query.new_empty(out_shape)
+        # Build the new state in locals and commit it only once everything succeeded.
         n_new = k.shape[0]
         take = min(max(self.format.sink_tokens - state.sink_key.shape[0], 0), n_new)
-        state.sink_key = torch.cat([state.sink_key, k[:take]])
-        state.sink_value = torch.cat([state.sink_value, v[:take]])
+        sink_k = torch.cat([state.sink_key, k[:take]])
+        sink_v = torch.cat([state.sink_value, v[:take]])
         recent_k = torch.cat([state.buffer_key, k[take:]])
         recent_v = torch.cat([state.buffer_value, v[take:]])
         c, f = self.codec, self.format
-        out = tq.attention(q, state.key_records, state.value_records, state.sink_key,
-                           state.sink_value, recent_k, recent_v, c.rotation, c.qjl_projection,
-                           c.key_centroids, c.value_centroids, f.key_mse_bits, f.use_qjl,
-                           f.value_bits, self.scale, True)
+        out = tq.attention(q, state.key_records, state.value_records, sink_k, sink_v, recent_k,
+                           recent_v, c.rotation, c.qjl_projection, c.key_centroids,
+                           c.value_centroids, f.key_mse_bits, f.use_qjl, f.value_bits,
+                           self.scale, True)
+        key_records, value_records = state.key_records, state.value_records
         prefill = n_new > 1
         if prefill or recent_k.shape[0] >= max(f.flush_interval, 1):
             kr, vr = self._encode(recent_k, recent_v)
-            state.key_records = torch.cat([state.key_records, kr])
-            state.value_records = torch.cat([state.value_records, vr])
+            key_records = torch.cat([key_records, kr])
+            value_records = torch.cat([value_records, vr])
             recent_k, recent_v = recent_k[:0], recent_v[:0]
-        state.buffer_key, state.buffer_value = recent_k, recent_v
-        self._states[sequence_id] = state
+        self._states[sequence_id] = _SequenceState(sink_k, sink_v, key_records, value_records,
+                                                   recent_k, recent_v)
         return out.reshape(out_shape)
 
     __call__ = forward
