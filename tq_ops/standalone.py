@@ -180,8 +180,9 @@ class TurboQuantAttentionImpl:
                 _checks.fail(f"{name} is on {t.device} but this layer's cache is on {self.device}")
             if not bool(torch.isfinite(t).all()):
                 _checks.fail(f"{name} contains NaN or Inf")
-        if k.shape[0] and float(torch.linalg.vector_norm(k.float(), dim=-1).max()) > 65504:
-            _checks.fail("a key norm exceeds 65504, the fp16 range of the stored norms")
+        for name, t in (("key", k), ("value", v)):
+            if t.shape[0] and float(torch.linalg.vector_norm(t.float(), dim=-1).max()) > 65504:
+                _checks.fail(f"a {name} norm exceeds 65504, the fp16 range of the stored norms")
         state = self._states.get(sequence_id) or self._empty(k.dtype)
         if state.sink_key.dtype != k.dtype:
             _checks.fail(f"key dtype {k.dtype} differs from the {state.sink_key.dtype} this "

@@ -19,7 +19,10 @@ def encode_keys(key: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
         bits: MSE bits 1..4.  qjl: add the 1-bit residual sketch (TurboQuant_prod).
     Returns:
         (..., key_bytes) uint8 records: codes | signs | norm fp16 | gamma fp16 (tq_ops.layout).
-        A norm above 65504 is stored as +inf (fp16): tq_ops.api checks for it in eager mode.
+        Values are not checked (that would need a device sync): a key with NaN/Inf gets a NaN
+        norm or gamma and a norm above 65504 is stored as +inf (fp16), so every score and
+        attention output that uses the token is NaN/inf, never silently finite.
+        TurboQuantAttentionImpl.forward raises TQInputError for both in eager mode.
     """
     d = _checks.rotation(rotation)
     _checks.projection(projection, d)

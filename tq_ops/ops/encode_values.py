@@ -18,6 +18,10 @@ def encode_values(value: Tensor, rotation: Tensor, centroids: Tensor, bits: int)
         bits: 1..4.
     Returns:
         (..., value_bytes) uint8 records: codes | norm fp16 (tq_ops.layout).
+        Values are not checked (that would need a device sync): a value with NaN/Inf gets a NaN
+        norm and a norm above 65504 is stored as +inf (fp16), so every attention
+        output that uses the token is NaN/inf, never silently finite.
+        TurboQuantAttentionImpl.forward raises TQInputError for both in eager mode.
     """
     d = _checks.rotation(rotation)
     _checks.floats("value", value)

@@ -34,7 +34,8 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
         rotation, projection: (D, D) fp32.  key_centroids, value_centroids: fp32 codebooks.
         key_bits, qjl, value_bits: the format.
     Returns:
-        None.
+        None.  NaN/Inf or norms above 65504 are stored as in encode_keys / encode_values (NaN or
+        +inf norms, not checked here).
     """
     d = _checks.rotation(rotation)
     _checks.projection(projection, d)
