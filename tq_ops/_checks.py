@@ -91,6 +91,8 @@ def same_device(**tensors: Tensor) -> None:
 
 def records(name: str, x: Tensor, nbytes: int) -> None:
     uint8(name, x)
+    if x.dim() < 1:
+        fail(f"{name} must have rank >= 1 (..., {nbytes} bytes), got a scalar")
     if x.shape[-1] != nbytes:
         fail(f"{name} last dim must be {nbytes} bytes for this format, got {x.shape[-1]}")
 
