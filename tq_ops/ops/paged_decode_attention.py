@@ -1,11 +1,89 @@
 """turboquant::paged_decode_attention: one query per sequence over a packed paged cache."""
 from __future__ import annotations
 
+import math
+
+import torch
+import triton
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, layout, reference
+from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_cache
+from tq_ops.triton.decode import (LOG2E, decode_config, decode_merge_kernel, decode_split_kernel,
+                                  num_splits, query_prep_kernel)
+from tq_ops.triton.launch import arch, sm_count
+from tq_ops.triton.unpack import asm_tables, group_width
+
+PREP_ROWS = 16   # query rows per prep program
+RAW_TILE = 16    # raw-pool tokens per step of the raw program
+MERGE_SPLITS = 16  # partials loaded per step of the merge
+
+
+def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, raw_key: Tensor,
+           raw_value: Tensor, raw_index: Tensor, raw_lens: Tensor, rotation: Tensor,
+           projection: Tensor, key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
+           qjl: bool, value_bits: int, scale: float, kv_start: int, raw: bool = False) -> Tensor:
+    """The Triton body: prep, split and merge launches (tq_ops.triton.decode).
+
+    raw=True launches the bare @triton.jit kernels instead of wrap_triton ones: the interpreter
+    tests run this on CPU tensors under TRITON_INTERPRET=1.
+    """
+    b, hq, d = query.shape
+    hkv = cache.shape[1]
+    g = hq // hkv
+    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
+    bs = cache.shape[2] // lay.slot_bytes
+    cfg = decode_config(arch(query.device), d, key_bits)
+    block_n = math.gcd(bs, cfg.block_n)  # tiles never cross a page
+    ns = num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
+    dg = group_width(d)
+    dp = 8 * dg
+    gp = max(2, triton.next_power_of_2(g))
+    q = query.contiguous()
+    rk = raw_key if raw_key.stride(-1) == 1 else raw_key.contiguous()
+    rv = raw_value if raw_value.stride(-1) == 1 else raw_value.contiguous()
+    f32 = torch.float32
+    qr = torch.empty((b * hq, d), dtype=f32, device=q.device)
+    u = torch.empty((b * hq, d), dtype=f32, device=q.device) if qjl else qr
+    parts = b * hkv * (ns + 1) * gp
+    o_part = torch.empty((parts, dp), dtype=f32, device=q.device)
+    m_part = torch.empty((parts,), dtype=f32, device=q.device)
+    l_part = torch.empty((parts,), dtype=f32, device=q.device)
+    out = torch.empty((b, hq, d), dtype=query.dtype, device=q.device)
+    comps = dict(lay.components)
+    offs = dict(OFF_KC=lay.slot_offset("k_codes"), OFF_KN=lay.slot_offset("k_norm"),
+                OFF_KS=lay.slot_offset("k_signs") if qjl else 0,
+                OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
+                OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"))
+    # byte alignment of each component's rows, for vectorised loads
+    common = math.gcd(16, cache.stride(0), bs * lay.slot_bytes)
+    align = {f"AL_{k}": math.gcd(common, bs * lay.slot_offset(n), comps[n]) if n in comps else 1
+             for k, n in (("K", "k_codes"), ("S", "k_signs"), ("V", "v_codes"))}
+    kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)
+    # the asm decoders are GPU-only; off CUDA (interpreter tests) the slow decoders run
+    use_fast = q.device.type == "cuda" and kt[0] == 1 and vt[0] == 1
+    tables = dict(USE_FAST=use_fast, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2])
+    prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
+    split = decode_split_kernel if raw else wrap_triton(decode_split_kernel)
+    merge = decode_merge_kernel if raw else wrap_triton(decode_merge_kernel)
+    prep[(triton.cdiv(b * hq, PREP_ROWS),)](
+        q, rotation, projection, qr, u, b * hq, scale * LOG2E, qjl_scale(d),
+        D=d, DP=dp, RB=PREP_ROWS, JB=32, QJL=qjl)
+    split[(b * hkv, ns + 1)](
+        qr, u, q, cache, block_table, kv_lens, rk, rv, raw_index, raw_lens, key_centroids,
+        value_centroids, o_part, m_part, l_part,
+        kv_start, block_table.stride(0), cache.stride(0), scale * LOG2E,
+        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+        HKV=hkv, G=g, GP=gp, D=d, DP=dp, DG=dg, BS=bs, BLOCK_N=block_n, RAW_N=RAW_TILE,
+        KB=key_bits, QJL=qjl, VB=value_bits, SLOT=lay.slot_bytes, NUM_SPLITS=ns,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **offs, **align, **tables)
+    merge[(b * hkv,)](
+        o_part, m_part, l_part, rotation, out,
+        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=32, NUM_SPLITS=ns,
+        SC=min(MERGE_SPLITS, triton.next_power_of_2(ns + 1)), num_warps=4)
+    return out
 
 
 @triton_op("turboquant::paged_decode_attention", mutates_args=())
@@ -59,6 +137,10 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
                         raw_key=raw_key, raw_value=raw_value, raw_index=raw_index,
                         raw_lens=raw_lens, rotation=rotation, projection=projection,
                         key_centroids=key_centroids, value_centroids=value_centroids)
+    if query.device.type == "cuda":
+        return launch(query, cache, block_table, kv_lens, raw_key, raw_value, raw_index, raw_lens,
+                      rotation, projection, key_centroids, value_centroids, key_bits, qjl,
+                      value_bits, scale, kv_start)
     return reference.paged_decode_attention(query, cache, block_table, kv_lens, raw_key, raw_value,
                                             raw_index, raw_lens, rotation, projection, key_centroids,
                                             value_centroids, key_bits, qjl, value_bits, scale,

@@ -1,0 +1,343 @@
+"""Paged decode attention over the packed cache: one query token per sequence.
+
+Three launches, all with grids that depend only on shapes (CUDA-graph safe):
+
+1. `query_prep_kernel` (rows = B*Hq): q_rot = Pi q and u = S' q_rot in fp32 (tf32x3 dots), with the
+   softmax scale * log2(e) folded in (and sqrt(pi/2)/D into u).
+2. `decode_split_kernel`, grid (B*Hkv, NUM_SPLITS + 1): program (b, h, s < NUM_SPLITS) walks its
+   share of the compressed positions kv_start..kv_lens[b]-1 in tiles of BLOCK_N tokens.  All G query
+   heads of the KV head are the N side of the MMAs, so each cache byte is read once: codes are
+   unpacked to fp16 in registers per coordinate group (tq_ops.triton.unpack), scores are
+   sum_r dot(centroids_r, q_rot_r^T) + gamma * sum_r dot(signs_r, u_r^T) on tensor cores, and the
+   values are accumulated in the rotated domain with dot(P^T, values_r).  Nothing dequantized is
+   written to memory.  Program s == NUM_SPLITS attends the exact raw-pool tokens instead
+   (original domain).  Each writes a partial (max, sum, accumulator).
+3. `decode_merge_kernel`, grid (B*Hkv,): log-sum-exp merge of the partials, one un-rotation
+   (dot with Pi) of the compressed part, plus the raw part, divided by the softmax sum.
+
+NUM_SPLITS is a function of (batch, kv heads, block-table width, SM count) only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, load_fast,
+                                  lookup, slow_code, slow_sign, table_matches, tile_rows,
+                                  tuple_set)
+
+LOG2E = 1.4426950408889634
+NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int       # tokens per tile
+    num_warps: int
+    num_stages: int
+    target_programs_per_sm: int
+    min_tokens_per_split: int
+    max_splits: int
+
+
+# (arch, head_dim, key_bits) -> config.  Rows absent from the table use DEFAULT_DECODE.
+# One warp per program: the value MMAs are (DG x GP) per coordinate group, too small to split
+# over several warps without recomputing the decode in each; many 1-warp programs fill the SMs.
+DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, target_programs_per_sm=16,
+                              min_tokens_per_split=256, max_splits=128)
+DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
+    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 16, 256, 128),
+    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 16, 256, 128),
+}
+
+
+def decode_config(arch: str, head_dim: int, key_bits: int) -> DecodeConfig:
+    return DECODE_CONFIGS.get((arch, head_dim, key_bits), DEFAULT_DECODE)
+
+
+def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
+               cfg: DecodeConfig) -> int:
+    """Split count from shapes only: enough programs to fill the GPU, none smaller than
+    min_tokens_per_split positions of the block table's capacity."""
+    want = max(1, math.ceil(cfg.target_programs_per_sm * sms / max(1, batch * num_kv_heads)))
+    cap = max(1, max_positions // cfg.min_tokens_per_split)
+    return max(1, min(want, cap, cfg.max_splits))
+
+
+@triton.jit
+def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, rows, q_scale, u_scale,
+                      D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr, JB: tl.constexpr,
+                      QJL: tl.constexpr):
+    """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D)."""
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    rmask = r < rows
+    d = tl.arange(0, DP)
+    j = tl.arange(0, JB)
+    dmask = d < D
+    q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
+                other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
+    for j0 in tl.static_range(0, DP, JB):
+        jj = j0 + j
+        # PiT[i, j] = Pi[j, i]
+        pit = tl.load(rot_ptr + jj[None, :] * D + d[:, None],
+                      mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
+        blk = tl.dot(q, pit, input_precision="tf32x3")
+        tl.store(qr_ptr + r[:, None] * D + jj[None, :], blk, mask=rmask[:, None] & (jj < D)[None, :])
+    if QJL:
+        tl.debug_barrier()  # the rows written above are read back whole by other threads
+        qr = tl.load(qr_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
+                     other=0.0)
+        for j0 in tl.static_range(0, DP, JB):
+            jj = j0 + j
+            st = tl.load(proj_ptr + jj[None, :] * D + d[:, None],
+                         mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
+            blk = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
+            tl.store(u_ptr + r[:, None] * D + jj[None, :], blk,
+                     mask=rmask[:, None] & (jj < D)[None, :])
+
+
+@triton.jit
+def load_queries(ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr):
+    """The 8 coordinate groups of fp32 rows `qrow` of a (rows, D) buffer, as (DG, GP) fp16."""
+    m = tl.arange(0, DG)
+    out = ()
+    for r in tl.static_range(8):
+        t = tl.load(ptr + qrow[None, :] * D + 8 * m[:, None] + r,
+                    mask=(8 * m + r < D)[:, None] & gmask[None, :], other=0.0)
+        out = out + (t.to(tl.float16),)
+    return out
+
+
+@triton.jit
+def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr, vc_ptr,
+                 qts, uts, ktabs, vtabs, m_i, l_i, accs,
+                 D: tl.constexpr, DG: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
+                 OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
+                 OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
+                 AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr,
+                 FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
+                 VT1: tl.constexpr):
+    """Online softmax over compressed positions max(lo, kv_start)..hi-1 of one sequence and KV
+    head; lo is a multiple of BLOCK_N.
+
+    Scores are (BLOCK_N, GP) = sum_r dot(keys_r (BLOCK_N, DG), q_r (DG, GP)); the value
+    accumulators are 8 (DG, GP) tiles, accs[r] += dot(values_r^T (DG, BLOCK_N), p (BLOCK_N, GP)),
+    in the rotated domain.  FAST selects the inline-asm decoders (tq_ops.triton.unpack).
+    """
+    m = tl.arange(0, DG)
+    for start in tl.range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = (pos < hi) & (pos >= kv_start)
+        base, tin = tile_rows(bt_ptr, bt_row, start, page_stride, head_off, BS, BLOCK_N)
+        krow = tl.multiple_of(base + BS * OFF_KC + tin * (D * KB // 8), AL_K)
+        srow = tl.multiple_of(base + BS * OFF_KS + tin * (D // 8), AL_S)
+        vrow = tl.multiple_of(base + BS * OFF_VC + tin * (D * VB // 8), AL_V)
+        if FAST:
+            kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, KB)
+            if QJL:
+                sx = tl.load(cache_ptr + srow[:, None] + m[None, :], mask=(m < D // 8)[None, :],
+                             other=0)
+        acc_s = tl.zeros([BLOCK_N, GP], tl.float32)
+        acc_z = tl.zeros([BLOCK_N, GP], tl.float32)
+        for r in tl.static_range(8):
+            if FAST:
+                if KB == 3:
+                    kv = fast_values3(kw, kx, r, ktabs)
+                else:
+                    kv = fast_values(kw, kx, r, KB, KT0, KT1)
+            else:
+                kv = lookup(slow_code(cache_ptr, krow[:, None], m[None, :], r, D, KB), kc_ptr,
+                            KB).to(tl.float16)
+            acc_s = tl.dot(kv, qts[r], acc_s)
+            if QJL:
+                if FAST:
+                    z = fast_sign(sx, r)
+                else:
+                    z = slow_sign(cache_ptr, srow[:, None], m[None, :], r, D).to(tl.float16)
+                acc_z = tl.dot(z, uts[r], acc_z)
+        kn = tl.load((cache_ptr + base + BS * OFF_KN + tin * 2).to(tl.pointer_type(tl.float16)))
+        if QJL:
+            kg = tl.load((cache_ptr + base + BS * OFF_KG + tin * 2).to(
+                tl.pointer_type(tl.float16))).to(tl.float32)
+            acc_s = acc_s + kg[:, None] * acc_z
+        logits = tl.where(valid[:, None], acc_s * kn.to(tl.float32)[:, None], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(logits - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+        vn = tl.load((cache_ptr + base + BS * OFF_VN + tin * 2).to(tl.pointer_type(tl.float16)))
+        # page 0 backs the rows past `hi`: its norms may be anything, inf included
+        vn = tl.where(valid, vn.to(tl.float32), 0.0)
+        pw = (p * vn[:, None]).to(tl.float16)
+        a = alpha[None, :]
+        accs = (accs[0] * a, accs[1] * a, accs[2] * a, accs[3] * a, accs[4] * a, accs[5] * a,
+                accs[6] * a, accs[7] * a)
+        if FAST:
+            vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, VB)
+        for r in tl.static_range(8):
+            if FAST:
+                if VB == 3:
+                    vv = fast_values3(vw, vx, r, vtabs)
+                else:
+                    vv = fast_values(vw, vx, r, VB, VT0, VT1)
+            else:
+                vv = lookup(slow_code(cache_ptr, vrow[None, :], m[:, None], r, D, VB), vc_ptr,
+                            VB).to(tl.float16)
+            accs = tuple_set(accs, r, tl.dot(vv, pw, accs[r]))
+    return m_i, l_i, accs
+
+
+@triton.jit
+def decode_split_kernel(
+        qr_ptr, u_ptr, q_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
+        raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, kc_ptr, vc_ptr,
+        o_ptr, m_ptr, l_ptr,
+        kv_start, bt_stride, page_stride, q_scale,
+        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
+        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+        RAW_N: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
+        OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
+        OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
+        AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr,
+        USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
+        VT1: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """One (sequence, KV head, split) partial.  See the module docstring."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    g = tl.arange(0, GP)
+    gmask = g < G
+    qrow = b * (HKV * G) + h * G + g
+    part = bh * (NUM_SPLITS + 1) + split
+    orow = part * GP + g
+    if split < NUM_SPLITS:
+        kv_len = tl.load(kv_lens_ptr + b)
+        # splits cover positions 0..kv_len-1 in whole tiles (so tiles never cross a page);
+        # positions below kv_start are masked
+        per = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per
+        hi = tl.minimum(lo + per, kv_len)
+        qts = load_queries(qr_ptr, qrow, gmask, D, DG)
+        if QJL:
+            uts = load_queries(u_ptr, qrow, gmask, D, DG)
+        else:
+            uts = qts
+        m_i = tl.full([GP], NEG_BIG, tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        z = tl.zeros([DG, GP], tl.float32)
+        accs = (z, z, z, z, z, z, z, z)
+        head_off = h * (BS * SLOT)
+        bt_row = b.to(tl.int64) * bt_stride
+        fast = False
+        ktabs = (0, 0, 0, 0)
+        vtabs = (0, 0, 0, 0)
+        if USE_FAST:
+            fast = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+            if KB == 3:
+                ktabs = byte_tables(kc_ptr, KB)
+            if VB == 3:
+                vtabs = byte_tables(vc_ptr, VB)
+        if fast:
+            m_i, l_i, accs = attend_pages(
+                cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
+                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
+                QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
+                True, KT0, KT1, VT0, VT1)
+        else:
+            m_i, l_i, accs = attend_pages(
+                cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
+                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
+                QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
+                False, KT0, KT1, VT0, VT1)
+        m = tl.arange(0, DG)
+        for r in tl.static_range(8):
+            tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],
+                     mask=gmask[None, :] & (8 * m + r < D)[:, None])
+    else:
+        # exact raw-pool tokens, original domain
+        rl = tl.load(raw_lens_ptr + b)
+        row = tl.load(raw_idx_ptr + b).to(tl.int64)
+        d = tl.arange(0, DP)
+        dmask = d < D
+        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
+        m_i = tl.full([GP], NEG_BIG, tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        t = tl.arange(0, RAW_N)
+        for r0 in tl.range(0, rl, RAW_N):
+            tv = r0 + t < rl
+            kmask = tv[:, None] & dmask[None, :]
+            k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + t)[:, None] * rk_s1 + h * rk_s2 + d[None, :],
+                        mask=kmask, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k))
+            s = tl.where(tv[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + t)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
+                        mask=kmask, other=0.0).to(tl.float32)
+            acc = tl.dot(p, v, acc * alpha[:, None])
+        tl.store(o_ptr + orow[:, None] * DP + d[None, :], acc, mask=gmask[:, None])
+    tl.store(m_ptr + orow, m_i, mask=gmask)
+    tl.store(l_ptr + orow, l_i, mask=gmask)
+
+
+@triton.jit
+def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr,
+                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                        DP: tl.constexpr, JB: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                        SC: tl.constexpr):
+    """out[b, h*G+g] = (Pi^T sum_s w_s o_s + w_raw o_raw) / sum_s w_s l_s, w_s = exp2(m_s - max)."""
+    bh = tl.program_id(0)
+    g = tl.arange(0, GP)
+    gmask = g < G
+    d = tl.arange(0, DP)
+    base = bh * (NUM_SPLITS + 1)
+    sc = tl.arange(0, SC)
+    big = tl.full([GP], NEG_BIG, tl.float32)
+    for s0 in tl.static_range(0, NUM_SPLITS + 1, SC):
+        sm = (s0 + sc) < NUM_SPLITS + 1
+        mv = tl.load(m_ptr + (base + s0 + sc)[:, None] * GP + g[None, :], mask=sm[:, None],
+                     other=NEG_BIG)
+        big = tl.maximum(big, tl.max(mv, 0))
+    tot = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for s0 in tl.static_range(0, NUM_SPLITS, SC):
+        sm = (s0 + sc) < NUM_SPLITS
+        idx = base + s0 + sc
+        mv = tl.load(m_ptr + idx[:, None] * GP + g[None, :], mask=sm[:, None], other=NEG_BIG)
+        lv = tl.load(l_ptr + idx[:, None] * GP + g[None, :], mask=sm[:, None], other=0.0)
+        w = tl.where(sm[:, None], tl.exp2(mv - big[None, :]), 0.0)
+        tot += tl.sum(w * lv, 0)
+        ov = tl.load(o_ptr + (idx[:, None, None] * GP + g[None, :, None]) * DP + d[None, None, :],
+                     mask=sm[:, None, None] & (d < D)[None, None, :], other=0.0)
+        acc += tl.sum(w[:, :, None] * ov, 0)
+    raw = base + NUM_SPLITS
+    w_raw = tl.exp2(tl.load(m_ptr + raw * GP + g) - big)
+    tot += w_raw * tl.load(l_ptr + raw * GP + g)
+    inv = tl.where(tot > 0, 1.0 / tot, 0.0)
+    b = bh // HKV
+    h = bh % HKV
+    orow = b * (HKV * G) + h * G + g
+    j = tl.arange(0, JB)
+    for j0 in tl.static_range(0, DP, JB):
+        jj = j0 + j
+        jm = jj < D
+        pi = tl.load(rot_ptr + d[:, None] * D + jj[None, :], mask=(d < D)[:, None] & jm[None, :],
+                     other=0.0)
+        o = tl.dot(acc, pi, input_precision="ieee")
+        o += w_raw[:, None] * tl.load(o_ptr + (raw * GP + g[:, None]) * DP + jj[None, :],
+                                      mask=jm[None, :], other=0.0)
+        o = o * inv[:, None]
+        tl.store(out_ptr + orow[:, None] * D + jj[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None] & jm[None, :])

@@ -1,0 +1,298 @@
+"""Shared @triton.jit helpers: paged-cache addressing and bit-plane unpacking.
+
+Coordinate groups.  The kernels never rebuild a (tokens, D) code tile in coordinate order: they
+split the D coordinates into 8 groups, group r holding coordinates 8*m + r for m in [0, DG)
+(DG = group_width(D), padded to a power of two >= 16 so each group is a legal tl.dot K).  In a
+bit plane of width w (tq_ops.layout) the 8*w bits of coordinates 8m .. 8m+7 are the w bytes
+starting at byte m*w, and coordinate 8m + r sits at bit w*r of that little-endian word.  So one
+load of a (tokens, DG) tensor of w-byte words serves all 8 groups, each group being one constant
+shift and mask.  The query side (q_rot, u) is loaded in the same grouped order, a dot product over
+D is the sum of 8 tl.dot calls of width DG, and value accumulators are stored back at 8m + r.
+
+Two ways to turn codes into fp16 tensor-core operands:
+
+* fast (GPU only): `tl.inline_asm_elementwise` with pack=4 decodes four codes per few
+  instructions: PRMT byte permutes look the fp16 centroids up in a table held in two registers
+  (the codebook is baked into the asm as compile-time constants).  The 1- and 2-bit decoders are unary and
+  pure, so Triton evaluates them directly in the MMA operand layout (no fp16 round trip through
+  shared memory); the 3-bit one reads both planes and gathers from byte tables of all 8 centroids.  Used for 1..3-bit codes when the centroids passed at
+  run time equal the baked table (checked in the kernel, so any codebook stays correct).
+* slow (everywhere, and the only one under TRITON_INTERPRET): per-element byte gathers and a
+  select chain over the centroids read at run time.
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import triton
+import triton.language as tl
+
+from tq_ops.codebook_tables import CENTROIDS
+
+
+def group_width(head_dim: int) -> int:
+    """DG: padded number of coordinates in one of the 8 groups."""
+    return max(16, triton.next_power_of_2(head_dim // 8))
+
+
+def _f16_bits(x: float) -> int:
+    return struct.unpack("<H", struct.pack("<e", x))[0]
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def fp16_table(head_dim: int, bits: int) -> tuple[int, ...]:
+    """fp16 bit patterns of the stored (sphere) codebook, exactly as TQCodec builds it: the float64
+    table value / sqrt(D), rounded to fp32 (the centroid tensor), then to fp16 (the MMA operand)."""
+    vals = CENTROIDS.get((head_dim, bits))
+    if vals is None:
+        return ()
+    return tuple(_f16_bits(_f32(v / math.sqrt(head_dim))) for v in vals)
+
+
+def asm_tables(head_dim: int, bits: int) -> tuple[int, int, int]:
+    """(ok, T0, T1): the baked PRMT table words of the 1- and 2-bit fast decoders.
+
+    bits 1: T0 = c0 | c1<<16.  bits 2: T0 = c0|c1<<16, T1 = c2|c3<<16 (fp16 bit patterns).
+    bits 3 needs no baked table (its decoder reads the centroids at run time): ok = 1.
+    bits 4, or a head_dim without a stored codebook: ok = 0 (slow path only).
+    """
+    if bits == 3:
+        return (1, 0, 0)
+    t = fp16_table(head_dim, bits)
+    if not t or bits > 3:
+        return (0, 0, 0)
+    t = t + (0,) * (4 - len(t))
+    return (1, t[0] | t[1] << 16, t[2] | t[3] << 16)
+
+
+# -- inline PTX, built at compile time from constexpr table words -------------------------------
+
+@triton.constexpr_function
+def _asm_lut2(r, t0, t1):
+    # in: 4 int16 words (2 regs), out: 4 fp16 (2 regs).  Byte r//4 of each word holds the code.
+    sel = "0x7531" if r >= 4 else "0x6420"
+    return f"""{{
+.reg .b32 x, t, u, v, ta, tb;
+prmt.b32 x, $2, $3, {sel};
+shr.b32 t, x, {2 * (r % 4)};
+and.b32 t, t, 0x03030303;
+mad.lo.u32 u, t, 0x22, 0x10101010;
+mov.b32 ta, 0x{t0:08X};
+mov.b32 tb, 0x{t1:08X};
+prmt.b32 $0, ta, tb, u;
+shr.b32 v, u, 16;
+prmt.b32 $1, ta, tb, v;
+}}"""
+
+
+@triton.constexpr_function
+def _asm_lut3(r):
+    # in: 4 int16 words of the 2-bit plane ($2, $3), 4 bytes of the 1-bit plane ($4), and the
+    # byte tables of the 8 centroids (low bytes of c0..3 in $5, c4..7 in $9, high bytes in $13,
+    # $17: each table operand is a broadcast scalar, so only its first register is read).
+    # out: 4 fp16.  The 3-bit codes become selector nibbles: one PRMT gathers the 4 low bytes,
+    # one the 4 high bytes, two interleave them.
+    sel = "0x7531" if r >= 4 else "0x6420"
+    hshift = f"shl.b32 h, $4, {2 - r};" if r <= 2 else f"shr.b32 h, $4, {r - 2};"
+    return f"""{{
+.reg .b32 x, t, h, y, s, z, l4, h4;
+prmt.b32 x, $2, $3, {sel};
+shr.b32 t, x, {2 * (r % 4)};
+and.b32 t, t, 0x03030303;
+{hshift}
+and.b32 h, h, 0x04040404;
+or.b32 t, t, h;
+shr.b32 y, t, 4;
+or.b32 y, y, t;
+mov.b32 z, 0;
+prmt.b32 s, y, z, 0x0020;
+prmt.b32 l4, $5, $9, s;
+prmt.b32 h4, $13, $17, s;
+prmt.b32 $0, l4, h4, 0x5140;
+prmt.b32 $1, l4, h4, 0x7362;
+}}"""
+
+
+@triton.jit
+def byte_tables(c_ptr, BITS: tl.constexpr):
+    """The fp16 centroids as 4 PRMT table words (low bytes of entries 0..3, 4..7, high bytes of
+    0..3, 4..7), read from the centroid tensor at run time: exact for any codebook."""
+    k = tl.arange(0, 8)
+    c = tl.load(c_ptr + k, mask=k < 2 ** BITS, other=0.0).to(tl.float16)
+    h = c.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    sh = (k % 4) * 8
+    lo_a = tl.sum(tl.where(k < 4, (h & 0xFF) << sh, 0), 0)
+    lo_b = tl.sum(tl.where(k >= 4, (h & 0xFF) << sh, 0), 0)
+    hi_a = tl.sum(tl.where(k < 4, (h >> 8) << sh, 0), 0)
+    hi_b = tl.sum(tl.where(k >= 4, (h >> 8) << sh, 0), 0)
+    return lo_a, lo_b, hi_a, hi_b
+
+
+@triton.constexpr_function
+def _asm_lut1(r, t0):
+    # in: 4 uint8 (1 reg), out: 4 fp16 (2 regs).  bit r of each byte is a 1-bit code.
+    return f"""{{
+.reg .b32 t, u, v, ta;
+shr.b32 t, $2, {r};
+and.b32 t, t, 0x01010101;
+mad.lo.u32 u, t, 0x22, 0x10101010;
+mov.b32 ta, 0x{t0:08X};
+prmt.b32 $0, ta, ta, u;
+shr.b32 v, u, 16;
+prmt.b32 $1, ta, ta, v;
+}}"""
+
+
+@triton.constexpr_function
+def _asm_sign(r):
+    # in: 4 uint8, out: 4 fp16 +-1 (bit r set -> +1).  fp16 +1 = 0x3C00, -1 = 0xBC00.
+    return f"""{{
+.reg .b32 s, z;
+shl.b32 s, $2, {7 - r};
+and.b32 s, s, 0x80808080;
+xor.b32 s, s, 0xBCBCBCBC;
+mov.b32 z, 0;
+prmt.b32 $0, s, z, 0x1404;
+prmt.b32 $1, s, z, 0x3424;
+}}"""
+
+
+@triton.jit
+def fast_sign(x8, R: tl.constexpr):
+    """(N, DG) uint8 sign bytes -> fp16 +-1 of group R."""
+    return tl.inline_asm_elementwise(_asm_sign(R), "=r,=r,r", [x8], dtype=tl.float16,
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def fast_values(w16, x8, R: tl.constexpr, BITS: tl.constexpr, T0: tl.constexpr,
+                T1: tl.constexpr):
+    """fp16 centroids of group R from the plane tensors of load_fast, BITS 1 or 2; T0, T1 are the
+    baked table words (asm_tables)."""
+    if BITS == 1:
+        v = tl.inline_asm_elementwise(_asm_lut1(R, T0), "=r,=r,r", [x8], dtype=tl.float16,
+                                      is_pure=True, pack=4)
+    else:
+        v = tl.inline_asm_elementwise(_asm_lut2(R, T0, T1), "=r,=r,r,r", [w16],
+                                      dtype=tl.float16, is_pure=True, pack=4)
+    return v
+
+
+@triton.jit
+def fast_values3(w16, x8, R: tl.constexpr, tabs):
+    """fp16 centroids of group R of 3-bit codes; tabs = byte_tables(centroids).  Not unary, so it
+    runs before the conversion to the MMA layout (the fp16 result goes through shared memory)."""
+    z = tl.zeros(w16.shape, tl.int32)
+    return tl.inline_asm_elementwise(
+        _asm_lut3(R), "=r,=r" + ",r" * 19,
+        [w16, x8, z + tabs[0], z + tabs[1], z + tabs[2], z + tabs[3]],
+        dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def load_fast(ptr, row2, m2, D: tl.constexpr, BITS: tl.constexpr):
+    """Plane tensors of one code component: (w16 int16 words of the 2-bit plane, x8 bytes of the
+    1-bit plane); the one a format lacks is a dummy copy.  row2 / m2 broadcast against each other
+    (row2 = token byte offsets [:, None] or [None, :], m2 = group index the other way), so the
+    tensors come out (tokens, DG) or (DG, tokens)."""
+    real = m2 < D // 8
+    if BITS == 1:
+        x8 = tl.load(ptr + row2 + m2, mask=real, other=0)
+        w16 = x8.to(tl.int16)
+    else:
+        w16 = tl.load((ptr + row2 + 2 * m2).to(tl.pointer_type(tl.int16)), mask=real, other=0)
+        if BITS == 3:
+            x8 = tl.load(ptr + row2 + D // 4 + m2, mask=real, other=0)
+        else:
+            x8 = w16.to(tl.uint8)
+    return w16, x8
+
+
+@triton.jit
+def slow_code(ptr, row2, m2, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes of group R, read byte by byte (any BITS in 1..4); shapes as in load_fast."""
+    real = m2 < D // 8
+    base = ptr + row2
+    if BITS == 4:
+        b = tl.load(base + 4 * m2 + R // 2, mask=real, other=0)
+        c = (b >> (4 * (R % 2))) & 15
+    elif BITS == 1:
+        b = tl.load(base + m2, mask=real, other=0)
+        c = (b >> R) & 1
+    else:
+        b = tl.load(base + 2 * m2 + R // 4, mask=real, other=0)
+        c = (b >> (2 * (R % 4))) & 3
+        if BITS == 3:
+            h = tl.load(base + D // 4 + m2, mask=real, other=0)
+            c = c | (((h >> R) & 1) << 2)
+    return c.to(tl.int32)
+
+
+@triton.jit
+def lookup(code, c_ptr, BITS: tl.constexpr):
+    """fp32 centroid c[code] by a select chain over the 2**BITS table entries."""
+    v = tl.zeros(code.shape, tl.float32) + tl.load(c_ptr)
+    for k in tl.static_range(1, 2 ** BITS):
+        v = tl.where(code == k, tl.load(c_ptr + k), v)
+    return v
+
+
+@triton.jit
+def slow_sign(ptr, row2, m2, R: tl.constexpr, D: tl.constexpr):
+    """fp32 +-1 of the QJL sign bits of group R (bit 1 = +1); shapes as in load_fast."""
+    b = tl.load(ptr + row2 + m2, mask=m2 < D // 8, other=0)
+    return tl.where(((b >> R) & 1) != 0, 1.0, -1.0)
+
+
+@triton.jit
+def table_matches(c_ptr, BITS: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr):
+    """True when the fp16 centroids equal the baked table words of fast_values (always true for
+    3 bits, whose decoder reads the centroids)."""
+    if BITS == 3:
+        ok = True
+    else:
+        k = tl.arange(0, 4)
+        c = tl.load(c_ptr + k, mask=k < 2 ** BITS, other=0.0).to(tl.float16)
+        bits = c.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        want = tl.where(k == 0, T0 & 0xFFFF, tl.where(k == 1, T0 >> 16,
+                        tl.where(k == 2, T1 & 0xFFFF, T1 >> 16)))
+        bad = tl.where(k < 2 ** BITS, (bits != want).to(tl.int32), 0)
+        ok = tl.sum(bad, 0) == 0
+    return ok
+
+
+@triton.jit
+def tile_rows(bt_ptr, bt_row, start, page_stride, head_off, BS: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Byte offset of the tile's page+head region and each row's in-page index.
+
+    Tiles start at multiples of BLOCK_N and BLOCK_N divides BS, so a tile lies inside one page:
+    one block-table load and scalar address arithmetic per tile.
+    """
+    page = tl.load(bt_ptr + bt_row + start // BS)
+    return page.to(tl.int64) * page_stride + head_off, (start % BS) + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def tuple_set(t, R: tl.constexpr, v):
+    """t with t[R] replaced by v (8-tuples; Triton tuples are immutable)."""
+    if R == 0:
+        return (v, t[1], t[2], t[3], t[4], t[5], t[6], t[7])
+    elif R == 1:
+        return (t[0], v, t[2], t[3], t[4], t[5], t[6], t[7])
+    elif R == 2:
+        return (t[0], t[1], v, t[3], t[4], t[5], t[6], t[7])
+    elif R == 3:
+        return (t[0], t[1], t[2], v, t[4], t[5], t[6], t[7])
+    elif R == 4:
+        return (t[0], t[1], t[2], t[3], v, t[5], t[6], t[7])
+    elif R == 5:
+        return (t[0], t[1], t[2], t[3], t[4], v, t[6], t[7])
+    elif R == 6:
+        return (t[0], t[1], t[2], t[3], t[4], t[5], v, t[7])
+    else:
+        return (t[0], t[1], t[2], t[3], t[4], t[5], t[6], v)
