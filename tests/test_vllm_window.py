@@ -1,0 +1,182 @@
+"""The vLLM backend's bookkeeping without vLLM (runs in the main CPU suite): the exact/compressed
+rule of tq_vllm.window, the prefill segments, the raw-pool write plan, the host row table, and a
+simulated engine that feeds one sequence through the backend's functions in arbitrary chunks
+and must reproduce a dense attention that applies the rule directly to dequantized keys."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import tq_ops  # noqa: F401
+from tq_ops import reference
+from tq_ops.codec import TQCodec
+from tq_ops.config import TQConfig
+from tq_vllm import attend
+from tq_vllm.rows import RawRows
+from tq_vllm.window import Window, segments
+
+WINDOWS = [Window(16, 0), Window(16, 4), Window(0, 0), Window(1, 3), Window(8, 20)]
+WINDOW_IDS = [f"F{w.flush_interval}-S{w.sink_tokens}" for w in WINDOWS]
+
+
+def exact_positions(w: Window, p: int) -> list[int]:
+    """The rule, written out: sinks, and the query's own group up to p."""
+    return [j for j in range(p + 1) if j < w.sink_tokens or j >= w.ring_start(p)]
+
+
+@pytest.mark.parametrize("w", WINDOWS, ids=WINDOW_IDS)
+def test_exact_tokens_fill_a_prefix_of_the_row(w):
+    for p in range(0, 120):
+        exact = exact_positions(w, p)
+        assert w.raw_len(p) == len(exact)
+        assert sorted(w.slot(j) for j in exact) == list(range(len(exact)))
+        assert all(w.slot(j) < w.row_slots for j in exact)
+        # the compressed part is exactly [S, ring_start(p))
+        comp = [j for j in range(p + 1) if j not in exact]
+        assert comp == list(range(w.sink_tokens, w.ring_start(p)))
+    p = torch.arange(0, 120)
+    assert torch.equal(w.raw_len_t(p), torch.tensor([w.raw_len(int(x)) for x in p]))
+    assert torch.equal(w.slot_t(p), torch.tensor([w.slot(int(x)) for x in p]))
+
+
+@pytest.mark.parametrize("w", WINDOWS, ids=WINDOW_IDS)
+@pytest.mark.parametrize("first,end", [(0, 50), (5, 6), (13, 70), (32, 33), (17, 17 + 40)])
+def test_segments_share_one_split(w, first, end):
+    segs = segments(w, 0, 100, first, end)
+    assert segs[0].start == first and segs[-1].end == end
+    for a, b in zip(segs, segs[1:]):
+        assert a.end == b.start and b.tok_start == a.tok_start + a.end - a.start
+    for seg in segs:
+        for p in range(seg.start, seg.end):
+            exact = exact_positions(w, p)
+            assert w.ring_start(p) == seg.prefix_len or (
+                seg.prefix_len <= w.sink_tokens and w.ring_start(p) <= w.sink_tokens)
+            # pool tokens: the exact ones before the segment; the rest come from the chunk
+            assert seg.pool_len == len([j for j in exact if j < seg.start])
+            assert all(j in exact for j in range(seg.start, p + 1))
+
+
+def test_rows_follow_requests_and_refuse_lost_tokens():
+    w = Window(16, 0)
+    rows = RawRows(2, w)
+    assert rows.assign(["a", "b"], {"a", "b"}, [0, 0], [20, 9]) == [0, 1]
+    # batch order changes, rows do not
+    assert rows.assign(["b", "a"], {"a", "b"}, [9, 20], [10, 21]) == [1, 0]
+    # "a" finished: its row is freed and reused
+    assert rows.assign(["c", "b"], {"b", "c"}, [0, 10], [5, 11]) == [0, 1]
+    # a request that continues mid-group without its tokens is refused with a reason
+    with pytest.raises(RuntimeError, match="not in its raw-pool row"):
+        rows.assign(["d"], {"b", "c", "d"}, [40], [41])
+
+
+def test_rows_reclaim_idle_rows_and_detect_it():
+    w = Window(16, 0)
+    rows = RawRows(1, w)
+    rows.assign(["a"], {"a"}, [0], [20])
+    # "a" waits (preempted or unscheduled); "b" needs the only row
+    assert rows.assign(["b"], {"a", "b"}, [0], [4]) == [0]
+    # "a" resuming at a flush point (recompute after preemption) needs nothing from before ...
+    assert rows.assign(["a"], {"a", "b"}, [16], [17]) == [0]
+    # ... but "b", whose row "a" took back, cannot continue mid-group
+    with pytest.raises(RuntimeError, match="request b continues at position 4"):
+        rows.assign(["b"], {"a", "b"}, [4], [5])
+
+
+def _dense_reference(cfg: TQConfig, codec: TQCodec, w: Window, q, k, v, scale):
+    """Attention of every position p over keys 0..p: exact keys/values where the rule says so,
+    dequantized ones (whose inner products are the op's estimates) elsewhere."""
+    kd = reference.decode_keys(reference.encode_keys(k, codec.rotation, codec.qjl_projection,
+                                                     codec.key_centroids, cfg.key_mse_bits,
+                                                     cfg.use_qjl),
+                               codec.rotation, codec.qjl_projection, codec.key_centroids,
+                               cfg.key_mse_bits, cfg.use_qjl)
+    vd = reference.decode_values(reference.encode_values(v, codec.rotation,
+                                                         codec.value_centroids, cfg.value_bits),
+                                 codec.rotation, codec.value_centroids, cfg.value_bits)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    out = torch.empty(t, hq, d, dtype=torch.float64)
+    for p in range(t):
+        exact = torch.zeros(p + 1, dtype=torch.bool)
+        exact[exact_positions(w, p)] = True
+        kk = torch.where(exact[:, None, None], k[:p + 1], kd[:p + 1]).double()
+        vv = torch.where(exact[:, None, None], v[:p + 1], vd[:p + 1]).double()
+        kk = kk.repeat_interleave(hq // hkv, dim=1)
+        vv = vv.repeat_interleave(hq // hkv, dim=1)
+        logits = torch.einsum("hd,khd->hk", q[p].double(), kk) * scale
+        out[p] = torch.einsum("hk,khd->hd", torch.softmax(logits, -1), vv)
+    return out
+
+
+SCHEDULES = {"prompt-then-decode": [37] + [1] * 12, "chunks": [10, 23, 1, 1, 30, 1, 2, 1],
+             "token-by-token": [1] * 45, "one-shot": [49]}
+
+
+@pytest.mark.parametrize("w", [Window(16, 0), Window(16, 4), Window(0, 2)],
+                         ids=["F16-S0", "F16-S4", "F0-S2"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
+def test_simulated_engine_matches_the_rule(w, schedule):
+    """One sequence through write_cache, raw_write_plan, decode and both prefill paths, chunked
+    as the scheduler might; the outputs equal the dense rule whatever the chunking."""
+    torch.manual_seed(0)
+    cfg = TQConfig(head_dim=64, flush_interval=w.flush_interval, sink_tokens=w.sink_tokens)
+    codec = TQCodec.build(cfg)
+    hq, hkv, d, bs = 4, 2, 64, 16
+    sched = SCHEDULES[schedule]
+    t = sum(sched)
+    q, k, v = (torch.randn(t, h, d) for h in (hq, hkv, hkv))
+    scale = d ** -0.5
+    nblk = -(-t // bs)
+    cache = torch.zeros(nblk + 3, hkv, bs * cfg.slot_bytes, dtype=torch.uint8)
+    table = torch.randperm(nblk + 3)[:nblk].to(torch.int32)  # pages in any order
+    rows = 3  # pool rows: 0..2 real (the sequence uses row 1), row 3 scratch
+    raw_k = torch.full((rows + 1, w.row_slots, hkv, d), float("nan"))
+    raw_v = raw_k.clone()
+    out_c = torch.empty(t, hq, d)
+    out_v = torch.empty(t, hq, d)
+    pos = 0
+    for n in sched:
+        sl = slice(pos, pos + n)
+        slots = table[torch.arange(pos, pos + n) // bs].long() * bs + torch.arange(pos, pos + n) % bs
+        torch.ops.turboquant.write_cache(k[sl], v[sl], cache, slots, codec.rotation,
+                                         codec.qjl_projection, codec.key_centroids,
+                                         codec.value_centroids, cfg.key_mse_bits, cfg.use_qjl,
+                                         cfg.value_bits)
+        qsl = torch.tensor([0, n])
+        seq = torch.tensor([pos + n])
+        row = torch.tensor([1])
+        decode = n == 1
+        pre, post, rslots = attend.raw_write_plan(w, qsl, seq, row, n, int(decode), rows)
+        attend.write_raw(raw_k, raw_v, k[sl], v[sl], pre, rslots)
+        if decode:
+            p = pos
+            res = attend.decode(codec, w, q[sl], cache, table[None], w.ring_start_t(torch.tensor(
+                [p])).int(), raw_k, raw_v, row.int(), w.raw_len_t(torch.tensor([p])).int(), scale)
+            out_c[sl] = res
+            out_v[sl] = res
+        else:
+            segs = segments(w, 0, 0, pos, pos + n)
+            attend.prefill_contiguous(codec, w, segs, q[sl], k[sl], v[sl], cache, table[None],
+                                      raw_k, raw_v, [1], scale, out_c[sl])
+            attend.prefill_varlen(codec, w, segs, q[sl], k[sl], v[sl], cache, table[None],
+                                  raw_k, raw_v, row.int(), scale, out_v[sl])
+            attend.write_raw(raw_k, raw_v, k[sl], v[sl], post, rslots)
+        pos += n
+    want = _dense_reference(cfg, codec, w, q, k, v, scale).float()
+    torch.testing.assert_close(out_c, want, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out_v, want, atol=2e-4, rtol=2e-4)
+
+
+def test_layer_problems_give_reasons():
+    from tq_vllm.config import layer_problems
+
+    assert layer_problems(head_size=64) == []
+    reasons = layer_problems(head_size=72, use_mla=True, has_sliding_window=True,
+                             attn_type="encoder_only", alibi=True, kv_cache_dtype="fp8")
+    text = "; ".join(reasons)
+    for word in ("MLA", "sliding-window", "encoder_only", "ALiBi", "fp8", "head_size 72"):
+        assert word in text
+    assert len(reasons) == 6
+    assert list(itertools.chain(layer_problems(head_size=128, dtype=torch.float64))) != []
