@@ -393,3 +393,45 @@ def test_zero_key_and_value_encode_to_zero_norm_no_nan(d):
     s = tq.key_scores(torch.randn(1, 3, d), rec[None], c.rotation, c.qjl_projection,
                       c.key_centroids, 2, True)
     assert torch.equal(s, torch.zeros_like(s))
+
+
+def test_oracle_imports_nothing_from_tq_ops():
+    import ast
+    import pathlib
+    tree = ast.parse(pathlib.Path(O.__file__).read_text())
+    mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in mods if m.split(".")[0] == "tq_ops"], mods
+
+
+def test_comparison_helpers_can_fail():
+    """The reconcile helpers accept only ties: a code flipped away from a midpoint, a flipped
+    sign bit with a large projection, or a norm two fp16 steps off are all reported."""
+    d, b = 128, 2
+    c = codec(d, key_bits=b)
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(5))
+    rec = tq.encode_keys(x, c.rotation, c.qjl_projection, c.key_centroids, b, True)
+    args = (x, np64(c.rotation), np64(c.qjl_projection), O.centroids_for(d, b), b, True)
+    reconcile_keys(rec, *args)  # the real records pass
+    lay = O.split_record(rec.numpy(), O.key_components(d, b, True))
+    enc = O.oracle_encode_keys(np64(x), *args[1:])
+    j = int(np.argmax(O.distance_to_midpoint(enc.y[0], args[3])))  # far from any midpoint
+    codes = enc.codes.copy()
+    codes[0, j] = (codes[0, j] + 1) % 4
+    bad = np.concatenate([O.oracle_pack_codes(codes, b), lay["k_signs"], lay["k_norm"],
+                          lay["k_gamma"]], -1)
+    with pytest.raises(AssertionError, match="differ away from a midpoint"):
+        reconcile_keys(torch.from_numpy(bad), *args)
+    k = int(np.argmax(np.abs(enc.proj[0])))
+    signs = enc.positive.copy()
+    signs[0, k] = ~signs[0, k]
+    bad = np.concatenate([lay["k_codes"], O.oracle_pack_codes(signs.astype(int), 1),
+                          lay["k_norm"], lay["k_gamma"]], -1)
+    with pytest.raises(AssertionError, match="QJL sign differs"):
+        reconcile_keys(torch.from_numpy(bad), *args)
+    norm = np.ascontiguousarray(lay["k_norm"]).view("<u2").copy()
+    norm[0] += 2
+    bad = np.concatenate([lay["k_codes"], lay["k_signs"], norm.view(np.uint8),
+                          lay["k_gamma"]], -1)
+    with pytest.raises(AssertionError, match="norm: fp16 bytes differ"):
+        reconcile_keys(torch.from_numpy(bad), *args)
