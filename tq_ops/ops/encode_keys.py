@@ -1,10 +1,27 @@
 """turboquant::encode_keys: fused key encode (norm, rotate, quantize, pack, QJL residual sketch)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from tq_ops import _checks, reference
+from tq_ops import _checks, layout, reference
+from tq_ops.ops.write_cache import launch_encode
+
+
+def launch_encode_keys(key: Tensor, rotation: Tensor, projection: Tensor, centroids: Tensor,
+                       bits: int, qjl: bool, raw: bool = False) -> Tensor:
+    """Triton body: every key is a one-token page of a record tensor (tq_ops.layout)."""
+    d = key.shape[-1]
+    lay = layout.SlotLayout(d, bits, qjl, 1)
+    x = key.reshape(-1, 1, d)
+    out = torch.empty((x.shape[0], lay.key_bytes), dtype=torch.uint8, device=key.device)
+    offs = dict(OFF_C=lay.record_offset("k_codes"), OFF_N=lay.record_offset("k_norm"))
+    if qjl:
+        offs.update(OFF_S=lay.record_offset("k_signs"), OFF_G=lay.record_offset("k_gamma"))
+    launch_encode(x, rotation, projection, centroids, bits, qjl, out, offs, 1, lay.key_bytes, 0,
+                  raw=raw)
+    return out.reshape(*key.shape[:-1], lay.key_bytes)
 
 
 @triton_op("turboquant::encode_keys", mutates_args=())
@@ -30,4 +47,6 @@ def encode_keys(key: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
     _checks.head_dim("key", key, d)
     _checks.codebook("encode_keys", centroids, bits)
     _checks.same_device(key=key, rotation=rotation, projection=projection, centroids=centroids)
+    if key.device.type == "cuda":
+        return launch_encode_keys(key, rotation, projection, centroids, bits, qjl)
     return reference.encode_keys(key, rotation, projection, centroids, bits, qjl)

@@ -1,10 +1,25 @@
 """turboquant::mse_quantize: norm, rotate, Lloyd-Max quantize and bit-pack (TurboQuant_mse)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from tq_ops import _checks, reference
+from tq_ops import _checks, layout, reference
+from tq_ops.ops.write_cache import launch_encode
+
+
+def launch_mse_quantize(x: Tensor, rotation: Tensor, centroids: Tensor, bits: int,
+                        raw: bool = False) -> tuple[Tensor, Tensor]:
+    """Triton body: codes as one-token records holding only the code planes, fp32 norms apart."""
+    d = x.shape[-1]
+    nbytes = layout.code_bytes(d, bits)
+    rows = x.reshape(-1, 1, d)
+    codes = torch.empty((rows.shape[0], nbytes), dtype=torch.uint8, device=x.device)
+    norms = torch.empty((rows.shape[0],), dtype=torch.float32, device=x.device)
+    launch_encode(rows, rotation, rotation, centroids, bits, False, codes, dict(OFF_C=0), 1,
+                  nbytes, 0, norms=norms, raw=raw)
+    return codes.reshape(*x.shape[:-1], nbytes), norms.reshape(x.shape[:-1])
 
 
 @triton_op("turboquant::mse_quantize", mutates_args=())
@@ -26,4 +41,6 @@ def mse_quantize(x: Tensor, rotation: Tensor, centroids: Tensor, bits: int) -> t
     _checks.head_dim("x", x, d)
     _checks.codebook("mse_quantize", centroids, bits)
     _checks.same_device(x=x, rotation=rotation, centroids=centroids)
+    if x.device.type == "cuda":
+        return launch_mse_quantize(x, rotation, centroids, bits)
     return reference.mse_quantize(x, rotation, centroids, bits)

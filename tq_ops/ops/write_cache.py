@@ -1,10 +1,65 @@
 """turboquant::write_cache: encode K/V and store them into the paged cache by slot mapping."""
 from __future__ import annotations
 
+import torch
+import triton
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, layout, reference
+from tq_ops.triton.encode import MODE_CACHE, MODE_RECORDS, encode_config, encode_kernel
+from tq_ops.triton.launch import arch, sm_count
+from tq_ops.triton.unpack import group_width
+
+
+def launch_encode(x: Tensor, rotation: Tensor, projection: Tensor, centroids: Tensor, bits: int,
+                  qjl: bool, out: Tensor, offsets: dict[str, int], block_size: int,
+                  page_stride: int, head_stride: int, slot_mapping: Tensor | None = None,
+                  norms: Tensor | None = None, raw: bool = False) -> None:
+    """Launch tq_ops.triton.encode.encode_kernel over the rows of x.
+
+    x: (T, H, D) for a cache write (token t to slot_mapping[t]) or (R, 1, D) for records (row r
+    to bytes r*page_stride of `out`).  offsets: OFF_C/OFF_S/OFF_N/OFF_G component offsets (in
+    slots; OFF_N < 0 sends fp32 norms to `norms`).  raw=True launches the bare kernel (the
+    interpreter tests run it on CPU tensors).
+    """
+    t, h, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cfg = encode_config(arch(x.device), d, bits)
+    rows = t * h
+    dp = max(16, triton.next_power_of_2(d))
+    mode = MODE_RECORDS if slot_mapping is None else MODE_CACHE
+    slots = slot_mapping if slot_mapping is not None else out
+    norm_out = norms if norms is not None else out
+    kernel = encode_kernel if raw else wrap_triton(encode_kernel)
+    grid = max(1, min(triton.cdiv(rows, cfg.rows), cfg.programs_per_sm * sm_count(x.device)))
+    kernel[(grid,)](
+        x, rows, x.stride(0), x.stride(1), out, slots, page_stride, head_stride, norm_out,
+        rotation, projection, centroids,
+        H=h, D=d, DP=dp, DG=group_width(d), TB=cfg.rows, BITS=bits, QJL=qjl, BS=block_size,
+        OFF_C=offsets["OFF_C"], OFF_S=offsets.get("OFF_S", 0), OFF_N=offsets.get("OFF_N", -1),
+        OFF_G=offsets.get("OFF_G", 0), MODE=mode, NORM_F32=norms is not None,
+        X_F32=x.dtype == torch.float32, num_warps=cfg.num_warps)
+
+
+def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
+                       rotation: Tensor, projection: Tensor, key_centroids: Tensor,
+                       value_centroids: Tensor, key_bits: int, qjl: bool, value_bits: int,
+                       raw: bool = False) -> None:
+    """The Triton body of write_cache: one encode launch for keys, one for values."""
+    d = key.shape[-1]
+    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
+    bs = cache.shape[2] // lay.slot_bytes
+    page_stride, head_stride = cache.stride(0), cache.stride(1)
+    koffs = dict(OFF_C=lay.slot_offset("k_codes"), OFF_N=lay.slot_offset("k_norm"))
+    if qjl:
+        koffs.update(OFF_S=lay.slot_offset("k_signs"), OFF_G=lay.slot_offset("k_gamma"))
+    launch_encode(key, rotation, projection, key_centroids, key_bits, qjl, cache, koffs, bs,
+                  page_stride, head_stride, slot_mapping=slot_mapping, raw=raw)
+    voffs = dict(OFF_C=lay.slot_offset("v_codes"), OFF_N=lay.slot_offset("v_norm"))
+    launch_encode(value, rotation, projection, value_centroids, value_bits, False, cache, voffs,
+                  bs, page_stride, head_stride, slot_mapping=slot_mapping, raw=raw)
 
 
 def check_cache(cache: Tensor, lay: layout.SlotLayout, num_kv_heads: int) -> int:
@@ -54,5 +109,9 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
     _checks.same_device(key=key, value=value, cache=cache, slot_mapping=slot_mapping,
                         rotation=rotation, projection=projection, key_centroids=key_centroids,
                         value_centroids=value_centroids)
+    if key.device.type == "cuda":
+        launch_write_cache(key, value, cache, slot_mapping, rotation, projection, key_centroids,
+                           value_centroids, key_bits, qjl, value_bits)
+        return
     reference.write_cache(key, value, cache, slot_mapping, rotation, projection, key_centroids,
                           value_centroids, key_bits, qjl, value_bits)

@@ -1,0 +1,184 @@
+"""Fused encode: norm, rotate, quantize, pack and the QJL residual sketch, into records or straight
+into the paged cache by slot mapping.
+
+Exactness.  Codes must match the fp32 reference apart from ties at cell boundaries, so the
+rotation runs on tensor cores in split precision: the input row is scaled by a power of two so
+that its largest entry lies in [2^14, 2^15) (exact for fp16 and bf16 inputs, which then convert to
+fp16 exactly), and Pi^T is split into fp16 hi + lo parts; y = x (Pi_hi^T + Pi_lo^T) / (n s) with
+fp32 accumulation is within ~2^-21 relative of the fp32 product.  The QJL projection S' r uses the
+same split on both operands (r scaled by 2^8 first, so its low part stays normal); a sign can only
+differ from the reference's where |S' r| is at that rounding level.  fp32 inputs are split into
+hi + lo as well (one more MMA).
+
+A persistent program splits Pi^T and S'^T once, then encodes tiles of TB rows (row = token * H +
+head).  MMA output columns come in grouped order (column q*DG + m is coordinate 8m + q, the groups
+of tq_ops.triton.unpack), so each bit-plane word is a sum of shifted codes over q.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+from tq_ops.triton.unpack import lookup
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    rows: int       # TB, rows per tile (the M of every MMA)
+    num_warps: int
+    programs_per_sm: int  # persistent grid: the split matrices are prepared once per program
+
+
+DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
+# (arch, head_dim, bits) -> config; absent keys use DEFAULT_ENCODE
+ENCODE_CONFIGS: dict[tuple[str, int, int], EncodeConfig] = {
+    ("sm90", 128, 2): EncodeConfig(64, 4, 2),
+    ("sm90", 128, 3): EncodeConfig(64, 4, 2),
+}
+
+
+def encode_config(arch: str, head_dim: int, bits: int) -> EncodeConfig:
+    return ENCODE_CONFIGS.get((arch, head_dim, bits), DEFAULT_ENCODE)
+
+
+MODE_CACHE = 0    # rows go to slot_mapping[token] of a paged cache
+MODE_RECORDS = 1  # row r goes to bytes r*record_bytes.. of a flat record tensor
+
+
+@triton.jit
+def _split16(v):
+    hi = v.to(tl.float16)
+    return hi, (v - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                  norm_ptr, rot_ptr, proj_ptr, c_ptr,
+                  H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
+                  TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
+                  OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
+                  OFF_G: tl.constexpr, MODE: tl.constexpr, NORM_F32: tl.constexpr,
+                  X_F32: tl.constexpr):
+    """Encode rows pid*TB .. of x (T, H, D) (element strides x_st, x_sh; last dim contiguous).
+
+    MODE_CACHE: token t goes to slot s = slot_ptr[t] (s < 0: skipped) of a paged cache,
+    byte base (s // BS) * page_stride + head * head_stride.  MODE_RECORDS: row r's record starts
+    at byte r * page_stride (BS = 1).  Component c of the token starts at base + BS * OFF_c +
+    (s % BS) * size(c).  NORM_F32: the norm goes to norm_ptr as fp32 instead of the record.
+
+    Coordinates are handled in the 8 groups of tq_ops.triton.unpack (group q = coordinates
+    8m + q), so every bit-plane word is an OR of shifted group codes: no reshapes.
+    """
+    d = tl.arange(0, DP)
+    dmask = d < D
+    m = tl.arange(0, DG)
+    gm = m < D // 8
+    # output column c = q*DG + m holds coordinate 8m + q (grouped order)
+    c = tl.arange(0, 8 * DG)
+    cq = c // DG
+    cm = c % DG
+    coord = 8 * cm + cq
+    cmask = cm < D // 8
+    # split-precision matrices, once per program: PiT[i, c] = Pi[coord(c), i] and
+    # ST[c', c] = S'[coord(c), coord(c')]
+    pit = tl.load(rot_ptr + coord[None, :] * D + d[:, None], mask=dmask[:, None] & cmask[None, :],
+                  other=0.0)
+    p_hi, p_lo = _split16(pit)
+    if QJL:
+        st = tl.load(proj_ptr + coord[None, :] * D + coord[:, None],
+                     mask=cmask[:, None] & cmask[None, :], other=0.0)
+        s_hi, s_lo = _split16(st)
+    else:
+        s_hi = p_hi
+        s_lo = p_lo
+    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, TB), tl.num_programs(0)):
+        _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, H, D, DP, DG, TB, BITS, QJL, BS, OFF_C, OFF_S,
+                     OFF_N, OFF_G, MODE, NORM_F32, X_F32)
+
+
+@triton.jit
+def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                 norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo,
+                 H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
+                 TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
+                 OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
+                 OFF_G: tl.constexpr, MODE: tl.constexpr, NORM_F32: tl.constexpr,
+                 X_F32: tl.constexpr):
+    d = tl.arange(0, DP)
+    dmask = d < D
+    m = tl.arange(0, DG)
+    gm = m < D // 8
+    c = tl.arange(0, 8 * DG)
+    cq = c // DG
+    cmask = (c % DG) < D // 8
+    r = tile * TB + tl.arange(0, TB)
+    rmask = r < n_rows
+    t = r // H
+    h = r % H
+    x = tl.load(x_ptr + t.to(tl.int64)[:, None] * x_st + h[:, None] * x_sh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if MODE == 0:
+        slot = tl.load(slot_ptr + t, mask=rmask, other=-1).to(tl.int64)
+        rmask = rmask & (slot >= 0)
+        slot = tl.maximum(slot, 0)
+        base = (slot // BS) * page_stride + h.to(tl.int64) * head_stride
+        tin = slot % BS
+    else:
+        base = r.to(tl.int64) * page_stride
+        tin = r.to(tl.int64) * 0
+    n = tl.sqrt(tl.sum(x * x, 1))
+    # power-of-two prescale from the norm: max |x s| <= n s < 2^15, and fp16/bf16 inputs convert
+    # to fp16 exactly (entries below 2^-28 n would lose bits: below any rounding that matters)
+    e = ((n.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    e = tl.minimum(tl.maximum(e, -100), 100)
+    s = ((127 + 14 - e) << 23).to(tl.float32, bitcast=True)
+    x_hi, x_lo = _split16(x * s[:, None])
+    inv = tl.where(n > 0, 1.0 / (n * s), 0.0)
+    ys = tl.dot(x_hi, p_hi)
+    ys = tl.dot(x_hi, p_lo, ys)
+    if X_F32:
+        ys = tl.dot(x_lo, p_hi, ys)
+    y = ys * inv[:, None]
+    code = tl.zeros([TB, 8 * DG], tl.int32)
+    for k in tl.static_range(2 ** BITS - 1):
+        mid = (tl.load(c_ptr + k) + tl.load(c_ptr + k + 1)) / 2
+        code += (y > mid).to(tl.int32)
+    crow = base + BS * OFF_C + tin * (D * BITS // 8)
+    smask = rmask[:, None] & gm[None, :]
+    if BITS == 4:
+        w = tl.reshape(code << (4 * (cq % 4))[None, :], (TB, 2, 4, DG))
+        w = tl.sum(w, 2)
+        w_lo, w_hi = tl.split(tl.permute(w, (0, 2, 1)))
+        p16 = (out_ptr + crow[:, None] + 4 * m[None, :]).to(tl.pointer_type(tl.int16))
+        tl.store(p16, w_lo.to(tl.int16), mask=smask)
+        tl.store(p16 + 1, w_hi.to(tl.int16), mask=smask)
+    elif BITS == 1:
+        w = tl.sum(tl.reshape(code << cq[None, :], (TB, 8, DG)), 1)
+        tl.store(out_ptr + crow[:, None] + m[None, :], w.to(tl.uint8), mask=smask)
+    else:
+        w = tl.sum(tl.reshape((code & 3) << (2 * cq)[None, :], (TB, 8, DG)), 1)
+        p16 = (out_ptr + crow[:, None] + 2 * m[None, :]).to(tl.pointer_type(tl.int16))
+        tl.store(p16, w.to(tl.int16), mask=smask)
+        if BITS == 3:
+            w1 = tl.sum(tl.reshape((code >> 2) << cq[None, :], (TB, 8, DG)), 1)
+            tl.store(out_ptr + crow[:, None] + D // 4 + m[None, :], w1.to(tl.uint8), mask=smask)
+    if QJL:
+        res = tl.where(cmask[None, :], y - lookup(code, c_ptr, BITS), 0.0)
+        gam2 = tl.sum(res * res, 1)
+        r_hi, r_lo = _split16(res * 256.0)  # scaled so the low part stays normal; same signs
+        proj = tl.dot(r_hi, s_hi)
+        proj = tl.dot(r_hi, s_lo, proj)
+        proj = tl.dot(r_lo, s_hi, proj)
+        sb = tl.sum(tl.reshape((proj >= 0).to(tl.int32) << cq[None, :], (TB, 8, DG)), 1)
+        tl.store(out_ptr + (base + BS * OFF_S + tin * (D // 8))[:, None] + m[None, :],
+                 sb.to(tl.uint8), mask=smask)
+        gptr = (out_ptr + base + BS * OFF_G + tin * 2).to(tl.pointer_type(tl.float16))
+        tl.store(gptr, tl.sqrt(gam2).to(tl.float16), mask=rmask)
+    if NORM_F32:
+        tl.store(norm_ptr + r, n, mask=rmask)
+    else:
+        nptr = (out_ptr + base + BS * OFF_N + tin * 2).to(tl.pointer_type(tl.float16))
+        tl.store(nptr, n.to(tl.float16), mask=rmask)
