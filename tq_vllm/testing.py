@@ -86,28 +86,31 @@ def reference_attention_fn(cfg: TQConfig, device="cpu"):
     tq = torch.ops.turboquant
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        # query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D)
+        # query (1, Hq, Tq, D): the last Tq positions of the Tk keys/values (1, Hkv, Tk, D)
+        # (Tq == Tk for a full forward, Tq == 1 for a step with transformers' KV cache, whose
+        # keys are exact: the rule is applied afresh on every call).  Returns (1, Tq, Hq, D).
         assert query.shape[0] == 1, "reference runs one sequence at a time"
         q = query[0].transpose(0, 1)
         k = key[0].transpose(0, 1).contiguous()
         v = value[0].transpose(0, 1).contiguous()
-        t = q.shape[0]
+        tk, tq_len = k.shape[0], q.shape[0]
+        p0 = tk - tq_len
         krec = tq.encode_keys(k, codec.rotation, codec.qjl_projection, codec.key_centroids,
                               cfg.key_mse_bits, cfg.use_qjl)
         vrec = tq.encode_values(v, codec.rotation, codec.value_centroids, cfg.value_bits)
         s = win.sink_tokens
         out = torch.empty_like(q)
-        a = 0
-        while a < t:
-            e = min(t, (a // win.group + 1) * win.group)
+        a = p0
+        while a < tk:
+            e = min(tk, (a // win.group + 1) * win.group)
             rs = win.ring_start(a)
             n_sink = min(s, e)
             comp = slice(s, rs) if rs > s else slice(0, 0)
-            out[a:e] = tq.attention(q[a:e], krec[comp], vrec[comp], k[:n_sink], v[:n_sink],
-                                    k[max(rs, n_sink):e], v[max(rs, n_sink):e], codec.rotation,
-                                    codec.qjl_projection, codec.key_centroids,
-                                    codec.value_centroids, cfg.key_mse_bits, cfg.use_qjl,
-                                    cfg.value_bits, float(scaling), True)
+            out[a - p0:e - p0] = tq.attention(
+                q[a - p0:e - p0], krec[comp], vrec[comp], k[:n_sink], v[:n_sink],
+                k[max(rs, n_sink):e], v[max(rs, n_sink):e], codec.rotation, codec.qjl_projection,
+                codec.key_centroids, codec.value_centroids, cfg.key_mse_bits, cfg.use_qjl,
+                cfg.value_bits, float(scaling), True)
             a = e
         return out.unsqueeze(0), None
 
@@ -136,12 +139,15 @@ def prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy(model, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens, recomputing the whole sequence every step (no KV cache: the reference
-    attention sees the full sequence each time)."""
-    seq = list(ids)
+    """n greedy tokens.  transformers' cache keeps exact keys; the reference attention re-applies
+    the rule to all of them at every step."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    new = []
     for _ in range(n):
-        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+        new.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[new[-1]]]), past_key_values=out.past_key_values,
+                    use_cache=True)
+    return new
 
 
 # -- end-to-end scenarios, each run in its own process: python -m tq_vllm.testing NAME ARGS_JSON --
