@@ -2,10 +2,30 @@
 from __future__ import annotations
 
 import torch
+import triton
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, layout, reference
+from tq_ops.triton.codec import COLS, NUM_WARPS, ROWS, mse_dequantize_kernel
+from tq_ops.triton.unpack import group_width
+
+
+def launch_mse_dequantize(codes: Tensor, norms: Tensor, rotation: Tensor, centroids: Tensor,
+                          bits: int, raw: bool = False) -> Tensor:
+    """Triton body of mse_dequantize."""
+    d = rotation.shape[0]
+    c = codes.reshape(-1, codes.shape[-1])
+    if not c.is_contiguous():
+        c = c.contiguous()
+    n = norms.reshape(-1)
+    out = torch.empty((c.shape[0], d), dtype=torch.float32, device=codes.device)
+    kernel = mse_dequantize_kernel if raw else wrap_triton(mse_dequantize_kernel)
+    kernel[(triton.cdiv(c.shape[0], ROWS),)](
+        c, n, rotation, centroids, out, c.shape[0], D=d, DG=group_width(d),
+        DP=max(COLS, triton.next_power_of_2(d)), RB=ROWS, JB=COLS, BITS=bits,
+        num_warps=NUM_WARPS)
+    return out.reshape(*codes.shape[:-1], d)
 
 
 @triton_op("turboquant::mse_dequantize", mutates_args=())
@@ -30,4 +50,6 @@ def mse_dequantize(codes: Tensor, norms: Tensor, rotation: Tensor, centroids: Te
         _checks.fail(f"norms shape {tuple(norms.shape)} must equal codes.shape[:-1] "
                      f"{tuple(codes.shape[:-1])}")
     _checks.same_device(codes=codes, norms=norms, rotation=rotation, centroids=centroids)
+    if codes.device.type == "cuda":
+        return launch_mse_dequantize(codes, norms, rotation, centroids, bits)
     return reference.mse_dequantize(codes, norms, rotation, centroids, bits)

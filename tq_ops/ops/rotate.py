@@ -1,10 +1,27 @@
 """turboquant::rotate and turboquant::unrotate: apply Pi or Pi^T to head vectors."""
 from __future__ import annotations
 
+import torch
+import triton
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, reference
+from tq_ops.triton.codec import COLS, NUM_WARPS, ROWS, rotate_kernel
+
+
+def launch_rotate(x: Tensor, rotation: Tensor, inverse: bool, raw: bool = False) -> Tensor:
+    """Triton body of rotate (inverse=False) and unrotate (inverse=True)."""
+    d = rotation.shape[0]
+    rows = x.reshape(-1, d)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
+    kernel = rotate_kernel if raw else wrap_triton(rotate_kernel)
+    kernel[(triton.cdiv(rows.shape[0], ROWS),)](
+        rows, rotation, out, rows.shape[0], D=d, DP=max(COLS, triton.next_power_of_2(d)), RB=ROWS,
+        JB=COLS, INVERSE=inverse, num_warps=NUM_WARPS)
+    return out.reshape(x.shape)
 
 
 @triton_op("turboquant::rotate", mutates_args=())
@@ -21,6 +38,8 @@ def rotate(x: Tensor, rotation: Tensor) -> Tensor:
     _checks.floats("x", x)
     _checks.head_dim("x", x, d)
     _checks.same_device(x=x, rotation=rotation)
+    if x.device.type == "cuda":
+        return launch_rotate(x, rotation, inverse=False)
     return reference.rotate(x, rotation)
 
 
@@ -38,4 +57,6 @@ def unrotate(y: Tensor, rotation: Tensor) -> Tensor:
     _checks.floats("y", y)
     _checks.head_dim("y", y, d)
     _checks.same_device(y=y, rotation=rotation)
+    if y.device.type == "cuda":
+        return launch_rotate(y, rotation, inverse=True)
     return reference.unrotate(y, rotation)
