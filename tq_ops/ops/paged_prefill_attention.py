@@ -2,11 +2,64 @@
 compressed prefix in the paged cache and the raw pool tokens, in one softmax."""
 from __future__ import annotations
 
+import math
+
+import torch
+import triton
 from torch import Tensor
-from torch.library import triton_op
+from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, layout, reference
+from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_cache
+from tq_ops.triton.decode import LOG2E, query_prep_kernel
+from tq_ops.triton.prefill import BLOCK_N, BLOCK_Q, NUM_WARPS, prefill_kernel
+from tq_ops.triton.unpack import asm_tables, group_width
+
+
+def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cache: Tensor,
+           block_table: Tensor, prefix_lens: Tensor, raw_key: Tensor, raw_value: Tensor,
+           raw_index: Tensor, raw_lens: Tensor, rotation: Tensor, projection: Tensor,
+           key_centroids: Tensor, value_centroids: Tensor, key_bits: int, qjl: bool,
+           value_bits: int, scale: float, kv_start: int, raw: bool = False) -> Tensor:
+    """The Triton body: query prep (q_rot, u), then tq_ops.triton.prefill.prefill_kernel.
+    raw=True launches the bare kernels (interpreter tests on CPU tensors)."""
+    t, hq, d = query.shape
+    b = block_table.shape[0]
+    hkv = cache.shape[1]
+    g = hq // hkv
+    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
+    bs = cache.shape[2] // lay.slot_bytes
+    q = query.contiguous()
+    k = key.contiguous()
+    v = value.contiguous()
+    rk = raw_key if raw_key.stride(-1) == 1 else raw_key.contiguous()
+    rv = raw_value if raw_value.stride(-1) == 1 else raw_value.contiguous()
+    dp = max(32, triton.next_power_of_2(d))
+    qr = torch.empty((t * hq, d), dtype=torch.float32, device=q.device)
+    u = torch.empty((t * hq, d), dtype=torch.float32, device=q.device) if qjl else qr
+    out = torch.empty((t, hq, d), dtype=query.dtype, device=q.device)
+    kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)
+    use_fast = q.device.type == "cuda" and kt[0] == 1 and vt[0] == 1
+    prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
+    kernel = prefill_kernel if raw else wrap_triton(prefill_kernel)
+    if t * hq > 0:
+        prep[(triton.cdiv(t * hq, 16),)](q, rotation, projection, qr, u, t * hq, scale * LOG2E,
+                                         qjl_scale(d), D=d, DP=dp, RB=16, JB=32, QJL=qjl)
+    kernel[(t // BLOCK_Q + b, hkv)](
+        q, qr, u, k, v, cu_seqlens_q, cache, block_table, prefix_lens, rk, rv, raw_index,
+        raw_lens, rotation, key_centroids, value_centroids, out,
+        kv_start, block_table.stride(0), cache.stride(0), scale * LOG2E,
+        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+        B=b, LOG_B=max(1, math.ceil(math.log2(max(b, 1)))), HKV=hkv, G=g,
+        GP=triton.next_power_of_2(g), D=d, DP=dp, DG=group_width(d), BS=bs, BQ=BLOCK_Q,
+        BN=BLOCK_N, CBN=math.gcd(bs, BLOCK_N), KB=key_bits, QJL=qjl, VB=value_bits,
+        OFF_KC=lay.slot_offset("k_codes"), OFF_KS=lay.slot_offset("k_signs") if qjl else 0,
+        OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
+        OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
+        SLOT=lay.slot_bytes, USE_FAST=use_fast, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
+        num_warps=NUM_WARPS)
+    return out
 
 
 def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
@@ -89,6 +142,10 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
                            value_centroids, key_bits, qjl, value_bits, kv_start)
     _checks.projection(projection, d)
     _checks.same_device(query=query, projection=projection)
+    if query.device.type == "cuda":
+        return launch(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
+                      raw_value, raw_index, raw_lens, rotation, projection, key_centroids,
+                      value_centroids, key_bits, qjl, value_bits, scale, kv_start)
     return reference.paged_prefill_attention(
         query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key, raw_value,
         raw_index, raw_lens, rotation, projection, key_centroids, value_centroids, key_bits, qjl,

@@ -1,0 +1,226 @@
+"""Chunked (varlen) prefill attention: a chunk of queries over its own raw K/V (causal, flash
+style), the compressed prefix in the paged cache and the raw pool tokens, in one online softmax.
+
+One program = one block of BLOCK_Q query tokens of one sequence x all G query heads of one KV
+head (M = BLOCK_Q * GP rows, row = token * GP + head).  The grid is (T // BLOCK_Q + B, Hkv): a
+program finds its sequence by binary search over the block starts cu_seqlens_q[b] // BLOCK_Q + b
+(vLLM's unified-attention trick), so the grid depends on shapes only.
+
+Phases, sharing one (max, sum) per row:
+1. compressed prefix (positions kv_start .. prefix_lens[b]-1): scores sum_q dot(q_rot_q, K_q^T)
+   (+ gamma * sum_q dot(u_q, Z_q^T)) from codes unpacked in registers (tq_ops.triton.unpack),
+   values accumulated in the rotated domain per coordinate group;
+2. raw pool tokens (original domain);
+3. the chunk itself, causal.
+At the end the rotated accumulators are un-rotated once (dot with Pi) and added to the raw one.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from tq_ops.triton.decode import NEG_BIG
+from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, load_fast,
+                                  lookup, slow_code, slow_sign, table_matches, tile_rows,
+                                  tuple_set)
+
+BLOCK_Q = 16    # query tokens per program (times the padded GQA group = MMA rows)
+BLOCK_N = 64    # keys per tile (chunk and raw phases); compressed tiles use gcd(64, block size)
+NUM_WARPS = 4
+
+
+@triton.jit
+def _softmax_step(s, valid, m_i, l_i):
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride,
+                      kc_ptr, vc_ptr, qr_ptr, u_ptr, qrow, rmask, ktabs, vtabs, m_i, l_i, accs,
+                      D: tl.constexpr, DG: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
+                      BN: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
+                      OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
+                      OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
+                      FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
+                      VT0: tl.constexpr, VT1: tl.constexpr):
+    m = tl.arange(0, DG)
+    for start in tl.range(lo, hi, BN):
+        pos = start + tl.arange(0, BN)
+        valid = (pos < hi) & (pos >= kv_start)
+        base, tin = tile_rows(bt_ptr, bt_row, start, page_stride, head_off, BS, BN)
+        krow = base + BS * OFF_KC + tin * (D * KB // 8)
+        srow = base + BS * OFF_KS + tin * (D // 8)
+        vrow = base + BS * OFF_VC + tin * (D * VB // 8)
+        if FAST:
+            kw, kx = load_fast(cache_ptr, krow[None, :], m[:, None], D, KB)
+            if QJL:
+                sx = tl.load(cache_ptr + srow[None, :] + m[:, None], mask=(m < D // 8)[:, None],
+                             other=0)
+        s = tl.zeros([M, BN], tl.float32)
+        sz = tl.zeros([M, BN], tl.float32)
+        for r in tl.static_range(8):
+            qm = rmask[:, None] & (8 * m + r < D)[None, :]
+            qt = tl.load(qr_ptr + qrow[:, None] * D + 8 * m[None, :] + r, mask=qm, other=0.0)
+            if FAST:
+                if KB == 3:
+                    kv = fast_values3(kw, kx, r, ktabs)
+                else:
+                    kv = fast_values(kw, kx, r, KB, KT0, KT1)
+            else:
+                kv = lookup(slow_code(cache_ptr, krow[None, :], m[:, None], r, D, KB), kc_ptr,
+                            KB).to(tl.float16)
+            s = tl.dot(qt.to(tl.float16), kv, s)
+            if QJL:
+                ut = tl.load(u_ptr + qrow[:, None] * D + 8 * m[None, :] + r, mask=qm, other=0.0)
+                if FAST:
+                    z = fast_sign(sx, r)
+                else:
+                    z = slow_sign(cache_ptr, srow[None, :], m[:, None], r, D).to(tl.float16)
+                sz = tl.dot(ut.to(tl.float16), z, sz)
+        kn = tl.load((cache_ptr + base + BS * OFF_KN + tin * 2).to(tl.pointer_type(tl.float16)))
+        if QJL:
+            kg = tl.load((cache_ptr + base + BS * OFF_KG + tin * 2).to(
+                tl.pointer_type(tl.float16))).to(tl.float32)
+            s = s + sz * kg[None, :]
+        s = s * kn.to(tl.float32)[None, :]
+        p, alpha, m_i, l_i = _softmax_step(s, valid[None, :], m_i, l_i)
+        vn = tl.load((cache_ptr + base + BS * OFF_VN + tin * 2).to(tl.pointer_type(tl.float16)))
+        vn = tl.where(valid, vn.to(tl.float32), 0.0)  # page rows past hi may hold anything
+        pw = (p * vn[None, :]).to(tl.float16)
+        a = alpha[:, None]
+        accs = (accs[0] * a, accs[1] * a, accs[2] * a, accs[3] * a, accs[4] * a, accs[5] * a,
+                accs[6] * a, accs[7] * a)
+        if FAST:
+            vw, vx = load_fast(cache_ptr, vrow[:, None], m[None, :], D, VB)
+        for r in tl.static_range(8):
+            if FAST:
+                if VB == 3:
+                    vv = fast_values3(vw, vx, r, vtabs)
+                else:
+                    vv = fast_values(vw, vx, r, VB, VT0, VT1)
+            else:
+                vv = lookup(slow_code(cache_ptr, vrow[:, None], m[None, :], r, D, VB), vc_ptr,
+                            VB).to(tl.float16)
+            accs = tuple_set(accs, r, tl.dot(pw, vv, accs[r]))
+    return m_i, l_i, accs
+
+
+@triton.jit
+def prefill_kernel(
+        q_ptr, qr_ptr, u_ptr, k_ptr, v_ptr, cu_ptr, cache_ptr, bt_ptr, prefix_ptr,
+        raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, rot_ptr, kc_ptr, vc_ptr, out_ptr,
+        kv_start, bt_stride, page_stride, q_scale,
+        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
+        B: tl.constexpr, LOG_B: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+        GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr,
+        BQ: tl.constexpr, BN: tl.constexpr, CBN: tl.constexpr, KB: tl.constexpr,
+        QJL: tl.constexpr, VB: tl.constexpr,
+        OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
+        OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
+        USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
+        VT1: tl.constexpr):
+    """See the module docstring.  Output (T, Hq, D) in out_ptr's dtype."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    # largest b with cu[b] // BQ + b <= pid (those block starts strictly increase with b)
+    lo = 0
+    hi = B - 1
+    for _ in tl.static_range(LOG_B + 1):
+        mid = (lo + hi + 1) // 2
+        below = tl.load(cu_ptr + mid) // BQ + mid <= pid
+        active = lo < hi
+        lo = tl.where(active & below, mid, lo)
+        hi = tl.where(active & (below == 0), mid - 1, hi)
+    b = lo
+    seq_start = tl.load(cu_ptr + b)
+    seq_end = tl.load(cu_ptr + b + 1)
+    q0 = seq_start + (pid - (seq_start // BQ + b)) * BQ
+    if q0 < seq_end:
+        M: tl.constexpr = BQ * GP
+        rho = tl.arange(0, M)
+        tok = q0 + rho // GP
+        g = rho % GP
+        rmask = (tok < seq_end) & (g < G)
+        qrow = tok.to(tl.int64) * (HKV * G) + h * G + g
+        d = tl.arange(0, DP)
+        dmask = d < D
+        qs = tl.cast(q_scale, tl.float32)
+        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0)
+        qn = (q.to(tl.float32) * qs).to(k_ptr.dtype.element_ty)
+        m_i = tl.full([M], NEG_BIG, tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        z = tl.zeros([M, DG], tl.float32)
+        accs = (z, z, z, z, z, z, z, z)
+        acc = tl.zeros([M, DP], tl.float32)
+        # 1. compressed prefix
+        plen = tl.load(prefix_ptr + b)
+        head_off = h * (BS * SLOT)
+        bt_row = b.to(tl.int64) * bt_stride
+        ktabs = (0, 0, 0, 0)
+        vtabs = (0, 0, 0, 0)
+        fast = False
+        if USE_FAST:
+            fast = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+            if KB == 3:
+                ktabs = byte_tables(kc_ptr, KB)
+            if VB == 3:
+                vtabs = byte_tables(vc_ptr, VB)
+        c_lo = (kv_start // CBN) * CBN
+        if fast:
+            m_i, l_i, accs = _compressed_phase(
+                cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride, kc_ptr,
+                vc_ptr, qr_ptr, u_ptr, qrow, rmask, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
+                CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, True, KT0,
+                KT1, VT0, VT1)
+        else:
+            m_i, l_i, accs = _compressed_phase(
+                cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride, kc_ptr,
+                vc_ptr, qr_ptr, u_ptr, qrow, rmask, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
+                CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, False, KT0,
+                KT1, VT0, VT1)
+        # later phases rescale the running sums: scale_rot carries that factor to accs
+        # 2. raw pool tokens
+        rl = tl.load(raw_lens_ptr + b)
+        row = tl.load(raw_idx_ptr + b).to(tl.int64)
+        n = tl.arange(0, BN)
+        scale_rot = tl.full([M], 1.0, tl.float32)
+        for r0 in tl.range(0, rl, BN):
+            tv = r0 + n < rl
+            km = tv[:, None] & dmask[None, :]
+            k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + n)[:, None] * rk_s1 + h * rk_s2 + d[None, :],
+                        mask=km, other=0.0).to(k_ptr.dtype.element_ty)
+            s = tl.dot(qn, tl.trans(k))
+            p, alpha, m_i, l_i = _softmax_step(s, tv[None, :], m_i, l_i)
+            v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + n)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
+                        mask=km, other=0.0).to(v_ptr.dtype.element_ty)
+            acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
+            scale_rot = scale_rot * alpha
+        # 3. the chunk, causal
+        kv_hi = tl.minimum(q0 + BQ, seq_end)
+        for k0 in tl.range(seq_start, kv_hi, BN):
+            kt = k0 + n
+            kvld = kt < kv_hi
+            km = kvld[:, None] & dmask[None, :]
+            krow = kt.to(tl.int64) * HKV + h
+            k = tl.load(k_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
+            s = tl.dot(qn, tl.trans(k))
+            vis = kvld[None, :] & (kt[None, :] <= tok[:, None])
+            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+            v = tl.load(v_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
+            acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
+            scale_rot = scale_rot * alpha
+        # un-rotate the compressed part once: out_c = sum_q accs[q] Pi[8m+q, :]
+        mm = tl.arange(0, DG)
+        for r in tl.static_range(8):
+            w = tl.load(rot_ptr + (8 * mm + r)[:, None] * D + d[None, :],
+                        mask=(8 * mm + r < D)[:, None] & dmask[None, :], other=0.0)
+            acc = tl.dot(accs[r] * scale_rot[:, None], w, acc, input_precision="tf32x3")
+        inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+        out = acc * inv[:, None]
+        tl.store(out_ptr + qrow[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & dmask[None, :])
