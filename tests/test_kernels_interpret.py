@@ -1,0 +1,283 @@
+"""The raw Triton kernels on CPU, under TRITON_INTERPRET=1, against the PyTorch reference.
+
+wrap_triton refuses interpreted kernels (style.md A9), so each op's `launch_*` helper is called
+with raw=True, which launches the bare @triton.jit kernels.  TRITON_INTERPRET must be set before
+triton is imported and must not leak into the rest of the suite, so every check runs in ONE child
+process (this file run as a script); the tests below read its JSON report.  The interpreter runs
+the portable decoders (byte gathers + select chains): the inline-PTX decoders are GPU-only and
+are checked by perf/gpu_check.py.
+
+Tolerances:
+* codes and packed bytes: bit-identical, except coordinates whose reference rotated value lies
+  within TIE of a cell boundary (the interpreter's dots round differently from torch's matmul).
+* attention outputs: the kernels feed tensor cores fp16 operands (q_rot, u, centroids, signs,
+  softmax weights times value norms), i.e. a handful of roundings of relative size 2^-11 each;
+  ATT_RTOL = 8 * 2^-11 of the output's scale.
+* codec ops (tf32x3, ~fp32): RTOL_F32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.interpret
+
+TIE = 1e-5
+ATT_RTOL = 8 * 2.0 ** -11
+RTOL_F32 = 1e-5
+
+# (key_bits, qjl, value_bits, head_dim, G, block_size): the seed default, MSE-only keys, 4-bit
+# (byte gathers for 4-bit planes), 1-bit codes, a non-power-of-two head_dim and odd GQA groups.
+FORMATS = [(2, True, 3, 64, 4, 16), (3, False, 3, 64, 3, 32), (4, False, 4, 96, 1, 16),
+           (1, True, 2, 32, 2, 16), (2, True, 1, 128, 2, 64)]
+
+
+def _fmt_id(f):
+    kb, qjl, vb, d, g, bs = f
+    return f"k{kb}{'q1' if qjl else ''}v{vb}-d{d}-g{g}-bs{bs}"
+
+
+# -- child process -----------------------------------------------------------------------------
+
+def _child() -> dict:
+    import importlib
+
+    from tq_ops import TQCodec, preset
+    from tq_ops import reference as R
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    out: dict = {}
+
+    def mod(name):
+        return importlib.import_module(f"tq_ops.ops.{name}")
+
+    def code_mismatch(got_codes, ref_codes, y_ref, centroids):
+        """Max distance to a boundary among mismatching codes (0 when all codes match)."""
+        bad = got_codes != ref_codes
+        if not bad.any():
+            return 0.0
+        mids = (centroids[1:] + centroids[:-1]) / 2
+        dist = (y_ref.unsqueeze(-1) - mids).abs().amin(-1)
+        return float(dist[bad].max())
+
+    for f in FORMATS:
+        kb, qjl, vb, d, g, bs = f
+        fid = _fmt_id(f)
+        c = TQCodec.build(preset("seed", head_dim=d).replace(key_mse_bits=kb, key_qjl_bits=int(qjl),
+                                                             value_bits=vb))
+        lay = c.config.layout
+        hkv = 2
+        # -- write_cache: bytes of the paged cache
+        t = 29
+        k = torch.randn(t, hkv, d, dtype=torch.float16)
+        v = torch.randn(t, hkv, d, dtype=torch.bfloat16)
+        k[4] = 0
+        nb = 6
+        slots = torch.randperm(nb * bs)[:t].to(torch.int32)
+        slots[3] = -1
+        c1 = torch.randint(0, 256, (nb, hkv, bs * lay.slot_bytes), dtype=torch.uint8)
+        c2 = c1.clone()
+        args = (slots, c.rotation, c.qjl_projection, c.key_centroids, c.value_centroids, kb, qjl,
+                vb)
+        mod("write_cache").launch_write_cache(k, v, c1, *args, raw=True)
+        R.write_cache(k, v, c2, *args)
+        keys1, vals1 = R.gather_pages(c1, torch.arange(nb).reshape(1, nb), d, kb, qjl, vb)
+        keys2, vals2 = R.gather_pages(c2, torch.arange(nb).reshape(1, nb), d, kb, qjl, vb)
+        order = torch.argsort(slots.long().clamp(min=0))
+        valid = slots[order] >= 0
+        pos = slots[order][valid].long()
+        y_k = R.rotate(R._normalize(k[order][valid])[0], c.rotation)
+        y_v = R.rotate(R._normalize(v[order][valid])[0], c.rotation)
+        ck1 = R.parse_key_records(keys1[0, pos], d, kb, qjl)
+        ck2 = R.parse_key_records(keys2[0, pos], d, kb, qjl)
+        cv1 = R.parse_value_records(vals1[0, pos], d, vb)
+        cv2 = R.parse_value_records(vals2[0, pos], d, vb)
+        untouched = torch.ones(nb * bs, dtype=torch.bool)
+        untouched[pos] = False
+        out[f"write_cache/{fid}"] = dict(
+            key_tie=code_mismatch(ck1[0], ck2[0], y_k, c.key_centroids),
+            value_tie=code_mismatch(cv1[0], cv2[0], y_v, c.value_centroids),
+            norms_equal=bool(torch.equal(ck1[2], ck2[2]) and torch.equal(cv1[1], cv2[1])),
+            signs_equal=bool(not qjl or torch.equal(ck1[1], ck2[1])),
+            gamma_equal=bool(not qjl or torch.equal(ck1[3], ck2[3])),
+            other_slots_untouched=bool(torch.equal(keys1[0, untouched], keys2[0, untouched])))
+        # -- encode_keys / encode_values / mse_quantize records
+        x = torch.randn(3, 5, d)
+        rk = mod("encode_keys").launch_encode_keys(x, c.rotation, c.qjl_projection,
+                                                   c.key_centroids, kb, qjl, raw=True)
+        rv = mod("encode_values").launch_encode_values(x, c.rotation, c.value_centroids, vb,
+                                                       raw=True)
+        qc, qn = mod("mse_quantize").launch_mse_quantize(x, c.rotation, c.value_centroids, vb,
+                                                         raw=True)
+        rc, rn = R.mse_quantize(x, c.rotation, c.value_centroids, vb)
+        out[f"records/{fid}"] = dict(
+            keys_equal=bool(torch.equal(rk, R.encode_keys(x, c.rotation, c.qjl_projection,
+                                                          c.key_centroids, kb, qjl))),
+            values_equal=bool(torch.equal(rv, R.encode_values(x, c.rotation, c.value_centroids,
+                                                              vb))),
+            codes_equal=bool(torch.equal(qc, rc)),
+            norm_rel=float(((qn - rn).abs() / rn.abs().clamp(min=1e-30)).max()))
+        # -- paged decode attention
+        b, mb = 3, 5
+        lens = [1, 37, 5 * bs - 3]
+        nbk = 3 * mb + 1
+        cache = torch.randint(0, 256, (nbk, hkv, bs * lay.slot_bytes), dtype=torch.uint8)
+        bt = torch.randperm(nbk)[:b * mb].reshape(b, mb).to(torch.int32)
+        for i, n in enumerate(lens):
+            kk, vv = torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+            sl = bt[i].long()[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+            R.write_cache(kk, vv, cache, sl, c.rotation, c.qjl_projection, c.key_centroids,
+                          c.value_centroids, kb, qjl, vb)
+        q = torch.randn(b, hkv * g, d)
+        pk, pv = torch.randn(4, 6, hkv, d), torch.randn(4, 6, hkv, d)
+        dargs = (q, cache, bt, torch.tensor(lens, dtype=torch.int32), pk, pv,
+                 torch.tensor([1, 3, 0], dtype=torch.int32), torch.tensor([2, 0, 6], dtype=torch.int32),
+                 c.rotation, c.qjl_projection, c.key_centroids, c.value_centroids, kb, qjl, vb,
+                 d ** -0.5, 3)
+        got = mod("paged_decode_attention").launch(*dargs, raw=True)
+        ref = R.paged_decode_attention(*dargs)
+        out[f"decode/{fid}"] = dict(err=float((got - ref).abs().max()),
+                                    scale=float(ref.abs().max()))
+        # -- paged prefill attention
+        chunk, pref, rawl = [5, 1, 19], [lens[0], 0, lens[2]], [3, 0, 2]
+        tt = sum(chunk)
+        pq = torch.randn(tt, hkv * g, d, dtype=torch.float16)
+        pkey = torch.randn(tt, hkv, d, dtype=torch.float16)
+        pval = torch.randn(tt, hkv, d, dtype=torch.float16)
+        cu = torch.tensor([0, 5, 6, 25], dtype=torch.int32)
+        pargs = (pq, pkey, pval, cu, cache, bt, torch.tensor(pref, dtype=torch.int32),
+                 pk.half(), pv.half(), torch.tensor([2, 0, 1], dtype=torch.int32),
+                 torch.tensor(rawl, dtype=torch.int32), c.rotation, c.qjl_projection,
+                 c.key_centroids, c.value_centroids, kb, qjl, vb, d ** -0.5, 2)
+        got = mod("paged_prefill_attention").launch(*pargs, raw=True)
+        ref = R.paged_prefill_attention(*pargs)
+        out[f"prefill/{fid}"] = dict(err=float((got.float() - ref.float()).abs().max()),
+                                     scale=float(ref.float().abs().max()))
+        # -- codec ops
+        ro = mod("rotate")
+        e_rot = float((ro.launch_rotate(x, c.rotation, False, raw=True)
+                       - R.rotate(x, c.rotation)).abs().max())
+        e_unrot = float((ro.launch_rotate(x, c.rotation, True, raw=True)
+                         - R.unrotate(x, c.rotation)).abs().max())
+        s1, g1 = mod("qjl_sketch").launch_qjl_sketch(x, c.qjl_projection, raw=True)
+        s2, g2 = R.qjl_sketch(x, c.qjl_projection)
+        deq = mod("mse_dequantize").launch_mse_dequantize(rc, rn, c.rotation, c.value_centroids,
+                                                          vb, raw=True)
+        deq_ref = R.mse_dequantize(rc, rn, c.rotation, c.value_centroids, vb)
+        kq = torch.randn(2, 5, d)
+        krec = R.encode_keys(torch.randn(2, 33, d), c.rotation, c.qjl_projection,
+                             c.key_centroids, kb, qjl)
+        ks = mod("key_scores").launch_key_scores(kq, krec, c.rotation, c.qjl_projection,
+                                                 c.key_centroids, kb, qjl, raw=True)
+        ks_ref = R.key_scores(kq, krec, c.rotation, c.qjl_projection, c.key_centroids, kb, qjl)
+        out[f"codec/{fid}"] = dict(
+            rotate=e_rot / float(x.abs().max()), unrotate=e_unrot / float(x.abs().max()),
+            signs_equal=bool(torch.equal(s1, s2)),
+            gamma=float(((g1 - g2).abs() / g2).max()),
+            dequantize=float((deq - deq_ref).abs().max() / deq_ref.abs().max()),
+            key_scores=float((ks - ks_ref).abs().max() / ks_ref.abs().max()))
+    return out
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_write_cache_kernel(report, fmt):
+    r = report[f"write_cache/{_fmt_id(fmt)}"]
+    assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
+    assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
+    assert r["other_slots_untouched"], r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_record_kernels(report, fmt):
+    r = report[f"records/{_fmt_id(fmt)}"]
+    assert r["keys_equal"] and r["values_equal"] and r["codes_equal"], r
+    assert r["norm_rel"] <= RTOL_F32, r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_decode_kernel(report, fmt):
+    r = report[f"decode/{_fmt_id(fmt)}"]
+    assert r["err"] <= ATT_RTOL * r["scale"], r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_prefill_kernel(report, fmt):
+    r = report[f"prefill/{_fmt_id(fmt)}"]
+    # fp16 inputs and output: add one fp16 rounding of the output
+    assert r["err"] <= (ATT_RTOL + 2.0 ** -11) * r["scale"], r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_codec_kernels(report, fmt):
+    r = report[f"codec/{_fmt_id(fmt)}"]
+    assert r["signs_equal"], r
+    for name in ("rotate", "unrotate", "gamma", "dequantize", "key_scores"):
+        assert r[name] <= RTOL_F32, (name, r)
+
+
+def test_prefill_reference_matches_contiguous_attention():
+    """paged_prefill_attention's reference (used by the CPU op) equals the committed contiguous
+    reference attention, sequence by sequence: raw pool tokens as sinks, the compressed prefix
+    as records, the chunk as the recent buffer with causal masking."""
+    from tq_ops import TQCodec, preset
+    from tq_ops import reference as R
+
+    torch.manual_seed(1)
+    c = TQCodec.build(preset("seed", head_dim=64))
+    lay = c.config.layout
+    bs, hkv, g, d = 16, 2, 3, 64
+    chunk, pref, rawl = [5, 1, 9], [20, 0, 33], [3, 0, 2]
+    kv_start = 3
+    nb, mb = 40, 4
+    cache = torch.zeros(nb, hkv, bs * lay.slot_bytes, dtype=torch.uint8)
+    bt = torch.randperm(nb)[:3 * mb].reshape(3, mb).to(torch.int32)
+    prefix = []
+    for i in range(3):
+        k, v = torch.randn(pref[i], hkv, d), torch.randn(pref[i], hkv, d)
+        sl = bt[i].long()[torch.arange(pref[i]) // bs] * bs + torch.arange(pref[i]) % bs
+        R.write_cache(k, v, cache, sl, c.rotation, c.qjl_projection, c.key_centroids,
+                      c.value_centroids, 2, True, 3)
+        prefix.append((k, v))
+    t = sum(chunk)
+    q, key, val = torch.randn(t, hkv * g, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    pool_k, pool_v = torch.randn(5, 4, hkv, d), torch.randn(5, 4, hkv, d)
+    ridx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    out = torch.ops.turboquant.paged_prefill_attention(
+        q, key, val, cu, cache, bt, torch.tensor(pref, dtype=torch.int32), pool_k, pool_v, ridx,
+        torch.tensor(rawl, dtype=torch.int32), c.rotation, c.qjl_projection, c.key_centroids,
+        c.value_centroids, 2, True, 3, 0.125, kv_start)
+    for i in range(3):
+        s0, s1 = int(cu[i]), int(cu[i + 1])
+        k, v = prefix[i]
+        kr = R.encode_keys(k[kv_start:], c.rotation, c.qjl_projection, c.key_centroids, 2, True)
+        vr = R.encode_values(v[kv_start:], c.rotation, c.value_centroids, 3)
+        ref = R.attention(q[s0:s1], kr, vr, pool_k[ridx[i], :rawl[i]], pool_v[ridx[i], :rawl[i]],
+                          key[s0:s1], val[s0:s1], c.rotation, c.qjl_projection, c.key_centroids,
+                          c.value_centroids, 2, True, 3, 0.125, True)
+        # same fp32 operations in a different order: fp32 rounding only
+        torch.testing.assert_close(out[s0:s1], ref, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest"
+    print(json.dumps(_child()))
