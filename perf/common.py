@@ -1,0 +1,139 @@
+"""Benchmark cases and GPU timers shared by perf/gpu_check.py and the pytest-benchmark suites.
+
+Every time reported is GPU time: CUDA-graph replays timed with CUDA events
+(triton.testing.do_bench_cudagraph, median), so launch overhead is out of the numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+
+import tq_ops  # noqa: F401  (registers torch.ops.turboquant)
+from tq_ops import TQCodec, preset
+
+# Llama-3-8B attention geometry, the acceptance shapes of issue 3
+HQ, HKV, HEAD_DIM = 32, 8, 128
+DECODE_SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (32, 16384),
+                 (64, 8192)]
+BLOCK_SIZE = 16        # vLLM's default page size
+ENCODE_TOKENS = 32768  # tokens per encode+write benchmark call (x 8 KV heads)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def gpu_ms(fn: Callable[[], object], rep: int = 200) -> float:
+    """Median GPU time of fn in ms, graph-captured (no launch overhead)."""
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
+@dataclass
+class DecodeCase:
+    run: Callable[[], torch.Tensor]
+    bytes_read: int         # compressed cache bytes the kernel must read
+    fp16_bytes: int         # the same context as fp16 K+V
+
+
+def decode_case(batch: int, ctx: int, block_size: int = BLOCK_SIZE, fmt: str = "seed",
+                seed: int = 0) -> DecodeCase:
+    """A packed paged cache holding `ctx` tokens per sequence (written by write_cache from random
+    K/V, pages in shuffled order) and one fp16 query per sequence."""
+    cfg = preset(fmt, head_dim=HEAD_DIM)
+    codec = TQCodec.build(cfg, "cuda")
+    lay = cfg.layout
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    pages_per_seq = math.ceil(ctx / block_size)
+    nblocks = batch * pages_per_seq + 1
+    cache = torch.empty((nblocks, HKV, block_size * lay.slot_bytes), dtype=torch.uint8,
+                        device="cuda")
+    perm = torch.randperm(nblocks - 1, generator=gen, device="cuda") + 1
+    block_table = perm.reshape(batch, pages_per_seq).to(torch.int32)
+    chunk = 1 << 16
+    for b in range(batch):
+        for t0 in range(0, ctx, chunk):
+            n = min(chunk, ctx - t0)
+            pos = torch.arange(t0, t0 + n, device="cuda")
+            slots = block_table[b, pos // block_size].long() * block_size + pos % block_size
+            k = torch.randn((n, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+            v = torch.randn((n, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+            torch.ops.turboquant.write_cache(k, v, cache, slots, codec.rotation,
+                                             codec.qjl_projection, codec.key_centroids,
+                                             codec.value_centroids, cfg.key_mse_bits,
+                                             cfg.use_qjl, cfg.value_bits)
+    q = torch.randn((batch, HQ, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    raw_k = torch.zeros((1, 1, HKV, HEAD_DIM), dtype=torch.float16, device="cuda")
+    raw_index = torch.zeros((batch,), dtype=torch.int32, device="cuda")
+    raw_lens = torch.zeros((batch,), dtype=torch.int32, device="cuda")
+
+    def run():
+        return torch.ops.turboquant.paged_decode_attention(
+            q, cache, block_table, kv_lens, raw_k, raw_k, raw_index, raw_lens, codec.rotation,
+            codec.qjl_projection, codec.key_centroids, codec.value_centroids, cfg.key_mse_bits,
+            cfg.use_qjl, cfg.value_bits, HEAD_DIM ** -0.5, 0)
+
+    return DecodeCase(run, batch * ctx * HKV * lay.slot_bytes, batch * ctx * HKV * HEAD_DIM * 4)
+
+
+def sdpa_case(batch: int, ctx: int, seed: int = 0) -> tuple[Callable[[], torch.Tensor], str]:
+    """torch SDPA, flash backend, fp16 K/V (B, Hkv, ctx, D) contiguous, one query token.
+
+    GQA: enable_gqa=True when the flash backend takes it; otherwise the G query heads of a KV
+    head are passed as G query positions (non-causal), which reads each K/V byte once as well.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn((batch, HKV, ctx, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    v = torch.randn((batch, HKV, ctx, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    q = torch.randn((batch, HQ, 1, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+
+    def gqa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(q, k, v, enable_gqa=True)
+
+    def grouped():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(q.reshape(batch, HKV, HQ // HKV, HEAD_DIM), k, v)
+
+    try:
+        gqa()
+        torch.cuda.synchronize()
+        return gqa, "sdpa flash, enable_gqa=True"
+    except RuntimeError:
+        grouped()
+        return grouped, "sdpa flash, GQA group as query positions"
+
+
+def encode_case(tokens: int = ENCODE_TOKENS, fmt: str = "seed",
+                seed: int = 0) -> tuple[Callable[[], None], int]:
+    """write_cache of `tokens` tokens x 8 KV heads of fp16 K and V; returns (run, input bytes)."""
+    cfg = preset(fmt, head_dim=HEAD_DIM)
+    codec = TQCodec.build(cfg, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    bs = BLOCK_SIZE
+    nblocks = math.ceil(tokens / bs)
+    cache = torch.empty((nblocks, HKV, bs * cfg.slot_bytes), dtype=torch.uint8, device="cuda")
+    slots = torch.randperm(nblocks * bs, generator=gen, device="cuda")[:tokens].to(torch.int32)
+    k = torch.randn((tokens, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    v = torch.randn((tokens, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+
+    def run():
+        torch.ops.turboquant.write_cache(k, v, cache, slots, codec.rotation, codec.qjl_projection,
+                                         codec.key_centroids, codec.value_centroids,
+                                         cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+
+    return run, 2 * k.numel() * k.element_size()

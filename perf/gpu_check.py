@@ -1,0 +1,586 @@
+"""Every GPU check of the Triton bodies in one invocation, then the benchmark table (printed last).
+
+    PYTHONPATH=. python perf/gpu_check.py [--out DIR] [--workers N] [--skip-bench]
+
+1. correctness (N worker processes in parallel, compile time dominates): every Triton body
+   against the CPU reference on fresh random inputs, outputs poisoned first (the caching
+   allocator hands the ops memory just filled with NaN / 0xFF); Llama-3-8B (32/8, D=128) and
+   SmolLM2 (9/3, D=64) geometries, head dims 64/96/128/256, block sizes 16/32/64, ragged lengths
+   1/7/129/4097, fp16 and bf16, every preset format, the slow decoders (perturbed codebook);
+   torch.library.opcheck on CUDA samples of every op;
+2. compile and graphs, each in a fresh process: torch.compile(fullgraph=True,
+   mode="reduce-overhead") of a decode step with a static cache (no graph break, no cudagraph
+   skip, output == eager); manual torch.cuda.graph capture of a decode step replayed after the
+   cache, block table and lengths were updated in place == eager;
+3. benchmarks: decode at the seed format vs SDPA-flash fp16, the format's memory floor, percent
+   of the measured copy bandwidth; encode+write throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+HERE = os.path.abspath(__file__)
+
+# tolerances (derivations in perf/README.md)
+ATT_RTOL = 8 * 2.0 ** -11          # fp16 tensor-core operands, relative to the output scale
+OUT_RTOL = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 0.0}
+TIE = 4e-6                          # |y - boundary| under which a code may differ (unit vectors)
+SIGN_TIE = 1e-4                     # |S'r|_j / ||r|| under which a QJL sign may differ
+F32_RTOL = 1e-5                     # tf32x3 codec ops
+
+
+def poison(nbytes: int = 1 << 28) -> None:
+    """Fill then free a block, so the next torch.empty likely returns NaN / 0xFF bytes."""
+    t = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    t.fill_(0xFF)
+    del t
+
+
+# -- correctness -------------------------------------------------------------------------------
+
+def cases() -> list[dict]:
+    out = []
+    for dt in ("fp16", "bf16"):
+        for bs in (16, 64):
+            out.append(dict(name=f"llama3-8b seed {dt} bs{bs}", hq=32, hkv=8, d=128, fmt="seed",
+                            dtype=dt, bs=bs, lens=[1, 7, 129, 4097]))
+    out.append(dict(name="smollm2 seed bf16 bs16", hq=9, hkv=3, d=64, fmt="seed", dtype="bf16",
+                    bs=16, lens=[1, 7, 129, 4097]))
+    for d in (96, 256):
+        out.append(dict(name=f"d{d} seed fp16 bs32", hq=8, hkv=2, d=d, fmt="seed", dtype="fp16",
+                        bs=32, lens=[1, 7, 129, 1000]))
+    for fmt in ("k3v3", "k4v4", "k2q1v2", "k3q1v3", "k4v3", "k3v2"):
+        out.append(dict(name=f"d128 {fmt} fp16 bs16", hq=8, hkv=2, d=128, fmt=fmt, dtype="fp16",
+                        bs=16, lens=[7, 129, 700]))
+    out.append(dict(name="d128 seed perturbed codebook (slow decoders)", hq=8, hkv=2, d=128,
+                    fmt="seed", dtype="fp16", bs=16, lens=[7, 129, 700], perturb=True))
+    for d in (64, 96, 128, 256):
+        out.append(dict(name=f"codec ops d{d}", codec_ops=True, d=d))
+    out.append(dict(name="opcheck cuda", opcheck=True))
+    return out
+
+
+def _dt(name):
+    return dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32)[name]
+
+
+def _codes_check(cache_gpu, cache_ref, block_ids, positions, k, v, codec, cfg, bs):
+    """Compare two caches field by field; returns a dict of worst deviations."""
+    from tq_ops import reference as R
+
+    d, kb, qjl, vb = cfg.head_dim, cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits
+    res = {}
+    bt = torch.tensor(block_ids).reshape(1, -1)
+    k1, v1 = R.gather_pages(cache_gpu, bt, d, kb, qjl, vb)
+    k2, v2 = R.gather_pages(cache_ref, bt, d, kb, qjl, vb)
+    pos = torch.tensor(positions)
+    a, b = R.parse_key_records(k1[0, pos], d, kb, qjl), R.parse_key_records(k2[0, pos], d, kb, qjl)
+    unit_k, _ = R._normalize(k)
+    y = R.rotate(unit_k, codec.rotation)
+    mids = (codec.key_centroids[1:] + codec.key_centroids[:-1]) / 2
+    bad = a[0] != b[0]
+    res["key_code_mismatch"] = int(bad.sum())
+    res["key_code_worst_tie"] = float((y.unsqueeze(-1) - mids).abs().amin(-1)[bad].max()) \
+        if bad.any() else 0.0
+    res["key_norm_ulps"] = float(((a[2] - b[2]).abs() / (b[2].abs() * 2 ** -10).clamp(min=2 ** -24)).max())
+    if qjl:
+        resid = y - codec.key_centroids[b[0]]
+        proj = resid @ codec.qjl_projection.t()
+        rel = proj.abs() / torch.linalg.vector_norm(resid, dim=-1, keepdim=True).clamp(min=1e-30)
+        sbad = a[1] != b[1]
+        res["sign_mismatch"] = int(sbad.sum())
+        res["sign_worst_rel"] = float(rel[sbad].max()) if sbad.any() else 0.0
+        res["gamma_ulps"] = float(((a[3] - b[3]).abs() / (b[3].abs() * 2 ** -10).clamp(min=2 ** -24)).max())
+    av, bv = R.parse_value_records(v1[0, pos], d, vb), R.parse_value_records(v2[0, pos], d, vb)
+    yv = R.rotate(R._normalize(v)[0], codec.rotation)
+    vm = (codec.value_centroids[1:] + codec.value_centroids[:-1]) / 2
+    vbad = av[0] != bv[0]
+    res["value_code_mismatch"] = int(vbad.sum())
+    res["value_code_worst_tie"] = float((yv.unsqueeze(-1) - vm).abs().amin(-1)[vbad].max()) \
+        if vbad.any() else 0.0
+    res["value_norm_ulps"] = float(((av[1] - bv[1]).abs() / (bv[1].abs() * 2 ** -10).clamp(min=2 ** -24)).max())
+    return res
+
+
+def run_attention_case(c: dict) -> dict:
+    from tq_ops import TQCodec, preset
+    from tq_ops import reference as R
+
+    torch.manual_seed(hash(c["name"]) % (1 << 31))
+    dt = _dt(c["dtype"])
+    cfg = preset(c["fmt"], head_dim=c["d"])
+    codec = TQCodec.build(cfg)
+    if c.get("perturb"):
+        codec = TQCodec(cfg, codec.rotation, codec.qjl_projection,
+                        codec.key_centroids * (1 + 1e-3), codec.value_centroids * (1 - 1e-3))
+    cg = codec.to("cuda")
+    hq, hkv, d, bs, lens = c["hq"], c["hkv"], c["d"], c["bs"], c["lens"]
+    kb, qjl, vb = cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits
+    lay = cfg.layout
+    b = len(lens)
+    mb = max(math.ceil(n / bs) for n in lens) + 1
+    nblocks = b * mb + 3
+    cache0 = torch.randint(0, 256, (nblocks, hkv, bs * lay.slot_bytes), dtype=torch.uint8)
+    bt = torch.randperm(nblocks)[:b * mb].reshape(b, mb).to(torch.int32)
+    ks, vs, slots = [], [], []
+    for i, n in enumerate(lens):
+        ks.append(torch.randn(n, hkv, d).to(dt) * (1 + 4 * torch.rand(n, hkv, 1)).to(dt))
+        vs.append(torch.randn(n, hkv, d).to(dt))
+        pos = torch.arange(n)
+        slots.append(bt[i].long()[pos // bs] * bs + pos % bs)
+    k, v, sl = torch.cat(ks), torch.cat(vs), torch.cat(slots).to(torch.int32)
+    sl_pad = torch.cat([sl, torch.tensor([-1], dtype=torch.int32)])  # a padding token
+    k_pad = torch.cat([k, torch.randn(1, hkv, d).to(dt)])
+    v_pad = torch.cat([v, torch.randn(1, hkv, d).to(dt)])
+    res = {"name": c["name"]}
+    # write_cache
+    cache_ref = cache0.clone()
+    R.write_cache(k_pad, v_pad, cache_ref, sl_pad, codec.rotation, codec.qjl_projection,
+                  codec.key_centroids, codec.value_centroids, kb, qjl, vb)
+    cache_gpu = cache0.cuda()
+    torch.ops.turboquant.write_cache(k_pad.cuda(), v_pad.cuda(), cache_gpu, sl_pad.cuda(),
+                                     cg.rotation, cg.qjl_projection, cg.key_centroids,
+                                     cg.value_centroids, kb, qjl, vb)
+    cache_gpu = cache_gpu.cpu()
+    written = torch.zeros(nblocks * bs, dtype=torch.bool)
+    written[sl.long()] = True
+    per_slot = cache_gpu.permute(0, 2, 1).reshape(nblocks, bs * lay.slot_bytes, hkv)
+    untouched_ok = True
+    for blk in range(nblocks):
+        if not written[blk * bs:(blk + 1) * bs].any():
+            untouched_ok &= bool(torch.equal(cache_gpu[blk], cache0[blk]))
+    del per_slot
+    order = torch.argsort(sl.long())
+    res.update(_codes_check(cache_gpu, cache_ref, list(range(nblocks)), sl.long()[order].tolist(),
+                            k[order].float(), v[order].float(), codec, cfg, bs))
+    res["untouched_pages_equal"] = untouched_ok
+    ok = (res["key_code_worst_tie"] <= TIE and res["value_code_worst_tie"] <= TIE
+          and res["key_norm_ulps"] <= 1 and res["value_norm_ulps"] <= 1 and untouched_ok)
+    if qjl:
+        ok &= res["sign_worst_rel"] <= SIGN_TIE and res["gamma_ulps"] <= 1
+    res["write_ok"] = bool(ok)
+    # decode: exact same cache contents for both (the reference's)
+    cache_g = cache_ref.cuda()
+    q = torch.randn(b, hq, d).to(dt)
+    pool_r = 130
+    pk, pv = torch.randn(b + 1, pool_r, hkv, d).to(dt), torch.randn(b + 1, pool_r, hkv, d).to(dt)
+    ridx = torch.randperm(b + 1)[:b].to(torch.int32)
+    rl = torch.tensor([0, 3, 128, 130][:b] + [5] * max(0, b - 4), dtype=torch.int32)
+    kv_lens = torch.tensor(lens, dtype=torch.int32)
+    worst = 0.0
+    for kv_start in (0, 4):
+        args = (q, cache_ref, bt, kv_lens, pk, pv, ridx, rl, codec.rotation, codec.qjl_projection,
+                codec.key_centroids, codec.value_centroids, kb, qjl, vb, d ** -0.5, kv_start)
+        ref = R.paged_decode_attention(*args).float()
+        poison()
+        got = torch.ops.turboquant.paged_decode_attention(
+            q.cuda(), cache_g, bt.cuda(), kv_lens.cuda(), pk.cuda(), pv.cuda(), ridx.cuda(),
+            rl.cuda(), cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
+            qjl, vb, d ** -0.5, kv_start).float().cpu()
+        if not torch.isfinite(got).all():
+            worst = float("inf")
+            break
+        worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
+    res["decode_rel_err"] = worst
+    res["decode_ok"] = worst <= ATT_RTOL + OUT_RTOL[dt]
+    # prefill: two chunks over prefixes of sequences 1 and 2 (plus raw pool tokens)
+    chunk = [7, 33]
+    prefix = [lens[1], lens[2]]
+    tt = sum(chunk)
+    pq = torch.randn(tt, hq, d).to(dt)
+    pkey, pval = torch.randn(tt, hkv, d).to(dt), torch.randn(tt, hkv, d).to(dt)
+    cu = torch.tensor([0, chunk[0], tt], dtype=torch.int32)
+    pbt = bt[1:3].contiguous()
+    pargs = (pq, pkey, pval, cu, cache_ref, pbt, torch.tensor(prefix, dtype=torch.int32), pk, pv,
+             ridx[:2].contiguous(), rl[1:3].contiguous(), codec.rotation, codec.qjl_projection,
+             codec.key_centroids, codec.value_centroids, kb, qjl, vb, d ** -0.5, 2)
+    ref = R.paged_prefill_attention(*pargs).float()
+    poison()
+    got = torch.ops.turboquant.paged_prefill_attention(
+        *[a.cuda() if isinstance(a, torch.Tensor) and a is not cache_ref else a for a in pargs[:4]],
+        cache_g, *[a.cuda() for a in pargs[5:11]], cg.rotation, cg.qjl_projection,
+        cg.key_centroids, cg.value_centroids, kb, qjl, vb, d ** -0.5, 2).float().cpu()
+    perr = float((got - ref).abs().max() / ref.abs().max()) if torch.isfinite(got).all() else float("inf")
+    res["prefill_rel_err"] = perr
+    # bf16/fp16 inputs meet bf16/fp16 MMAs in the chunk and raw phases: one more rounding
+    res["prefill_ok"] = perr <= ATT_RTOL + 2 * OUT_RTOL[dt]
+    res["ok"] = bool(res["write_ok"] and res["decode_ok"] and res["prefill_ok"])
+    return res
+
+
+def run_codec_ops(c: dict) -> dict:
+    from tq_ops import TQCodec, preset
+    from tq_ops import reference as R
+
+    d = c["d"]
+    torch.manual_seed(d)
+    res = {"name": c["name"]}
+    ok = True
+    for fmt in ("seed", "k3v3", "k4v4", "k3q1v3"):
+        cfg = preset(fmt, head_dim=d)
+        codec = TQCodec.build(cfg)
+        cg = codec.to("cuda")
+        kb, qjl, vb = cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            x = torch.randn(7, 33, d).to(dt)
+            poison()
+            rk = torch.ops.turboquant.encode_keys(x.cuda(), cg.rotation, cg.qjl_projection,
+                                                  cg.key_centroids, kb, qjl).cpu()
+            ref_k = R.encode_keys(x, codec.rotation, codec.qjl_projection, codec.key_centroids,
+                                  kb, qjl)
+            rv = torch.ops.turboquant.encode_values(x.cuda(), cg.rotation, cg.value_centroids,
+                                                    vb).cpu()
+            ref_v = R.encode_values(x, codec.rotation, codec.value_centroids, vb)
+            qc, qn = torch.ops.turboquant.mse_quantize(x.cuda(), cg.rotation, cg.value_centroids, vb)
+            rc, rn = R.mse_quantize(x, codec.rotation, codec.value_centroids, vb)
+            y = R.rotate(R._normalize(x)[0], codec.rotation)
+            # records: byte mismatches only where a coordinate is at a tie
+            ck_g = R.parse_key_records(rk, d, kb, qjl)[0]
+            ck_r = R.parse_key_records(ref_k, d, kb, qjl)[0]
+            mids = (codec.key_centroids[1:] + codec.key_centroids[:-1]) / 2
+            kbad = ck_g != ck_r
+            ktie = float((y.unsqueeze(-1) - mids).abs().amin(-1)[kbad].max()) if kbad.any() else 0.0
+            vbad = (R.parse_value_records(rv, d, vb)[0] != R.parse_value_records(ref_v, d, vb)[0])
+            vm = (codec.value_centroids[1:] + codec.value_centroids[:-1]) / 2
+            vtie = float((y.unsqueeze(-1) - vm).abs().amin(-1)[vbad].max()) if vbad.any() else 0.0
+            cbad = (R.L.unpack_codes(qc.cpu(), d, vb) != R.L.unpack_codes(rc, d, vb))
+            ctie = float((y.unsqueeze(-1) - vm).abs().amin(-1)[cbad].max()) if cbad.any() else 0.0
+            nrel = float(((qn.cpu() - rn).abs() / rn.abs().clamp(min=1e-30)).max())
+            key = f"{fmt}/{str(dt)[6:]}"
+            res[key] = dict(key_tie=ktie, value_tie=vtie, codes_tie=ctie, norm_rel=nrel,
+                            key_mismatch=int(kbad.sum()), value_mismatch=int(vbad.sum()))
+            ok &= max(ktie, vtie, ctie) <= TIE and nrel <= F32_RTOL
+        x = torch.randn(5, 9, d)
+        xg = x.cuda()
+        e1 = float((torch.ops.turboquant.rotate(xg, cg.rotation).cpu() - R.rotate(x, codec.rotation)).abs().max())
+        e2 = float((torch.ops.turboquant.unrotate(xg, cg.rotation).cpu() - R.unrotate(x, codec.rotation)).abs().max())
+        s1, g1 = torch.ops.turboquant.qjl_sketch(xg, cg.qjl_projection)
+        s2, g2 = R.qjl_sketch(x, codec.qjl_projection)
+        proj = x @ codec.qjl_projection.t()
+        sb = R.L.unpack_signs(s1.cpu(), d) != R.L.unpack_signs(s2, d)
+        srel = float((proj.abs() / torch.linalg.vector_norm(x, dim=-1, keepdim=True))[sb].max()) if sb.any() else 0.0
+        rc, rn = R.mse_quantize(x, codec.rotation, codec.value_centroids, vb)
+        dq = torch.ops.turboquant.mse_dequantize(rc.cuda(), rn.cuda(), cg.rotation,
+                                                 cg.value_centroids, vb).cpu()
+        dq_ref = R.mse_dequantize(rc, rn, codec.rotation, codec.value_centroids, vb)
+        q = torch.randn(3, 6, d)
+        krec = R.encode_keys(torch.randn(3, 70, d), codec.rotation, codec.qjl_projection,
+                             codec.key_centroids, kb, qjl)
+        sc = torch.ops.turboquant.key_scores(q.cuda(), krec.cuda(), cg.rotation, cg.qjl_projection,
+                                             cg.key_centroids, kb, qjl).cpu()
+        sc_ref = R.key_scores(q, krec, codec.rotation, codec.qjl_projection, codec.key_centroids,
+                              kb, qjl)
+        m = dict(rotate=e1 / float(x.abs().max()), unrotate=e2 / float(x.abs().max()),
+                 sign_tie=srel, gamma=float(((g1.cpu() - g2).abs() / g2).max()),
+                 dequantize=float((dq - dq_ref).abs().max() / dq_ref.abs().max()),
+                 key_scores=float((sc - sc_ref).abs().max() / sc_ref.abs().max()))
+        res[f"{fmt}/codec"] = m
+        ok &= (m["sign_tie"] <= SIGN_TIE and max(m["rotate"], m["unrotate"], m["gamma"],
+                                                  m["dequantize"], m["key_scores"]) <= F32_RTOL)
+    res["ok"] = bool(ok)
+    return res
+
+
+def run_opcheck(c: dict) -> dict:
+    from tq_ops import TQCodec, preset
+
+    cfg = preset("seed", head_dim=64)
+    cg = TQCodec.build(cfg, "cuda")
+    d, kb, qjl, vb = 64, 2, True, 3
+    lay = cfg.layout
+    dev = "cuda"
+    x = torch.randn(3, 4, d, device=dev, dtype=torch.float16)
+    rec = torch.ops.turboquant.encode_keys(x, cg.rotation, cg.qjl_projection, cg.key_centroids,
+                                           kb, qjl)
+    vrec = torch.ops.turboquant.encode_values(x, cg.rotation, cg.value_centroids, vb)
+    codes, norms = torch.ops.turboquant.mse_quantize(x, cg.rotation, cg.value_centroids, vb)
+    bs, hkv = 16, 2
+    cache = torch.zeros(6, hkv, bs * lay.slot_bytes, dtype=torch.uint8, device=dev)
+    bt = torch.arange(6, dtype=torch.int32, device=dev).reshape(2, 3)
+    lens = torch.tensor([5, 40], dtype=torch.int32, device=dev)
+    rk = torch.randn(2, 4, hkv, d, device=dev, dtype=torch.float16)
+    ridx = torch.tensor([1, 0], dtype=torch.int32, device=dev)
+    rl = torch.tensor([2, 0], dtype=torch.int32, device=dev)
+    kv = torch.randn(9, hkv, d, device=dev, dtype=torch.float16)
+    slots = torch.tensor([0, 1, 2, 3, 4, 16, 17, 18, -1], dtype=torch.int32, device=dev)
+    samples = {
+        "rotate": (x, cg.rotation), "unrotate": (x, cg.rotation),
+        "mse_quantize": (x, cg.rotation, cg.value_centroids, vb),
+        "mse_dequantize": (codes, norms, cg.rotation, cg.value_centroids, vb),
+        "qjl_sketch": (x, cg.qjl_projection),
+        "encode_keys": (x, cg.rotation, cg.qjl_projection, cg.key_centroids, kb, qjl),
+        "encode_values": (x, cg.rotation, cg.value_centroids, vb),
+        "key_scores": (x, rec, cg.rotation, cg.qjl_projection, cg.key_centroids, kb, qjl),
+        "write_cache": (kv, kv, cache, slots, cg.rotation, cg.qjl_projection, cg.key_centroids,
+                        cg.value_centroids, kb, qjl, vb),
+        "paged_decode_attention": (torch.randn(2, 4, d, device=dev, dtype=torch.float16), cache,
+                                   bt, lens, rk, rk, ridx, rl, cg.rotation, cg.qjl_projection,
+                                   cg.key_centroids, cg.value_centroids, kb, qjl, vb, 0.125, 0),
+        "paged_prefill_attention": (torch.randn(5, 4, d, device=dev, dtype=torch.float16),
+                                    kv[:5], kv[:5], torch.tensor([0, 2, 5], dtype=torch.int32,
+                                                                 device=dev),
+                                    cache, bt, lens, rk, rk, ridx, rl, cg.rotation,
+                                    cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
+                                    qjl, vb, 0.125, 0),
+        "attention": (torch.randn(2, 4, d, device=dev, dtype=torch.float16), rec[0, :3, None]
+                      .expand(3, 2, -1).contiguous(), vrec[0, :3, None].expand(3, 2, -1)
+                      .contiguous(), rk[0, :1], rk[0, :1], rk[0, :2], rk[0, :2], cg.rotation,
+                      cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb, qjl, vb, 0.125,
+                      True),
+    }
+    res = {"name": c["name"]}
+    ok = True
+    for name, args in samples.items():
+        try:
+            r = torch.library.opcheck(getattr(torch.ops.turboquant, name).default, args,
+                                      raise_exception=False)
+            bad = {k: v for k, v in r.items() if v != "SUCCESS"}
+            res[name] = bad or "SUCCESS"
+            ok &= not bad
+        except Exception as e:  # noqa: BLE001 - report, do not hide
+            res[name] = f"{type(e).__name__}: {e}"[:300]
+            ok = False
+    res["ok"] = bool(ok)
+    return res
+
+
+def worker(index: int, count: int) -> None:
+    for i, c in enumerate(cases()):
+        if i % count != index:
+            continue
+        t0 = time.time()
+        try:
+            if c.get("codec_ops"):
+                r = run_codec_ops(c)
+            elif c.get("opcheck"):
+                r = run_opcheck(c)
+            else:
+                r = run_attention_case(c)
+        except Exception:  # noqa: BLE001 - a crash is a failed check, reported in full
+            r = {"name": c["name"], "ok": False, "error": traceback.format_exc()[-3000:]}
+        r["seconds"] = round(time.time() - t0, 1)
+        print("RESULT " + json.dumps(r), flush=True)
+
+
+# -- compile and graphs ------------------------------------------------------------------------
+
+def _step_inputs(batch=4, ctx=300, bs=16):
+    from tq_ops import TQCodec, preset
+
+    cfg = preset("seed", head_dim=128)
+    cg = TQCodec.build(cfg, "cuda")
+    lay = cfg.layout
+    mb = 64
+    nblocks = batch * mb + 1
+    torch.manual_seed(0)
+    cache = torch.zeros(nblocks, 8, bs * lay.slot_bytes, dtype=torch.uint8, device="cuda")
+    bt = (torch.randperm(nblocks - 1, device="cuda")[:batch * mb] + 1).reshape(batch, mb).to(torch.int32)
+    for b in range(batch):
+        pos = torch.arange(ctx, device="cuda")
+        sl = bt[b, pos // bs].long() * bs + pos % bs
+        kk = torch.randn(ctx, 8, 128, device="cuda", dtype=torch.float16)
+        torch.ops.turboquant.write_cache(kk, kk * 0.5, cache, sl, cg.rotation, cg.qjl_projection,
+                                         cg.key_centroids, cg.value_centroids, 2, True, 3)
+    st = dict(
+        q=torch.randn(batch, 32, 128, device="cuda", dtype=torch.float16),
+        k_new=torch.randn(batch, 8, 128, device="cuda", dtype=torch.float16),
+        v_new=torch.randn(batch, 8, 128, device="cuda", dtype=torch.float16),
+        slots=(bt[:, ctx // bs].long() * bs + ctx % bs).to(torch.int32),
+        cache=cache, bt=bt, lens=torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda"),
+        raw_k=torch.randn(batch, 16, 8, 128, device="cuda", dtype=torch.float16),
+        raw_index=torch.arange(batch, dtype=torch.int32, device="cuda"),
+        raw_lens=torch.full((batch,), 5, dtype=torch.int32, device="cuda"))
+    return st, cg
+
+
+def decode_step(q, k_new, v_new, slots, cache, bt, lens, raw_k, raw_index, raw_lens, rot, proj,
+                kc, vc):
+    torch.ops.turboquant.write_cache(k_new, v_new, cache, slots, rot, proj, kc, vc, 2, True, 3)
+    return torch.ops.turboquant.paged_decode_attention(q, cache, bt, lens, raw_k, raw_k,
+                                                       raw_index, raw_lens, rot, proj, kc, vc, 2,
+                                                       True, 3, 128 ** -0.5, 0)
+
+
+def graphs(which: str) -> None:
+    st, cg = _step_inputs()
+    consts = (cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids)
+    names = ("q", "k_new", "v_new", "slots", "cache", "bt", "lens", "raw_k", "raw_index",
+             "raw_lens")
+    res = {"name": f"graphs/{which}"}
+    if which == "compile":
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        args = [st[n] for n in names] + list(consts)
+        eager_cache = st["cache"].clone()
+        eager = decode_step(*[eager_cache if n == "cache" else st[n] for n in names], *consts)
+        ex = torch._dynamo.explain(decode_step)(*[st[n].clone() if n == "cache" else st[n]
+                                                  for n in names], *consts)
+        res["graph_count"], res["graph_break_count"] = ex.graph_count, ex.graph_break_count
+        torch._dynamo.reset()
+        torch._dynamo.mark_static_address(st["cache"])
+        f = torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")
+        counters.clear()
+        outs = []
+        for _ in range(4):
+            outs.append(f(*args).clone())
+        torch.cuda.synchronize()
+        res["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
+        err = float((outs[-1].float() - eager.float()).abs().max() / eager.float().abs().max())
+        res["rel_err_vs_eager"] = err
+        res["cache_equal_vs_eager"] = bool(torch.equal(st["cache"], eager_cache))
+        res["ok"] = (res["graph_count"] == 1 and res["graph_break_count"] == 0
+                     and res["cudagraph_skips"] == 0 and err <= 2.0 ** -10
+                     and res["cache_equal_vs_eager"])
+    else:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        work = {n: (st[n].clone() if n == "cache" else st[n]) for n in names}
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                decode_step(*[work[n] for n in names], *consts)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = decode_step(*[st[n] for n in names], *consts)
+        # next step: new query/K/V, next slot, a longer sequence 0 moved to other pages
+        bs = 16
+        new_bt = st["bt"].roll(1, dims=1)
+        lens2 = st["lens"] + 1
+        lens2[0] = 17
+        slots2 = (new_bt[:, (lens2 - 1) // bs].diagonal().long() * bs + (lens2 - 1) % bs).to(torch.int32)
+        ref_state = {n: st[n].clone() for n in names}
+        updates = dict(q=torch.randn_like(st["q"]), k_new=torch.randn_like(st["k_new"]),
+                       v_new=torch.randn_like(st["v_new"]), slots=slots2, bt=new_bt, lens=lens2,
+                       raw_lens=torch.tensor([0, 16, 3, 1], dtype=torch.int32, device="cuda"))
+        for n, val in updates.items():
+            st[n].copy_(val)        # in place: the graph reads these addresses
+            ref_state[n] = val.clone()
+        g.replay()
+        torch.cuda.synchronize()
+        eager = decode_step(*[ref_state[n] for n in names], *consts)
+        err = float((out.float() - eager.float()).abs().max() / eager.float().abs().max())
+        res["rel_err_vs_eager"] = err
+        res["cache_equal_vs_eager"] = bool(torch.equal(st["cache"], ref_state["cache"]))
+        res["ok"] = err == 0.0 and res["cache_equal_vs_eager"]
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# -- benchmarks --------------------------------------------------------------------------------
+
+def benchmarks(out_dir: str | None) -> list[dict]:
+    import common as C
+
+    rows = []
+    bw = C.copy_bandwidth()
+    rows.append(dict(kind="copy", bw=bw))
+    for batch, ctx in C.DECODE_SHAPES:
+        case = C.decode_case(batch, ctx)
+        ms = C.gpu_ms(case.run)
+        del case.run
+        torch.cuda.empty_cache()
+        sd, sd_name = C.sdpa_case(batch, ctx)
+        sd_ms = C.gpu_ms(sd)
+        del sd
+        torch.cuda.empty_cache()
+        floor_ms = case.bytes_read / bw * 1e3
+        rows.append(dict(kind="decode", batch=batch, ctx=ctx, ms=ms, sdpa_ms=sd_ms, sdpa=sd_name,
+                         speedup=sd_ms / ms, floor_ms=floor_ms, pct_copy=floor_ms / ms * 100,
+                         bytes=case.bytes_read, sdpa_pct_copy=case.fp16_bytes / bw * 1e3 / sd_ms * 100))
+        print("BENCH " + json.dumps(rows[-1]), flush=True)
+    run, nbytes = C.encode_case()
+    ms = C.gpu_ms(run, rep=300)
+    rows.append(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS))
+    print("BENCH " + json.dumps(rows[-1]), flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "bench.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", type=str)
+    ap.add_argument("--graphs", type=str)
+    ap.add_argument("--workers", type=int, default=10)
+    ap.add_argument("--out", type=str, default=os.environ.get("OUT"))
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    a = ap.parse_args()
+    if a.worker:
+        i, n = map(int, a.worker.split("/"))
+        worker(i, n)
+        return
+    if a.graphs:
+        graphs(a.graphs)
+        return
+    t0 = time.time()
+    env = dict(os.environ)
+    results = []
+    if not a.skip_checks:
+        procs = [subprocess.Popen([sys.executable, HERE, "--worker", f"{i}/{a.workers}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for i in range(a.workers)]
+        procs += [subprocess.Popen([sys.executable, HERE, "--graphs", w], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+                  for w in ("compile", "capture")]
+        for p in procs:
+            so, se = p.communicate()
+            got = [json.loads(l[7:]) for l in so.splitlines() if l.startswith("RESULT ")]
+            if p.returncode != 0 or not got:
+                got.append({"name": " ".join(p.args[2:]), "ok": False, "rc": p.returncode,
+                            "stderr": se[-3000:]})
+            results += got
+        if a.out:
+            with open(os.path.join(a.out, "checks.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        for r in results:
+            if not r.get("ok"):
+                print("FAILED", json.dumps(r)[:3000])
+    t_checks = time.time() - t0
+    rows = [] if a.skip_bench else benchmarks(a.out)
+    # -- the table, last
+    dev = torch.cuda.get_device_name()
+    print()
+    print(f"card: {dev}; torch {torch.__version__}; date {datetime.date.today()}; "
+          f"command: PYTHONPATH=. python perf/gpu_check.py")
+    if results:
+        npass = sum(bool(r.get("ok")) for r in results)
+        print(f"checks: {npass}/{len(results)} passed ({t_checks:.0f} s)")
+        for r in results:
+            print(f"  {'ok  ' if r.get('ok') else 'FAIL'} {r['name']}"
+                  + (f"  decode {r['decode_rel_err']:.1e} prefill {r['prefill_rel_err']:.1e}"
+                     if "decode_rel_err" in r else ""))
+    if rows:
+        bw = rows[0]["bw"]
+        print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s")
+        print(f"decode, seed format (K 2+1 bit, V 3 bit), 32/8 heads, D=128, block 16; "
+              f"baseline {next(r['sdpa'] for r in rows if r['kind'] == 'decode')}")
+        print(f"{'batch':>5} {'ctx':>7} {'ours ms':>8} {'sdpa ms':>8} {'speedup':>7} "
+              f"{'floor ms':>8} {'%copy':>6} {'sdpa %copy':>10}")
+        for r in rows:
+            if r["kind"] == "decode":
+                print(f"{r['batch']:>5} {r['ctx']:>7} {r['ms']:>8.4f} {r['sdpa_ms']:>8.4f} "
+                      f"{r['speedup']:>6.2f}x {r['floor_ms']:>8.4f} {r['pct_copy']:>5.1f}% "
+                      f"{r['sdpa_pct_copy']:>9.1f}%")
+        for r in rows:
+            if r["kind"] == "encode":
+                print(f"encode+write (seed, {r['tokens']} tokens x 8 heads, fp16 in): "
+                      f"{r['ms']:.3f} ms, {r['tbps']:.2f} TB/s of fp16 input")
+
+
+if __name__ == "__main__":
+    main()
