@@ -217,7 +217,8 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         if req_idx is not None:
             return [int(r) for r in req_idx[:n]]
         raise RuntimeError("tq_vllm: cannot identify requests (no model runner with an input "
-                           "batch and no req_idx in the metadata); this vLLM is not supported")
+                           "batch and no req_idx in the attention metadata); with vLLM's model "
+                           "runner V2 before 0.32 set VLLM_USE_V2_MODEL_RUNNER=0")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TQMetadata:

@@ -208,12 +208,25 @@ def scenario_capacity(a: dict) -> dict:
 def scenario_main(a: dict) -> dict:
     """Our backend, prefix caching and chunked prefill on: prompt NLL, greedy continuation,
     requests alone vs together, a prefix-cache hit."""
+    import time
+
+    clock = [time.time()]
+    timing = {}
+
+    def lap(name):
+        now = time.time()
+        timing[name] = round(now - clock[0], 1)
+        clock[0] = now
+
     llm = _engine(a["checkpoint"], a["backend"], dtype="float32", max_model_len=a["max_model_len"],
                   kv_cache_memory_bytes=a["kv_bytes"], enable_prefix_caching=True,
                   max_num_batched_tokens=a["chunk"])
-    res = dict(capacity=_capacity(llm))
+    lap("init")
+    res = dict(capacity=_capacity(llm), timing=timing)
     res["nll"] = _prompt_nll(llm, a["ppl_ids"])
+    lap("prompt_logprobs")
     res["greedy"] = list(_generate(llm, [a["greedy_ids"]], a["greedy_n"])[0].outputs[0].token_ids)
+    lap("greedy")
     n = a["mix_n"]
     llm.reset_prefix_cache()
     alone = []
@@ -227,6 +240,7 @@ def scenario_main(a: dict) -> dict:
     # Prefix-cache hit: the same prompts again, now served from the cached prefix.
     again = [dict(tokens=list(o.outputs[0].token_ids), cached=o.num_cached_tokens or 0)
              for o in _generate(llm, a["mix_ids"], n)]
+    lap("mix")
     res.update(alone=alone, together=together, again=again)
     return res
 
