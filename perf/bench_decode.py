@@ -24,7 +24,7 @@ def test_decode_turboquant(benchmark, shape, copy_bw):
     batch, ctx = shape
     case = common.decode_case(batch, ctx)
     g = graph_of(case.run, REPLAYS)
-    benchmark.pedantic(g.replay, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(g.replay, rounds=15, iterations=1, warmup_rounds=2)
     per_call = benchmark.stats.stats.median / REPLAYS
     benchmark.extra_info.update(
         bytes=case.bytes_read, gbps=case.bytes_read / per_call * 1e-9,
@@ -37,7 +37,7 @@ def test_decode_sdpa_flash_fp16(benchmark, shape, copy_bw):
     batch, ctx = shape
     fn, name = common.sdpa_case(batch, ctx)
     g = graph_of(fn, REPLAYS)
-    benchmark.pedantic(g.replay, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(g.replay, rounds=15, iterations=1, warmup_rounds=2)
     per_call = benchmark.stats.stats.median / REPLAYS
     nbytes = batch * ctx * common.HKV * common.HEAD_DIM * 4
     benchmark.extra_info.update(

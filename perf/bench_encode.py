@@ -20,7 +20,7 @@ REPLAYS = 10
 def test_encode_write_cache(benchmark, tokens, copy_bw):
     run, nbytes = common.encode_case(tokens)
     g = graph_of(run, REPLAYS)
-    benchmark.pedantic(g.replay, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(g.replay, rounds=15, iterations=1, warmup_rounds=2)
     per_call = benchmark.stats.stats.median / REPLAYS
     benchmark.extra_info.update(
         bytes=nbytes, tbps=nbytes / per_call * 1e-12, pct_copy=nbytes / per_call / copy_bw * 100,

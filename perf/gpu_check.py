@@ -100,10 +100,14 @@ def _codes_check(cache_gpu, cache_ref, block_ids, positions, k, v, codec, cfg, b
         resid = y - codec.key_centroids[b[0]]
         proj = resid @ codec.qjl_projection.t()
         rel = proj.abs() / torch.linalg.vector_norm(resid, dim=-1, keepdim=True).clamp(min=1e-30)
-        sbad = a[1] != b[1]
+        # a code tie changes that key's residual, so all its signs may legitimately differ
+        tie_rows = bad.any(-1, keepdim=True)
+        res["sign_rows_after_code_tie"] = int(tie_rows.sum())
+        sbad = (a[1] != b[1]) & ~tie_rows
         res["sign_mismatch"] = int(sbad.sum())
         res["sign_worst_rel"] = float(rel[sbad].max()) if sbad.any() else 0.0
-        res["gamma_ulps"] = float(((a[3] - b[3]).abs() / (b[3].abs() * 2 ** -10).clamp(min=2 ** -24)).max())
+        gam = ((a[3] - b[3]).abs() / (b[3].abs() * 2 ** -10).clamp(min=2 ** -24))
+        res["gamma_ulps"] = float(gam[~tie_rows.squeeze(-1)].max()) if (~tie_rows).any() else 0.0
     av, bv = R.parse_value_records(v1[0, pos], d, vb), R.parse_value_records(v2[0, pos], d, vb)
     yv = R.rotate(R._normalize(v)[0], codec.rotation)
     vm = (codec.value_centroids[1:] + codec.value_centroids[:-1]) / 2
@@ -347,7 +351,7 @@ def run_opcheck(c: dict) -> dict:
         try:
             r = torch.library.opcheck(getattr(torch.ops.turboquant, name).default, args,
                                       raise_exception=False)
-            bad = {k: v for k, v in r.items() if v != "SUCCESS"}
+            bad = {k: str(v)[:300] for k, v in r.items() if v != "SUCCESS"}
             res[name] = bad or "SUCCESS"
             ok &= not bad
         except Exception as e:  # noqa: BLE001 - report, do not hide
@@ -421,17 +425,17 @@ def graphs(which: str) -> None:
              "raw_lens")
     res = {"name": f"graphs/{which}"}
     if which == "compile":
-        import torch._dynamo
+        from torch._dynamo import explain, mark_static_address, reset
         from torch._dynamo.utils import counters
 
         args = [st[n] for n in names] + list(consts)
         eager_cache = st["cache"].clone()
         eager = decode_step(*[eager_cache if n == "cache" else st[n] for n in names], *consts)
-        ex = torch._dynamo.explain(decode_step)(*[st[n].clone() if n == "cache" else st[n]
+        ex = explain(decode_step)(*[st[n].clone() if n == "cache" else st[n]
                                                   for n in names], *consts)
         res["graph_count"], res["graph_break_count"] = ex.graph_count, ex.graph_break_count
-        torch._dynamo.reset()
-        torch._dynamo.mark_static_address(st["cache"])
+        reset()
+        mark_static_address(st["cache"])
         f = torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")
         counters.clear()
         outs = []
@@ -488,19 +492,21 @@ def benchmarks(out_dir: str | None) -> list[dict]:
     bw = C.copy_bandwidth()
     rows.append(dict(kind="copy", bw=bw))
     for batch, ctx in C.DECODE_SHAPES:
-        case = C.decode_case(batch, ctx)
-        ms = C.gpu_ms(case.run)
-        del case.run
-        torch.cuda.empty_cache()
         sd, sd_name = C.sdpa_case(batch, ctx)
         sd_ms = C.gpu_ms(sd)
         del sd
         torch.cuda.empty_cache()
-        floor_ms = case.bytes_read / bw * 1e3
-        rows.append(dict(kind="decode", batch=batch, ctx=ctx, ms=ms, sdpa_ms=sd_ms, sdpa=sd_name,
-                         speedup=sd_ms / ms, floor_ms=floor_ms, pct_copy=floor_ms / ms * 100,
-                         bytes=case.bytes_read, sdpa_pct_copy=case.fp16_bytes / bw * 1e3 / sd_ms * 100))
-        print("BENCH " + json.dumps(rows[-1]), flush=True)
+        for bs in (16, 64):
+            case = C.decode_case(batch, ctx, block_size=bs)
+            ms = C.gpu_ms(case.run)
+            del case.run
+            torch.cuda.empty_cache()
+            floor_ms = case.bytes_read / bw * 1e3
+            rows.append(dict(kind="decode", batch=batch, ctx=ctx, bs=bs, ms=ms, sdpa_ms=sd_ms,
+                             sdpa=sd_name, speedup=sd_ms / ms, floor_ms=floor_ms,
+                             pct_copy=floor_ms / ms * 100, bytes=case.bytes_read,
+                             sdpa_pct_copy=case.fp16_bytes / bw * 1e3 / sd_ms * 100))
+            print("BENCH " + json.dumps(rows[-1]), flush=True)
     run, nbytes = C.encode_case()
     ms = C.gpu_ms(run, rep=300)
     rows.append(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS))
@@ -567,13 +573,13 @@ def main() -> None:
     if rows:
         bw = rows[0]["bw"]
         print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s")
-        print(f"decode, seed format (K 2+1 bit, V 3 bit), 32/8 heads, D=128, block 16; "
+        print(f"decode, seed format (K 2+1 bit, V 3 bit), 32/8 heads, D=128; "
               f"baseline {next(r['sdpa'] for r in rows if r['kind'] == 'decode')}")
-        print(f"{'batch':>5} {'ctx':>7} {'ours ms':>8} {'sdpa ms':>8} {'speedup':>7} "
+        print(f"{'batch':>5} {'ctx':>7} {'block':>5} {'ours ms':>8} {'sdpa ms':>8} {'speedup':>7} "
               f"{'floor ms':>8} {'%copy':>6} {'sdpa %copy':>10}")
         for r in rows:
             if r["kind"] == "decode":
-                print(f"{r['batch']:>5} {r['ctx']:>7} {r['ms']:>8.4f} {r['sdpa_ms']:>8.4f} "
+                print(f"{r['batch']:>5} {r['ctx']:>7} {r['bs']:>5} {r['ms']:>8.4f} {r['sdpa_ms']:>8.4f} "
                       f"{r['speedup']:>6.2f}x {r['floor_ms']:>8.4f} {r['pct_copy']:>5.1f}% "
                       f"{r['sdpa_pct_copy']:>9.1f}%")
         for r in rows:

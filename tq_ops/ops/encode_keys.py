@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from tq_ops import _checks, layout, reference
-from tq_ops.ops.write_cache import launch_encode
+from tq_ops.ops.write_cache import launch_encode, triton_encode_supported
 
 
 def launch_encode_keys(key: Tensor, rotation: Tensor, projection: Tensor, centroids: Tensor,
@@ -47,6 +47,6 @@ def encode_keys(key: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
     _checks.head_dim("key", key, d)
     _checks.codebook("encode_keys", centroids, bits)
     _checks.same_device(key=key, rotation=rotation, projection=projection, centroids=centroids)
-    if key.device.type == "cuda":
+    if key.device.type == "cuda" and triton_encode_supported(d):
         return launch_encode_keys(key, rotation, projection, centroids, bits, qjl)
     return reference.encode_keys(key, rotation, projection, centroids, bits, qjl)

@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from tq_ops import _checks, layout, reference
-from tq_ops.ops.write_cache import launch_encode
+from tq_ops.ops.write_cache import launch_encode, triton_encode_supported
 
 
 def launch_encode_values(value: Tensor, rotation: Tensor, centroids: Tensor, bits: int,
@@ -43,6 +43,6 @@ def encode_values(value: Tensor, rotation: Tensor, centroids: Tensor, bits: int)
     _checks.head_dim("value", value, d)
     _checks.codebook("encode_values", centroids, bits)
     _checks.same_device(value=value, rotation=rotation, centroids=centroids)
-    if value.device.type == "cuda":
+    if value.device.type == "cuda" and triton_encode_supported(d):
         return launch_encode_values(value, rotation, centroids, bits)
     return reference.encode_values(value, rotation, centroids, bits)

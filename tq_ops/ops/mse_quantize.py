@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from tq_ops import _checks, layout, reference
-from tq_ops.ops.write_cache import launch_encode
+from tq_ops.ops.write_cache import launch_encode, triton_encode_supported
 
 
 def launch_mse_quantize(x: Tensor, rotation: Tensor, centroids: Tensor, bits: int,
@@ -41,6 +41,6 @@ def mse_quantize(x: Tensor, rotation: Tensor, centroids: Tensor, bits: int) -> t
     _checks.head_dim("x", x, d)
     _checks.codebook("mse_quantize", centroids, bits)
     _checks.same_device(x=x, rotation=rotation, centroids=centroids)
-    if x.device.type == "cuda":
+    if x.device.type == "cuda" and triton_encode_supported(d):
         return launch_mse_quantize(x, rotation, centroids, bits)
     return reference.mse_quantize(x, rotation, centroids, bits)

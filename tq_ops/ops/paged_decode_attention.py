@@ -18,7 +18,8 @@ from tq_ops.triton.unpack import asm_tables, group_width
 
 PREP_ROWS = 16   # query rows per prep program
 RAW_TILE = 16    # raw-pool tokens per step of the raw program
-MERGE_SPLITS = 16  # partials loaded per step of the merge
+MERGE_SPLITS = 32  # partials loaded per step of the merge
+MERGE_WARPS = 8
 
 
 def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, raw_key: Tensor,
@@ -71,18 +72,17 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     prep[(triton.cdiv(b * hq, PREP_ROWS),)](
         q, rotation, projection, qr, u, b * hq, scale * LOG2E, qjl_scale(d),
         D=d, DP=dp, RB=PREP_ROWS, JB=32, QJL=qjl)
-    split[(b * hkv, ns + 1)](
-        qr, u, q, cache, block_table, kv_lens, rk, rv, raw_index, raw_lens, key_centroids,
-        value_centroids, o_part, m_part, l_part,
-        kv_start, block_table.stride(0), cache.stride(0), scale * LOG2E,
-        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        HKV=hkv, G=g, GP=gp, D=d, DP=dp, DG=dg, BS=bs, BLOCK_N=block_n, RAW_N=RAW_TILE,
-        KB=key_bits, QJL=qjl, VB=value_bits, SLOT=lay.slot_bytes, NUM_SPLITS=ns,
+    split[(b * hkv, ns)](
+        qr, u, cache, block_table, kv_lens, key_centroids, value_centroids, o_part, m_part,
+        l_part, kv_start, block_table.stride(0), cache.stride(0), ns,
+        HKV=hkv, G=g, GP=gp, D=d, DP=dp, DG=dg, BS=bs, BLOCK_N=block_n,
+        KB=key_bits, QJL=qjl, VB=value_bits, SLOT=lay.slot_bytes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **offs, **align, **tables)
     merge[(b * hkv,)](
-        o_part, m_part, l_part, rotation, out,
-        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=32, NUM_SPLITS=ns,
-        SC=min(MERGE_SPLITS, triton.next_power_of_2(ns + 1)), num_warps=4)
+        o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
+        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=32, SC=MERGE_SPLITS, RAW_N=RAW_TILE,
+        num_warps=MERGE_WARPS)
     return out
 
 

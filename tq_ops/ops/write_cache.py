@@ -12,6 +12,13 @@ from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import group_width
 
 
+def triton_encode_supported(head_dim: int) -> bool:
+    """The encode kernel keeps the split-precision Pi^T and S'^T resident in shared memory:
+    4 x DP^2 x 2 bytes, which fits the 228 KB of an H100 SM for DP <= 128 only.  Wider heads use
+    the reference body on CUDA (correct, not fused)."""
+    return triton.next_power_of_2(head_dim) <= 128
+
+
 def launch_encode(x: Tensor, rotation: Tensor, projection: Tensor, centroids: Tensor, bits: int,
                   qjl: bool, out: Tensor, offsets: dict[str, int], block_size: int,
                   page_stride: int, head_stride: int, slot_mapping: Tensor | None = None,
@@ -109,7 +116,7 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
     _checks.same_device(key=key, value=value, cache=cache, slot_mapping=slot_mapping,
                         rotation=rotation, projection=projection, key_centroids=key_centroids,
                         value_centroids=value_centroids)
-    if key.device.type == "cuda":
+    if key.device.type == "cuda" and triton_encode_supported(d):
         launch_write_cache(key, value, cache, slot_mapping, rotation, projection, key_centroids,
                            value_centroids, key_bits, qjl, value_bits)
         return

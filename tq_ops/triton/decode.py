@@ -4,18 +4,19 @@ Three launches, all with grids that depend only on shapes (CUDA-graph safe):
 
 1. `query_prep_kernel` (rows = B*Hq): q_rot = Pi q and u = S' q_rot in fp32 (tf32x3 dots), with the
    softmax scale * log2(e) folded in (and sqrt(pi/2)/D into u).
-2. `decode_split_kernel`, grid (B*Hkv, NUM_SPLITS + 1): program (b, h, s < NUM_SPLITS) walks its
-   share of the compressed positions kv_start..kv_lens[b]-1 in tiles of BLOCK_N tokens.  All G query
+2. `decode_split_kernel`, grid (B*Hkv, NUM_SPLITS): program (b, h, s) walks its share of the
+   compressed positions kv_start..kv_lens[b]-1 in tiles of BLOCK_N tokens.  All G query
    heads of the KV head are the N side of the MMAs, so each cache byte is read once: codes are
    unpacked to fp16 in registers per coordinate group (tq_ops.triton.unpack), scores are
    sum_r dot(centroids_r, q_rot_r^T) + gamma * sum_r dot(signs_r, u_r^T) on tensor cores, and the
    values are accumulated in the rotated domain with dot(P^T, values_r).  Nothing dequantized is
-   written to memory.  Program s == NUM_SPLITS attends the exact raw-pool tokens instead
-   (original domain).  Each writes a partial (max, sum, accumulator).
-3. `decode_merge_kernel`, grid (B*Hkv,): log-sum-exp merge of the partials, one un-rotation
-   (dot with Pi) of the compressed part, plus the raw part, divided by the softmax sum.
+   written to memory.  Each writes a partial (max, sum, accumulator).
+3. `decode_merge_kernel`, grid (B*Hkv,): attends the exact raw-pool tokens (original domain),
+   log-sum-exp merges them with the partials, un-rotates the compressed part once (dot with Pi)
+   and divides by the softmax sum.  (The raw tokens live here, not in the split kernel, so that
+   the split kernel's register budget, and so its occupancy, is set by its hot loop alone.)
 
-NUM_SPLITS is a function of (batch, kv heads, block-table width, SM count) only.
+NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only.
 """
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ class DecodeConfig:
 # One warp per program: the value MMAs are (DG x GP) per coordinate group, too small to split
 # over several warps without recomputing the decode in each; many 1-warp programs fill the SMs.
 DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, target_programs_per_sm=16,
-                              min_tokens_per_split=256, max_splits=128)
+                              min_tokens_per_split=64, max_splits=256)
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
-    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 16, 256, 128),
-    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 16, 256, 128),
+    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 16, 64, 256),
+    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 16, 64, 256),
 }
 
 
@@ -194,20 +195,17 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
 
 @triton.jit
 def decode_split_kernel(
-        qr_ptr, u_ptr, q_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
-        raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, kc_ptr, vc_ptr,
-        o_ptr, m_ptr, l_ptr,
-        kv_start, bt_stride, page_stride, q_scale,
-        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
+        qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr,
+        kv_start, bt_stride, page_stride, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-        RAW_N: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
+        KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr,
         USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
-        VT1: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """One (sequence, KV head, split) partial.  See the module docstring."""
+        VT1: tl.constexpr):
+    """One (sequence, KV head, split) partial of the compressed positions (module docstring)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -215,129 +213,131 @@ def decode_split_kernel(
     g = tl.arange(0, GP)
     gmask = g < G
     qrow = b * (HKV * G) + h * G + g
-    part = bh * (NUM_SPLITS + 1) + split
+    part = bh * (num_splits + 1) + split
     orow = part * GP + g
-    if split < NUM_SPLITS:
-        kv_len = tl.load(kv_lens_ptr + b)
-        # splits cover positions 0..kv_len-1 in whole tiles (so tiles never cross a page);
-        # positions below kv_start are masked
-        per = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * per
-        hi = tl.minimum(lo + per, kv_len)
-        qts = load_queries(qr_ptr, qrow, gmask, D, DG)
-        if QJL:
-            uts = load_queries(u_ptr, qrow, gmask, D, DG)
-        else:
-            uts = qts
-        m_i = tl.full([GP], NEG_BIG, tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        z = tl.zeros([DG, GP], tl.float32)
-        accs = (z, z, z, z, z, z, z, z)
-        head_off = h * (BS * SLOT)
-        bt_row = b.to(tl.int64) * bt_stride
-        fast = False
-        ktabs = (0, 0, 0, 0)
-        vtabs = (0, 0, 0, 0)
-        if USE_FAST:
-            fast = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
-            if KB == 3:
-                ktabs = byte_tables(kc_ptr, KB)
-            if VB == 3:
-                vtabs = byte_tables(vc_ptr, VB)
-        if fast:
-            m_i, l_i, accs = attend_pages(
-                cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
-                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
-                QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
-                True, KT0, KT1, VT0, VT1)
-        else:
-            m_i, l_i, accs = attend_pages(
-                cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
-                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
-                QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
-                False, KT0, KT1, VT0, VT1)
-        m = tl.arange(0, DG)
-        for r in tl.static_range(8):
-            tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],
-                     mask=gmask[None, :] & (8 * m + r < D)[:, None])
+    kv_len = tl.load(kv_lens_ptr + b)
+    # splits cover positions 0..kv_len-1 in whole tiles (so tiles never cross a page);
+    # positions below kv_start are masked
+    per = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per
+    hi = tl.minimum(lo + per, kv_len)
+    qts = load_queries(qr_ptr, qrow, gmask, D, DG)
+    if QJL:
+        uts = load_queries(u_ptr, qrow, gmask, D, DG)
     else:
-        # exact raw-pool tokens, original domain
-        rl = tl.load(raw_lens_ptr + b)
-        row = tl.load(raw_idx_ptr + b).to(tl.int64)
-        d = tl.arange(0, DP)
-        dmask = d < D
-        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
-        m_i = tl.full([GP], NEG_BIG, tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DP], tl.float32)
-        t = tl.arange(0, RAW_N)
-        for r0 in tl.range(0, rl, RAW_N):
-            tv = r0 + t < rl
-            kmask = tv[:, None] & dmask[None, :]
-            k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + t)[:, None] * rk_s1 + h * rk_s2 + d[None, :],
-                        mask=kmask, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k))
-            s = tl.where(tv[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-            v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + t)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
-                        mask=kmask, other=0.0).to(tl.float32)
-            acc = tl.dot(p, v, acc * alpha[:, None])
-        tl.store(o_ptr + orow[:, None] * DP + d[None, :], acc, mask=gmask[:, None])
+        uts = qts
+    m_i = tl.full([GP], NEG_BIG, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    z = tl.zeros([DG, GP], tl.float32)
+    accs = (z, z, z, z, z, z, z, z)
+    head_off = h * (BS * SLOT)
+    bt_row = b.to(tl.int64) * bt_stride
+    fast = False
+    ktabs = (0, 0, 0, 0)
+    vtabs = (0, 0, 0, 0)
+    if USE_FAST:
+        fast = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+        if KB == 3:
+            ktabs = byte_tables(kc_ptr, KB)
+        if VB == 3:
+            vtabs = byte_tables(vc_ptr, VB)
+    if fast:
+        m_i, l_i, accs = attend_pages(
+            cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
+            vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
+            QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
+            True, KT0, KT1, VT0, VT1)
+    else:
+        m_i, l_i, accs = attend_pages(
+            cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
+            vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
+            QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
+            False, KT0, KT1, VT0, VT1)
+    m = tl.arange(0, DG)
+    for r in tl.static_range(8):
+        tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],
+                 mask=gmask[None, :] & (8 * m + r < D)[:, None])
     tl.store(m_ptr + orow, m_i, mask=gmask)
     tl.store(l_ptr + orow, l_i, mask=gmask)
 
 
 @triton.jit
-def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr,
+def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr, raw_v_ptr,
+                        raw_idx_ptr, raw_lens_ptr, num_splits, q_scale,
+                        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        DP: tl.constexpr, JB: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                        SC: tl.constexpr):
-    """out[b, h*G+g] = (Pi^T sum_s w_s o_s + w_raw o_raw) / sum_s w_s l_s, w_s = exp2(m_s - max)."""
+                        DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr,
+                        RAW_N: tl.constexpr):
+    """Attend the raw-pool tokens of (b, h) (original domain), then merge them with the
+    compressed partials: out = (Pi^T sum_s w_s o_s + w_raw o_raw) / (sum_s w_s l_s + w_raw l_raw),
+    w = exp2(m - max).  The raw accumulator goes through the spare partial slot of (b, h) so the
+    un-rotation can run in column blocks."""
     bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
     g = tl.arange(0, GP)
     gmask = g < G
     d = tl.arange(0, DP)
-    base = bh * (NUM_SPLITS + 1)
+    dmask = d < D
+    qrow = b * (HKV * G) + h * G + g
+    base = bh * (num_splits + 1)
+    raw_row = (base + num_splits) * GP + g
+    # -- raw pool tokens
+    rl = tl.load(raw_lens_ptr + b)
+    row = tl.load(raw_idx_ptr + b).to(tl.int64)
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None] & dmask[None, :],
+                other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
+    m_raw = tl.full([GP], NEG_BIG, tl.float32)
+    l_raw = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    t = tl.arange(0, RAW_N)
+    for r0 in tl.range(0, rl, RAW_N):
+        tv = r0 + t < rl
+        kmask = tv[:, None] & dmask[None, :]
+        k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + t)[:, None] * rk_s1 + h * rk_s2 + d[None, :],
+                    mask=kmask, other=0.0).to(tl.float32)
+        s = tl.where(tv[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_raw, tl.max(s, 1))
+        alpha = tl.exp2(m_raw - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_raw = l_raw * alpha + tl.sum(p, 1)
+        m_raw = m_new
+        v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + t)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
+                    mask=kmask, other=0.0).to(tl.float32)
+        acc = tl.dot(p, v, acc * alpha[:, None])
+    tl.store(o_ptr + raw_row[:, None] * DP + d[None, :], acc)
+    # -- merge
     sc = tl.arange(0, SC)
-    big = tl.full([GP], NEG_BIG, tl.float32)
-    for s0 in tl.static_range(0, NUM_SPLITS + 1, SC):
-        sm = (s0 + sc) < NUM_SPLITS + 1
+    big = m_raw
+    for s0 in tl.range(0, num_splits, SC):
+        sm = (s0 + sc) < num_splits
         mv = tl.load(m_ptr + (base + s0 + sc)[:, None] * GP + g[None, :], mask=sm[:, None],
                      other=NEG_BIG)
         big = tl.maximum(big, tl.max(mv, 0))
-    tot = tl.zeros([GP], tl.float32)
+    w_raw = tl.exp2(m_raw - big)
+    tot = w_raw * l_raw
     acc = tl.zeros([GP, DP], tl.float32)
-    for s0 in tl.static_range(0, NUM_SPLITS, SC):
-        sm = (s0 + sc) < NUM_SPLITS
+    for s0 in tl.range(0, num_splits, SC):
+        sm = (s0 + sc) < num_splits
         idx = base + s0 + sc
         mv = tl.load(m_ptr + idx[:, None] * GP + g[None, :], mask=sm[:, None], other=NEG_BIG)
         lv = tl.load(l_ptr + idx[:, None] * GP + g[None, :], mask=sm[:, None], other=0.0)
         w = tl.where(sm[:, None], tl.exp2(mv - big[None, :]), 0.0)
         tot += tl.sum(w * lv, 0)
         ov = tl.load(o_ptr + (idx[:, None, None] * GP + g[None, :, None]) * DP + d[None, None, :],
-                     mask=sm[:, None, None] & (d < D)[None, None, :], other=0.0)
+                     mask=sm[:, None, None] & dmask[None, None, :], other=0.0)
         acc += tl.sum(w[:, :, None] * ov, 0)
-    raw = base + NUM_SPLITS
-    w_raw = tl.exp2(tl.load(m_ptr + raw * GP + g) - big)
-    tot += w_raw * tl.load(l_ptr + raw * GP + g)
     inv = tl.where(tot > 0, 1.0 / tot, 0.0)
-    b = bh // HKV
-    h = bh % HKV
-    orow = b * (HKV * G) + h * G + g
+    tl.debug_barrier()  # the raw accumulator stored above is read back by other threads
     j = tl.arange(0, JB)
     for j0 in tl.static_range(0, DP, JB):
         jj = j0 + j
         jm = jj < D
-        pi = tl.load(rot_ptr + d[:, None] * D + jj[None, :], mask=(d < D)[:, None] & jm[None, :],
+        pi = tl.load(rot_ptr + d[:, None] * D + jj[None, :], mask=dmask[:, None] & jm[None, :],
                      other=0.0)
         o = tl.dot(acc, pi, input_precision="ieee")
-        o += w_raw[:, None] * tl.load(o_ptr + (raw * GP + g[:, None]) * DP + jj[None, :],
+        o += w_raw[:, None] * tl.load(o_ptr + raw_row[:, None] * DP + jj[None, :],
                                       mask=jm[None, :], other=0.0)
         o = o * inv[:, None]
-        tl.store(out_ptr + orow[:, None] * D + jj[None, :], o.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + qrow[:, None] * D + jj[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=gmask[:, None] & jm[None, :])
