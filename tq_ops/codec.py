@@ -13,7 +13,10 @@ import torch
 from tq_ops import codebooks
 from tq_ops.config import TQConfig
 
-# Separate generator streams, so changing the rotation kind never changes the QJL matrix.
+# Separate generator streams, so changing the rotation kind never changes the QJL matrix, and so a
+# caller who draws test data from torch.Generator().manual_seed(seed) never gets the rotation's
+# own Gaussian rows back as "random" inputs (they would be adversarial for that rotation).
+_ROTATION_STREAM = 0x2545F4914F6CDD1D
 _QJL_STREAM = 0x5DEECE66D
 
 
@@ -34,7 +37,7 @@ def rotation_matrix(dim: int, seed: int) -> torch.Tensor:
     Other dims: a Haar rotation, the QR of a Gaussian matrix with the sign(diag R) fix.
     Never padded, so no rotated coordinate is ever dropped and no bits are spent on padding.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed ^ _ROTATION_STREAM)
     if dim & (dim - 1) == 0:
         h = hadamard(dim)
         pi = torch.eye(dim, dtype=torch.float64)
