@@ -23,6 +23,26 @@ BLOCK_SIZE = 16        # vLLM's default page size
 ENCODE_TOKENS = 32768  # tokens per encode+write benchmark call (x 8 KV heads)
 
 
+class CudaClock:
+    """A pytest-benchmark timer reading GPU time: seconds between the first call's CUDA event
+    and this call's (both synchronised), so a round's (t1 - t0) is the GPU time of its work."""
+
+    def __init__(self) -> None:
+        self.start = None
+
+    def __call__(self) -> float:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        ev.synchronize()
+        if self.start is None:
+            self.start = ev
+            return 0.0
+        return self.start.elapsed_time(ev) * 1e-3
+
+
+cuda_timer = CudaClock()   # --benchmark-timer=perf.common.cuda_timer
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

@@ -1,33 +1,14 @@
 """pytest-benchmark setup for the GPU suites (bench_decode.py, bench_encode.py).
 
-The recorded time is GPU time: `--benchmark-timer=perf.conftest.cuda_timer` (set by addopts in
-perf/README.md's commands) records a CUDA event and returns the GPU time elapsed since the first
-event, so a round's (t1 - t0) is the GPU time of the round's work.  Each round replays a captured
+The recorded time is GPU time: `--benchmark-timer=perf.common.cuda_timer` (perf/README.md's
+commands) records a CUDA event and returns the GPU time elapsed since the first event, so a
+round's (t1 - t0) is the GPU time of the round's work.  Each round replays a captured
 CUDA graph of the op several times, so launch overhead is out of the numbers.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-class _CudaClock:
-    """Seconds of GPU time since the first call, read through CUDA events (synchronising)."""
-
-    def __init__(self) -> None:
-        self.start = None
-
-    def __call__(self) -> float:
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        ev.synchronize()
-        if self.start is None:
-            self.start = ev
-            return 0.0
-        return self.start.elapsed_time(ev) * 1e-3
-
-
-cuda_timer = _CudaClock()
 
 
 @pytest.fixture(autouse=True)

@@ -361,8 +361,9 @@ def run_opcheck(c: dict) -> dict:
     return res
 
 
-def worker(index: int, count: int) -> None:
-    for i, c in enumerate(cases()):
+def worker(index: int, count: int, only: str = "") -> None:
+    picked = [c for c in cases() if not only or any(o in c["name"] for o in only.split(","))]
+    for i, c in enumerate(picked):
         if i % count != index:
             continue
         t0 = time.time()
@@ -525,10 +526,12 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=os.environ.get("OUT"))
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--only", type=str, default="",
+                    help="comma-separated name substrings: run only those checks")
     a = ap.parse_args()
     if a.worker:
         i, n = map(int, a.worker.split("/"))
-        worker(i, n)
+        worker(i, n, a.only)
         return
     if a.graphs:
         graphs(a.graphs)
@@ -537,12 +540,14 @@ def main() -> None:
     env = dict(os.environ)
     results = []
     if not a.skip_checks:
-        procs = [subprocess.Popen([sys.executable, HERE, "--worker", f"{i}/{a.workers}"],
+        procs = [subprocess.Popen([sys.executable, HERE, "--worker", f"{i}/{a.workers}",
+                                   "--only", a.only],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=env) for i in range(a.workers)]
         procs += [subprocess.Popen([sys.executable, HERE, "--graphs", w], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env)
-                  for w in ("compile", "capture")]
+                  for w in ("compile", "capture")
+                  if not a.only or "graphs" in a.only]
         for p in procs:
             so, se = p.communicate()
             got = [json.loads(l[7:]) for l in so.splitlines() if l.startswith("RESULT ")]

@@ -32,10 +32,11 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     tests run this on CPU tensors under TRITON_INTERPRET=1.
     """
     b, hq, d = query.shape
-    hkv = cache.shape[1]
+    # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
+    hq, d, hkv = int(hq), int(d), int(cache.shape[1])
     g = hq // hkv
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
-    bs = cache.shape[2] // lay.slot_bytes
+    bs = int(cache.shape[2]) // lay.slot_bytes
     cfg = decode_config(arch(query.device), d, key_bits)
     block_n = math.gcd(bs, cfg.block_n)  # tiles never cross a page
     ns = num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
@@ -59,7 +60,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
                 OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
                 OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"))
     # byte alignment of each component's rows, for vectorised loads
-    common = math.gcd(16, cache.stride(0), bs * lay.slot_bytes)
+    common = math.gcd(16, int(cache.stride(0)), bs * lay.slot_bytes)
     align = {f"AL_{k}": math.gcd(common, bs * lay.slot_offset(n), comps[n]) if n in comps else 1
              for k, n in (("K", "k_codes"), ("S", "k_signs"), ("V", "v_codes"))}
     kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)

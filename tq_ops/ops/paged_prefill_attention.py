@@ -26,10 +26,11 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     raw=True launches the bare kernels (interpreter tests on CPU tensors)."""
     t, hq, d = query.shape
     b = block_table.shape[0]
-    hkv = cache.shape[1]
+    # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
+    hq, d, hkv = int(hq), int(d), int(cache.shape[1])
     g = hq // hkv
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
-    bs = cache.shape[2] // lay.slot_bytes
+    bs = int(cache.shape[2]) // lay.slot_bytes
     q = query.contiguous()
     k = key.contiguous()
     v = value.contiguous()
@@ -51,7 +52,7 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
         raw_lens, rotation, key_centroids, value_centroids, out,
         kv_start, block_table.stride(0), cache.stride(0), scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        B=b, LOG_B=max(1, math.ceil(math.log2(max(b, 1)))), HKV=hkv, G=g,
+        b, HKV=hkv, G=g,
         GP=triton.next_power_of_2(g), D=d, DP=dp, DG=group_width(d), BS=bs, BQ=BLOCK_Q,
         BN=BLOCK_N, CBN=math.gcd(bs, BLOCK_N), KB=key_bits, QJL=qjl, VB=value_bits,
         OFF_KC=lay.slot_offset("k_codes"), OFF_KS=lay.slot_offset("k_signs") if qjl else 0,

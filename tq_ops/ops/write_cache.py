@@ -31,6 +31,7 @@ def launch_encode(x: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
     interpreter tests run it on CPU tensors).
     """
     t, h, d = x.shape
+    h, d = int(h), int(d)  # tl.constexpr values: concrete ints (a guard under dynamic shapes)
     if x.stride(-1) != 1:
         x = x.contiguous()
     cfg = encode_config(arch(x.device), d, bits)
@@ -55,9 +56,9 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
                        value_centroids: Tensor, key_bits: int, qjl: bool, value_bits: int,
                        raw: bool = False) -> None:
     """The Triton body of write_cache: one encode launch for keys, one for values."""
-    d = key.shape[-1]
+    d = int(key.shape[-1])
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
-    bs = cache.shape[2] // lay.slot_bytes
+    bs = int(cache.shape[2]) // lay.slot_bytes
     page_stride, head_stride = cache.stride(0), cache.stride(1)
     koffs = dict(OFF_C=lay.slot_offset("k_codes"), OFF_N=lay.slot_offset("k_norm"))
     if qjl:

@@ -27,6 +27,7 @@ from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_valu
 BLOCK_Q = 16    # query tokens per program (times the padded GQA group = MMA rows)
 BLOCK_N = 64    # keys per tile (chunk and raw phases); compressed tiles use gcd(64, block size)
 NUM_WARPS = 4
+LOG2_MAX_SEQS = tl.constexpr(20)  # binary-search steps: batches up to 2^20 sequences
 
 
 @triton.jit
@@ -114,8 +115,8 @@ def prefill_kernel(
         q_ptr, qr_ptr, u_ptr, k_ptr, v_ptr, cu_ptr, cache_ptr, bt_ptr, prefix_ptr,
         raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, rot_ptr, kc_ptr, vc_ptr, out_ptr,
         kv_start, bt_stride, page_stride, q_scale,
-        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
-        B: tl.constexpr, LOG_B: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, n_seqs,
+        HKV: tl.constexpr, G: tl.constexpr,
         GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr,
         BQ: tl.constexpr, BN: tl.constexpr, CBN: tl.constexpr, KB: tl.constexpr,
         QJL: tl.constexpr, VB: tl.constexpr,
@@ -128,8 +129,8 @@ def prefill_kernel(
     h = tl.program_id(1)
     # largest b with cu[b] // BQ + b <= pid (those block starts strictly increase with b)
     lo = 0
-    hi = B - 1
-    for _ in tl.static_range(LOG_B + 1):
+    hi = n_seqs - 1
+    for _ in tl.static_range(LOG2_MAX_SEQS + 1):
         mid = (lo + hi + 1) // 2
         below = tl.load(cu_ptr + mid) // BQ + mid <= pid
         active = lo < hi
