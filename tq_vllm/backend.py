@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -319,13 +318,6 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             logger.info("tq_vllm: raw pool of %d request rows x %d tokens per layer (%.1f MiB)",
                         self.num_rows, self.window.row_slots,
                         2 * self.raw_key.numel() * self.raw_key.element_size() / 2**20)
-
-    @staticmethod
-    def raw_pool_bytes(num_rows: int, window, num_kv_heads: int, head_size: int,
-                       dtype: torch.dtype) -> int:
-        """Bytes of one layer's raw pool (keys and values)."""
-        return 2 * num_rows * window.row_slots * num_kv_heads * head_size * (
-            torch.tensor([], dtype=dtype).element_size())
 
     def do_kv_cache_update(self, layer, key: Tensor, value: Tensor, kv_cache: Tensor,
                            slot_mapping: Tensor) -> None:
