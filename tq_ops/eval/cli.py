@@ -25,7 +25,7 @@ import torch
 from tq_ops.eval import assets, metrics, report
 from tq_ops.eval.rows import Row, model_head_dim, parse_row
 
-DEFAULT_ROWS = "seed,k3v3,k4v3,vllm-k3v4_nc"
+DEFAULT_ROWS = "k3v3,k4v3,vllm-k3v4_nc"
 
 
 def _ints(s: str) -> list[int]:
@@ -55,12 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boundary", type=int, default=0,
                    help="default number of first and last layers kept exact (%(default)s)")
     p.add_argument("--ppl-length", type=int, default=1024, help="tokens per perplexity window")
-    p.add_argument("--ppl-windows", type=int, default=1, help="number of perplexity windows")
-    p.add_argument("--passkey-lengths", default="1024", help="prompt lengths in tokens")
-    p.add_argument("--passkey-depths", default="0.2,0.6",
+    p.add_argument("--ppl-windows", type=int, default=1,
+                   help="number of perplexity windows (0 = skip perplexity)")
+    p.add_argument("--passkey-lengths", default="1024",
+                   help="prompt lengths in tokens (empty = skip passkey)")
+    p.add_argument("--passkey-depths", default="0.25",
                    help="needle positions as a fraction of the filler")
     p.add_argument("--passkey-trials", type=int, default=1, help="trials per length and depth")
-    p.add_argument("--attn-length", type=int, default=1024,
+    p.add_argument("--attn-length", type=int, default=512,
                    help="tokens for the per-layer attention error (0 = skip)")
     p.add_argument("--chunk", type=int, default=256,
                    help="chunk size where no recent buffer fixes it (baseline, window 0)")
@@ -124,14 +126,15 @@ def main(argv=None) -> int:
         res = metrics.RowResult(row, row.bits_per_channel(head_dim, n_layers))
         if captured:
             res.attn_err = metrics.attention_error(captured, row, cfg, args.chunk)
-        res.ppl = metrics.perplexity(model, windows, row, args.chunk, t0)
+        res.ppl = metrics.perplexity(model, windows, row, args.chunk, t0) if windows else None
         for pr in prompts:
             res.passkey.append(metrics.passkey(model, tok, pr, row, args.chunk))
         ok = sum(p["ok"] for p in res.passkey)
         res.seconds = time.perf_counter() - start
-        metrics._progress(f"{row.label}: {res.bits:.3f} bits/ch, ppl {res.ppl.ppl:.3f}, passkey "
-                          f"{ok}/{len(res.passkey)}, attention error "
-                          f"{(sum(res.attn_err) / max(len(res.attn_err), 1)):.4f}", t0)
+        ppl = f"{res.ppl.ppl:.3f}" if res.ppl else "-"
+        err = f"{sum(res.attn_err) / len(res.attn_err):.4f}" if res.attn_err else "-"
+        metrics._progress(f"{row.label}: {res.bits:.3f} bits/ch, ppl {ppl}, passkey "
+                          f"{ok}/{len(res.passkey)}, attention error {err}", t0)
         results.append(res)
         # written after every row, so an interrupted run keeps what it measured
         meta["seconds"] = round(time.perf_counter() - t0, 1)

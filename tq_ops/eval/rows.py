@@ -3,7 +3,8 @@
 A row spec is ``FORMAT[:sN][:wN][:bN]``:
   FORMAT   ``baseline`` (the model's own dtype, transformers' DynamicCache and SDPA), a TurboQuant
            preset name from ``tq_ops.config.PRESET_FIELDS`` or any ``k<b>[q1]v<b>`` (key MSE bits,
-           optional 1-bit QJL, value bits), ``vllm-4bit_nc`` / ``vllm-k3v4_nc`` / ``vllm-3bit_nc``
+           optional 1-bit QJL, value bits), ``k<b>v<b>nc`` (MSE keys with norm correction, an
+           experiment: `tq_ops.eval.experimental`), ``vllm-4bit_nc`` / ``vllm-k3v4_nc`` / ``vllm-3bit_nc``
            (vLLM's built-in formats, `tq_ops.eval.baselines`), ``kivi2`` / ``kivi4``;
   sN       exact attention-sink tokens (default: --sinks);
   wN       flush interval of the exact recent buffer (default: --window; 0 = every token compressed
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from tq_ops.config import PRESET_FIELDS, TQConfig
 
-_TQ_RE = re.compile(r"^k([1-4])(q1)?v([1-4])$")
+_TQ_RE = re.compile(r"^k([1-4])(q1)?v([1-4])(nc)?$")
 VLLM_PREFIX = "vllm-"
 KIVI_RE = re.compile(r"^kivi([24])$")
 
@@ -27,7 +28,7 @@ def tq_fields(fmt: str) -> dict[str, int] | None:
     if fmt in PRESET_FIELDS:
         return dict(PRESET_FIELDS[fmt])
     m = _TQ_RE.match(fmt)
-    if m:
+    if m and not (m.group(2) and m.group(4)):
         return dict(key_mse_bits=int(m.group(1)), key_qjl_bits=1 if m.group(2) else 0,
                     value_bits=int(m.group(3)))
     return None
@@ -94,6 +95,10 @@ class Row:
         if fam == "kivi":
             bits = int(KIVI_RE.match(self.format).group(1))
             return lambda device: baselines.KIVICompressor(bits, head_dim, device)
+        if self.format.endswith("nc"):
+            from tq_ops.eval.experimental import KeyNormCorrectedCompressor
+            cfg = self.tq_config(head_dim)
+            return lambda device: KeyNormCorrectedCompressor(cfg, device)
         return None
 
     def slot_bytes(self, head_dim: int) -> float:
