@@ -150,8 +150,10 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, capsys):
     for name, r in rows.items():
         assert len(r["attn_err_per_layer"]) == 2 and len(r["passkey_trials"]) == 1
         assert math.isfinite(r["ppl"])
-    # every token compressed on write: layer outputs differ from exact attention
+    # every token compressed on write: layer outputs differ from exact attention, and the cache
+    # holds exactly the format's 52 bytes per token and head (3.25 bits/channel)
     assert rows["k3v3:s0:w0:b0"]["attn_err_mean"] > 1e-3
+    assert rows["k3v3:s0:w0:b0"]["held_bits_per_channel"] == 3.25
     # with 2 layers and boundary 1, both layers are exact: the baseline up to fp32 summation order
     exact = rows["k4v4:s4:w64:b1"]
     assert exact["bits_per_channel"] == 16.0 and exact["attn_err_max"] < 1e-5

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tq_ops.eval.rows import Row
+from tq_ops.eval.rows import Row, model_head_dim
 
 
 def _progress(msg: str, t0: float) -> None:
@@ -37,6 +37,12 @@ class PerplexityResult:
     tokens: int = 0
     held_bytes: int = 0       # KV bytes held at the end of the last window (raw tokens at 2 bytes)
     held_tokens: int = 0
+    held_channels: int = 0    # held_tokens x layers x KV heads x 2 (K, V) x head_dim
+
+    @property
+    def held_bits_per_channel(self) -> float:
+        """Bits per channel actually held after the last window, exact sinks and buffer included."""
+        return self.held_bytes * 8 / self.held_channels if self.held_channels else float("nan")
 
     @property
     def ppl(self) -> float:
@@ -65,6 +71,9 @@ def perplexity(model, windows: list[Tensor], row: Row, chunk: int, t0: float) ->
         else:
             res.held_bytes = sum(l.keys.numel() * 2 * 2 for l in cache.layers)
         res.held_tokens = ids.shape[1]
+        cfg = model.config
+        res.held_channels = (ids.shape[1] * cfg.num_hidden_layers * cfg.num_key_value_heads * 2
+                             * model_head_dim(cfg))
         _progress(f"{row.label}: perplexity window {w + 1}/{len(windows)} "
                   f"({ids.shape[1]} tokens): running ppl {res.ppl:.3f}", t0)
     return res

@@ -24,8 +24,7 @@ def summary(r: RowResult, base: RowResult | None) -> dict:
     ppl = r.ppl.ppl if r.ppl else float("nan")
     base_ppl = base.ppl.ppl if (base and base.ppl) else float("nan")
     frac, same = _passkey_summary(r, base)
-    held = (r.ppl.held_bytes * 8 / max(r.ppl.held_tokens, 1) if r.ppl and r.ppl.held_tokens
-            else float("nan"))
+    held = r.ppl.held_bits_per_channel if r.ppl else float("nan")
     return dict(
         row=r.row.label, family=r.row.family, format=r.row.format, sinks=r.row.sinks,
         window=r.row.window, boundary=r.row.boundary, bits_per_channel=round(r.bits, 4),
@@ -33,7 +32,7 @@ def summary(r: RowResult, base: RowResult | None) -> dict:
         tokens=r.ppl.tokens if r.ppl else 0, passkey=frac, passkey_equals_baseline=same,
         attn_err_mean=(sum(r.attn_err) / len(r.attn_err)) if r.attn_err else float("nan"),
         attn_err_max=max(r.attn_err) if r.attn_err else float("nan"),
-        held_bits_per_token_all_layers=held, seconds=round(r.seconds, 1))
+        held_bits_per_channel=held, seconds=round(r.seconds, 1))
 
 
 def _fmt(x, spec: str) -> str:
