@@ -117,7 +117,8 @@ class TQConfig:
 # Named presets.  Bits are per coordinate before the norm overhead; `effective_bits` adds it.
 #  - seed:        the seed's default, 2-bit MSE + 1-bit QJL keys (TurboQuant_prod b=3), 3-bit values.
 #  - k3v3 / k4v4: MSE-only keys (TurboQuant_mse), the setting community A/Bs favour.
-#  - k4v3:        ~3.5 bits per channel in the spirit of the paper's 3.5-bit setting.
+#  - k4v3:        ~3.5 bits per channel in the spirit of the paper's 3.5-bit setting; the preset the
+#                 evaluation recommends (README, Quality: SmolLM2-135M, beats vLLM's k3v4_nc).
 #  - k3v2:        ~2.5 bits per channel, the paper's 2.5-bit budget.
 #  - k3q1v3:      3-bit MSE + 1-bit QJL keys (TurboQuant_prod b=4), for the QJL A/B.
 PRESET_FIELDS: dict[str, dict[str, int]] = {

@@ -54,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "compressed (%(default)s)")
     p.add_argument("--boundary", type=int, default=0,
                    help="default number of first and last layers kept exact (%(default)s)")
-    p.add_argument("--ppl-length", type=int, default=1024, help="tokens per perplexity window")
+    p.add_argument("--ppl-length", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--ppl-windows", type=int, default=1,
                    help="number of perplexity windows (0 = skip perplexity)")
-    p.add_argument("--passkey-lengths", default="1024",
+    p.add_argument("--passkey-lengths", default="512",
                    help="prompt lengths in tokens (empty = skip passkey)")
     p.add_argument("--passkey-depths", default="0.25",
                    help="needle positions as a fraction of the filler")

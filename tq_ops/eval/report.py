@@ -36,7 +36,10 @@ def summary(r: RowResult, base: RowResult | None) -> dict:
 
 
 def _fmt(x, spec: str) -> str:
-    return "-" if isinstance(x, float) and math.isnan(x) else format(x, spec)
+    if isinstance(x, float) and math.isnan(x):
+        width = spec.lstrip("+").split(".")[0]
+        return "-".rjust(int(width) if width.isdigit() else 1)
+    return format(x, spec)
 
 
 def table(results: list[RowResult], baseline_name: str) -> str:
