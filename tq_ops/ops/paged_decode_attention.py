@@ -10,7 +10,7 @@ from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, layout, reference
 from tq_ops.codec import qjl_scale
-from tq_ops.ops.write_cache import check_cache
+from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import (LOG2E, decode_config, decode_merge_kernel, decode_split_kernel,
                                   num_splits, query_prep_kernel)
 from tq_ops.triton.launch import arch, sm_count
@@ -110,16 +110,9 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
     Returns:
         (B, Hq, D) in query.dtype; a sequence with no valid token gets zeros.
     """
-    d = _checks.rotation(rotation)
+    d, hkv = check_paged_query(query, cache, rotation, key_centroids, value_centroids, key_bits,
+                               qjl, value_bits)
     _checks.projection(projection, d)
-    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
-    _checks.codebook("key", key_centroids, key_bits)
-    _checks.codebook("value", value_centroids, value_bits)
-    _checks.floats("query", query, rank=3)
-    _checks.head_dim("query", query, d)
-    hkv = cache.shape[1] if cache.dim() == 3 else 0
-    check_cache(cache, lay, hkv)
-    _checks.gqa(query.shape[1], hkv)
     b = query.shape[0]
     _checks.ints("block_table", block_table, rank=2)
     _checks.ints("kv_lens", kv_lens, rank=1)
@@ -128,12 +121,7 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
     if (block_table.shape[0] != b or kv_lens.shape[0] != b or raw_lens.shape[0] != b
             or raw_index.shape[0] != b):
         _checks.fail(f"block_table, kv_lens, raw_index and raw_lens need {b} rows (one per query)")
-    for name, t in (("raw_key", raw_key), ("raw_value", raw_value)):
-        _checks.floats(name, t, rank=4)
-        if t.shape[2] != hkv or t.shape[3] != d or t.shape != raw_key.shape:
-            _checks.fail(f"{name} must be (N, R, {hkv}, {d}) like raw_key, got {tuple(t.shape)}")
-    if kv_start < 0:
-        _checks.fail(f"kv_start={kv_start} must be >= 0")
+    check_raw_pool(raw_key, raw_value, hkv, d, kv_start)
     _checks.same_device(query=query, cache=cache, block_table=block_table, kv_lens=kv_lens,
                         raw_key=raw_key, raw_value=raw_value, raw_index=raw_index,
                         raw_lens=raw_lens, rotation=rotation, projection=projection,

@@ -11,7 +11,7 @@ from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, layout, reference
 from tq_ops.codec import qjl_scale
-from tq_ops.ops.write_cache import check_cache
+from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import LOG2E, query_prep_kernel
 from tq_ops.triton.prefill import BLOCK_N, BLOCK_Q, NUM_WARPS, prefill_kernel
 from tq_ops.triton.unpack import asm_tables, group_width
@@ -67,15 +67,8 @@ def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, pref
                        raw_value, raw_index, raw_lens, rotation, key_centroids, value_centroids,
                        key_bits, qjl, value_bits, kv_start) -> int:
     """Static checks of paged_prefill_attention's arguments; returns head_dim."""
-    d = _checks.rotation(rotation)
-    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
-    _checks.codebook("key", key_centroids, key_bits)
-    _checks.codebook("value", value_centroids, value_bits)
-    _checks.floats("query", query, rank=3)
-    _checks.head_dim("query", query, d)
-    hkv = cache.shape[1] if cache.dim() == 3 else 0
-    check_cache(cache, lay, hkv)
-    _checks.gqa(query.shape[1], hkv)
+    d, hkv = check_paged_query(query, cache, rotation, key_centroids, value_centroids, key_bits,
+                               qjl, value_bits)
     for name, t in (("key", key), ("value", value)):
         _checks.floats(name, t, rank=3)
         if tuple(t.shape) != (query.shape[0], hkv, d):
@@ -90,12 +83,7 @@ def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, pref
         _checks.fail(f"cu_seqlens_q needs B+1 = {b + 1} entries, got {cu_seqlens_q.shape[0]}")
     if prefix_lens.shape[0] != b or raw_index.shape[0] != b or raw_lens.shape[0] != b:
         _checks.fail(f"prefix_lens, raw_index and raw_lens need {b} rows (one per sequence)")
-    for name, t in (("raw_key", raw_key), ("raw_value", raw_value)):
-        _checks.floats(name, t, rank=4)
-        if t.shape[2] != hkv or t.shape[3] != d or t.shape != raw_key.shape:
-            _checks.fail(f"{name} must be (N, R, {hkv}, {d}) like raw_key, got {tuple(t.shape)}")
-    if kv_start < 0:
-        _checks.fail(f"kv_start={kv_start} must be >= 0")
+    check_raw_pool(raw_key, raw_value, hkv, d, kv_start)
     _checks.same_device(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cache=cache,
                         block_table=block_table, prefix_lens=prefix_lens, raw_key=raw_key,
                         raw_value=raw_value, raw_index=raw_index, raw_lens=raw_lens,

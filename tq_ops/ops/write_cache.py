@@ -83,6 +83,34 @@ def check_cache(cache: Tensor, lay: layout.SlotLayout, num_kv_heads: int) -> int
     return cache.shape[2] // lay.slot_bytes
 
 
+def check_paged_query(query: Tensor, cache: Tensor, rotation: Tensor, key_centroids: Tensor,
+                      value_centroids: Tensor, key_bits: int, qjl: bool,
+                      value_bits: int) -> tuple[int, int]:
+    """Checks shared by the paged attention ops: format, query and cache. Returns (D, Hkv)."""
+    d = _checks.rotation(rotation)
+    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
+    _checks.codebook("key", key_centroids, key_bits)
+    _checks.codebook("value", value_centroids, value_bits)
+    _checks.floats("query", query, rank=3)
+    _checks.head_dim("query", query, d)
+    hkv = cache.shape[1] if cache.dim() == 3 else 0
+    check_cache(cache, lay, hkv)
+    _checks.gqa(query.shape[1], hkv)
+    return d, hkv
+
+
+def check_raw_pool(raw_key: Tensor, raw_value: Tensor, num_kv_heads: int, d: int,
+                   kv_start: int) -> None:
+    """The exact-token pool (N, R, Hkv, D) of the paged attention ops, and kv_start."""
+    for name, t in (("raw_key", raw_key), ("raw_value", raw_value)):
+        _checks.floats(name, t, rank=4)
+        if t.shape[2] != num_kv_heads or t.shape[3] != d or t.shape != raw_key.shape:
+            _checks.fail(f"{name} must be (N, R, {num_kv_heads}, {d}) like raw_key, "
+                         f"got {tuple(t.shape)}")
+    if kv_start < 0:
+        _checks.fail(f"kv_start={kv_start} must be >= 0")
+
+
 @triton_op("turboquant::write_cache", mutates_args={"cache"})
 def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor, rotation: Tensor,
                 projection: Tensor, key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
