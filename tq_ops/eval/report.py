@@ -44,13 +44,13 @@ def _fmt(x, spec: str) -> str:
 
 def table(results: list[RowResult], baseline_name: str) -> str:
     base = next((r for r in results if r.row.is_baseline), None)
-    hdr = (f"{'row':26} {'bits/ch':>7} {'ppl':>9} {'dppl %':>8} {'passkey':>8} {'=base':>5} "
+    hdr = (f"{'row':34} {'bits/ch':>7} {'ppl':>9} {'dppl %':>8} {'passkey':>8} {'=base':>5} "
            f"{'attn err':>9} {'max':>7} {'sec':>6}")
     lines = [hdr, "-" * len(hdr)]
     for r in results:
         s = summary(r, base)
         name = baseline_name if r.row.is_baseline else s["row"]
-        lines.append(f"{name:26} {s['bits_per_channel']:>7.3f} {_fmt(s['ppl'], '9.3f')} "
+        lines.append(f"{name:34} {s['bits_per_channel']:>7.3f} {_fmt(s['ppl'], '9.3f')} "
                      f"{_fmt(s['ppl_change_pct'], '+8.2f')} {s['passkey']:>8} "
                      f"{s['passkey_equals_baseline']:>5} {_fmt(s['attn_err_mean'], '9.4f')} "
                      f"{_fmt(s['attn_err_max'], '7.4f')} {s['seconds']:>6.0f}")
@@ -63,7 +63,7 @@ def write_json(path: Path, meta: dict, results: list[RowResult]) -> None:
     for r in results:
         d = summary(r, base)
         d.update(passkey_trials=r.passkey, attn_err_per_layer=r.attn_err,
-                 nll_sum=r.ppl.nll_sum if r.ppl else None)
+                 nll_sum=r.ppl.nll_sum if r.ppl else None, high_layers=r.high_layers)
         rows.append(d)
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str) + "\n")
 
