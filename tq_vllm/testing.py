@@ -74,22 +74,33 @@ def shakespeare(num_chars: int) -> str:
     return "\n".join(lines)[:num_chars]
 
 
-def reference_attention_fn(cfg: TQConfig, device="cpu"):
+def reference_attention_fn(cfg: TQConfig, device="cpu", perturb: tuple[float, int] | None = None):
     """A transformers attention function for full-sequence (teacher-forced) forwards that applies
     tq_vllm.window's rule: query p sees sinks and its own flush group exact, everything between
     compressed with `cfg` through turboquant::encode_keys/encode_values and turboquant::attention.
 
     Independent of the backend's paged cache, raw pool and segment bookkeeping: it encodes the
-    whole sequence at once and calls the contiguous op once per flush group."""
+    whole sequence at once and calls the contiguous op once per flush group.
+
+    perturb=(eps, seed): every call first multiplies query, key and value elementwise by
+    1 + eps * N(0, 1) (one seeded stream): float-level noise of the size that separates two fp32
+    implementations of the same model, to measure the spread of the reference itself."""
     codec = TQCodec.build(cfg, device)
     win = Window(cfg.flush_interval, cfg.sink_tokens)
     tq = torch.ops.turboquant
+    gen = None if perturb is None else torch.Generator().manual_seed(int(perturb[1]))
+
+    def noisy(x):
+        if gen is None:
+            return x
+        return x * (1 + perturb[0] * torch.randn(x.shape, generator=gen, dtype=x.dtype))
 
     def attn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # query (1, Hq, Tq, D): the last Tq positions of the Tk keys/values (1, Hkv, Tk, D)
         # (Tq == Tk for a full forward, Tq == 1 for a step with transformers' KV cache, whose
         # keys are exact: the rule is applied afresh on every call).  Returns (1, Tq, Hq, D).
         assert query.shape[0] == 1, "reference runs one sequence at a time"
+        query, key, value = noisy(query), noisy(key), noisy(value)
         q = query[0].transpose(0, 1)
         k = key[0].transpose(0, 1).contiguous()
         v = value[0].transpose(0, 1).contiguous()
@@ -118,14 +129,15 @@ def reference_attention_fn(cfg: TQConfig, device="cpu"):
 
 
 def load_reference_model(checkpoint: str | os.PathLike, cfg: TQConfig | None,
-                         dtype=torch.float32):
-    """The checkpoint in transformers; cfg None gives exact (sdpa) attention."""
+                         dtype=torch.float32, perturb: tuple[float, int] | None = None):
+    """The checkpoint in transformers; cfg None gives exact (sdpa) attention.  perturb: see
+    reference_attention_fn."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     impl = "sdpa"
     if cfg is not None:
         impl = "tq_vllm_reference"
-        AttentionInterface.register(impl, reference_attention_fn(cfg))
+        AttentionInterface.register(impl, reference_attention_fn(cfg, perturb=perturb))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation=impl)
     return model.eval()
 
@@ -206,8 +218,8 @@ def scenario_capacity(a: dict) -> dict:
 
 
 def scenario_main(a: dict) -> dict:
-    """Our backend, prefix caching and chunked prefill on: prompt NLL, greedy continuation,
-    requests alone vs together, a prefix-cache hit."""
+    """Our backend, prefix caching and chunked prefill on: prompt NLL, greedy continuation, and
+    (if `mix_ids` is given) requests alone vs together and a prefix-cache hit."""
     import time
 
     clock = [time.time()]
@@ -227,6 +239,8 @@ def scenario_main(a: dict) -> dict:
     lap("prompt_logprobs")
     res["greedy"] = list(_generate(llm, [a["greedy_ids"]], a["greedy_n"])[0].outputs[0].token_ids)
     lap("greedy")
+    if not a.get("mix_ids"):  # the perplexity/greedy run of a second preset
+        return res
     n = a["mix_n"]
     llm.reset_prefix_cache()
     alone = []
@@ -295,6 +309,98 @@ def scenario_reference(a: dict) -> dict:
     return res
 
 
+def scenario_spread(a: dict) -> dict:
+    """The reference's own spread: prompt perplexity and greedy continuation with q/k/v perturbed
+    by a["eps"] (relative) for each seed in a["seeds"] (seed < 0: unperturbed).  Not run by the
+    tests; it produced the tolerances in tests/test_vllm_e2e.py."""
+    import math
+
+    cfg = TQConfig(**a["format"])
+    out = {}
+    for seed in a["seeds"]:
+        ref = load_reference_model(a["checkpoint"], cfg,
+                                   perturb=None if seed < 0 else (a["eps"], seed))
+        nll = (-prompt_logprobs(ref, a["ppl_ids"])).tolist()
+        out[str(seed)] = dict(ppl=math.exp(sum(nll) / len(nll)),
+                              greedy=greedy(ref, a["greedy_ids"], a["greedy_n"]))
+        print(f"seed {seed}: {out[str(seed)]}", flush=True)
+    return out
+
+
+def scenario_same_inputs(a: dict) -> dict:
+    """Our backend (TQ_PRESET from the environment) vs reference_attention_fn on the very q/k/v
+    vLLM computed: prompt log-probs of a["ppl_ids"], then a greedy run of a["greedy_n"] tokens
+    on a["greedy_ids"] (decode steps).  Per layer: key/value records in vLLM's pages that differ
+    from turboquant::encode_keys/encode_values of the same K/V, and max |output difference| /
+    max |output| over prefill and decode tokens.  Not run by the tests (a bit-level comparison
+    of records would depend on the CPU's GEMM paths); the evidence behind their tolerances."""
+    from tq_ops import reference
+    from tq_vllm import backend as B
+    from tq_vllm import config as tq_config
+
+    calls: dict[str, list] = {}
+    capture = [False]
+    forward = B.TQAttentionImpl.forward
+
+    def recording(self, layer, query, key, value, kv_cache, attn_metadata, output=None, **kw):
+        res = forward(self, layer, query, key, value, kv_cache, attn_metadata, output=output, **kw)
+        md = attn_metadata
+        if md is not None and capture[0]:
+            t = md.num_actual_tokens
+            calls.setdefault(layer.layer_name, []).append(dict(
+                q=query[:t].clone(), k=key[:t].clone(), v=value[:t].clone(), o=res[:t].clone(),
+                decode=md.num_decodes > 0, pages=kv_cache, table=md.block_table[0].clone(),
+                head_size=self.head_size))
+        return res
+
+    B.TQAttentionImpl.forward = recording
+    llm = _engine(a["checkpoint"], a["backend"], dtype="float32",
+                  max_model_len=a["max_model_len"], kv_cache_memory_bytes=a["kv_bytes"],
+                  enable_prefix_caching=False, max_num_batched_tokens=a["chunk"])
+    out = {}
+    for run in ("prompt", "greedy"):
+        calls.clear()
+        capture[0] = True
+        if run == "prompt":
+            _prompt_nll(llm, a["ppl_ids"])
+        else:
+            _generate(llm, [a["greedy_ids"]], a["greedy_n"])
+        capture[0] = False
+        rows = []
+        for name, steps in calls.items():
+            q, k, v, o = (torch.cat([c[x] for c in steps]) for x in "qkvo")
+            fmt = tq_config.format_for(steps[0]["head_size"])
+            hd = fmt.head_dim
+            q, k, v, o = (x.view(x.shape[0], -1, hd) for x in (q, k, v, o))
+            ref = reference_attention_fn(fmt)(None, q.transpose(0, 1)[None],
+                                              k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                              None, scaling=hd ** -0.5)[0][0]
+            n_pre = sum(c["q"].shape[0] for c in steps if not c["decode"])
+            err = (ref - o).abs().amax((1, 2)) / o.abs().max()
+            codec = TQCodec.build(fmt)
+            pages = steps[-1]["pages"]
+            pages = pages.view(pages.shape[0], pages.shape[1], -1)
+            kr, vr = reference.gather_pages(pages, steps[-1]["table"][None], hd, fmt.key_mse_bits,
+                                            fmt.use_qjl, fmt.value_bits)
+            kr, vr = kr[0, :k.shape[0]], vr[0, :k.shape[0]]
+            ke = reference.encode_keys(k, codec.rotation, codec.qjl_projection,
+                                       codec.key_centroids, fmt.key_mse_bits, fmt.use_qjl)
+            ve = reference.encode_values(v, codec.rotation, codec.value_centroids, fmt.value_bits)
+            lay = fmt.layout
+            where = [(int(t), int(h), [c for c, _ in lay.components if c.startswith("k_") and not
+                                       torch.equal(reference._field(kr[t, h], lay, c),
+                                                   reference._field(ke[t, h], lay, c))])
+                     for t, h in (kr != ke).any(-1).nonzero().tolist()]
+            rows.append(dict(layer=name, prefill_err=float(err[:n_pre].max()),
+                             decode_err=float(err[n_pre:].max()) if k.shape[0] > n_pre else 0.0,
+                             key_records_differing=int((kr != ke).any(-1).sum()),
+                             value_records_differing=int((vr != ve).any(-1).sum()),
+                             records=int(kr.shape[0] * kr.shape[1]),
+                             differing_keys=where))
+        out[run] = rows
+    return out
+
+
 def tiny_model(out_dir: str | os.PathLike, **config) -> Path:
     """A random-weight Llama checkpoint (no tokenizer) with the given config overrides."""
     out = Path(out_dir)
@@ -311,7 +417,8 @@ def tiny_model(out_dir: str | os.PathLike, **config) -> Path:
 
 
 SCENARIOS = dict(capacity=scenario_capacity, main=scenario_main, preemption=scenario_preemption,
-                 start=scenario_start, reference=scenario_reference)
+                 start=scenario_start, reference=scenario_reference, spread=scenario_spread,
+                 same_inputs=scenario_same_inputs)
 
 
 def main(argv=None) -> None:
