@@ -69,12 +69,14 @@ class DecodeCase:
     run: Callable[[], torch.Tensor]
     bytes_read: int         # compressed cache bytes the kernel must read
     fp16_bytes: int         # the same context as fp16 K+V
+    args: tuple = ()        # paged_decode_attention's arguments (for launch-config exploration)
 
 
 def decode_case(batch: int, ctx: int, block_size: int = BLOCK_SIZE, fmt: str = "seed",
-                seed: int = 0) -> DecodeCase:
+                seed: int = 0, raw_tokens: int = 0) -> DecodeCase:
     """A packed paged cache holding `ctx` tokens per sequence (written by write_cache from random
-    K/V, pages in shuffled order) and one fp16 query per sequence."""
+    K/V, pages in shuffled order) and one fp16 query per sequence; raw_tokens exact tokens per
+    sequence in the raw pool besides them (vLLM's flush buffer holds 1..128)."""
     cfg = preset(fmt, head_dim=HEAD_DIM)
     codec = TQCodec.build(cfg, "cuda")
     lay = cfg.layout
@@ -99,17 +101,23 @@ def decode_case(batch: int, ctx: int, block_size: int = BLOCK_SIZE, fmt: str = "
                                              cfg.use_qjl, cfg.value_bits)
     q = torch.randn((batch, HQ, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
     kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    raw_k = torch.zeros((1, 1, HKV, HEAD_DIM), dtype=torch.float16, device="cuda")
-    raw_index = torch.zeros((batch,), dtype=torch.int32, device="cuda")
-    raw_lens = torch.zeros((batch,), dtype=torch.int32, device="cuda")
-
-    def run():
-        return torch.ops.turboquant.paged_decode_attention(
-            q, cache, block_table, kv_lens, raw_k, raw_k, raw_index, raw_lens, codec.rotation,
+    rows = max(1, raw_tokens)
+    raw_k = torch.randn((batch, rows, HKV, HEAD_DIM), generator=gen, device="cuda",
+                        dtype=torch.float16)
+    raw_v = torch.randn((batch, rows, HKV, HEAD_DIM), generator=gen, device="cuda",
+                        dtype=torch.float16)
+    raw_index = torch.arange(batch, dtype=torch.int32, device="cuda")
+    raw_lens = torch.full((batch,), raw_tokens, dtype=torch.int32, device="cuda")
+    args = (q, cache, block_table, kv_lens, raw_k, raw_v, raw_index, raw_lens, codec.rotation,
             codec.qjl_projection, codec.key_centroids, codec.value_centroids, cfg.key_mse_bits,
             cfg.use_qjl, cfg.value_bits, HEAD_DIM ** -0.5, 0)
 
-    return DecodeCase(run, batch * ctx * HKV * lay.slot_bytes, batch * ctx * HKV * HEAD_DIM * 4)
+    def run():
+        return torch.ops.turboquant.paged_decode_attention(*args)
+
+    raw_bytes = batch * raw_tokens * HKV * HEAD_DIM * 4
+    return DecodeCase(run, batch * ctx * HKV * lay.slot_bytes + raw_bytes,
+                      batch * (ctx + raw_tokens) * HKV * HEAD_DIM * 4, args)
 
 
 def sdpa_case(batch: int, ctx: int, seed: int = 0) -> tuple[Callable[[], torch.Tensor], str]:

@@ -11,8 +11,8 @@ from torch.library import triton_op, wrap_triton
 from tq_ops import _checks, layout, reference
 from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
-from tq_ops.triton.decode import (LOG2E, decode_config, decode_merge_kernel, decode_split_kernel,
-                                  num_splits, query_prep_kernel)
+from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_merge_kernel,
+                                  decode_split_kernel, num_splits, query_prep_kernel)
 from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width
 
@@ -25,11 +25,13 @@ MERGE_WARPS = 8
 def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, raw_key: Tensor,
            raw_value: Tensor, raw_index: Tensor, raw_lens: Tensor, rotation: Tensor,
            projection: Tensor, key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
-           qjl: bool, value_bits: int, scale: float, kv_start: int, raw: bool = False) -> Tensor:
+           qjl: bool, value_bits: int, scale: float, kv_start: int, raw: bool = False,
+           config: DecodeConfig | None = None, splits: int | None = None) -> Tensor:
     """The Triton body: prep, split and merge launches (tq_ops.triton.decode).
 
     raw=True launches the bare @triton.jit kernels instead of wrap_triton ones: the interpreter
-    tests run this on CPU tensors under TRITON_INTERPRET=1.
+    tests run this on CPU tensors under TRITON_INTERPRET=1.  config / splits replace the table's
+    launch config and split count (perf/tune_decode.py explores them; the op never passes them).
     """
     b, hq, d = query.shape
     # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
@@ -37,9 +39,9 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     g = hq // hkv
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
-    cfg = decode_config(arch(query.device), d, key_bits)
+    cfg = config or decode_config(arch(query.device), d, key_bits)
     block_n = math.gcd(bs, cfg.block_n)  # tiles never cross a page
-    ns = num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
+    ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
     dg = group_width(d)
     dp = 8 * dg
     gp = max(2, triton.next_power_of_2(g))

@@ -13,7 +13,7 @@ from tq_ops import _checks, layout, reference
 from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import LOG2E, query_prep_kernel
-from tq_ops.triton.prefill import BLOCK_N, BLOCK_Q, NUM_WARPS, prefill_kernel
+from tq_ops.triton.prefill import BLOCK_N, HOIST_MAX_HEAD_DIM, prefill_config, prefill_kernel
 from tq_ops.triton.unpack import asm_tables, group_width
 
 
@@ -21,9 +21,11 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
            block_table: Tensor, prefix_lens: Tensor, raw_key: Tensor, raw_value: Tensor,
            raw_index: Tensor, raw_lens: Tensor, rotation: Tensor, projection: Tensor,
            key_centroids: Tensor, value_centroids: Tensor, key_bits: int, qjl: bool,
-           value_bits: int, scale: float, kv_start: int, raw: bool = False) -> Tensor:
+           value_bits: int, scale: float, kv_start: int, raw: bool = False,
+           block_q: int | None = None, num_warps: int | None = None) -> Tensor:
     """The Triton body: query prep (q_rot, u), then tq_ops.triton.prefill.prefill_kernel.
-    raw=True launches the bare kernels (interpreter tests on CPU tensors)."""
+    raw=True launches the bare kernels (interpreter tests on CPU tensors); block_q / num_warps
+    replace the fixed launch config (perf/tune_decode.py explores them; the op never does)."""
     t, hq, d = query.shape
     b = block_table.shape[0]
     # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
@@ -31,6 +33,8 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     g = hq // hkv
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
+    default_q, default_w = prefill_config(d)
+    block_q, num_warps = block_q or default_q, num_warps or default_w
     q = query.contiguous()
     k = key.contiguous()
     v = value.contiguous()
@@ -47,19 +51,20 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     if t * hq > 0:
         prep[(triton.cdiv(t * hq, 16),)](q, rotation, projection, qr, u, t * hq, scale * LOG2E,
                                          qjl_scale(d), D=d, DP=dp, RB=16, JB=32, QJL=qjl)
-    kernel[(t // BLOCK_Q + b, hkv)](
+    kernel[(t // block_q + b, hkv)](
         q, qr, u, k, v, cu_seqlens_q, cache, block_table, prefix_lens, rk, rv, raw_index,
         raw_lens, rotation, key_centroids, value_centroids, out,
         kv_start, block_table.stride(0), cache.stride(0), scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         b, HKV=hkv, G=g,
-        GP=triton.next_power_of_2(g), D=d, DP=dp, DG=group_width(d), BS=bs, BQ=BLOCK_Q,
+        GP=triton.next_power_of_2(g), D=d, DP=dp, DG=group_width(d), BS=bs, BQ=block_q,
         BN=BLOCK_N, CBN=math.gcd(bs, BLOCK_N), KB=key_bits, QJL=qjl, VB=value_bits,
         OFF_KC=lay.slot_offset("k_codes"), OFF_KS=lay.slot_offset("k_signs") if qjl else 0,
         OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
         OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
         SLOT=lay.slot_bytes, USE_FAST=use_fast, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
-        num_warps=NUM_WARPS)
+        HOIST_Q=d <= HOIST_MAX_HEAD_DIM,
+        num_warps=num_warps)
     return out
 
 

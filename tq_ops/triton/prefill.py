@@ -1,7 +1,7 @@
 """Chunked (varlen) prefill attention: a chunk of queries over its own raw K/V (causal, flash
 style), the compressed prefix in the paged cache and the raw pool tokens, in one online softmax.
 
-One program = one block of BLOCK_Q query tokens of one sequence x all G query heads of one KV
+One program = one block of BLOCK_Q query tokens (prefill_config) of one sequence x all G query heads of one KV
 head (M = BLOCK_Q * GP rows, row = token * GP + head).  The grid is (T // BLOCK_Q + B, Hkv): a
 program finds its sequence by binary search over the block starts cu_seqlens_q[b] // BLOCK_Q + b
 (vLLM's unified-attention trick), so the grid depends on shapes only.
@@ -12,7 +12,10 @@ Phases, sharing one (max, sum) per row:
    values accumulated in the rotated domain per coordinate group;
 2. raw pool tokens (original domain);
 3. the chunk itself, causal.
-At the end the rotated accumulators are un-rotated once (dot with Pi) and added to the raw one.
+After phase 1 the rotated accumulators are un-rotated once (dot with Pi) into the output
+accumulator that phases 2 and 3 continue (so both sets never hold registers at the same time;
+heads wider than 128 un-rotate at the end instead); the rotated queries are loaded once per
+program as fp16 MMA operands.
 """
 from __future__ import annotations
 
@@ -24,9 +27,18 @@ from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_valu
                                   lookup, slow_code, slow_sign, table_matches, tile_rows,
                                   tuple_set)
 
-BLOCK_Q = 16    # query tokens per program (times the padded GQA group = MMA rows)
 BLOCK_N = 64    # keys per tile (chunk and raw phases); compressed tiles use gcd(64, block size)
-NUM_WARPS = 4
+HOIST_MAX_HEAD_DIM = 128  # widest head whose queries are kept across the prefix (see the kernel)
+
+
+def prefill_config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_Q query tokens per program, num_warps).  Each program decodes the whole compressed
+    prefix once for its BLOCK_Q x GP rows, so larger blocks divide the decode work: on an H100,
+    seed format, 32/8 heads, D=128, a 2048-token chunk over a 30k prefix took 23.6 / 20.5 / 15.7 /
+    11.5 ms at (16, 4) / (32, 4) / (32, 8) / (64, 8) (perf/tune_decode.py, 2026-11-28).  Heads
+    wider than HOIST_MAX_HEAD_DIM keep the small block: its accumulators already fill the
+    registers."""
+    return (64, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
 LOG2_MAX_SEQS = tl.constexpr(20)  # binary-search steps: batches up to 2^20 sequences
 
 
@@ -40,14 +52,32 @@ def _softmax_step(s, valid, m_i, l_i):
 
 
 @triton.jit
+def group_rows(ptr, row, rmask, R: tl.constexpr, D: tl.constexpr, DG: tl.constexpr):
+    """Coordinate group R of fp32 rows `row` (M,) of a (rows, D) buffer, as (M, DG) fp16."""
+    m = tl.arange(0, DG)
+    t = tl.load(ptr + row[:, None] * D + 8 * m[None, :] + R,
+                mask=rmask[:, None] & (8 * m + R < D)[None, :], other=0.0)
+    return t.to(tl.float16)
+
+
+@triton.jit
+def load_group_rows(ptr, row, rmask, D: tl.constexpr, DG: tl.constexpr):
+    """All 8 coordinate groups (group_rows) as a tuple."""
+    out = ()
+    for r in tl.static_range(8):
+        out = out + (group_rows(ptr, row, rmask, r, D, DG),)
+    return out
+
+
+@triton.jit
 def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride,
-                      kc_ptr, vc_ptr, qr_ptr, u_ptr, qrow, rmask, ktabs, vtabs, m_i, l_i, accs,
+                      kc_ptr, vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs,
                       D: tl.constexpr, DG: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
                       BN: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
                       OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
                       OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
                       FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
-                      VT0: tl.constexpr, VT1: tl.constexpr):
+                      VT0: tl.constexpr, VT1: tl.constexpr, HOIST_Q: tl.constexpr):
     m = tl.arange(0, DG)
     for start in tl.range(lo, hi, BN):
         pos = start + tl.arange(0, BN)
@@ -64,8 +94,10 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
         s = tl.zeros([M, BN], tl.float32)
         sz = tl.zeros([M, BN], tl.float32)
         for r in tl.static_range(8):
-            qm = rmask[:, None] & (8 * m + r < D)[None, :]
-            qt = tl.load(qr_ptr + qrow[:, None] * D + 8 * m[None, :] + r, mask=qm, other=0.0)
+            if HOIST_Q:
+                qt = qts[r]
+            else:
+                qt = group_rows(qts[0], qts[1], qts[2], r, D, DG)
             if FAST:
                 if KB == 3:
                     kv = fast_values3(kw, kx, r, ktabs)
@@ -74,14 +106,17 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
             else:
                 kv = lookup(slow_code(cache_ptr, krow[None, :], m[:, None], r, D, KB), kc_ptr,
                             KB).to(tl.float16)
-            s = tl.dot(qt.to(tl.float16), kv, s)
+            s = tl.dot(qt, kv, s)
             if QJL:
-                ut = tl.load(u_ptr + qrow[:, None] * D + 8 * m[None, :] + r, mask=qm, other=0.0)
+                if HOIST_Q:
+                    ut = uts[r]
+                else:
+                    ut = group_rows(uts[0], uts[1], uts[2], r, D, DG)
                 if FAST:
                     z = fast_sign(sx, r)
                 else:
                     z = slow_sign(cache_ptr, srow[None, :], m[:, None], r, D).to(tl.float16)
-                sz = tl.dot(ut.to(tl.float16), z, sz)
+                sz = tl.dot(ut, z, sz)
         kn = tl.load((cache_ptr + base + BS * OFF_KN + tin * 2).to(tl.pointer_type(tl.float16)))
         if QJL:
             kg = tl.load((cache_ptr + base + BS * OFF_KG + tin * 2).to(
@@ -123,7 +158,7 @@ def prefill_kernel(
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
-        VT1: tl.constexpr):
+        VT1: tl.constexpr, HOIST_Q: tl.constexpr):
     """See the module docstring.  Output (T, Hq, D) in out_ptr's dtype."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -172,24 +207,45 @@ def prefill_kernel(
             if VB == 3:
                 vtabs = byte_tables(vc_ptr, VB)
         c_lo = (kv_start // CBN) * CBN
+        # the rotated queries are loaded once as fp16 MMA operands for the whole prefix (Triton
+        # keeps loop-invariant operands in shared memory: at head_dim 256 with QJL that overflows
+        # it, so wide heads reload them per tile)
+        mm = tl.arange(0, DG)
+        if HOIST_Q:
+            qts = load_group_rows(qr_ptr, qrow, rmask, D, DG)
+            if QJL:
+                uts = load_group_rows(u_ptr, qrow, rmask, D, DG)
+            else:
+                uts = qts
+        else:
+            qts = (qr_ptr, qrow, rmask)
+            uts = (u_ptr, qrow, rmask)
         if fast:
             m_i, l_i, accs = _compressed_phase(
                 cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride, kc_ptr,
-                vc_ptr, qr_ptr, u_ptr, qrow, rmask, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
+                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
                 CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, True, KT0,
-                KT1, VT0, VT1)
+                KT1, VT0, VT1, HOIST_Q)
         else:
             m_i, l_i, accs = _compressed_phase(
                 cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride, kc_ptr,
-                vc_ptr, qr_ptr, u_ptr, qrow, rmask, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
+                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
                 CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, False, KT0,
-                KT1, VT0, VT1)
-        # later phases rescale the running sums: scale_rot carries that factor to accs
+                KT1, VT0, VT1, HOIST_Q)
+        # un-rotate the compressed part, acc = sum_r accs[r] Pi[8m+r, :]: now, so the rotated
+        # accumulators are dead before the raw phases need registers for theirs; wide heads do it
+        # at the end instead (here Triton's shared-memory plan for it exceeds the SM's at D=256),
+        # carrying the later phases' rescaling in scale_rot
+        if HOIST_Q:
+            for r in tl.static_range(8):
+                w = tl.load(rot_ptr + (8 * mm + r)[:, None] * D + d[None, :],
+                            mask=(8 * mm + r < D)[:, None] & dmask[None, :], other=0.0)
+                acc = tl.dot(accs[r], w, acc, input_precision="tf32x3")
+        scale_rot = tl.full([M], 1.0, tl.float32)
         # 2. raw pool tokens
         rl = tl.load(raw_lens_ptr + b)
         row = tl.load(raw_idx_ptr + b).to(tl.int64)
         n = tl.arange(0, BN)
-        scale_rot = tl.full([M], 1.0, tl.float32)
         for r0 in tl.range(0, rl, BN):
             tv = r0 + n < rl
             km = tv[:, None] & dmask[None, :]
@@ -215,12 +271,11 @@ def prefill_kernel(
             v = tl.load(v_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
             acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
             scale_rot = scale_rot * alpha
-        # un-rotate the compressed part once: out_c = sum_q accs[q] Pi[8m+q, :]
-        mm = tl.arange(0, DG)
-        for r in tl.static_range(8):
-            w = tl.load(rot_ptr + (8 * mm + r)[:, None] * D + d[None, :],
-                        mask=(8 * mm + r < D)[:, None] & dmask[None, :], other=0.0)
-            acc = tl.dot(accs[r] * scale_rot[:, None], w, acc, input_precision="tf32x3")
+        if not HOIST_Q:
+            for r in tl.static_range(8):
+                w = tl.load(rot_ptr + (8 * mm + r)[:, None] * D + d[None, :],
+                            mask=(8 * mm + r < D)[:, None] & dmask[None, :], other=0.0)
+                acc = tl.dot(accs[r] * scale_rot[:, None], w, acc, input_precision="tf32x3")
         inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
         out = acc * inv[:, None]
         tl.store(out_ptr + qrow[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
