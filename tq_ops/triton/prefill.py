@@ -70,6 +70,20 @@ def load_group_rows(ptr, row, rmask, D: tl.constexpr, DG: tl.constexpr):
 
 
 @triton.jit
+def _add_unrotated(acc, accs, scale, rot_ptr, D: tl.constexpr, DG: tl.constexpr,
+                   DP: tl.constexpr):
+    """acc (M, DP) + sum_r (accs[r] * scale[:, None]) Pi[8m+r, :]: the rotated-domain value
+    accumulators (8 x (M, DG), coordinate groups) taken back to the original domain."""
+    mm = tl.arange(0, DG)
+    d = tl.arange(0, DP)
+    for r in tl.static_range(8):
+        w = tl.load(rot_ptr + (8 * mm + r)[:, None] * D + d[None, :],
+                    mask=(8 * mm + r < D)[:, None] & (d < D)[None, :], other=0.0)
+        acc = tl.dot(accs[r] * scale[:, None], w, acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
 def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride,
                       kc_ptr, vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs,
                       D: tl.constexpr, DG: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
@@ -210,7 +224,6 @@ def prefill_kernel(
         # the rotated queries are loaded once as fp16 MMA operands for the whole prefix (Triton
         # keeps loop-invariant operands in shared memory: at head_dim 256 with QJL that overflows
         # it, so wide heads reload them per tile)
-        mm = tl.arange(0, DG)
         if HOIST_Q:
             qts = load_group_rows(qr_ptr, qrow, rmask, D, DG)
             if QJL:
@@ -236,12 +249,9 @@ def prefill_kernel(
         # accumulators are dead before the raw phases need registers for theirs; wide heads do it
         # at the end instead (here Triton's shared-memory plan for it exceeds the SM's at D=256),
         # carrying the later phases' rescaling in scale_rot
-        if HOIST_Q:
-            for r in tl.static_range(8):
-                w = tl.load(rot_ptr + (8 * mm + r)[:, None] * D + d[None, :],
-                            mask=(8 * mm + r < D)[:, None] & dmask[None, :], other=0.0)
-                acc = tl.dot(accs[r], w, acc, input_precision="tf32x3")
         scale_rot = tl.full([M], 1.0, tl.float32)
+        if HOIST_Q:
+            acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
         # 2. raw pool tokens
         rl = tl.load(raw_lens_ptr + b)
         row = tl.load(raw_idx_ptr + b).to(tl.int64)
@@ -272,10 +282,7 @@ def prefill_kernel(
             acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
             scale_rot = scale_rot * alpha
         if not HOIST_Q:
-            for r in tl.static_range(8):
-                w = tl.load(rot_ptr + (8 * mm + r)[:, None] * D + d[None, :],
-                            mask=(8 * mm + r < D)[:, None] & dmask[None, :], other=0.0)
-                acc = tl.dot(accs[r] * scale_rot[:, None], w, acc, input_precision="tf32x3")
+            acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
         inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
         out = acc * inv[:, None]
         tl.store(out_ptr + qrow[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
