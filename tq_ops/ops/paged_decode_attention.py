@@ -56,37 +56,58 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     m_part = torch.empty((parts,), dtype=f32, device=q.device)
     l_part = torch.empty((parts,), dtype=f32, device=q.device)
     out = torch.empty((b, hq, d), dtype=query.dtype, device=q.device)
-    comps = dict(lay.components)
-    offs = dict(OFF_KC=lay.slot_offset("k_codes"), OFF_KN=lay.slot_offset("k_norm"),
-                OFF_KS=lay.slot_offset("k_signs") if qjl else 0,
-                OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
-                OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"))
-    # byte alignment of each component's rows, for vectorised loads
-    common = math.gcd(16, int(cache.stride(0)), bs * lay.slot_bytes)
-    align = {f"AL_{k}": math.gcd(common, bs * lay.slot_offset(n), comps[n]) if n in comps else 1
-             for k, n in (("K", "k_codes"), ("S", "k_signs"), ("V", "v_codes"))}
-    kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)
-    # the asm decoders are GPU-only; off CUDA (interpreter tests) the slow decoders run
-    use_fast = q.device.type == "cuda" and kt[0] == 1 and vt[0] == 1
-    tables = dict(USE_FAST=use_fast, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2])
+    consts = split_constants(hkv, g, d, key_bits, qjl, value_bits, bs, block_n,
+                             int(cache.stride(0)), q.device.type == "cuda")
+    use_fast = consts["PAIRED"]
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
     split = decode_split_kernel if raw else wrap_triton(decode_split_kernel)
     merge = decode_merge_kernel if raw else wrap_triton(decode_merge_kernel)
     prep[(triton.cdiv(b * hq, PREP_ROWS),)](
         q, rotation, projection, qr, u, b * hq, scale * LOG2E, qjl_scale(d),
         D=d, DP=dp, RB=PREP_ROWS, JB=32, QJL=qjl)
-    split[(b * hkv, ns)](
-        qr, u, cache, block_table, kv_lens, key_centroids, value_centroids, o_part, m_part,
-        l_part, kv_start, block_table.stride(0), cache.stride(0), ns,
-        HKV=hkv, G=g, GP=gp, D=d, DP=dp, DG=dg, BS=bs, BLOCK_N=block_n,
-        KB=key_bits, QJL=qjl, VB=value_bits, SLOT=lay.slot_bytes,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **offs, **align, **tables)
+    # with the asm decoders, a fast and a slow instance, each doing the work or not depending on
+    # the codebooks (decode_split_kernel); without, the slow instance alone
+    for fast in ((True, False) if use_fast else (False,)):
+        grid = (b * hkv, 1) if use_fast and not fast else (b * hkv, ns)
+        split[grid](
+            qr, u, cache, block_table, kv_lens, key_centroids, value_centroids, o_part, m_part,
+            l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+            **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}))
     merge[(b * hkv,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=32, SC=MERGE_SPLITS, RAW_N=RAW_TILE,
         num_warps=MERGE_WARPS)
     return out
+
+
+def split_constants(hkv: int, g: int, d: int, key_bits: int, qjl: bool, value_bits: int,
+                    bs: int, block_n: int, page_stride: int, on_cuda: bool) -> dict:
+    """The tl.constexpr arguments of decode_split_kernel except FAST (perf/sass_report.py
+    compiles the kernel offline with the same ones)."""
+    lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
+    comps = dict(lay.components)
+    dg = group_width(d)
+    offs = dict(OFF_KC=lay.slot_offset("k_codes"), OFF_KN=lay.slot_offset("k_norm"),
+                OFF_KS=lay.slot_offset("k_signs") if qjl else 0,
+                OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
+                OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"))
+    # byte alignment of each component's rows, for vectorised loads
+    common = math.gcd(16, page_stride, bs * lay.slot_bytes)
+    align = {f"AL_{k}": math.gcd(common, bs * lay.slot_offset(n), comps[n]) if n in comps else 1
+             for k, n in (("K", "k_codes"), ("S", "k_signs"), ("V", "v_codes"))}
+    # fp16 scalar rows (norms, gamma) of a tile: tiles start at multiples of block_n in a page
+    align["AL_N"] = math.gcd(common, 2 * block_n,
+                             *(bs * lay.slot_offset(n) for n in ("k_norm", "k_gamma", "v_norm")
+                               if n in comps))
+    kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)
+    # the asm decoders are GPU-only; off CUDA (interpreter tests) the slow decoders run
+    paired = on_cuda and kt[0] == 1 and vt[0] == 1
+    return dict(HKV=hkv, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, DP=8 * dg, DG=dg,
+                BS=bs, BLOCK_N=block_n, KB=key_bits, QJL=qjl, VB=value_bits,
+                SLOT=lay.slot_bytes, PAIRED=paired, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
+                **offs, **align)
 
 
 @triton_op("turboquant::paged_decode_attention", mutates_args=())

@@ -1,6 +1,6 @@
 """Paged decode attention over the packed cache: one query token per sequence.
 
-Three launches, all with grids that depend only on shapes (CUDA-graph safe):
+Launches, all with grids that depend only on shapes (CUDA-graph safe):
 
 1. `query_prep_kernel` (rows = B*Hq): q_rot = Pi q and u = S' q_rot in fp32 (tf32x3 dots), with the
    softmax scale * log2(e) folded in (and sqrt(pi/2)/D into u).
@@ -10,7 +10,10 @@ Three launches, all with grids that depend only on shapes (CUDA-graph safe):
    unpacked to fp16 in registers per coordinate group (tq_ops.triton.unpack), scores are
    sum_r dot(centroids_r, q_rot_r^T) + gamma * sum_r dot(signs_r, u_r^T) on tensor cores, and the
    values are accumulated in the rotated domain with dot(P^T, values_r).  Nothing dequantized is
-   written to memory.  Each writes a partial (max, sum, accumulator).
+   written to memory.  Each writes a partial (max, sum, accumulator).  On CUDA it is launched
+   twice, a fast instance (inline-asm decoders with baked codebooks) and a slow one (decoders
+   that read any codebook, one program per (b, h)); each program checks the codebooks and one
+   of the two returns at once (decode_split_kernel says why they are separate kernels).
 3. `decode_merge_kernel`, grid (B*Hkv,): attends the exact raw-pool tokens (original domain),
    log-sum-exp merges them with the partials, un-rotates the compressed part once (dot with Pi)
    and divides by the softmax sum.  (The raw tokens live here, not in the split kernel, so that
@@ -27,6 +30,7 @@ import triton
 import triton.language as tl
 
 from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, load_fast,
+                                  load_group_words, load_tile_scalars,
                                   lookup, slow_code, slow_sign, table_matches, tile_rows,
                                   tuple_set)
 
@@ -39,19 +43,28 @@ class DecodeConfig:
     block_n: int       # tokens per tile
     num_warps: int
     num_stages: int
-    target_programs_per_sm: int
+    # split programs resident per SM at once: the register count of the fast split kernel sets
+    # it (ptxas sizes it for an occupancy step: 168 registers at head_dim 128, 12 one-warp
+    # programs; 143 at 64, 14).  The split count fills whole waves of these: a partial last
+    # wave left SMs idle (Nsight Compute, (8, 32k): 1.33 waves, 45% issue-slot use).
+    resident_programs_per_sm: int
     min_tokens_per_split: int
     max_splits: int
+    # ptxas register cap per thread (Triton's maxnreg launch option); 0 = the compiler's choice.
+    # perf/tune_decode.py only: torch.compile's wrap_triton rejects launch options it does not
+    # know (torch 2.11-2.13), so the op's table cannot use it.
+    max_registers: int = 0
 
 
 # (arch, head_dim, key_bits) -> config.  Rows absent from the table use DEFAULT_DECODE.
 # One warp per program: the value MMAs are (DG x GP) per coordinate group, too small to split
-# over several warps without recomputing the decode in each; many 1-warp programs fill the SMs.
-DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, target_programs_per_sm=16,
+# over several warps without recomputing the decode in each; many 1-warp programs fill the SMs
+# (perf/NOTES.md: 2 and 4 warps measured 1.3-2.7x slower).
+DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_programs_per_sm=12,
                               min_tokens_per_split=64, max_splits=256)
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
-    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 16, 64, 256),
-    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 16, 64, 256),
+    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256),
+    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256),
 }
 
 
@@ -60,10 +73,12 @@ def decode_config(arch: str, head_dim: int, key_bits: int) -> DecodeConfig:
 
 
 def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
-               cfg: DecodeConfig) -> int:
-    """Split count from shapes only: enough programs to fill the GPU, none smaller than
+               cfg: DecodeConfig, waves: int = 1) -> int:
+    """Split count from shapes only: as many splits as fill `waves` whole waves of resident
+    programs (a partial wave would leave SMs idle at the end), none smaller than
     min_tokens_per_split positions of the block table's capacity."""
-    want = max(1, math.ceil(cfg.target_programs_per_sm * sms / max(1, batch * num_kv_heads)))
+    rows = max(1, batch * num_kv_heads)
+    want = max(1, waves * cfg.resident_programs_per_sm * sms // rows)
     cap = max(1, max_positions // cfg.min_tokens_per_split)
     return max(1, min(want, cap, cfg.max_splits))
 
@@ -119,7 +134,7 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                  BLOCK_N: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
                  OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
                  OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
-                 AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr,
+                 AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
                  FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
                  VT1: tl.constexpr):
     """Online softmax over compressed positions max(lo, kv_start)..hi-1 of one sequence and KV
@@ -138,10 +153,9 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         srow = tl.multiple_of(base + BS * OFF_KS + tin * (D // 8), AL_S)
         vrow = tl.multiple_of(base + BS * OFF_VC + tin * (D * VB // 8), AL_V)
         if FAST:
-            kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, KB)
+            kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, DG, KB)
             if QJL:
-                sx = tl.load(cache_ptr + srow[:, None] + m[None, :], mask=(m < D // 8)[None, :],
-                             other=0)
+                sx = load_group_words(cache_ptr + srow[:, None], m[None, :], D, DG)
         acc_s = tl.zeros([BLOCK_N, GP], tl.float32)
         acc_z = tl.zeros([BLOCK_N, GP], tl.float32)
         for r in tl.static_range(8):
@@ -160,10 +174,10 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                 else:
                     z = slow_sign(cache_ptr, srow[:, None], m[None, :], r, D).to(tl.float16)
                 acc_z = tl.dot(z, uts[r], acc_z)
-        kn = tl.load((cache_ptr + base + BS * OFF_KN + tin * 2).to(tl.pointer_type(tl.float16)))
+        kn = load_tile_scalars(cache_ptr, base, start, OFF_KN, BS, BLOCK_N, AL_N)
         if QJL:
-            kg = tl.load((cache_ptr + base + BS * OFF_KG + tin * 2).to(
-                tl.pointer_type(tl.float16))).to(tl.float32)
+            kg = load_tile_scalars(cache_ptr, base, start, OFF_KG, BS, BLOCK_N, AL_N).to(
+                tl.float32)
             acc_s = acc_s + kg[:, None] * acc_z
         logits = tl.where(valid[:, None], acc_s * kn.to(tl.float32)[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 0))
@@ -171,7 +185,7 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         p = tl.exp2(logits - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-        vn = tl.load((cache_ptr + base + BS * OFF_VN + tin * 2).to(tl.pointer_type(tl.float16)))
+        vn = load_tile_scalars(cache_ptr, base, start, OFF_VN, BS, BLOCK_N, AL_N)
         # page 0 backs the rows past `hi`: its norms may be anything, inf included
         vn = tl.where(valid, vn.to(tl.float32), 0.0)
         pw = (p * vn[:, None]).to(tl.float16)
@@ -179,7 +193,7 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         accs = (accs[0] * a, accs[1] * a, accs[2] * a, accs[3] * a, accs[4] * a, accs[5] * a,
                 accs[6] * a, accs[7] * a)
         if FAST:
-            vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, VB)
+            vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, DG, VB)
         for r in tl.static_range(8):
             if FAST:
                 if VB == 3:
@@ -202,12 +216,56 @@ def decode_split_kernel(
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
-        AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr,
-        USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
+        AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
+        FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
+        VT0: tl.constexpr, VT1: tl.constexpr):
+    """One (sequence, KV head, split) partial of the compressed positions (module docstring).
+
+    FAST selects the decoders (tq_ops.triton.unpack).  With PAIRED, two instances are launched
+    and each program of the pair checks the codebooks: the fast instance does the work when
+    they equal its baked tables, the slow one otherwise.  (One kernel holding both paths is sized
+    for the heavier: its fast loop ran at 255 registers, 8 one-warp programs per SM; alone it
+    needs 168.)  Without PAIRED the slow path always runs (off CUDA)."""
+    if PAIRED:
+        matches = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+        if FAST:
+            run = matches
+        else:
+            run = matches == 0
+    else:
+        run = True
+    if run:
+        if PAIRED and not FAST:
+            # one program per (sequence, KV head) walks all the splits: while the fast instance
+            # does the work (always, with the built-in codebooks) this instance then costs ~64
+            # empty programs, not one per split
+            for split in tl.range(0, num_splits):
+                split_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
+                              m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
+                              tl.program_id(0), split, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB,
+                              QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
+                              AL_K, AL_S, AL_V, AL_N, FAST, KT0, KT1, VT0, VT1)
+        else:
+            split_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
+                          m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
+                          tl.program_id(0), tl.program_id(1), HKV, G, GP, D, DP, DG, BS, BLOCK_N,
+                          KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
+                          AL_K, AL_S, AL_V, AL_N, FAST, KT0, KT1, VT0, VT1)
+
+
+@triton.jit
+def split_partial(
+        qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr,
+        kv_start, bt_stride, page_stride, num_splits, bh, split,
+        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+        KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
+        OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
+        OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
+        AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
+        FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
         VT1: tl.constexpr):
-    """One (sequence, KV head, split) partial of the compressed positions (module docstring)."""
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
+    """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h."""
     b = bh // HKV
     h = bh % HKV
     g = tl.arange(0, GP)
@@ -230,29 +288,18 @@ def decode_split_kernel(
     l_i = tl.zeros([GP], tl.float32)
     z = tl.zeros([DG, GP], tl.float32)
     accs = (z, z, z, z, z, z, z, z)
-    head_off = h * (BS * SLOT)
-    bt_row = b.to(tl.int64) * bt_stride
-    fast = False
     ktabs = (0, 0, 0, 0)
     vtabs = (0, 0, 0, 0)
-    if USE_FAST:
-        fast = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+    if FAST:
         if KB == 3:
             ktabs = byte_tables(kc_ptr, KB)
         if VB == 3:
             vtabs = byte_tables(vc_ptr, VB)
-    if fast:
-        m_i, l_i, accs = attend_pages(
-            cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
-            vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
-            QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
-            True, KT0, KT1, VT0, VT1)
-    else:
-        m_i, l_i, accs = attend_pages(
-            cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr,
-            vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS, BLOCK_N, KB,
-            QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S, AL_V,
-            False, KT0, KT1, VT0, VT1)
+    m_i, l_i, accs = attend_pages(
+        cache_ptr, bt_ptr, b.to(tl.int64) * bt_stride, lo, hi, kv_start, h * (BS * SLOT),
+        page_stride, kc_ptr, vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS,
+        BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S,
+        AL_V, AL_N, FAST, KT0, KT1, VT0, VT1)
     m = tl.arange(0, DG)
     for r in tl.static_range(8):
         tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],

@@ -101,7 +101,7 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
         srow = base + BS * OFF_KS + tin * (D // 8)
         vrow = base + BS * OFF_VC + tin * (D * VB // 8)
         if FAST:
-            kw, kx = load_fast(cache_ptr, krow[None, :], m[:, None], D, KB)
+            kw, kx = load_fast(cache_ptr, krow[None, :], m[:, None], D, DG, KB)
             if QJL:
                 sx = tl.load(cache_ptr + srow[None, :] + m[:, None], mask=(m < D // 8)[:, None],
                              other=0)
@@ -145,7 +145,7 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
         accs = (accs[0] * a, accs[1] * a, accs[2] * a, accs[3] * a, accs[4] * a, accs[5] * a,
                 accs[6] * a, accs[7] * a)
         if FAST:
-            vw, vx = load_fast(cache_ptr, vrow[:, None], m[None, :], D, VB)
+            vw, vx = load_fast(cache_ptr, vrow[:, None], m[None, :], D, DG, VB)
         for r in tl.static_range(8):
             if FAST:
                 if VB == 3:

@@ -194,22 +194,32 @@ def fast_values3(w16, x8, R: tl.constexpr, tabs):
 
 
 @triton.jit
-def load_fast(ptr, row2, m2, D: tl.constexpr, BITS: tl.constexpr):
+def load_fast(ptr, row2, m2, D: tl.constexpr, DG: tl.constexpr, BITS: tl.constexpr):
     """Plane tensors of one code component: (w16 int16 words of the 2-bit plane, x8 bytes of the
     1-bit plane); the one a format lacks is a dummy copy.  row2 / m2 broadcast against each other
     (row2 = token byte offsets [:, None] or [None, :], m2 = group index the other way), so the
     tensors come out (tokens, DG) or (DG, tokens)."""
-    real = m2 < D // 8
     if BITS == 1:
-        x8 = tl.load(ptr + row2 + m2, mask=real, other=0)
+        x8 = load_group_words(ptr + row2, m2, D, DG)
         w16 = x8.to(tl.int16)
     else:
-        w16 = tl.load((ptr + row2 + 2 * m2).to(tl.pointer_type(tl.int16)), mask=real, other=0)
+        w16 = load_group_words((ptr + row2).to(tl.pointer_type(tl.int16)), m2, D, DG)
         if BITS == 3:
-            x8 = tl.load(ptr + row2 + D // 4 + m2, mask=real, other=0)
+            x8 = load_group_words(ptr + row2 + D // 4, m2, D, DG)
         else:
             x8 = w16.to(tl.uint8)
     return w16, x8
+
+
+@triton.jit
+def load_group_words(rows, m2, D: tl.constexpr, DG: tl.constexpr):
+    """rows[m2]: one word per coordinate group index m2 (< DG); masked only where DG pads D/8,
+    because even an all-true mask stops Triton from vectorising the load."""
+    if D // 8 == DG:
+        w = tl.load(rows + m2)
+    else:
+        w = tl.load(rows + m2, mask=m2 < D // 8, other=0)
+    return w
 
 
 @triton.jit
@@ -275,6 +285,18 @@ def tile_rows(bt_ptr, bt_row, start, page_stride, head_off, BS: tl.constexpr,
     """
     page = tl.load(bt_ptr + bt_row + start // BS)
     return page.to(tl.int64) * page_stride + head_off, (start % BS) + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def load_tile_scalars(ptr, base, start, OFF: tl.constexpr, BS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, AL: tl.constexpr):
+    """(BLOCK_N,) fp16 scalar component at slot offset OFF (a norm or gamma) of the tile's tokens
+    start .. start+BLOCK_N-1, page region at byte `base`.  Addressed as one contiguous fp16 row
+    with its byte alignment AL, so the load is vectorised and software-pipelined (per-element
+    byte pointers cast to fp16 were 2-byte loads outside the pipeline: Nsight Compute showed
+    their latency as long-scoreboard stalls every tile)."""
+    row = tl.multiple_of(base + BS * OFF + (start % BS) * 2, AL)
+    return tl.load((ptr + row).to(tl.pointer_type(tl.float16)) + tl.arange(0, BLOCK_N))
 
 
 @triton.jit
