@@ -361,8 +361,12 @@ def run_opcheck(c: dict) -> dict:
     return res
 
 
+def picked_cases(only: str) -> list[dict]:
+    return [c for c in cases() if not only or any(o in c["name"] for o in only.split(","))]
+
+
 def worker(index: int, count: int, only: str = "") -> None:
-    picked = [c for c in cases() if not only or any(o in c["name"] for o in only.split(","))]
+    picked = picked_cases(only)
     for i, c in enumerate(picked):
         if i % count != index:
             continue
@@ -540,10 +544,12 @@ def main() -> None:
     env = dict(os.environ)
     results = []
     if not a.skip_checks:
-        procs = [subprocess.Popen([sys.executable, HERE, "--worker", f"{i}/{a.workers}",
+        # no more workers than cases: a worker that reports nothing counts as crashed
+        n = min(a.workers, len(picked_cases(a.only)))
+        procs = [subprocess.Popen([sys.executable, HERE, "--worker", f"{i}/{n}",
                                    "--only", a.only],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env) for i in range(a.workers)]
+                                  env=env) for i in range(n)]
         procs += [subprocess.Popen([sys.executable, HERE, "--graphs", w], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env)
                   for w in ("compile", "capture")

@@ -1,0 +1,133 @@
+"""Offline sm_90 compile of the decode split kernel: registers, spills, shared memory and the
+instruction mix of its hot loop.  Runs on a machine without a GPU (Triton ships ptxas and
+cuobjdump), so kernel changes can be weighed before spending device time.
+
+    PYTHONPATH=. python perf/sass_report.py [--format seed] [--head-dim 128] [--group 4]
+        [--block-size 128] [--block-n 64] [--warps 1] [--stages 2] [--maxnreg N] [--slow]
+
+The constexprs are the launcher's (tq_ops.ops.paged_decode_attention.split_constants); pointer
+arguments are declared 16-byte aligned, as Triton specialises them at a real launch (without
+that, the loads are not vectorised and the counts are not the GPU's).  The hot loop is the
+longest backward branch's body; its counts are per tile of block_n tokens per warp, so
+instructions per (token, KV head) = count * warps / block_n.  perf/NOTES.md has readings.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tq_ops import preset  # noqa: E402
+from tq_ops.ops.paged_decode_attention import split_constants  # noqa: E402
+from tq_ops.triton.decode import decode_split_kernel  # noqa: E402
+
+FP32_POINTERS = ("qr_ptr", "u_ptr", "o_ptr", "m_ptr", "l_ptr", "kc_ptr", "vc_ptr")
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n: int,
+                  warps: int, stages: int, maxnreg: int, fast: bool):
+    cfg = preset(fmt, head_dim=head_dim)
+    hkv = 8
+    consts = split_constants(hkv, group, head_dim, cfg.key_mse_bits, cfg.use_qjl,
+                             cfg.value_bits, block_size, block_n,
+                             hkv * block_size * cfg.slot_bytes, on_cuda=True)
+    consts["FAST"] = fast
+    fn = decode_split_kernel
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ("*fp32" if name in FP32_POINTERS
+                         else "*u8" if name == "cache_ptr" else "*i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+    attrs[(fn.arg_names.index("page_stride"),)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    opts = dict(num_warps=warps, num_stages=stages)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def ptxas_summary(ptx: str) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([os.path.join(NVIDIA_BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", path,
+                            "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True)
+    return [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if "Used" in ln or "spill" in ln]
+
+
+def hot_loop(cubin: bytes) -> list[str]:
+    """Instructions of the longest loop (body of the longest backward branch)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    sass = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name],
+                          capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    ins = [(int(m.group(1), 16), m.group(2)) for m in
+           (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", ln) for ln in sass.splitlines()) if m]
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best: list[str] = []
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"BRA.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in index:
+            body = [t for _, t in ins[index[int(m.group(1), 16)]:i + 1]]
+            if len(body) > len(best):
+                best = body
+    return best
+
+
+def opcode(text: str) -> str:
+    words = text.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--format", default="seed")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--warps", type=int, default=1)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--maxnreg", type=int, default=0)
+    ap.add_argument("--slow", action="store_true", help="the slow (any-codebook) instance")
+    a = ap.parse_args()
+    k = compile_split(a.format, a.head_dim, a.group, a.block_size, a.block_n, a.warps, a.stages,
+                      a.maxnreg, not a.slow)
+    for line in ptxas_summary(k.asm["ptx"]):
+        print(line)
+    print(f"shared memory: {k.metadata.shared} bytes")
+    body = hot_loop(k.asm["cubin"])
+    ops = collections.Counter(opcode(t) for t in body)
+    families = collections.Counter()
+    for op, n in ops.items():
+        families[op.split(".")[0]] += n
+    per = len(body) * a.warps / a.block_n
+    print(f"hot loop: {len(body)} instructions per tile of {a.block_n} tokens per warp "
+          f"({per:.1f} per token-head)")
+    print("  " + ", ".join(f"{op} {n}" for op, n in families.most_common(16)))
+    print("  memory: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items())
+                                   if op.startswith(("LD", "ST", "BAR"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
