@@ -1,15 +1,19 @@
-"""Offline sm_90 compile of the decode split kernel: registers, spills, shared memory and the
-instruction mix of its hot loop.  Runs on a machine without a GPU (Triton ships ptxas and
-cuobjdump), so kernel changes can be weighed before spending device time.
+"""Offline sm_90 compile of the decode split kernel or the encode kernel: registers, spills,
+shared memory and the instruction mix of the hot loop.  Runs on a machine without a GPU (Triton
+ships ptxas and cuobjdump), so kernel changes can be weighed before spending device time.
 
     PYTHONPATH=. python perf/sass_report.py [--format seed] [--head-dim 128] [--group 4]
         [--block-size 128] [--block-n 64] [--warps 1] [--stages 2] [--maxnreg N] [--slow]
+    PYTHONPATH=. python perf/sass_report.py --kernel encode-keys|encode-values [--format seed]
+        [--rows 64] [--warps 4]
 
-The constexprs are the launcher's (tq_ops.ops.paged_decode_attention.split_constants); pointer
-arguments are declared 16-byte aligned, as Triton specialises them at a real launch (without
-that, the loads are not vectorised and the counts are not the GPU's).  The hot loop is the
-longest backward branch's body; its counts are per tile of block_n tokens per warp, so
-instructions per (token, KV head) = count * warps / block_n.  perf/NOTES.md has readings.
+The split kernel's constexprs are the launcher's (tq_ops.ops.paged_decode_attention.
+split_constants); pointer arguments (and strides) are declared 16-byte aligned, as Triton
+specialises them at a real launch (without that, the loads are not vectorised and the counts
+are not the GPU's).  The hot loop is the longest backward branch's body: per tile of block_n
+tokens per warp for the split kernel (instructions per (token, KV head) = count * warps /
+block_n), per tile of `rows` (token, head) rows per warp for encode (the cache-write mode,
+fp16 input).  perf/NOTES.md has readings.
 """
 from __future__ import annotations
 
@@ -63,6 +67,44 @@ def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
+def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, maxnreg: int):
+    """encode_kernel in cache-write mode for the key or value half of write_cache."""
+    from tq_ops.triton.encode import MODE_CACHE, encode_kernel
+    from tq_ops.triton.unpack import group_width
+
+    cfg = preset(fmt, head_dim=head_dim)
+    lay = cfg.layout
+    keys = part == "keys"
+    bits = cfg.key_mse_bits if keys else cfg.value_bits
+    qjl = keys and cfg.use_qjl
+    pre = "k" if keys else "v"
+    consts = dict(H=8, D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)),
+                  DG=group_width(head_dim), TB=rows, BITS=bits, QJL=qjl, BS=128,
+                  OFF_C=lay.slot_offset(f"{pre}_codes"), OFF_N=lay.slot_offset(f"{pre}_norm"),
+                  OFF_S=lay.slot_offset("k_signs") if qjl else 0,
+                  OFF_G=lay.slot_offset("k_gamma") if qjl else 0,
+                  MODE=MODE_CACHE, NORM_F32=False, X_F32=False)
+    fn = encode_kernel
+    types = {"x_ptr": "*fp16", "out_ptr": "*u8", "slot_ptr": "*i32", "norm_ptr": "*u8"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = types.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in ("x_st", "x_sh", "page_stride", "head_stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    opts = dict(num_warps=warps, num_stages=2)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def ptxas_summary(ptx: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -100,18 +142,25 @@ def opcode(text: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", default="split", choices=("split", "encode-keys", "encode-values"))
+    ap.add_argument("--rows", type=int, default=64, help="encode: rows per tile")
     ap.add_argument("--format", default="seed")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--group", type=int, default=4, help="query heads per KV head")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--block-n", type=int, default=64)
-    ap.add_argument("--warps", type=int, default=1)
+    ap.add_argument("--warps", type=int, help="default: 1 (split), 4 (encode)")
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--slow", action="store_true", help="the slow (any-codebook) instance")
     a = ap.parse_args()
-    k = compile_split(a.format, a.head_dim, a.group, a.block_size, a.block_n, a.warps, a.stages,
-                      a.maxnreg, not a.slow)
+    a.warps = a.warps or (1 if a.kernel == "split" else 4)
+    if a.kernel == "split":
+        k = compile_split(a.format, a.head_dim, a.group, a.block_size, a.block_n, a.warps,
+                          a.stages, a.maxnreg, not a.slow)
+    else:
+        k = compile_encode(a.format, a.head_dim, a.kernel.split("-")[1], a.rows, a.warps,
+                           a.maxnreg)
     for line in ptxas_summary(k.asm["ptx"]):
         print(line)
     print(f"shared memory: {k.metadata.shared} bytes")
@@ -120,9 +169,12 @@ def main() -> int:
     families = collections.Counter()
     for op, n in ops.items():
         families[op.split(".")[0]] += n
-    per = len(body) * a.warps / a.block_n
-    print(f"hot loop: {len(body)} instructions per tile of {a.block_n} tokens per warp "
-          f"({per:.1f} per token-head)")
+    if a.kernel == "split":
+        print(f"hot loop: {len(body)} instructions per tile of {a.block_n} tokens per warp "
+              f"({len(body) * a.warps / a.block_n:.1f} per token-head)")
+    else:
+        print(f"hot loop: {len(body)} instructions per tile of {a.rows} rows per warp "
+              f"({len(body) * a.warps / a.rows:.1f} per (token, head) row)")
     print("  " + ", ".join(f"{op} {n}" for op, n in families.most_common(16)))
     print("  memory: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items())
                                    if op.startswith(("LD", "ST", "BAR"))))
