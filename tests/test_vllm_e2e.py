@@ -267,3 +267,14 @@ def test_bad_tq_variable_fails_at_start(tmp_path, backend, var, value):
     print(f"\n{var}={value}: " + res["error"][:300])
     assert not res["started"]
     assert f"{var}={value!r} is invalid" in res["error"]
+
+
+def test_register_twice_is_harmless(backend):
+    """vLLM's plugin loader and a user's own tq_vllm.register() may both run in one process
+    (vLLM >= 0.32 refuses a second registration of a new backend name)."""
+    import tq_vllm
+
+    res = run_scenario("register", {})
+    assert res["paths"]["CUSTOM"] == tq_vllm.BACKEND_PATH
+    if backend != "CUSTOM":
+        assert res["paths"][backend] == tq_vllm.NAMED_BACKEND_PATH

@@ -45,12 +45,13 @@ def has_named_registration() -> bool:
 
 
 def register_backend(name: str, class_path: str) -> None:
+    """Point the enum member `name` at class_path, creating it if needed (named registration,
+    vLLM >= 0.32).  Idempotent: a name registered before (by the entry point, or a second call)
+    is overridden through its member, since registering the same new name twice raises."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend as reg
 
-    if name == "CUSTOM":
-        reg(AttentionBackendEnum.CUSTOM, class_path)
-    else:
-        reg(name, class_path)
+    member = AttentionBackendEnum.__members__.get(name)
+    reg(member if member is not None else name, class_path)
 
 
 # -- the packed page size on 0.26 / 0.27 -------------------------------------------------------

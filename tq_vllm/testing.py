@@ -401,6 +401,21 @@ def scenario_same_inputs(a: dict) -> dict:
     return out
 
 
+def scenario_register(a: dict) -> dict:
+    """Plugin registration twice in one process, as vLLM's plugin loader and a user's own call
+    may both do: no error, and every name resolves to our backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import tq_vllm
+
+    tq_vllm.register()
+    tq_vllm.register()
+    members = AttentionBackendEnum.__members__
+    paths = {name: members[name].get_path() for name in ("CUSTOM", tq_vllm.BACKEND_NAME)
+             if name in members}
+    return dict(paths=paths)
+
+
 def tiny_model(out_dir: str | os.PathLike, **config) -> Path:
     """A random-weight Llama checkpoint (no tokenizer) with the given config overrides."""
     out = Path(out_dir)
@@ -416,8 +431,8 @@ def tiny_model(out_dir: str | os.PathLike, **config) -> Path:
     return out
 
 
-SCENARIOS = dict(capacity=scenario_capacity, main=scenario_main, preemption=scenario_preemption,
-                 start=scenario_start, reference=scenario_reference, spread=scenario_spread,
+SCENARIOS = dict(register=scenario_register, capacity=scenario_capacity, main=scenario_main,
+                 preemption=scenario_preemption, start=scenario_start, reference=scenario_reference, spread=scenario_spread,
                  same_inputs=scenario_same_inputs)
 
 
