@@ -8,9 +8,11 @@ Needs vLLM installed (the GPU machines: vLLM 0.26.0 through the offline tools, t
     python3 perf/vllm_gpu_bench.py one tq 32768 8       # one configuration (what `all` spawns)
     python3 perf/vllm_gpu_bench.py smollm2 tq CKPT_DIR  # SmolLM2 greedy + prompt NLL, one backend
 
-Throughput configurations (Llama-3-8B geometry, dummy weights, batch 8, 32k-token prompts, 128
-decode steps, vLLM's default compilation and CUDA-graph mode, gpu_memory_utilization 0.85; one
-configuration per process, as in the offline tools' bench_kv_dtype.py):
+Throughput configurations (Llama-3-8B geometry, dummy weights, batch 8, 32k-token prompts;
+after a warm-up on two short prompts, one prefill of the batch and then 128 timed engine steps
+in which all 8 requests decode (`timed_decode`); vLLM's default compilation and CUDA-graph mode,
+gpu_memory_utilization 0.85; one configuration per process, as in the offline tools'
+bench_kv_dtype.py):
     auto (bf16), fp8, turboquant_4bit_nc, turboquant_3bit_nc   vLLM's own backends
     tq                                                          ours: --attention-backend CUSTOM,
                                                                 TQ_* format (default preset)
@@ -48,6 +50,9 @@ LLAMA3_8B = {
     "use_cache": True, "vocab_size": 128256}
 CONFIGS = ("auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "tq")
 DECODE_STEPS = 128
+WARMUP_TOKENS = 2048
+# extra tokens per request in the timed run (see timed_decode); max_model_len is ctx + 256
+DECODE_SLACK = 96
 
 
 def _env_defaults(runner: str) -> None:
@@ -127,19 +132,16 @@ def run_one(config: str, ctx: int, batch: int, runner: str) -> dict:
     prompts = [TokensPrompt(prompt_token_ids=[random.randrange(1000, 100000) for _ in range(ctx)])
                for _ in range(batch)]
 
-    def run(n):
-        sp = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)
-        t = time.time()
-        llm.generate(prompts, sp, use_tqdm=False)
-        return time.time() - t
-
-    run(4)  # warm-up: prefill and decode paths compiled before timing
-    t1 = run(1)
-    calls_before = counter["n"] if counter else None
-    tn = run(DECODE_STEPS + 1)
-    tpot = (tn - t1) / DECODE_STEPS
+    # warm-up on short prompts (longer than one prefill chunk, so chunks with a compressed prefix
+    # run too): every kernel compiled before timing, without a second 32k prefill
+    short = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"][:WARMUP_TOKENS])
+             for p in prompts[:2]]
+    llm.generate(short, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0,
+                                       detokenize=False), use_tqdm=False)
+    prefill_s, tpot, calls = timed_decode(llm, prompts, DECODE_STEPS,
+                                          lambda: counter["n"] if counter else 0)
     res = dict(config=config, ctx=ctx, batch=batch, runner=runner, init_s=round(init, 1),
-               prefill_s=round(t1, 3), tpot_ms=round(tpot * 1e3, 3),
+               prefill_s=round(prefill_s, 3), tpot_ms=round(tpot * 1e3, 3),
                tok_per_s=round(batch / tpot, 1),
                kv_blocks=cc.num_gpu_blocks, block_size=cc.block_size,
                kv_tokens=(cc.num_gpu_blocks or 0) * cc.block_size,
@@ -147,11 +149,51 @@ def run_one(config: str, ctx: int, batch: int, runner: str) -> dict:
                log=[g for g in grab.lines if "KV cache" in g or "concurrency" in g
                     or "backend" in g or "raw pool" in g][:8])
     if counter is not None:
-        # Forward calls during the timed run: prefill chunks run eagerly (mixed batches);
-        # decode steps replayed as full graphs add none.
-        res["tq_forward_calls_timed"] = counter["n"] - calls_before
+        # Python forward calls during the timed decode steps: 0 when every step replayed a
+        # full CUDA graph (prefill chunks, before them, run eagerly)
+        res["tq_forward_calls_timed"] = calls
         res["tq_layers"] = LLAMA3_8B["num_hidden_layers"]
     return res
+
+
+def timed_decode(llm, prompts, steps: int, calls=lambda: 0) -> tuple[float, float, int]:
+    """Run the prompts through the engine step by step and time `steps` pure decode steps.
+
+    Returns (seconds until every request has its first token, i.e. the batch's prefill; seconds
+    per engine step over the next `steps` steps, in which every request decodes, i.e. TPOT at
+    the full batch; calls() difference over those steps).  One prefill per measurement, where
+    (run(n+1) - run(1)) / n needed two, and no step with a mixed or shrinking batch counts:
+    requests whose prefill ended early decode during the others' prefill, so they are given
+    DECODE_SLACK more tokens than `steps` and the rest is aborted."""
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    sp = SamplingParams(max_tokens=steps + DECODE_SLACK, ignore_eos=True, temperature=0.0,
+                        detokenize=False)
+    ids = [f"timed-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        eng.add_request(rid, p, sp)
+    first: set[str] = set()
+    t0 = time.time()
+    t_first = t_end = None
+    n_after = calls_first = calls_end = 0
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        now = time.time()
+        if t_first is None:
+            first.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
+            if len(first) == len(prompts):
+                t_first, calls_first = now, calls()
+            continue
+        n_after += 1
+        if n_after == steps or any(o.finished for o in outs):
+            t_end, calls_end = now, calls()
+            break
+    eng.abort_request([rid for rid in ids])
+    if t_end is None or n_after < steps:
+        raise RuntimeError(f"only {n_after} full-batch decode steps before a request ended "
+                           f"(raise DECODE_SLACK)")
+    return t_first - t0, (t_end - t_first) / n_after, calls_end - calls_first
 
 
 def run_smollm2(config: str, checkpoint: str, text_file: str | None, runner: str) -> dict:
@@ -243,8 +285,8 @@ def run_all(a) -> None:
         tp = f"{r['tpot_ms'] / base['tpot_ms']:.2f}x" if base.get("tpot_ms") else "?"
         note = ""
         if "tq_forward_calls_timed" in r:
-            note = (f"{r['tq_forward_calls_timed']} Python forward calls in the timed "
-                    f"{DECODE_STEPS + 1}-token run ({r['tq_layers']} layers; prefill is eager)")
+            note = (f"{r['tq_forward_calls_timed']} Python forward calls in the "
+                    f"{DECODE_STEPS} timed decode steps ({r['tq_layers']} layers)")
         print(f"| {config} | {r['kv_tokens']:,} | {cap} | {r['tpot_ms']:.2f} | {tp} | "
               f"{r['tok_per_s']} | {r['cudagraph_mode']} | {note} |")
     if quality:
