@@ -112,7 +112,8 @@ def ptxas_summary(ptx: str) -> list[str]:
             f.write(ptx)
         r = subprocess.run([os.path.join(NVIDIA_BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", path,
                             "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True)
-    return [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if "Used" in ln or "spill" in ln]
+    return [ln.strip() for ln in (r.stdout + r.stderr).splitlines()
+            if "Used" in ln or "spill" in ln]
 
 
 def hot_loop(cubin: bytes) -> list[str]:

@@ -60,7 +60,8 @@ def main() -> int:
             cache.fill_(0xA5)
             run()
             torch.cuda.synchronize()
-            same = "" if first is None else f", same bytes as the first: {torch.equal(cache, first)}"
+            same = ("" if first is None
+                    else f", same bytes as the first: {torch.equal(cache, first)}")
             if first is None:
                 first = cache.clone()
             ms = C.gpu_ms(run, rep=100)
