@@ -1,9 +1,9 @@
 """Chunked (varlen) prefill attention: a chunk of queries over its own raw K/V (causal, flash
 style), the compressed prefix in the paged cache and the raw pool tokens, in one online softmax.
 
-One program = one block of BLOCK_Q query tokens (prefill_config) of one sequence x all G query heads of one KV
-head (M = BLOCK_Q * GP rows, row = token * GP + head).  The grid is (T // BLOCK_Q + B, Hkv): a
-program finds its sequence by binary search over the block starts cu_seqlens_q[b] // BLOCK_Q + b
+One program = one block of BLOCK_Q query tokens (prefill_config) of one sequence x all G query
+heads of one KV head (M = BLOCK_Q * GP rows, row = token * GP + head).  The grid is
+(T // BLOCK_Q + B, Hkv): a program finds its sequence by binary search over the block starts cu_seqlens_q[b] // BLOCK_Q + b
 (vLLM's unified-attention trick), so the grid depends on shapes only.
 
 Phases, sharing one (max, sum) per row:
