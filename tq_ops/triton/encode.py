@@ -32,14 +32,24 @@ class EncodeConfig:
 
 
 DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
-# (arch, head_dim, bits) -> config; absent keys use DEFAULT_ENCODE
+# (arch, head_dim, bits) -> config for bulk writes (prefill); absent keys use DEFAULT_ENCODE.
+# perf/tune_encode.py, H200, 32768 tokens x 8 heads, seed format: keys (128, 8, 1) 0.456 TB/s of
+# fp16 input against 0.400 for (64, 4, 2) (the key launch holds 164 KB of split matrices in
+# shared memory, so one program per SM either way: 8 warps hide more latency than 4); values
+# (64, 4, 2) beat (128, 8, 1).
 ENCODE_CONFIGS: dict[tuple[str, int, int], EncodeConfig] = {
-    ("sm90", 128, 2): EncodeConfig(64, 4, 2),
+    ("sm90", 128, 2): EncodeConfig(128, 8, 1),
     ("sm90", 128, 3): EncodeConfig(64, 4, 2),
 }
+# Writes of at most this many rows (tokens x heads: a decode step's write) are one program in
+# any config, and there the smaller tile has the lower latency (H200, 8 tokens x 8 heads:
+# 16.6 us for DEFAULT_ENCODE in both launches against 18.8 us with (128, 8, 1) keys).
+LATENCY_ROWS = 128
 
 
-def encode_config(arch: str, head_dim: int, bits: int) -> EncodeConfig:
+def encode_config(arch: str, head_dim: int, bits: int, rows: int) -> EncodeConfig:
+    if rows <= LATENCY_ROWS:
+        return DEFAULT_ENCODE
     return ENCODE_CONFIGS.get((arch, head_dim, bits), DEFAULT_ENCODE)
 
 
