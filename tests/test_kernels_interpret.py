@@ -37,6 +37,9 @@ RTOL_F32 = 1e-5
 FORMATS = [(2, True, 3, 64, 4, 16), (3, False, 3, 64, 3, 32), (4, False, 4, 96, 1, 16),
            (1, True, 2, 32, 2, 16), (2, True, 1, 128, 2, 64), (2, True, 3, 256, 2, 16)]
 
+# the format whose bulk-write tile is checked (the seed format at head_dim 128, as on GPUs)
+BULK_FORMAT = FORMATS[4]
+
 
 def _fmt_id(f):
     kb, qjl, vb, d, g, bs = f
@@ -67,15 +70,10 @@ def _child() -> dict:
         dist = (y_ref.unsqueeze(-1) - mids).abs().amin(-1)
         return float(dist[bad].max())
 
-    for f in FORMATS:
-        kb, qjl, vb, d, g, bs = f
-        fid = _fmt_id(f)
-        c = TQCodec.build(preset("seed", head_dim=d).replace(key_mse_bits=kb, key_qjl_bits=int(qjl),
-                                                             value_bits=vb))
+    def write_check(c, kb, qjl, vb, d, bs, t, hkv=2):
+        """write_cache's kernel against the reference: t tokens into 6 pages of a poisoned cache,
+        shuffled slots, one token dropped (slot -1) and one all-zero key."""
         lay = c.config.layout
-        hkv = 2
-        # -- write_cache: bytes of the paged cache
-        t = 29
         k = torch.randn(t, hkv, d, dtype=torch.float16)
         v = torch.randn(t, hkv, d, dtype=torch.bfloat16)
         k[4] = 0
@@ -101,13 +99,23 @@ def _child() -> dict:
         cv2 = R.parse_value_records(vals2[0, pos], d, vb)
         untouched = torch.ones(nb * bs, dtype=torch.bool)
         untouched[pos] = False
-        out[f"write_cache/{fid}"] = dict(
+        return dict(
             key_tie=code_mismatch(ck1[0], ck2[0], y_k, c.key_centroids),
             value_tie=code_mismatch(cv1[0], cv2[0], y_v, c.value_centroids),
             norms_equal=bool(torch.equal(ck1[2], ck2[2]) and torch.equal(cv1[1], cv2[1])),
             signs_equal=bool(not qjl or torch.equal(ck1[1], ck2[1])),
             gamma_equal=bool(not qjl or torch.equal(ck1[3], ck2[3])),
             other_slots_untouched=bool(torch.equal(keys1[0, untouched], keys2[0, untouched])))
+
+    for f in FORMATS:
+        kb, qjl, vb, d, g, bs = f
+        fid = _fmt_id(f)
+        c = TQCodec.build(preset("seed", head_dim=d).replace(key_mse_bits=kb, key_qjl_bits=int(qjl),
+                                                             value_bits=vb))
+        lay = c.config.layout
+        hkv = 2
+        # -- write_cache: bytes of the paged cache
+        out[f"write_cache/{fid}"] = write_check(c, kb, qjl, vb, d, bs, t=29, hkv=hkv)
         # -- encode_keys / encode_values / mse_quantize records
         x = torch.randn(3, 5, d)
         rk = mod("encode_keys").launch_encode_keys(x, c.rotation, c.qjl_projection,
@@ -183,6 +191,20 @@ def _child() -> dict:
             gamma=float(((g1 - g2).abs() / g2).max()),
             dequantize=float((deq - deq_ref).abs().max() / deq_ref.abs().max()),
             key_scores=float((ks - ks_ref).abs().max() / ks_ref.abs().max()))
+    # the bulk-write tile (tq_ops.triton.encode.ENCODE_CONFIGS on GPUs: 128 rows): a write of more
+    # than LATENCY_ROWS rows, with the interpreter's ('cpu') entries pointed at that tile
+    from unittest import mock
+
+    from tq_ops.triton import encode as E
+
+    kb, qjl, vb, d, g, bs = BULK_FORMAT
+    c = TQCodec.build(preset("seed", head_dim=d).replace(key_mse_bits=kb, key_qjl_bits=int(qjl),
+                                                         value_bits=vb))
+    tile = E.EncodeConfig(128, 8, 1)
+    t = E.LATENCY_ROWS // 2 + 6  # x 2 heads: more rows than LATENCY_ROWS, two 128-row tiles
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb): tile, ("cpu", d, vb): tile}):
+        assert E.encode_config("cpu", d, kb, 2 * t) == tile
+        out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
     return out
 
 
@@ -202,6 +224,13 @@ def report() -> dict:
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
 def test_write_cache_kernel(report, fmt):
     r = report[f"write_cache/{_fmt_id(fmt)}"]
+    assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
+    assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
+    assert r["other_slots_untouched"], r
+
+
+def test_write_cache_kernel_bulk_tile(report):
+    r = report["write_cache/bulk-tile"]
     assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
     assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
     assert r["other_slots_untouched"], r

@@ -1,9 +1,11 @@
-"""The decode kernel's split count (tq_ops.triton.decode.num_splits): a function of shapes only
-that fills whole waves of resident programs, never splits finer than min_tokens_per_split
-positions, and stays within [1, max_splits]."""
+"""Launch configs as functions of shapes only.  The decode kernel's split count
+(tq_ops.triton.decode.num_splits) fills whole waves of resident programs, never splits finer than
+min_tokens_per_split positions, and stays within [1, max_splits]; the encode kernel's config
+(tq_ops.triton.encode.encode_config) depends on the write's size."""
 import pytest
 
 from tq_ops.triton.decode import DECODE_CONFIGS, DEFAULT_DECODE, num_splits
+from tq_ops.triton.encode import DEFAULT_ENCODE, ENCODE_CONFIGS, LATENCY_ROWS, encode_config
 
 SMS = 132  # an H100's SM count; the rule is the same for any count
 # (batch, context): the issue's decode shapes, plus a batch larger than one wave of programs
@@ -31,3 +33,24 @@ def test_split_count_fills_whole_waves(cfg, batch, ctx, waves):
         assert rows * (ns + 1) > slots or ns in (cap, cfg.max_splits)
     else:
         assert ns == 1
+
+
+# -- the encode kernel's config (tq_ops.triton.encode.encode_config) ---------------------------
+
+ENCODE_KEYS = list(ENCODE_CONFIGS)
+
+
+@pytest.mark.parametrize("key", ENCODE_KEYS, ids=[f"{a}-d{d}-b{b}" for a, d, b in ENCODE_KEYS])
+def test_encode_config_by_write_size(key):
+    arch, head_dim, bits = key
+    # a decode step's write (at most LATENCY_ROWS tokens x heads) takes the low-latency tile ...
+    for rows in (1, 8, LATENCY_ROWS):
+        assert encode_config(arch, head_dim, bits, rows) == DEFAULT_ENCODE
+    # ... a prefill's write the table's bulk config
+    assert encode_config(arch, head_dim, bits, LATENCY_ROWS + 1) == ENCODE_CONFIGS[key]
+    assert encode_config(arch, head_dim, bits, 32768 * 8) == ENCODE_CONFIGS[key]
+
+
+def test_encode_config_default_for_unknown_shapes():
+    assert encode_config("sm80", 128, 2, 1 << 20) == DEFAULT_ENCODE
+    assert encode_config("sm90", 96, 2, 1 << 20) == DEFAULT_ENCODE
