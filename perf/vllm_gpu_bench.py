@@ -9,7 +9,8 @@ Needs vLLM installed (the GPU machines: vLLM 0.26.0 through the offline tools, t
     python3 perf/vllm_gpu_bench.py smollm2 tq CKPT_DIR  # SmolLM2 greedy + prompt NLL, one backend
 
 A sitting spread over several commands on one machine: `all --save DIR --only-run --configs ...`
-per command (results kept in DIR are not run again), then `all --save DIR` prints the table.
+per command (results kept in DIR are not run again), then `all --save DIR --table-only` prints
+the table.
 `--profile tq auto` ends those runs with 8 more decode steps under torch.profiler and prints
 the GPU kernels of one step.
 
@@ -109,7 +110,6 @@ def _count_forward_calls():
 def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int = 0) -> dict:
     """One throughput configuration in this process (prints RESULT)."""
     _env_defaults(runner)
-    sys.path.insert(0, str(ROOT))
     import random
     import tempfile
 
@@ -246,7 +246,6 @@ def kernel_profile(eng, steps: int, top: int = 14) -> list:
 def run_smollm2(config: str, checkpoint: str, text_file: str | None, runner: str) -> dict:
     """SmolLM2 real weights, bf16 model: greedy continuation and prompt NLL for one backend."""
     _env_defaults(runner)
-    sys.path.insert(0, str(ROOT))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
