@@ -175,6 +175,35 @@ def run_attention_case(c: dict) -> dict:
           and res["key_norm_ulps"] <= 1 and res["value_norm_ulps"] <= 1 and untouched_ok)
     if qjl:
         ok &= res["sign_worst_rel"] <= SIGN_TIE and res["gamma_ulps"] <= 1
+    # a decode-sized write (at most LATENCY_ROWS rows: one launch of encode_pair_kernel), the
+    # last tokens and the padding one, into a fresh copy of the poisoned cache
+    from tq_ops.triton.encode import LATENCY_ROWS
+
+    n_small = min(k_pad.shape[0], max(1, LATENCY_ROWS // hkv))
+    ks_, vs_, ss_ = k_pad[-n_small:], v_pad[-n_small:], sl_pad[-n_small:]
+    small_ref = cache0.clone()
+    R.write_cache(ks_, vs_, small_ref, ss_, codec.rotation, codec.qjl_projection,
+                  codec.key_centroids, codec.value_centroids, kb, qjl, vb)
+    small_gpu = cache0.cuda()
+    torch.ops.turboquant.write_cache(ks_.cuda(), vs_.cuda(), small_gpu, ss_.cuda(), cg.rotation,
+                                     cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
+                                     qjl, vb)
+    small_gpu = small_gpu.cpu()
+    keep = ss_ >= 0
+    sorder = torch.argsort(ss_[keep].long())
+    small = _codes_check(small_gpu, small_ref, list(range(nblocks)),
+                         ss_[keep].long()[sorder].tolist(), ks_[keep][sorder].float(),
+                         vs_[keep][sorder].float(), codec, cfg, bs)
+    small_written = torch.zeros(nblocks * bs, dtype=torch.bool)
+    small_written[ss_[keep].long()] = True
+    small_ok = all(torch.equal(small_gpu[blk], cache0[blk]) for blk in range(nblocks)
+                   if not small_written[blk * bs:(blk + 1) * bs].any())
+    small_ok &= (small["key_code_worst_tie"] <= TIE and small["value_code_worst_tie"] <= TIE
+                 and small["key_norm_ulps"] <= 1 and small["value_norm_ulps"] <= 1)
+    if qjl:
+        small_ok &= small["sign_worst_rel"] <= SIGN_TIE and small["gamma_ulps"] <= 1
+    res["small_write_rows"] = n_small * hkv
+    ok &= small_ok
     res["write_ok"] = bool(ok)
     # decode: exact same cache contents for both (the reference's)
     cache_g = cache_ref.cuda()
@@ -512,9 +541,20 @@ def benchmarks(out_dir: str | None) -> list[dict]:
                              pct_copy=floor_ms / ms * 100, bytes=case.bytes_read,
                              sdpa_pct_copy=case.fp16_bytes / bw * 1e3 / sd_ms * 100))
             print("BENCH " + json.dumps(rows[-1]), flush=True)
+    # vLLM's decode steps attend over the flush buffer's exact tokens too (1..128 per sequence)
+    case = C.decode_case(8, 32768, block_size=64, raw_tokens=64)
+    ms = C.gpu_ms(case.run)
+    del case.run
+    rows.append(dict(kind="decode_raw", batch=8, ctx=32768, bs=64, raw_tokens=64, ms=ms))
+    print("BENCH " + json.dumps(rows[-1]), flush=True)
     run, nbytes = C.encode_case()
     ms = C.gpu_ms(run, rep=300)
     rows.append(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS))
+    print("BENCH " + json.dumps(rows[-1]), flush=True)
+    # a decode step's write at batch 8: latency, not throughput
+    run, _ = C.encode_case(tokens=8)
+    ms = C.gpu_ms(run, rep=300)
+    rows.append(dict(kind="encode_small", ms=ms, tokens=8))
     print("BENCH " + json.dumps(rows[-1]), flush=True)
     if out_dir:
         with open(os.path.join(out_dir, "bench.json"), "w") as f:
@@ -597,6 +637,12 @@ def main() -> None:
             if r["kind"] == "encode":
                 print(f"encode+write (seed, {r['tokens']} tokens x 8 heads, fp16 in): "
                       f"{r['ms']:.3f} ms, {r['tbps']:.2f} TB/s of fp16 input")
+            elif r["kind"] == "encode_small":
+                print(f"encode+write of {r['tokens']} tokens x 8 heads (a decode step's write): "
+                      f"{r['ms'] * 1e3:.1f} us")
+            elif r["kind"] == "decode_raw":
+                print(f"decode ({r['batch']}, {r['ctx']}), page {r['bs']}, with {r['raw_tokens']} "
+                      f"exact raw tokens per sequence: {r['ms']:.4f} ms")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
         [--block-size 128] [--block-n 64] [--warps 1] [--stages 2] [--maxnreg N] [--slow]
     PYTHONPATH=. python perf/sass_report.py --kernel encode-keys|encode-values [--format seed]
         [--rows 64] [--warps 4]
+    PYTHONPATH=. python perf/sass_report.py --kernel prep|merge [--format seed] [--head-dim 128]
 
 The split kernel's constexprs are the launcher's (tq_ops.ops.paged_decode_attention.
 split_constants); pointer arguments (and strides) are declared 16-byte aligned, as Triton
@@ -105,6 +106,31 @@ def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, ma
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
+def compile_small(kernel: str, head_dim: int, group: int, warps: int, consts: dict):
+    """query_prep_kernel or decode_merge_kernel (fp16 queries, bf16 raw pool), with the
+    launcher's constexprs `consts`; their whole SASS is reported (no hot loop to speak of)."""
+    from tq_ops.triton.decode import decode_merge_kernel, query_prep_kernel
+
+    fn = query_prep_kernel if kernel == "prep" else decode_merge_kernel
+    kinds = {"q_ptr": "*fp16", "out_ptr": "*fp16", "raw_k_ptr": "*bf16", "raw_v_ptr": "*bf16",
+             "raw_idx_ptr": "*i32", "raw_lens_ptr": "*i32"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = kinds.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("q_scale", "u_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=2))
+
+
 def ptxas_summary(ptx: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -116,8 +142,9 @@ def ptxas_summary(ptx: str) -> list[str]:
             if "Used" in ln or "spill" in ln]
 
 
-def hot_loop(cubin: bytes) -> list[str]:
-    """Instructions of the longest loop (body of the longest backward branch)."""
+def hot_loop(cubin: bytes, whole: bool = False) -> list[str]:
+    """Instructions of the longest loop (body of the longest backward branch), or of the whole
+    kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     sass = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name],
@@ -125,6 +152,8 @@ def hot_loop(cubin: bytes) -> list[str]:
     os.unlink(f.name)
     ins = [(int(m.group(1), 16), m.group(2)) for m in
            (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", ln) for ln in sass.splitlines()) if m]
+    if whole:
+        return [t for _, t in ins]
     index = {a: i for i, (a, _) in enumerate(ins)}
     best: list[str] = []
     for i, (a, text) in enumerate(ins):
@@ -143,7 +172,8 @@ def opcode(text: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", default="split", choices=("split", "encode-keys", "encode-values"))
+    ap.add_argument("--kernel", default="split",
+                    choices=("split", "encode-keys", "encode-values", "prep", "merge"))
     ap.add_argument("--rows", type=int, default=64, help="encode: rows per tile")
     ap.add_argument("--format", default="seed")
     ap.add_argument("--head-dim", type=int, default=128)
@@ -155,6 +185,31 @@ def main() -> int:
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--slow", action="store_true", help="the slow (any-codebook) instance")
     a = ap.parse_args()
+    if a.kernel in ("prep", "merge"):
+        import importlib
+
+        P = importlib.import_module("tq_ops.ops.paged_decode_attention")
+        from tq_ops.triton.unpack import group_width
+
+        dp = 8 * group_width(a.head_dim)
+        if a.kernel == "prep":
+            consts = dict(D=a.head_dim, DP=dp, RB=P.PREP_ROWS, JB=P.WHOLE_MATRIX_COLUMNS,
+                          QJL=preset(a.format, head_dim=a.head_dim).use_qjl)
+            warps = a.warps or P.PREP_WARPS
+        else:
+            gp = max(2, triton.next_power_of_2(a.group))
+            consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
+                          JB=P.WHOLE_MATRIX_COLUMNS, SC=P.MERGE_SPLITS, RAW_N=P.RAW_TILE)
+            warps = a.warps or P.MERGE_WARPS
+        k = compile_small(a.kernel, a.head_dim, a.group, warps, consts)
+        for line in ptxas_summary(k.asm["ptx"]):
+            print(line)
+        print(f"shared memory: {k.metadata.shared} bytes")
+        sass = hot_loop(k.asm["cubin"], whole=True)
+        ops = collections.Counter(opcode(t) for t in sass)
+        print(f"{len(sass)} instructions; memory: " + ", ".join(
+            f"{op} {n}" for op, n in sorted(ops.items()) if op.startswith(("LD", "ST", "BAR"))))
+        return 0
     a.warps = a.warps or (1 if a.kernel == "split" else 4)
     if a.kernel == "split":
         k = compile_split(a.format, a.head_dim, a.group, a.block_size, a.block_n, a.warps,

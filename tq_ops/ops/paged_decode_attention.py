@@ -17,7 +17,11 @@ from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width
 
 PREP_ROWS = 16   # query rows per prep program
-RAW_TILE = 16    # raw-pool tokens per step of the raw program
+# prep and merge are latency-bound (a few programs each): up to this head width they load the
+# whole D x D matrices before any store and multiply once (tq_ops.triton.decode)
+WHOLE_MATRIX_COLUMNS = 128
+PREP_WARPS = 8
+RAW_TILE = 64    # raw-pool tokens per step of the raw program (the pool holds S + F <= ~130)
 MERGE_SPLITS = 32  # partials loaded per step of the merge
 MERGE_WARPS = 8
 
@@ -64,7 +68,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     merge = decode_merge_kernel if raw else wrap_triton(decode_merge_kernel)
     prep[(triton.cdiv(b * hq, PREP_ROWS),)](
         q, rotation, projection, qr, u, b * hq, scale * LOG2E, qjl_scale(d),
-        D=d, DP=dp, RB=PREP_ROWS, JB=32, QJL=qjl)
+        D=d, DP=dp, RB=PREP_ROWS, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, num_warps=PREP_WARPS)
     # with the asm decoders, a fast and a slow instance, each doing the work or not depending on
     # the codebooks (decode_split_kernel); without, the slow instance alone
     for fast in ((True, False) if use_fast else (False,)):
@@ -77,7 +81,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     merge[(b * hkv,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=32, SC=MERGE_SPLITS, RAW_N=RAW_TILE,
+        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=MERGE_SPLITS, RAW_N=RAW_TILE,
         num_warps=MERGE_WARPS)
     return out
 

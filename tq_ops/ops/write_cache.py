@@ -7,7 +7,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, layout, reference
-from tq_ops.triton.encode import MODE_CACHE, MODE_RECORDS, encode_config, encode_kernel
+from tq_ops.triton.encode import (DEFAULT_ENCODE, LATENCY_ROWS, MODE_CACHE, MODE_RECORDS,
+                                  encode_config, encode_kernel, encode_pair_kernel)
 from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import group_width
 
@@ -55,7 +56,8 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
                        rotation: Tensor, projection: Tensor, key_centroids: Tensor,
                        value_centroids: Tensor, key_bits: int, qjl: bool, value_bits: int,
                        raw: bool = False) -> None:
-    """The Triton body of write_cache: one encode launch for keys, one for values."""
+    """The Triton body of write_cache: one encode launch for keys, one for values; a write of
+    at most LATENCY_ROWS rows (a decode step's) is one launch of encode_pair_kernel."""
     d = int(key.shape[-1])
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
@@ -63,6 +65,21 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
     koffs = dict(OFF_C=lay.slot_offset("k_codes"), OFF_N=lay.slot_offset("k_norm"))
     if qjl:
         koffs.update(OFF_S=lay.slot_offset("k_signs"), OFF_G=lay.slot_offset("k_gamma"))
+    t, h = key.shape[0], int(key.shape[1])
+    if t * h <= LATENCY_ROWS:
+        k = key if key.stride(-1) == 1 else key.contiguous()
+        v = value if value.stride(-1) == 1 else value.contiguous()
+        kernel = encode_pair_kernel if raw else wrap_triton(encode_pair_kernel)
+        kernel[(2,)](
+            k, v, t * h, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache, slot_mapping,
+            page_stride, head_stride, rotation, projection, key_centroids, value_centroids,
+            H=h, D=d, DP=max(16, triton.next_power_of_2(d)), DG=group_width(d),
+            TB=DEFAULT_ENCODE.rows, K_BITS=key_bits, QJL=qjl, V_BITS=value_bits, BS=bs,
+            K_OFF_C=koffs["OFF_C"], K_OFF_S=koffs.get("OFF_S", 0), K_OFF_N=koffs["OFF_N"],
+            K_OFF_G=koffs.get("OFF_G", 0), V_OFF_C=lay.slot_offset("v_codes"),
+            V_OFF_N=lay.slot_offset("v_norm"), K_F32=k.dtype == torch.float32,
+            V_F32=v.dtype == torch.float32, num_warps=DEFAULT_ENCODE.num_warps)
+        return
     launch_encode(key, rotation, projection, key_centroids, key_bits, qjl, cache, koffs, bs,
                   page_stride, head_stride, slot_mapping=slot_mapping, raw=raw)
     voffs = dict(OFF_C=lay.slot_offset("v_codes"), OFF_N=lay.slot_offset("v_norm"))

@@ -87,7 +87,12 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, rows, q_scale, u_scale,
                       D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr, JB: tl.constexpr,
                       QJL: tl.constexpr):
-    """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D)."""
+    """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D).
+
+    A latency-bound launch (a few programs): for DP <= JB both matrices are loaded whole before
+    the first store, since a load after a store (which may alias it) is not hoisted and each
+    such load is a memory round trip on the critical path.  Wider heads go in JB-column blocks
+    with qr read back between the two products."""
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     rmask = r < rows
     d = tl.arange(0, DP)
@@ -95,24 +100,37 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, rows, q_scale, u_
     dmask = d < D
     q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
-    for j0 in tl.static_range(0, DP, JB):
-        jj = j0 + j
-        # PiT[i, j] = Pi[j, i]
-        pit = tl.load(rot_ptr + jj[None, :] * D + d[:, None],
-                      mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
-        blk = tl.dot(q, pit, input_precision="tf32x3")
-        tl.store(qr_ptr + r[:, None] * D + jj[None, :], blk, mask=rmask[:, None] & (jj < D)[None, :])
-    if QJL:
-        tl.debug_barrier()  # the rows written above are read back whole by other threads
-        qr = tl.load(qr_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
-                     other=0.0)
+    if DP <= JB:
+        mask2 = dmask[:, None] & dmask[None, :]
+        # PiT[i, j] = Pi[j, i], S'T[i, j] = S'[j, i]
+        pit = tl.load(rot_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+        if QJL:
+            st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+        qr = tl.dot(q, pit, input_precision="tf32x3")
+        omask = rmask[:, None] & dmask[None, :]
+        tl.store(qr_ptr + r[:, None] * D + d[None, :], qr, mask=omask)
+        if QJL:
+            u = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
+            tl.store(u_ptr + r[:, None] * D + d[None, :], u, mask=omask)
+    else:
         for j0 in tl.static_range(0, DP, JB):
             jj = j0 + j
-            st = tl.load(proj_ptr + jj[None, :] * D + d[:, None],
-                         mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
-            blk = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
-            tl.store(u_ptr + r[:, None] * D + jj[None, :], blk,
+            pit = tl.load(rot_ptr + jj[None, :] * D + d[:, None],
+                          mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
+            blk = tl.dot(q, pit, input_precision="tf32x3")
+            tl.store(qr_ptr + r[:, None] * D + jj[None, :], blk,
                      mask=rmask[:, None] & (jj < D)[None, :])
+        if QJL:
+            tl.debug_barrier()  # the rows written above are read back whole by other threads
+            qr = tl.load(qr_ptr + r[:, None] * D + d[None, :],
+                         mask=rmask[:, None] & dmask[None, :], other=0.0)
+            for j0 in tl.static_range(0, DP, JB):
+                jj = j0 + j
+                st = tl.load(proj_ptr + jj[None, :] * D + d[:, None],
+                             mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
+                blk = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
+                tl.store(u_ptr + r[:, None] * D + jj[None, :], blk,
+                         mask=rmask[:, None] & (jj < D)[None, :])
 
 
 @triton.jit
@@ -317,8 +335,9 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr,
                         RAW_N: tl.constexpr):
     """Attend the raw-pool tokens of (b, h) (original domain), then merge them with the
     compressed partials: out = (Pi^T sum_s w_s o_s + w_raw o_raw) / (sum_s w_s l_s + w_raw l_raw),
-    w = exp2(m - max).  The raw accumulator goes through the spare partial slot of (b, h) so the
-    un-rotation can run in column blocks."""
+    w = exp2(m - max).  Up to DP = JB, Pi is loaded whole at the start and the un-rotation is
+    one product; wider heads un-rotate in JB-column blocks, the raw accumulator going through
+    the spare partial slot of (b, h)."""
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -329,6 +348,11 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr,
     qrow = b * (HKV * G) + h * G + g
     base = bh * (num_splits + 1)
     raw_row = (base + num_splits) * GP + g
+    if DP <= JB:
+        # Pi whole, loaded first: nothing is stored before the output, so its latency overlaps
+        # the raw tokens and the merge instead of following them (a latency-bound launch)
+        pi_all = tl.load(rot_ptr + d[:, None] * D + d[None, :],
+                         mask=dmask[:, None] & dmask[None, :], other=0.0)
     # -- raw pool tokens
     rl = tl.load(raw_lens_ptr + b)
     row = tl.load(raw_idx_ptr + b).to(tl.int64)
@@ -336,7 +360,7 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr,
                 other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
     m_raw = tl.full([GP], NEG_BIG, tl.float32)
     l_raw = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, DP], tl.float32)
+    acc_raw = tl.zeros([GP, DP], tl.float32)
     t = tl.arange(0, RAW_N)
     for r0 in tl.range(0, rl, RAW_N):
         tv = r0 + t < rl
@@ -351,8 +375,10 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr,
         m_raw = m_new
         v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + t)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
                     mask=kmask, other=0.0).to(tl.float32)
-        acc = tl.dot(p, v, acc * alpha[:, None])
-    tl.store(o_ptr + raw_row[:, None] * DP + d[None, :], acc)
+        acc_raw = tl.dot(p, v, acc_raw * alpha[:, None])
+    if DP > JB:
+        # the column-block un-rotation below reads the raw accumulator back by columns
+        tl.store(o_ptr + raw_row[:, None] * DP + d[None, :], acc_raw)
     # -- merge
     sc = tl.arange(0, SC)
     big = m_raw
@@ -375,16 +401,22 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr,
                      mask=sm[:, None, None] & dmask[None, None, :], other=0.0)
         acc += tl.sum(w[:, :, None] * ov, 0)
     inv = tl.where(tot > 0, 1.0 / tot, 0.0)
-    tl.debug_barrier()  # the raw accumulator stored above is read back by other threads
-    j = tl.arange(0, JB)
-    for j0 in tl.static_range(0, DP, JB):
-        jj = j0 + j
-        jm = jj < D
-        pi = tl.load(rot_ptr + d[:, None] * D + jj[None, :], mask=dmask[:, None] & jm[None, :],
-                     other=0.0)
-        o = tl.dot(acc, pi, input_precision="ieee")
-        o += w_raw[:, None] * tl.load(o_ptr + raw_row[:, None] * DP + jj[None, :],
-                                      mask=jm[None, :], other=0.0)
+    if DP <= JB:
+        o = tl.dot(acc, pi_all, input_precision="ieee") + w_raw[:, None] * acc_raw
         o = o * inv[:, None]
-        tl.store(out_ptr + qrow[:, None] * D + jj[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=gmask[:, None] & jm[None, :])
+        tl.store(out_ptr + qrow[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None] & dmask[None, :])
+    else:
+        tl.debug_barrier()  # the raw accumulator stored above is read back by other threads
+        j = tl.arange(0, JB)
+        for j0 in tl.static_range(0, DP, JB):
+            jj = j0 + j
+            jm = jj < D
+            pi = tl.load(rot_ptr + d[:, None] * D + jj[None, :],
+                         mask=dmask[:, None] & jm[None, :], other=0.0)
+            o = tl.dot(acc, pi, input_precision="ieee")
+            o += w_raw[:, None] * tl.load(o_ptr + raw_row[:, None] * DP + jj[None, :],
+                                          mask=jm[None, :], other=0.0)
+            o = o * inv[:, None]
+            tl.store(out_ptr + qrow[:, None] * D + jj[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=gmask[:, None] & jm[None, :])

@@ -81,10 +81,46 @@ def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, hea
     Coordinates are handled in the 8 groups of tq_ops.triton.unpack (group q = coordinates
     8m + q), so every bit-plane word is an OR of shifted group codes: no reshapes.
     """
+    _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                 norm_ptr, rot_ptr, proj_ptr, c_ptr, tl.program_id(0), tl.num_programs(0),
+                 H, D, DP, DG, TB, BITS, QJL, BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32,
+                 X_F32)
+
+
+@triton.jit
+def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, slot_ptr,
+                       page_stride, head_stride, rot_ptr, proj_ptr, kc_ptr, vc_ptr,
+                       H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
+                       TB: tl.constexpr, K_BITS: tl.constexpr, QJL: tl.constexpr,
+                       V_BITS: tl.constexpr, BS: tl.constexpr, K_OFF_C: tl.constexpr,
+                       K_OFF_S: tl.constexpr, K_OFF_N: tl.constexpr, K_OFF_G: tl.constexpr,
+                       V_OFF_C: tl.constexpr, V_OFF_N: tl.constexpr, K_F32: tl.constexpr,
+                       V_F32: tl.constexpr):
+    """A small cache write (a decode step's tokens) in one launch of two programs: program 0
+    encodes the keys, program 1 the values, each as encode_kernel's MODE_CACHE does.  Such a
+    write is latency-bound (one program per launch either way), so two launches cost about
+    twice one."""
+    if tl.program_id(0) == 0:
+        _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                     out_ptr, rot_ptr, proj_ptr, kc_ptr, 0, 1, H, D, DP, DG, TB, K_BITS, QJL,
+                     BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False, K_F32)  # MODE_CACHE
+    else:
+        _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                     out_ptr, rot_ptr, proj_ptr, vc_ptr, 0, 1, H, D, DP, DG, TB, V_BITS, False,
+                     BS, V_OFF_C, 0, V_OFF_N, 0, 0, False, V_F32)  # MODE_CACHE
+
+
+@triton.jit
+def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                 norm_ptr, rot_ptr, proj_ptr, c_ptr, first_tile, tile_step,
+                 H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
+                 TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
+                 OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
+                 OFF_G: tl.constexpr, MODE: tl.constexpr, NORM_F32: tl.constexpr,
+                 X_F32: tl.constexpr):
+    """encode_kernel's body for tiles first_tile, first_tile + tile_step, ..."""
     d = tl.arange(0, DP)
     dmask = d < D
-    m = tl.arange(0, DG)
-    gm = m < D // 8
     # output column c = q*DG + m holds coordinate 8m + q (grouped order)
     c = tl.arange(0, 8 * DG)
     cq = c // DG
@@ -103,10 +139,10 @@ def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, hea
     else:
         s_hi = p_hi
         s_lo = p_lo
-    for tile in tl.range(tl.program_id(0), tl.cdiv(n_rows, TB), tl.num_programs(0)):
+    for tile in tl.range(first_tile, tl.cdiv(n_rows, TB), tile_step):
         _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, H, D, DP, DG, TB, BITS, QJL, BS, OFF_C, OFF_S,
-                     OFF_N, OFF_G, MODE, NORM_F32, X_F32)
+                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, H, D, DP, DG, TB, BITS, QJL,
+                     BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32, X_F32)
 
 
 @triton.jit
