@@ -6,6 +6,7 @@ tested on its own).  Shapes: T tokens, Hq / Hkv query / KV heads, D head_dim; `c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -73,33 +74,56 @@ def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segmen
                                   scale, True)
 
 
-def prefill_varlen(codec: TQCodec, window: Window, segments: Sequence[Segment], query: Tensor,
-                   key: Tensor, value: Tensor, cache: Tensor, block_table: Tensor,
-                   raw_key: Tensor, raw_value: Tensor, raw_index: Tensor, scale: float,
-                   out: Tensor) -> None:
-    """Prefill, all segments in one turboquant::paged_prefill_attention call (the GPU path).
+@dataclass(frozen=True)
+class SegmentPlan:
+    """A batch's prefill segments as the device tensors of turboquant::paged_prefill_attention.
 
-    Same arguments as prefill_contiguous except raw_index: (B,) int32 device rows."""
-    if not segments:
-        return
-    f = codec.config
-    dev = query.device
+    Built once per engine step by the metadata builder and shared by every layer: a tensor made
+    from host data per layer would copy (and synchronise the stream) once per layer."""
+    first: int          # the segments tile tokens first .. last-1 of the batch, in order
+    last: int
+    seg_req: Tensor     # (S,) int64: each segment's request (batch row)
+    cu: Tensor          # (S + 1,) int32: query offsets of the segments, from 0
+    prefix: Tensor      # (S,) int32: compressed positions each segment attends
+    pool: Tensor        # (S,) int32: raw-pool tokens each segment attends
+
+
+def segment_plan(segments: Sequence[Segment], device: torch.device) -> SegmentPlan:
+    """The SegmentPlan of non-empty `segments`: one host-to-device copy (pinned, asynchronous
+    on CUDA)."""
     first = segments[0].tok_start
-    last = segments[-1].tok_start + segments[-1].end - segments[-1].start
     cu = [0]
     for seg in segments:
         if seg.tok_start - first != cu[-1]:
             raise ValueError("segments must tile the prefill tokens in order")
         cu.append(cu[-1] + seg.end - seg.start)
-    seg_req = torch.tensor([s.req for s in segments], dtype=torch.int64, device=dev)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-    prefix = torch.tensor([s.prefix_len for s in segments], dtype=torch.int32, device=dev)
-    pool = torch.tensor([s.pool_len for s in segments], dtype=torch.int32, device=dev)
+    n = len(segments)
+    host = torch.tensor([s.req for s in segments] + cu + [s.prefix_len for s in segments]
+                        + [s.pool_len for s in segments], dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    return SegmentPlan(first=first, last=first + cu[-1], seg_req=dev[:n].long(),
+                       cu=dev[n:2 * n + 1], prefix=dev[2 * n + 1:3 * n + 1],
+                       pool=dev[3 * n + 1:])
+
+
+def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Tensor,
+                   key: Tensor, value: Tensor, cache: Tensor, block_table: Tensor,
+                   raw_key: Tensor, raw_value: Tensor, raw_index: Tensor, scale: float,
+                   out: Tensor) -> None:
+    """Prefill, all segments in one turboquant::paged_prefill_attention call (the GPU path).
+
+    Same arguments as prefill_contiguous except the segments, given as their plan
+    (segment_plan), and raw_index: (B,) int32 device rows."""
+    f = codec.config
+    first, last = plan.first, plan.last
     res = tq.paged_prefill_attention(
-        query[first:last], key[first:last], value[first:last], cu_t, cache,
-        block_table[seg_req], prefix, raw_key, raw_value, raw_index[seg_req], pool,
-        codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
-        f.key_mse_bits, f.use_qjl, f.value_bits, scale, window.sink_tokens)
+        query[first:last], key[first:last], value[first:last], plan.cu, cache,
+        block_table[plan.seg_req], plan.prefix, raw_key, raw_value, raw_index[plan.seg_req],
+        plan.pool, codec.rotation, codec.qjl_projection, codec.key_centroids,
+        codec.value_centroids, f.key_mse_bits, f.use_qjl, f.value_bits, scale,
+        window.sink_tokens)
     out[first:last] = res
 
 

@@ -157,6 +157,7 @@ class TQMetadata:
     slots: Tensor
     rows_host: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
+    segment_plan: attend.SegmentPlan | None = None  # the segments as device tensors (GPU path)
     scratch_row: int = 0
     decode_kv_max: int = 0  # host: the largest compressed end among decode rows
 
@@ -191,6 +192,7 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         self.pre_rows = torch.full((max_tokens,), self.scratch_row, **i64)
         self.post_rows = torch.full((max_tokens,), self.scratch_row, **i64)
         self.slots = torch.zeros(max_tokens, **i64)
+        self.device = torch.device(device)
         self.runner = compat.find_model_runner()
         self.rows = RawRows(self.max_reqs, self.window)
         self._capturing = False
@@ -251,12 +253,15 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         segs: list[Segment] = []
         for b in range(num_decodes, n):
             segs += split_segments(w, b, qsl_cpu[b], first_pos[b], seq_cpu[b])
+        plan = (attend.segment_plan(segs, self.device)
+                if segs and self.device.type == "cuda" else None)
         return TQMetadata(num_reqs=n, num_actual_tokens=t, num_decodes=num_decodes,
                           block_table=cam.block_table_tensor[:n],
                           slot_mapping=cam.slot_mapping[:t], kv_lens=self.kv_lens[:n],
                           raw_lens=self.raw_lens[:n], raw_index=self.raw_index[:n],
                           pre_rows=self.pre_rows, post_rows=self.post_rows, slots=self.slots,
-                          rows_host=rows, segments=segs, scratch_row=self.scratch_row,
+                          rows_host=rows, segments=segs, segment_plan=plan,
+                          scratch_row=self.scratch_row,
                           decode_kv_max=decode_kv_max)
 
 
@@ -365,7 +370,8 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             k = key[:t].view(t, hkv, d)
             v = value[:t].view(t, hkv, d)
             if q.device.type == "cuda":
-                attend.prefill_varlen(self.codec, self.window, md.segments, q, k, v, cache,
+                plan = md.segment_plan or attend.segment_plan(md.segments, q.device)
+                attend.prefill_varlen(self.codec, self.window, plan, q, k, v, cache,
                                       md.block_table, self.raw_key, self.raw_value,
                                       md.raw_index, self.scale, out)
             else:
