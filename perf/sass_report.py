@@ -40,6 +40,30 @@ FP32_POINTERS = ("qr_ptr", "u_ptr", "o_ptr", "m_ptr", "l_ptr", "kc_ptr", "vc_ptr
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+def compile_sm90(fn, consts: dict, pointer_types: dict, *, aligned=(), floats=(),
+                 num_warps: int, num_stages: int = 2, maxnreg: int = 0):
+    """Compile kernel `fn` for sm_90 as a real launch would specialise it: the constexprs
+    `consts`, pointer arguments typed by `pointer_types` (default *fp32) and 16-byte aligned,
+    the integer arguments named in `aligned` divisible by 16, those in `floats` fp32."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointer_types.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+            if name in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n: int,
                   warps: int, stages: int, maxnreg: int, fast: bool):
     cfg = preset(fmt, head_dim=head_dim)
@@ -49,23 +73,10 @@ def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n:
                              hkv * block_size * cfg.slot_bytes, on_cuda=True)
     consts["FAST"] = fast
     fn = decode_split_kernel
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ("*fp32" if name in FP32_POINTERS
-                         else "*u8" if name == "cache_ptr" else "*i32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-    attrs[(fn.arg_names.index("page_stride"),)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
-    opts = dict(num_warps=warps, num_stages=stages)
-    if maxnreg:
-        opts["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    types = {n: "*fp32" if n in FP32_POINTERS else "*u8" if n == "cache_ptr" else "*i32"
+             for n in fn.arg_names if n.endswith("_ptr")}
+    return compile_sm90(fn, consts, types, aligned=("page_stride",), num_warps=warps,
+                        num_stages=stages, maxnreg=maxnreg)
 
 
 def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, maxnreg: int):
@@ -85,50 +96,21 @@ def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, ma
                   OFF_S=lay.slot_offset("k_signs") if qjl else 0,
                   OFF_G=lay.slot_offset("k_gamma") if qjl else 0,
                   MODE=MODE_CACHE, NORM_F32=False, X_F32=False)
-    fn = encode_kernel
     types = {"x_ptr": "*fp16", "out_ptr": "*u8", "slot_ptr": "*i32", "norm_ptr": "*u8"}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = types.get(name, "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if name in ("x_st", "x_sh", "page_stride", "head_stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
-    opts = dict(num_warps=warps, num_stages=2)
-    if maxnreg:
-        opts["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return compile_sm90(encode_kernel, consts, types,
+                        aligned=("x_st", "x_sh", "page_stride", "head_stride"),
+                        num_warps=warps, maxnreg=maxnreg)
 
 
-def compile_small(kernel: str, head_dim: int, group: int, warps: int, consts: dict):
+def compile_small(kernel: str, warps: int, consts: dict):
     """query_prep_kernel or decode_merge_kernel (fp16 queries, bf16 raw pool), with the
     launcher's constexprs `consts`; their whole SASS is reported (no hot loop to speak of)."""
     from tq_ops.triton.decode import decode_merge_kernel, query_prep_kernel
 
     fn = query_prep_kernel if kernel == "prep" else decode_merge_kernel
-    kinds = {"q_ptr": "*fp16", "out_ptr": "*fp16", "raw_k_ptr": "*bf16", "raw_v_ptr": "*bf16",
+    types = {"q_ptr": "*fp16", "out_ptr": "*fp16", "raw_k_ptr": "*bf16", "raw_v_ptr": "*bf16",
              "raw_idx_ptr": "*i32", "raw_lens_ptr": "*i32"}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = kinds.get(name, "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("q_scale", "u_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=2))
+    return compile_sm90(fn, consts, types, floats=("q_scale", "u_scale"), num_warps=warps)
 
 
 def ptxas_summary(ptx: str) -> list[str]:
@@ -201,7 +183,7 @@ def main() -> int:
             consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
                           JB=P.WHOLE_MATRIX_COLUMNS, SC=P.MERGE_SPLITS, RAW_N=P.RAW_TILE)
             warps = a.warps or P.MERGE_WARPS
-        k = compile_small(a.kernel, a.head_dim, a.group, warps, consts)
+        k = compile_small(a.kernel, warps, consts)
         for line in ptxas_summary(k.asm["ptx"]):
             print(line)
         print(f"shared memory: {k.metadata.shared} bytes")
