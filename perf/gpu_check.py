@@ -519,6 +519,25 @@ def graphs(which: str) -> None:
 
 # -- benchmarks --------------------------------------------------------------------------------
 
+def kernel_breakdown(fn, reps: int = 20) -> dict:
+    """GPU microseconds per call of each kernel `fn` launches (torch.profiler, eager launches
+    after a warm-up): where an op's time goes between its launches."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per: dict = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            per[e.name[:60]] = per.get(e.name[:60], 0.0) + e.device_time / reps
+    return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
 def benchmarks(out_dir: str | None) -> list[dict]:
     import common as C
 
@@ -544,8 +563,10 @@ def benchmarks(out_dir: str | None) -> list[dict]:
     # vLLM's decode steps attend over the flush buffer's exact tokens too (1..128 per sequence)
     case = C.decode_case(8, 32768, block_size=64, raw_tokens=64)
     ms = C.gpu_ms(case.run)
+    kernels = kernel_breakdown(case.run)
     del case.run
-    rows.append(dict(kind="decode_raw", batch=8, ctx=32768, bs=64, raw_tokens=64, ms=ms))
+    rows.append(dict(kind="decode_raw", batch=8, ctx=32768, bs=64, raw_tokens=64, ms=ms,
+                     kernels=kernels))
     print("BENCH " + json.dumps(rows[-1]), flush=True)
     run, nbytes = C.encode_case()
     ms = C.gpu_ms(run, rep=300)
@@ -643,6 +664,8 @@ def main() -> None:
             elif r["kind"] == "decode_raw":
                 print(f"decode ({r['batch']}, {r['ctx']}), page {r['bs']}, with {r['raw_tokens']} "
                       f"exact raw tokens per sequence: {r['ms']:.4f} ms")
+                print("  its kernels (us per call, eager, torch.profiler): " + ", ".join(
+                    f"{k} {v}" for k, v in r.get("kernels", {}).items()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run the paged decode op at one shape, for a profiler to attach (GPU).
 
     ncu --clock-control none --kernel-name regex:decode_split --launch-skip 2 --launch-count 2 \
-        --section SpeedOfLight --section WarpStateStats ... python perf/profile_decode.py 8 32768
+        --section SpeedOfLight --section WarpStateStats ... python perf/profile_decode.py 8 32768 [page [raw tokens]]
 
 Each op call launches the query prep, the fast and the slow instance of the split kernel (one of
 them returns at once) and the merge; the first call compiles.  perf/NOTES.md has the readings.
@@ -22,7 +22,8 @@ import common as C  # noqa: E402
 def main() -> int:
     batch, ctx = int(sys.argv[1]), int(sys.argv[2])
     page = int(sys.argv[3]) if len(sys.argv) > 3 else 128
-    case = C.decode_case(batch, ctx, block_size=page)
+    raw = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    case = C.decode_case(batch, ctx, block_size=page, raw_tokens=raw)
     for _ in range(3):
         case.run()
     torch.cuda.synchronize()

@@ -107,7 +107,8 @@ def _count_forward_calls():
     return counter
 
 
-def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int = 0) -> dict:
+def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int = 0,
+            prefill_profile_steps: int = 0) -> dict:
     """One throughput configuration in this process (prints RESULT)."""
     _env_defaults(runner)
     import random
@@ -147,9 +148,9 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
              for p in prompts[:2]]
     llm.generate(short, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0,
                                        detokenize=False), use_tqdm=False)
-    prefill_s, tpot, calls, prof = timed_decode(llm, prompts, DECODE_STEPS,
-                                                lambda: counter["n"] if counter else 0,
-                                                profile_steps)
+    prefill_s, tpot, calls, prof, prefill = timed_decode(
+        llm, prompts, DECODE_STEPS, lambda: counter["n"] if counter else 0, profile_steps,
+        prefill_profile_steps)
     res = dict(config=config, ctx=ctx, batch=batch, runner=runner, init_s=round(init, 1),
                prefill_s=round(prefill_s, 3), tpot_ms=round(tpot * 1e3, 3),
                tok_per_s=round(batch / tpot, 1),
@@ -161,6 +162,8 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
                gpu=_gpu_name())
     if prof:
         res["kernel_profile"] = prof
+    res["prefill_steps"] = prefill
+    res["max_num_batched_tokens"] = vcfg.scheduler_config.max_num_batched_tokens
     if counter is not None:
         # Python forward calls during the timed decode steps: 0 when every step replayed a
         # full CUDA graph (prefill chunks, before them, run eagerly)
@@ -169,8 +172,8 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
     return res
 
 
-def timed_decode(llm, prompts, steps: int, calls=lambda: 0,
-                 profile_steps: int = 0) -> tuple[float, float, int, list]:
+def timed_decode(llm, prompts, steps: int, calls=lambda: 0, profile_steps: int = 0,
+                 prefill_profile_steps: int = 0) -> tuple[float, float, int, list, dict]:
     """Run the prompts through the engine step by step and time `steps` pure decode steps.
 
     Returns (seconds until every request has its first token, i.e. the batch's prefill; seconds
@@ -179,7 +182,9 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0,
     (run(n+1) - run(1)) / n needed two, and no step with a mixed or shrinking batch counts:
     requests whose prefill ended early decode during the others' prefill, so they are given
     DECODE_SLACK more tokens than `steps` and the rest is aborted.  With profile_steps, that
-    many further full-batch steps run under torch.profiler (kernel_profile's rows, 4th item)."""
+    many further full-batch steps run under torch.profiler (kernel_profile's rows, 4th item).
+    5th item: the prefill's engine steps (count, wall seconds of each) and, with
+    prefill_profile_steps, step_profile's rows for that many of its first steps."""
     from vllm import SamplingParams
 
     eng = llm.llm_engine
@@ -192,10 +197,18 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0,
     t0 = time.time()
     t_first = t_end = None
     n_after = calls_first = calls_end = 0
+    prefill_steps: list[float] = []
+    prefill_prof = None
     while eng.has_unfinished_requests():
-        outs = eng.step()
+        t_step = time.time()
+        if t_first is None and len(prefill_steps) < prefill_profile_steps:
+            rows, outs = step_profile(eng)
+            prefill_prof = (prefill_prof or []) + [rows]
+        else:
+            outs = eng.step()
         now = time.time()
         if t_first is None:
+            prefill_steps.append(now - t_step)
             first.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
             if len(first) == len(prompts):
                 t_first, calls_first = now, calls()
@@ -210,7 +223,43 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0,
                            f"(raise DECODE_SLACK)")
     rows = kernel_profile(eng, profile_steps) if profile_steps else []
     eng.abort_request([rid for rid in ids])
-    return t_first - t0, (t_end - t_first) / n_after, calls_end - calls_first, rows
+    prefill = dict(steps=len(prefill_steps), step_s=[round(x, 3) for x in prefill_steps],
+                   profile=prefill_prof)
+    return t_first - t0, (t_end - t_first) / n_after, calls_end - calls_first, rows, prefill
+
+
+def step_profile(eng, top: int = 12) -> tuple[dict, list]:
+    """One engine step under torch.profiler, host and GPU: the heaviest GPU kernels and host-side
+    CUDA runtime calls (a cudaStreamSynchronize or a blocking cudaMemcpy here is a step that
+    waits for the GPU), each as (name, total microseconds, count), and the step's wall time.
+    Returns (rows, the step's outputs)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.time()
+        outs = eng.step()
+        sync()
+        wall = time.time() - t0
+    gpu, host = {}, {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            t, n = gpu.get(e.name, (0.0, 0))
+            gpu[e.name] = (t + e.device_time, n + 1)
+        elif e.name.startswith("cuda") or e.name.startswith("aten::item") or "Sync" in e.name:
+            t, n = host.get(e.name, (0.0, 0))
+            host[e.name] = (t + e.cpu_time_total, n + 1)
+
+    def table(d):
+        return [(k[:90], round(t, 1), n) for k, (t, n) in
+                sorted(d.items(), key=lambda kv: -kv[1][0])[:top]]
+    return dict(wall_us=round(wall * 1e6, 1), gpu_us=round(sum(t for t, _ in gpu.values()), 1),
+                kernels=table(gpu), host=table(host)), outs
 
 
 def kernel_profile(eng, steps: int, top: int = 14) -> list:
@@ -339,6 +388,8 @@ def run_all(a) -> None:
         args = ["one", config, str(a.ctx), str(a.batch), "--runner", runner]
         if config in a.profile:
             args += ["--profile-steps", "8"]
+        if config in a.profile_prefill:
+            args += ["--prefill-profile-steps", "3"]
         rows[config] = _saved(a.save, f"one-{config}-{a.ctx}-{a.batch}-{runner}",
                               lambda: None if a.table_only else _spawn(args, a.timeout))
     quality = {}
@@ -393,6 +444,20 @@ def run_all(a) -> None:
             print(f"| {name} | {q['ppl']:.4f} ({q['ppl_tokens']} tokens) | {agree} |")
     for config in a.configs:
         r = rows.get(config) or {}
+        pf = r.get("prefill_steps")
+        if pf:
+            st = pf["step_s"]
+            print(f"\nprefill of {config}: {pf['steps']} engine steps "
+                  f"(max_num_batched_tokens {r.get('max_num_batched_tokens')}), "
+                  f"seconds per step: first {st[:3]}, median {sorted(st)[len(st) // 2]}, "
+                  f"max {max(st)}")
+            for i, p in enumerate(pf.get("profile") or []):
+                print(f"  profiled step {i}: wall {p['wall_us'] / 1e3:.1f} ms, GPU kernels "
+                      f"{p['gpu_us'] / 1e3:.1f} ms")
+                for name, us, n in p["kernels"]:
+                    print(f"    gpu  {us:>10.1f} {n:>6} {name}")
+                for name, us, n in p["host"]:
+                    print(f"    host {us:>10.1f} {n:>6} {name}")
         if r.get("kernel_profile"):
             print(f"\nGPU kernels per decode step, {config} (torch.profiler over 8 steps): "
                   "microseconds, launches")
@@ -415,6 +480,9 @@ def main() -> None:
     pa.add_argument("--only-run", action="store_true", help="run and save, print no table")
     pa.add_argument("--table-only", action="store_true",
                     help="run nothing: the table of what --save holds")
+    pa.add_argument("--profile-prefill", nargs="*", default=[],
+                    help="configs whose first 3 prefill steps run under torch.profiler "
+                         "(kernels and host-side CUDA runtime calls)")
     pa.add_argument("--profile", nargs="*", default=[],
                     help="configurations whose run ends with a kernel profile of 8 steps")
     pa.add_argument("--text", default=None, help="text file for the perplexity")
@@ -427,6 +495,7 @@ def main() -> None:
     po.add_argument("batch", type=int)
     po.add_argument("--runner", choices=("v1", "v2"), default="v1")
     po.add_argument("--profile-steps", type=int, default=0)
+    po.add_argument("--prefill-profile-steps", type=int, default=0)
     ps = sub.add_parser("smollm2")
     ps.add_argument("config", choices=("auto", "tq"))
     ps.add_argument("checkpoint")
@@ -437,7 +506,8 @@ def main() -> None:
         run_all(a)
         return
     if a.cmd == "one":
-        res = run_one(a.config, a.ctx, a.batch, a.runner, a.profile_steps)
+        res = run_one(a.config, a.ctx, a.batch, a.runner, a.profile_steps,
+                      a.prefill_profile_steps)
     else:
         res = run_smollm2(a.config, a.checkpoint, a.text, a.runner)
     print("RESULT " + json.dumps(res), flush=True)

@@ -21,9 +21,12 @@ PREP_ROWS = 16   # query rows per prep program
 # whole D x D matrices before any store and multiply once (tq_ops.triton.decode)
 WHOLE_MATRIX_COLUMNS = 128
 PREP_WARPS = 8
-RAW_TILE = 64    # raw-pool tokens per step of the raw program (the pool holds S + F <= ~130)
-MERGE_SPLITS = 32  # partials loaded per step of the merge
-MERGE_WARPS = 8
+# the merge: one program per query row (decode_merge_kernel).  Measured on an H200 (perf/NOTES.md,
+# session 5): 4 warps and 64-token raw tiles beat 2, 8 and 16 warps and 16- or 32-token tiles at
+# (1, 4k) and at (8, 32k) with 64 raw tokens per sequence
+RAW_TILE = 64      # raw-pool tokens per step (vLLM's flush buffer holds up to S + F ~ 130)
+MERGE_SPLITS = 32  # partials loaded per step
+MERGE_WARPS = 4
 
 
 def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, raw_key: Tensor,
@@ -78,7 +81,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
             l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
             **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}))
-    merge[(b * hkv,)](
+    merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=MERGE_SPLITS, RAW_N=RAW_TILE,
