@@ -70,6 +70,7 @@ def cases() -> list[dict]:
     for d in (64, 96, 128, 256):
         out.append(dict(name=f"codec ops d{d}", codec_ops=True, d=d))
     out.append(dict(name="opcheck cuda", opcheck=True))
+    out.append(dict(name="no recompiles on run-time values", recompiles=True))
     return out
 
 
@@ -390,6 +391,83 @@ def run_opcheck(c: dict) -> dict:
     return res
 
 
+def run_recompile_check(c: dict) -> dict:
+    """Serving changes token counts, sequence and split counts, and the offsets of sliced
+    metadata from step to step; none of that may compile a new kernel variant (a mid-serving
+    compile stalls a step for seconds: tq_ops.triton.launch).  Each op runs once, the compiled
+    variants of every kernel are counted, the ops run again with other counts and with metadata
+    slices at 4- and 8-byte offsets, and the counts must not change."""
+    from tq_ops import TQCodec, preset
+    from tq_ops.triton import decode as KD
+    from tq_ops.triton import encode as KE
+    from tq_ops.triton import prefill as KP
+
+    kernels = dict(prep=KD.query_prep_kernel, split=KD.decode_split_kernel,
+                   merge=KD.decode_merge_kernel, prefill=KP.prefill_kernel,
+                   encode=KE.encode_kernel, encode_pair=KE.encode_pair_kernel)
+    dev = torch.cuda.current_device()
+
+    def variants():
+        return {k: len(fn.device_caches[dev][0]) for k, fn in kernels.items()}
+
+    torch.manual_seed(1)
+    cfg = preset("seed", head_dim=128)
+    cg = TQCodec.build(cfg, "cuda")
+    hq, hkv, d, bs = 32, 8, 128, 16
+    nblocks, mb = 200, 24
+    cache = torch.randint(0, 256, (nblocks, hkv, bs * cfg.layout.slot_bytes), dtype=torch.uint8,
+                          device="cuda")
+    mats = (cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids)
+    fmt = (cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    raw = torch.randn(8, 40, hkv, d, device="cuda", dtype=torch.float16)
+    ints = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")  # noqa: E731
+
+    def packed(*parts, shift=0):
+        # int32 views at element offsets that follow the part lengths, as tq_vllm's segment plan
+        # packs them (so their 16-byte alignment depends on the counts)
+        flat = [0] * shift
+        offs = []
+        for part in parts:
+            offs.append(len(flat))
+            flat += list(part)
+        buf = ints(flat)
+        return [buf[o:o + len(p)] for o, p in zip(offs, parts)]
+
+    def run(tokens, seqs, shift):
+        slots_all = torch.randperm(nblocks * bs, device="cuda").to(torch.int32)
+        kv = torch.randn(tokens, hkv, d, device="cuda", dtype=torch.float16)
+        # a decode-sized write (pair kernel) and a bulk one, slot slices at odd offsets
+        torch.ops.turboquant.write_cache(kv, kv, cache, slots_all[shift:shift + tokens], *mats,
+                                         *fmt)
+        big = torch.randn(129 + tokens, hkv, d, device="cuda", dtype=torch.float16)
+        torch.ops.turboquant.write_cache(big, big, cache, slots_all[1 + shift:130 + shift + tokens],
+                                         *mats, *fmt)
+        bt = torch.randperm(nblocks, device="cuda")[:seqs * mb].reshape(seqs, mb).to(torch.int32)
+        lens = [50 + 37 * i for i in range(seqs)]
+        q = torch.randn(seqs, hq, d, device="cuda", dtype=torch.float16)
+        kv_lens, raw_lens, raw_idx = packed(lens, [3] * seqs, list(range(seqs)), shift=shift)
+        torch.ops.turboquant.paged_decode_attention(q, cache, bt, kv_lens, raw, raw, raw_idx,
+                                                    raw_lens, *mats, *fmt, d ** -0.5, 0)
+        cu = [0]
+        for i in range(seqs):
+            cu.append(cu[-1] + tokens + i)
+        t = cu[-1]
+        qs = torch.randn(t, hq, d, device="cuda", dtype=torch.float16)
+        ks = torch.randn(t, hkv, d, device="cuda", dtype=torch.float16)
+        cu_t, prefix, pool, idx = packed(cu, lens, [2] * seqs, list(range(seqs)), shift=shift)
+        torch.ops.turboquant.paged_prefill_attention(qs, ks, ks, cu_t, cache, bt, prefix, raw,
+                                                     raw, idx, pool, *mats, *fmt, d ** -0.5, 0)
+        torch.cuda.synchronize()
+
+    run(8, 1, 0)
+    first = variants()
+    for tokens, seqs, shift in ((5, 2, 1), (13, 3, 2), (3, 5, 3), (1, 7, 1)):
+        run(tokens, seqs, shift)
+    after = variants()
+    return {"name": c["name"], "ok": first == after, "variants_first": first,
+            "variants_after": after}
+
+
 def picked_cases(only: str) -> list[dict]:
     return [c for c in cases() if not only or any(o in c["name"] for o in only.split(","))]
 
@@ -405,6 +483,8 @@ def worker(index: int, count: int, only: str = "") -> None:
                 r = run_codec_ops(c)
             elif c.get("opcheck"):
                 r = run_opcheck(c)
+            elif c.get("recompiles"):
+                r = run_recompile_check(c)
             else:
                 r = run_attention_case(c)
         except Exception:  # noqa: BLE001 - a crash is a failed check, reported in full

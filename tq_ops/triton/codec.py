@@ -16,7 +16,7 @@ COLS = 64      # JB
 NUM_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['rows'])
 def rotate_kernel(x_ptr, rot_ptr, out_ptr, rows, D: tl.constexpr, DP: tl.constexpr,
                   RB: tl.constexpr, JB: tl.constexpr, INVERSE: tl.constexpr):
     """out = x Pi^T (rotate) or x Pi (INVERSE), fp32; x (rows, D) any float dtype."""
@@ -38,7 +38,7 @@ def rotate_kernel(x_ptr, rot_ptr, out_ptr, rows, D: tl.constexpr, DP: tl.constex
                  mask=rm[:, None] & (jj < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['rows'])
 def qjl_sketch_kernel(r_ptr, proj_ptr, signs_ptr, gamma_ptr, rows, D: tl.constexpr,
                       DP: tl.constexpr, RB: tl.constexpr, JB: tl.constexpr):
     """signs (rows, D/8) uint8 of S' r (bit 1 = +1, i.e. >= 0), gamma (rows,) fp32 = ||r||."""
@@ -64,7 +64,7 @@ def qjl_sketch_kernel(r_ptr, proj_ptr, signs_ptr, gamma_ptr, rows, D: tl.constex
                  mask=rm[:, None] & (kk < D // 8)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['rows'])
 def mse_dequantize_kernel(codes_ptr, norms_ptr, rot_ptr, c_ptr, out_ptr, rows,
                           D: tl.constexpr, DG: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
                           JB: tl.constexpr, BITS: tl.constexpr):
@@ -89,7 +89,7 @@ def mse_dequantize_kernel(codes_ptr, norms_ptr, rot_ptr, c_ptr, out_ptr, rows,
                  mask=rm[:, None] & (jj < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['tq', 'tk'])
 def key_scores_kernel(qr_ptr, u_ptr, rec_ptr, c_ptr, out_ptr, tq, tk,
                       D: tl.constexpr, DG: tl.constexpr, TQB: tl.constexpr, TKB: tl.constexpr,
                       BITS: tl.constexpr, QJL: tl.constexpr, KEY_BYTES: tl.constexpr,

@@ -83,7 +83,7 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
     return max(1, min(want, cap, cfg.max_splits))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['rows'])
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, rows, q_scale, u_scale,
                       D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr, JB: tl.constexpr,
                       QJL: tl.constexpr):
@@ -225,7 +225,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     return m_i, l_i, accs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['kv_start', 'num_splits'],
+            do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr'])
 def decode_split_kernel(
         qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr,
         kv_start, bt_stride, page_stride, num_splits,
@@ -326,7 +327,8 @@ def split_partial(
     tl.store(l_ptr + orow, l_i, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_splits'],
+            do_not_specialize_on_alignment=['raw_idx_ptr', 'raw_lens_ptr'])
 def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr, raw_v_ptr,
                         raw_idx_ptr, raw_lens_ptr, num_splits, q_scale,
                         rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,

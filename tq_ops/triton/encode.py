@@ -63,7 +63,8 @@ def _split16(v):
     return hi, (v - hi.to(tl.float32)).to(tl.float16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n_rows'],
+            do_not_specialize_on_alignment=['slot_ptr'])
 def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
                   norm_ptr, rot_ptr, proj_ptr, c_ptr,
                   H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
@@ -87,7 +88,8 @@ def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, hea
                  X_F32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n_rows'],
+            do_not_specialize_on_alignment=['slot_ptr'])
 def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, slot_ptr,
                        page_stride, head_stride, rot_ptr, proj_ptr, kc_ptr, vc_ptr,
                        H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,

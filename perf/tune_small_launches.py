@@ -1,0 +1,106 @@
+"""Launch constants of a decode step's small, latency-bound launches (GPU, one call).
+
+    PYTHONPATH=. python perf/tune_small_launches.py [--layers 24]
+
+Not a benchmark of record (perf/gpu_check.py is).  Two parts:
+
+1. Query prep and merge of paged_decode_attention: the op runs at (1, 4k) and at (8, 32k) with 64
+   exact raw tokens per sequence (vLLM's flush buffer, average fill) under each variant of the
+   launch constants of tq_ops.ops.paged_decode_attention (warps, tiles, rows per program).  For
+   each: the op's time (CUDA-graph replay) and each kernel's time per call (torch.profiler,
+   eager), and the largest difference from the first variant's output relative to its largest
+   entry (launch constants change only the order of fp32 sums).
+2. A decode step's cache write (8 tokens x 8 KV heads, bf16 slices of a fused qkv buffer, as
+   vLLM passes them): one encode_pair_kernel launch against the two encode_kernel launches,
+   into `--layers` caches of vLLM's size at 0.85 memory use on an H200 (32,652 blocks of 128
+   tokens each) written in turn, so no write finds the previous one's pages in the TLB or L2.
+
+perf/NOTES.md has the readings.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+import gpu_check  # noqa: E402
+
+SHAPES = [(1, 4096, 0), (8, 32768, 64)]  # (batch, context, raw tokens per sequence)
+VARIANTS = [
+    {},
+    dict(MERGE_WARPS=2), dict(MERGE_WARPS=8), dict(MERGE_WARPS=16),
+    dict(RAW_TILE=16), dict(RAW_TILE=32),
+    dict(MERGE_SPLITS=8), dict(MERGE_SPLITS=16),
+    dict(PREP_ROWS=8), dict(PREP_ROWS=32), dict(PREP_WARPS=4),
+]
+VLLM_BLOCKS = 32652
+
+
+def decode_variants() -> None:
+    import tq_ops.ops.paged_decode_attention  # noqa: F401  (the module, not the op it exports)
+    mod = sys.modules["tq_ops.ops.paged_decode_attention"]
+    for batch, ctx, raw in SHAPES:
+        case = C.decode_case(batch, ctx, block_size=64, raw_tokens=raw)
+        first = None
+        for v in VARIANTS:
+            with mock.patch.multiple(mod, **v) if v else contextlib.nullcontext():
+                out = case.run().float()
+                if first is None:
+                    first = out
+                row = dict(batch=batch, ctx=ctx, raw_tokens=raw, variant=v,
+                           op_ms=round(C.gpu_ms(case.run), 4),
+                           kernels_us=gpu_check.kernel_breakdown(case.run),
+                           rel_diff=float((out - first).abs().max() / first.abs().max()))
+            print(json.dumps(row), flush=True)
+        del case
+        torch.cuda.empty_cache()
+
+
+def decode_write(layers: int) -> None:
+    import tq_ops.ops.write_cache  # noqa: F401
+    from tq_ops import TQCodec, preset
+
+    mod = sys.modules["tq_ops.ops.write_cache"]
+    cfg = preset("seed", head_dim=C.HEAD_DIM)
+    cg = TQCodec.build(cfg, "cuda")
+    caches = [torch.empty(VLLM_BLOCKS, C.HKV, 128 * cfg.slot_bytes, dtype=torch.uint8,
+                          device="cuda") for _ in range(layers)]
+    qkv = torch.randn(8, C.HQ + 2 * C.HKV, C.HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = qkv[:, C.HQ:C.HQ + C.HKV], qkv[:, C.HQ + C.HKV:]
+    slots = torch.randperm(VLLM_BLOCKS, device="cuda")[:8] * 128 + 5
+
+    def write_all():
+        for cache in caches:
+            torch.ops.turboquant.write_cache(k, v, cache, slots, cg.rotation, cg.qjl_projection,
+                                             cg.key_centroids, cg.value_centroids,
+                                             cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    row = dict(kind="decode_write", tokens=8, layers=layers)
+    # LATENCY_ROWS 0 sends every write to the two encode_kernel launches
+    for name, rows in (("pair_us", mod.LATENCY_ROWS), ("two_launches_us", 0)):
+        with mock.patch.object(mod, "LATENCY_ROWS", rows):
+            row[name] = round(C.gpu_ms(write_all, rep=100) * 1e3 / layers, 2)
+    print(json.dumps(row), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=24,
+                    help="vLLM-sized caches written in turn by the write timing")
+    a = ap.parse_args()
+    print(f"card: {torch.cuda.get_device_name()}", flush=True)
+    decode_variants()
+    decode_write(a.layers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
