@@ -148,6 +148,7 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
              for p in prompts[:2]]
     llm.generate(short, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0,
                                        detokenize=False), use_tqdm=False)
+    cached = triton_cache_entries()
     prefill_s, tpot, calls, prof, prefill = timed_decode(
         llm, prompts, DECODE_STEPS, lambda: counter["n"] if counter else 0, profile_steps,
         prefill_profile_steps)
@@ -163,6 +164,9 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
     if prof:
         res["kernel_profile"] = prof
     res["prefill_steps"] = prefill
+    # Triton kernels compiled after the warm-up, i.e. inside the timed prefill and decode: each
+    # is a step that stalled on a compile (tq_ops.triton.launch)
+    res["compiled_while_timed"] = sorted(e.split("/")[1] for e in triton_cache_entries() - cached)
     res["max_num_batched_tokens"] = vcfg.scheduler_config.max_num_batched_tokens
     if counter is not None:
         # Python forward calls during the timed decode steps: 0 when every step replayed a
@@ -226,6 +230,19 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0, profile_steps: int =
     prefill = dict(steps=len(prefill_steps), step_s=[round(x, 3) for x in prefill_steps],
                    profile=prefill_prof)
     return t_first - t0, (t_end - t_first) / n_after, calls_end - calls_first, rows, prefill
+
+
+def triton_cache_entries() -> set[str]:
+    """Kernels in Triton's on-disk cache, as 'directory/kernel name': a compile adds one."""
+    try:
+        from triton import knobs
+        root = Path(knobs.cache.dir)
+    except Exception:  # no Triton, or one without knobs
+        return set()
+    if not root.is_dir():
+        return set()
+    return {f"{d.name}/{f.stem}" for d in root.iterdir() if d.is_dir()
+            for f in d.glob("*.json") if not f.name.startswith("__grp__")}
 
 
 def step_profile(eng, top: int = 12) -> tuple[dict, list]:
@@ -447,7 +464,9 @@ def run_all(a) -> None:
         pf = r.get("prefill_steps")
         if pf:
             st = pf["step_s"]
-            print(f"\nprefill of {config}: {pf['steps']} engine steps "
+            print(f"\nTriton kernels compiled during the timed steps of {config}: "
+                  f"{r.get('compiled_while_timed', 'not recorded')}")
+            print(f"prefill of {config}: {pf['steps']} engine steps "
                   f"(max_num_batched_tokens {r.get('max_num_batched_tokens')}), "
                   f"seconds per step: first {st[:3]}, median {sorted(st)[len(st) // 2]}, "
                   f"max {max(st)}")
