@@ -18,6 +18,7 @@ Tolerances:
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -229,6 +230,27 @@ def _child() -> dict:
     ref = R.paged_decode_attention(*dargs)
     out["decode/long-raw"] = dict(err=float((got - ref).abs().max()),
                                   scale=float(ref.abs().max()))
+    # decode with more splits than one step of the merge takes (MERGE_SPLITS): the merge's
+    # online max rescales what earlier steps summed; every split holds tokens
+    dec = mod("paged_decode_attention")
+    n_splits = 2 * dec.MERGE_SPLITS + 6
+    n = n_splits * math.gcd(bs, dec.decode_config("cpu", d, kb).block_n)
+    mb = n // bs + 1
+    cache = torch.randint(0, 256, (mb + 1, hkv, bs * c.config.layout.slot_bytes),
+                          dtype=torch.uint8)
+    bt = (torch.randperm(mb) + 1).reshape(1, mb).to(torch.int32)
+    kk, vv = torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    sl = bt[0].long()[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+    R.write_cache(kk, vv, cache, sl, c.rotation, c.qjl_projection, c.key_centroids,
+                  c.value_centroids, kb, qjl, vb)
+    dargs = (torch.randn(1, hkv * g, d) * 3, cache, bt, torch.tensor([n], dtype=torch.int32),
+             pk, pv, torch.tensor([1], dtype=torch.int32), torch.tensor([5], dtype=torch.int32),
+             c.rotation, c.qjl_projection, c.key_centroids, c.value_centroids, kb, qjl, vb,
+             d ** -0.5, 0)
+    got = dec.launch(*dargs, raw=True, splits=n_splits)
+    ref = R.paged_decode_attention(*dargs)
+    out["decode/many-splits"] = dict(err=float((got - ref).abs().max()),
+                                     scale=float(ref.abs().max()))
     return out
 
 
@@ -275,6 +297,12 @@ def test_decode_kernel(report, fmt):
 
 def test_decode_kernel_long_raw_runs(report):
     r = report["decode/long-raw"]
+    assert r["err"] <= ATT_RTOL * r["scale"], r
+
+
+def test_decode_kernel_many_splits(report):
+    # more split partials than one step of the merge kernel
+    r = report["decode/many-splits"]
     assert r["err"] <= ATT_RTOL * r["scale"], r
 
 
