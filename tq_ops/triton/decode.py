@@ -14,10 +14,11 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    twice, a fast instance (inline-asm decoders with baked codebooks) and a slow one (decoders
    that read any codebook, one program per (b, h)); each program checks the codebooks and one
    of the two returns at once (decode_split_kernel says why they are separate kernels).
-3. `decode_merge_kernel`, grid (B*Hkv,): attends the exact raw-pool tokens (original domain),
-   log-sum-exp merges them with the partials, un-rotates the compressed part once (dot with Pi)
-   and divides by the softmax sum.  (The raw tokens live here, not in the split kernel, so that
-   the split kernel's register budget, and so its occupancy, is set by its hot loop alone.)
+3. `decode_merge_kernel`, grid (B*Hq,), one program per query row: log-sum-exp merges the
+   partials of its KV head, attends the exact raw-pool tokens (original domain), un-rotates the
+   compressed part once (Pi^T times a vector) and divides by the softmax sum.  (The raw tokens
+   live here, not in the split kernel, so that the split kernel's register budget, and so its
+   occupancy, is set by its hot loop alone.)
 
 NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only.
 """

@@ -160,7 +160,8 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
 
 
 @triton.jit(do_not_specialize=['kv_start', 'n_seqs'],
-            do_not_specialize_on_alignment=['cu_ptr', 'bt_ptr', 'prefix_ptr', 'raw_idx_ptr', 'raw_lens_ptr'])
+            do_not_specialize_on_alignment=['cu_ptr', 'bt_ptr', 'prefix_ptr', 'raw_idx_ptr',
+                                            'raw_lens_ptr'])
 def prefill_kernel(
         q_ptr, qr_ptr, u_ptr, k_ptr, v_ptr, cu_ptr, cache_ptr, bt_ptr, prefix_ptr,
         raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, rot_ptr, kc_ptr, vc_ptr, out_ptr,
