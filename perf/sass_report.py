@@ -7,6 +7,7 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
     PYTHONPATH=. python perf/sass_report.py --kernel encode-keys|encode-values [--format seed]
         [--rows 64] [--warps 4]
     PYTHONPATH=. python perf/sass_report.py --kernel prep|merge [--format seed] [--head-dim 128]
+    PYTHONPATH=. python perf/sass_report.py --kernel prefill [--format seed] [--head-dim 128]
 
 The split kernel's constexprs are the launcher's (tq_ops.ops.paged_decode_attention.
 split_constants); pointer arguments (and strides) are declared 16-byte aligned, as Triton
@@ -102,6 +103,38 @@ def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, ma
                         num_warps=warps, maxnreg=maxnreg)
 
 
+def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_q: int,
+                    warps: int, maxnreg: int):
+    """prefill_kernel with the launcher's constexprs (tq_ops.ops.paged_prefill_attention),
+    fp16 queries and chunk K/V, bf16 raw pool."""
+    import math
+
+    from tq_ops.triton.prefill import BLOCK_N, HOIST_MAX_HEAD_DIM, prefill_kernel
+    from tq_ops.triton.unpack import asm_tables, group_width
+
+    cfg = preset(fmt, head_dim=head_dim)
+    lay = cfg.layout
+    kb, qjl, vb = cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits
+    kt, vt = asm_tables(head_dim, kb), asm_tables(head_dim, vb)
+    consts = dict(
+        HKV=8, G=group, GP=triton.next_power_of_2(group), D=head_dim,
+        DP=max(32, triton.next_power_of_2(head_dim)), DG=group_width(head_dim), BS=block_size,
+        BQ=block_q, BN=BLOCK_N, CBN=math.gcd(block_size, BLOCK_N), KB=kb, QJL=qjl, VB=vb,
+        OFF_KC=lay.slot_offset("k_codes"), OFF_KS=lay.slot_offset("k_signs") if qjl else 0,
+        OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
+        OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
+        SLOT=lay.slot_bytes, USE_FAST=kt[0] == 1 and vt[0] == 1, KT0=kt[1], KT1=kt[2],
+        VT0=vt[1], VT1=vt[2], HOIST_Q=head_dim <= HOIST_MAX_HEAD_DIM)
+    types = {n: "*fp32" for n in ("qr_ptr", "u_ptr", "rot_ptr", "kc_ptr", "vc_ptr")}
+    types.update({n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")})
+    types.update({n: "*bf16" for n in ("raw_k_ptr", "raw_v_ptr")})
+    types.update({"cache_ptr": "*u8"})
+    types.update({n: "*i32" for n in ("cu_ptr", "bt_ptr", "prefix_ptr", "raw_idx_ptr",
+                                      "raw_lens_ptr")})
+    return compile_sm90(prefill_kernel, consts, types, aligned=("page_stride",),
+                        floats=("q_scale",), num_warps=warps, maxnreg=maxnreg)
+
+
 def compile_small(kernel: str, warps: int, consts: dict):
     """query_prep_kernel or decode_merge_kernel (fp16 queries, bf16 raw pool), with the
     launcher's constexprs `consts`; their whole SASS is reported (no hot loop to speak of)."""
@@ -155,7 +188,8 @@ def opcode(text: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernel", default="split",
-                    choices=("split", "encode-keys", "encode-values", "prep", "merge"))
+                    choices=("split", "encode-keys", "encode-values", "prep", "merge",
+                             "prefill"))
     ap.add_argument("--rows", type=int, default=64, help="encode: rows per tile")
     ap.add_argument("--format", default="seed")
     ap.add_argument("--head-dim", type=int, default=128)
@@ -191,6 +225,23 @@ def main() -> int:
         ops = collections.Counter(opcode(t) for t in sass)
         print(f"{len(sass)} instructions; memory: " + ", ".join(
             f"{op} {n}" for op, n in sorted(ops.items()) if op.startswith(("LD", "ST", "BAR"))))
+        return 0
+    if a.kernel == "prefill":
+        from tq_ops.triton.prefill import prefill_config
+
+        bq, w = prefill_config(a.head_dim)
+        a.warps = a.warps or w
+        k = compile_prefill(a.format, a.head_dim, a.group, a.block_size, bq, a.warps,
+                            a.maxnreg)
+        for line in ptxas_summary(k.asm["ptx"]):
+            print(line)
+        print(f"shared memory: {k.metadata.shared} bytes")
+        # the compressed phase's tile loop is the longest loop of the kernel
+        body = hot_loop(k.asm["cubin"])
+        fam = collections.Counter(opcode(t).split(".")[0] for t in body)
+        print(f"hot loop: {len(body)} instructions per compressed tile per warp "
+              f"({len(body) * a.warps} per tile of {bq} queries x {a.group} heads)")
+        print("  " + ", ".join(f"{op} {n}" for op, n in fam.most_common(16)))
         return 0
     a.warps = a.warps or (1 if a.kernel == "split" else 4)
     if a.kernel == "split":
