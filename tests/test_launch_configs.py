@@ -54,3 +54,40 @@ def test_encode_config_by_write_size(key):
 def test_encode_config_default_for_unknown_shapes():
     assert encode_config("sm80", 128, 2, 1 << 20) == DEFAULT_ENCODE
     assert encode_config("sm90", 96, 2, 1 << 20) == DEFAULT_ENCODE
+
+
+# -- no specialisation on run-time values (tq_ops.triton.launch) -------------------------------
+# A serving step's counts and metadata-slice offsets change from step to step; a kernel that
+# specialised on them would compile a new variant mid-serving.  perf/gpu_check.py checks the
+# behaviour on a GPU ("no recompiles on run-time values"); this checks the declarations on CPU.
+
+def _kernels():
+    from tq_ops.triton import codec, decode, encode, prefill
+    return {
+        "query_prep_kernel": (decode.query_prep_kernel, ["rows"], []),
+        "decode_split_kernel": (decode.decode_split_kernel, ["kv_start", "num_splits"],
+                                ["bt_ptr", "kv_lens_ptr"]),
+        "decode_merge_kernel": (decode.decode_merge_kernel, ["num_splits"],
+                                ["raw_idx_ptr", "raw_lens_ptr"]),
+        "prefill_kernel": (prefill.prefill_kernel, ["kv_start", "n_seqs"],
+                           ["cu_ptr", "bt_ptr", "prefix_ptr", "raw_idx_ptr", "raw_lens_ptr"]),
+        "encode_kernel": (encode.encode_kernel, ["n_rows"], ["slot_ptr"]),
+        "encode_pair_kernel": (encode.encode_pair_kernel, ["n_rows"], ["slot_ptr"]),
+        "rotate_kernel": (codec.rotate_kernel, ["rows"], []),
+        "qjl_sketch_kernel": (codec.qjl_sketch_kernel, ["rows"], []),
+        "mse_dequantize_kernel": (codec.mse_dequantize_kernel, ["rows"], []),
+        "key_scores_kernel": (codec.key_scores_kernel, ["tq", "tk"], []),
+    }
+
+
+@pytest.mark.parametrize("name", list(_kernels()))
+def test_kernel_does_not_specialise_on_run_time_values(name):
+    fn, ints, pointers = _kernels()[name]
+    if not hasattr(fn, "params"):
+        pytest.skip("TRITON_INTERPRET=1: the interpreter's kernels do not specialise")
+    params = {p.name: p for p in fn.params}
+    for arg in ints:
+        assert params[arg].do_not_specialize, f"{name}: {arg} would select a compiled variant"
+    for arg in pointers:
+        assert params[arg].do_not_specialize_on_alignment, (
+            f"{name}: the alignment of {arg} would select a compiled variant")
