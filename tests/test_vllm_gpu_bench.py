@@ -1,0 +1,94 @@
+"""perf/vllm_gpu_bench.py's bookkeeping, on CPU with a stand-in engine: a GPU sitting costs
+minutes of device time before its first number, so a mistake in how the bench counts prefill
+steps, decode steps or mid-run compiles must show up here first."""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    # the bench imports vllm.SamplingParams inside timed_decode; a stand-in suffices here
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))
+    import vllm_gpu_bench
+    return vllm_gpu_bench
+
+
+class _Out:
+    def __init__(self, rid, tokens, finished=False):
+        self.request_id = rid
+        self.outputs = [types.SimpleNamespace(token_ids=[0] * tokens)]
+        self.finished = finished
+
+
+class _Engine:
+    """Requests get their first token after `prefill_steps` steps, one more per step after."""
+
+    def __init__(self, prefill_steps):
+        self.prefill_steps = prefill_steps
+        self.ids, self.steps, self.aborted = [], 0, []
+
+    def add_request(self, rid, prompt, params):
+        self.ids.append(rid)
+
+    def has_unfinished_requests(self):
+        return True
+
+    def step(self):
+        self.steps += 1
+        n = max(0, self.steps - self.prefill_steps + 1)
+        return [_Out(r, n) for r in self.ids]
+
+    def abort_request(self, ids):
+        self.aborted += list(ids)
+
+
+def test_timed_decode_counts_prefill_and_decode_steps(bench):
+    eng = _Engine(prefill_steps=4)
+    calls = iter(range(100))
+    prefill_s, tpot, n_calls, rows, prefill = bench.timed_decode(
+        types.SimpleNamespace(llm_engine=eng), [{}, {}], 5, calls=lambda: next(calls),
+        prefill_profile_steps=2)
+    assert prefill["steps"] == 4 and len(prefill["step_s"]) == 4
+    assert eng.steps == 4 + 5          # the prefill, then exactly the timed decode steps
+    assert prefill_s >= 0 and tpot >= 0 and rows == []
+    assert n_calls == 1                # calls() read once after the prefill, once at the end
+    assert len(prefill["profile"]) == 2   # the first two prefill steps ran under the profiler
+    for p in prefill["profile"]:
+        assert p["wall_us"] > 0 and isinstance(p["kernels"], list)
+    assert sorted(eng.aborted) == ["timed-0", "timed-1"]
+
+
+def test_timed_decode_refuses_a_short_decode(bench):
+    class Ending(_Engine):
+        def step(self):
+            outs = super().step()
+            done = self.steps >= self.prefill_steps + 2
+            return [_Out(o.request_id, len(o.outputs[0].token_ids), done) for o in outs]
+
+    with pytest.raises(RuntimeError, match="full-batch decode steps"):
+        bench.timed_decode(types.SimpleNamespace(llm_engine=Ending(3)), [{}], 5)
+
+
+def test_triton_cache_entries_see_a_new_compile(bench, tmp_path, monkeypatch):
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
+    (tmp_path / "AAA").mkdir()
+    (tmp_path / "AAA" / "decode_split_kernel.json").write_text("{}")
+    (tmp_path / "AAA" / "__grp__decode_split_kernel.json").write_text("{}")
+    before = bench.triton_cache_entries()
+    assert before == {"AAA/decode_split_kernel"}
+    (tmp_path / "BBB").mkdir()
+    (tmp_path / "BBB" / "prefill_kernel.json").write_text("{}")
+    new = bench.triton_cache_entries() - before
+    assert sorted(e.split("/")[1] for e in new) == ["prefill_kernel"]
