@@ -160,9 +160,9 @@ def test_simulated_engine_matches_the_rule(w, schedule):
             segs = segments(w, 0, 0, pos, pos + n)
             attend.prefill_contiguous(codec, w, segs, q[sl], k[sl], v[sl], cache, table[None],
                                       raw_k, raw_v, [1], scale, out_c[sl])
-            attend.prefill_varlen(codec, w, attend.segment_plan(segs, q.device), q[sl], k[sl],
-                                  v[sl], cache, table[None], raw_k, raw_v, row.int(), scale,
-                                  out_v[sl])
+            plan = attend.segment_plan(segs, table[None], row.int(), q.device)
+            attend.prefill_varlen(codec, w, plan, q[sl], k[sl], v[sl], cache, raw_k, raw_v,
+                                  scale, out_v[sl])
             attend.write_raw(raw_k, raw_v, k[sl], v[sl], post, rslots)
         pos += n
     want = _dense_reference(cfg, codec, w, q, k, v, scale).float()

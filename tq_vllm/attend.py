@@ -82,15 +82,18 @@ class SegmentPlan:
     from host data per layer would copy (and synchronise the stream) once per layer."""
     first: int          # the segments tile tokens first .. last-1 of the batch, in order
     last: int
-    seg_req: Tensor     # (S,) int64: each segment's request (batch row)
     cu: Tensor          # (S + 1,) int32: query offsets of the segments, from 0
     prefix: Tensor      # (S,) int32: compressed positions each segment attends
     pool: Tensor        # (S,) int32: raw-pool tokens each segment attends
+    block_table: Tensor  # (S, max_blocks) int32: each segment's request's block-table row
+    raw_index: Tensor   # (S,) int32: each segment's request's raw-pool row
 
 
-def segment_plan(segments: Sequence[Segment], device: torch.device) -> SegmentPlan:
-    """The SegmentPlan of non-empty `segments`: one host-to-device copy (pinned, asynchronous
-    on CUDA)."""
+def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Tensor,
+                 device: torch.device) -> SegmentPlan:
+    """The SegmentPlan of non-empty `segments` of a batch whose requests have block-table rows
+    `block_table` (B, max_blocks) and raw-pool rows `raw_index` (B,): one host-to-device copy
+    (pinned, asynchronous on CUDA) and one gather of each per-request table."""
     first = segments[0].tok_start
     cu = [0]
     for seg in segments:
@@ -103,25 +106,24 @@ def segment_plan(segments: Sequence[Segment], device: torch.device) -> SegmentPl
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     dev = host.to(device, non_blocking=True)
-    return SegmentPlan(first=first, last=first + cu[-1], seg_req=dev[:n].long(),
-                       cu=dev[n:2 * n + 1], prefix=dev[2 * n + 1:3 * n + 1],
-                       pool=dev[3 * n + 1:])
+    seg_req = dev[:n].long()
+    return SegmentPlan(first=first, last=first + cu[-1], cu=dev[n:2 * n + 1],
+                       prefix=dev[2 * n + 1:3 * n + 1], pool=dev[3 * n + 1:],
+                       block_table=block_table[seg_req], raw_index=raw_index[seg_req])
 
 
 def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Tensor,
-                   key: Tensor, value: Tensor, cache: Tensor, block_table: Tensor,
-                   raw_key: Tensor, raw_value: Tensor, raw_index: Tensor, scale: float,
-                   out: Tensor) -> None:
+                   key: Tensor, value: Tensor, cache: Tensor, raw_key: Tensor,
+                   raw_value: Tensor, scale: float, out: Tensor) -> None:
     """Prefill, all segments in one turboquant::paged_prefill_attention call (the GPU path).
 
-    Same arguments as prefill_contiguous except the segments, given as their plan
-    (segment_plan), and raw_index: (B,) int32 device rows."""
+    Same arguments as prefill_contiguous except the segments, block table and raw-pool rows,
+    given as their plan (segment_plan)."""
     f = codec.config
     first, last = plan.first, plan.last
     res = tq.paged_prefill_attention(
         query[first:last], key[first:last], value[first:last], plan.cu, cache,
-        block_table[plan.seg_req], plan.prefix, raw_key, raw_value, raw_index[plan.seg_req],
-        plan.pool, codec.rotation, codec.qjl_projection, codec.key_centroids,
+        plan.block_table, plan.prefix, raw_key, raw_value, plan.raw_index, plan.pool, codec.rotation, codec.qjl_projection, codec.key_centroids,
         codec.value_centroids, f.key_mse_bits, f.use_qjl, f.value_bits, scale,
         window.sink_tokens)
     out[first:last] = res

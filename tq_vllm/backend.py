@@ -253,7 +253,8 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         segs: list[Segment] = []
         for b in range(num_decodes, n):
             segs += split_segments(w, b, qsl_cpu[b], first_pos[b], seq_cpu[b])
-        plan = (attend.segment_plan(segs, self.device)
+        plan = (attend.segment_plan(segs, cam.block_table_tensor[:n], self.raw_index[:n],
+                                    self.device)
                 if segs and self.device.type == "cuda" else None)
         return TQMetadata(num_reqs=n, num_actual_tokens=t, num_decodes=num_decodes,
                           block_table=cam.block_table_tensor[:n],
@@ -370,10 +371,10 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             k = key[:t].view(t, hkv, d)
             v = value[:t].view(t, hkv, d)
             if q.device.type == "cuda":
-                plan = md.segment_plan or attend.segment_plan(md.segments, q.device)
+                plan = md.segment_plan or attend.segment_plan(md.segments, md.block_table,
+                                                              md.raw_index, q.device)
                 attend.prefill_varlen(self.codec, self.window, plan, q, k, v, cache,
-                                      md.block_table, self.raw_key, self.raw_value,
-                                      md.raw_index, self.scale, out)
+                                      self.raw_key, self.raw_value, self.scale, out)
             else:
                 attend.prefill_contiguous(self.codec, self.window, md.segments, q, k, v, cache,
                                           md.block_table, self.raw_key, self.raw_value,
