@@ -245,6 +245,18 @@ def triton_cache_entries() -> set[str]:
             for f in d.glob("*.json") if not f.name.startswith("__grp__")}
 
 
+def _gpu_kernel_times(prof) -> dict:
+    """{kernel name: (total microseconds, launches)} of a finished torch.profiler run."""
+    from torch.autograd import DeviceType
+
+    per: dict = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            t, n = per.get(e.name, (0.0, 0))
+            per[e.name] = (t + e.device_time, n + 1)
+    return per
+
+
 def step_profile(eng, top: int = 12) -> tuple[dict, list]:
     """One engine step under torch.profiler, host and GPU: the heaviest GPU kernels and host-side
     CUDA runtime calls (a cudaStreamSynchronize or a blocking cudaMemcpy here is a step that
@@ -263,12 +275,11 @@ def step_profile(eng, top: int = 12) -> tuple[dict, list]:
         outs = eng.step()
         sync()
         wall = time.time() - t0
-    gpu, host = {}, {}
+    gpu = _gpu_kernel_times(prof)
+    host = {}
     for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            t, n = gpu.get(e.name, (0.0, 0))
-            gpu[e.name] = (t + e.device_time, n + 1)
-        elif e.name.startswith("cuda") or e.name.startswith("aten::item") or "Sync" in e.name:
+        if e.device_type != DeviceType.CUDA and (e.name.startswith(("cuda", "aten::item"))
+                                                 or "Sync" in e.name):
             t, n = host.get(e.name, (0.0, 0))
             host[e.name] = (t + e.cpu_time_total, n + 1)
 
@@ -284,7 +295,6 @@ def kernel_profile(eng, steps: int, top: int = 14) -> list:
     replays included): rows (name, microseconds per step, launches per step), the heaviest
     first, then ("all kernels", ...) and ("wall", ...) for the steps' sum and their wall time."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     if not torch.cuda.is_available():
@@ -296,12 +306,7 @@ def kernel_profile(eng, steps: int, top: int = 14) -> list:
             eng.step()
         torch.cuda.synchronize()
         wall = time.time() - t0
-    per = {}
-    for e in prof.events():
-        if e.device_type != DeviceType.CUDA:
-            continue
-        t, n = per.get(e.name, (0.0, 0))
-        per[e.name] = (t + e.device_time, n + 1)
+    per = _gpu_kernel_times(prof)
     rows = sorted(((k[:90], round(t / steps, 1), round(n / steps, 1))
                    for k, (t, n) in per.items()), key=lambda r: -r[1])
     total = sum(t for t, _ in per.values()) / steps
