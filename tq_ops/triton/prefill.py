@@ -105,8 +105,12 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
             if QJL:
                 sx = tl.load(cache_ptr + srow[None, :] + m[:, None], mask=(m < D // 8)[:, None],
                              other=0)
+        if QJL:
+            # gamma folded into the +-1 sign operand (exact in fp16), so the QJL products add
+            # into the one score accumulator: a second (M, BN) fp32 accumulator spilled
+            kg = tl.load((cache_ptr + base + BS * OFF_KG + tin * 2).to(
+                tl.pointer_type(tl.float16)))
         s = tl.zeros([M, BN], tl.float32)
-        sz = tl.zeros([M, BN], tl.float32)
         for r in tl.static_range(8):
             if HOIST_Q:
                 qt = qts[r]
@@ -130,12 +134,8 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
                     z = fast_sign(sx, r)
                 else:
                     z = slow_sign(cache_ptr, srow[None, :], m[:, None], r, D).to(tl.float16)
-                sz = tl.dot(ut, z, sz)
+                s = tl.dot(ut, z * kg[None, :], s)
         kn = tl.load((cache_ptr + base + BS * OFF_KN + tin * 2).to(tl.pointer_type(tl.float16)))
-        if QJL:
-            kg = tl.load((cache_ptr + base + BS * OFF_KG + tin * 2).to(
-                tl.pointer_type(tl.float16))).to(tl.float32)
-            s = s + sz * kg[None, :]
         s = s * kn.to(tl.float32)[None, :]
         p, alpha, m_i, l_i = _softmax_step(s, valid[None, :], m_i, l_i)
         vn = tl.load((cache_ptr + base + BS * OFF_VN + tin * 2).to(tl.pointer_type(tl.float16)))
