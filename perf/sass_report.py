@@ -4,6 +4,7 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
 
     PYTHONPATH=. python perf/sass_report.py [--format seed] [--head-dim 128] [--group 4]
         [--block-size 128] [--block-n 64] [--warps 1] [--stages 2] [--maxnreg N] [--slow]
+        [--table-keys]
     PYTHONPATH=. python perf/sass_report.py --kernel encode-keys|encode-values [--format seed]
         [--rows 64] [--warps 4]
     PYTHONPATH=. python perf/sass_report.py --kernel prep|merge [--format seed] [--head-dim 128]
@@ -66,13 +67,14 @@ def compile_sm90(fn, consts: dict, pointer_types: dict, *, aligned=(), floats=()
 
 
 def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n: int,
-                  warps: int, stages: int, maxnreg: int, fast: bool):
+                  warps: int, stages: int, maxnreg: int, fast: bool, planes: bool = True):
     cfg = preset(fmt, head_dim=head_dim)
     hkv = 8
     consts = split_constants(hkv, group, head_dim, cfg.key_mse_bits, cfg.use_qjl,
                              cfg.value_bits, block_size, block_n,
                              hkv * block_size * cfg.slot_bytes, on_cuda=True)
     consts["FAST"] = fast
+    consts["KEY_PLANES"] = planes
     fn = decode_split_kernel
     types = {n: "*fp32" if n in FP32_POINTERS else "*u8" if n == "cache_ptr" else "*i32"
              for n in fn.arg_names if n.endswith("_ptr")}
@@ -200,6 +202,8 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--slow", action="store_true", help="the slow (any-codebook) instance")
+    ap.add_argument("--table-keys", action="store_true",
+                    help="split: the PRMT-table key decoders instead of the bit planes")
     a = ap.parse_args()
     if a.kernel in ("prep", "merge"):
         import importlib
@@ -245,8 +249,14 @@ def main() -> int:
         return 0
     a.warps = a.warps or (1 if a.kernel == "split" else 4)
     if a.kernel == "split":
+        if not a.maxnreg:  # the table's cap, as the op launches it eagerly
+            from tq_ops.triton.decode import decode_config
+
+            a.maxnreg = decode_config("sm90", a.head_dim,
+                                      preset(a.format, head_dim=a.head_dim).key_mse_bits
+                                      ).max_registers
         k = compile_split(a.format, a.head_dim, a.group, a.block_size, a.block_n, a.warps,
-                          a.stages, a.maxnreg, not a.slow)
+                          a.stages, a.maxnreg, not a.slow, not a.table_keys)
     else:
         k = compile_encode(a.format, a.head_dim, a.kernel.split("-")[1], a.rows, a.warps,
                            a.maxnreg)

@@ -1,6 +1,6 @@
 """Launch-config exploration for the paged decode and prefill kernels (GPU, one call).
 
-    PYTHONPATH=. python perf/tune_decode.py [--workers 4] [--out DIR]
+    PYTHONPATH=. python perf/tune_decode.py [--workers 4] [--out DIR] [--no-prefill]
 
 Not a benchmark of record (perf/gpu_check.py is): it times the op with every candidate
 `DecodeConfig` (tile, warps, stages) and split count at the issue's decode
@@ -37,19 +37,23 @@ RAW = 64  # exact raw-pool tokens per sequence in the "+raw" variant (vLLM's buf
 def candidates():
     from tq_ops.triton.decode import DecodeConfig
 
-    def c(bn, w, st, resident=12, regs=0):
+    def c(bn, w, st, resident=12, regs=0, planes=True):
         return DecodeConfig(block_n=bn, num_warps=w, num_stages=st,
                             resident_programs_per_sm=resident, min_tokens_per_split=64,
-                            max_splits=256, max_registers=regs)
+                            max_splits=256, max_registers=regs, key_planes=planes)
     # session 3: without the slow path the split kernel needs 168 registers (was 255): 12
-    # resident one-warp programs per SM, 16 under a 128-register cap.  The split count fills
-    # whole waves of them; each candidate is timed at one and two waves.
-    return [c(64, 1, 2), c(64, 1, 2, 16, 128)]
+    # resident one-warp programs per SM.  Session 6: the bit-plane key decoders take ptxas to
+    # 251 registers (8 resident) unless capped; 168 costs 3.5% more instructions offline
+    # (perf/sass_report.py --maxnreg).  The split count fills whole waves of resident programs;
+    # each candidate is timed at one and two waves.
+    return [c(64, 1, 2, planes=False), c(64, 1, 2, 8), c(64, 1, 2, 12, 168), c(64, 1, 2, 10, 200)]
 
 
 def cfg_id(cfg) -> str:
     regs = f"r{cfg.max_registers}" if cfg.max_registers else ""
-    return f"n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}p{cfg.resident_programs_per_sm}{regs}"
+    keys = "" if cfg.key_planes else "-tablekeys"
+    return (f"n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}p{cfg.resident_programs_per_sm}"
+            f"{regs}{keys}")
 
 
 PREFILL = [(16, 4), (32, 4), (32, 8), (64, 8)]
@@ -148,7 +152,7 @@ def worker(indices: list[int], lock_path: str) -> None:
         emit(rec)
     del cases
     torch.cuda.empty_cache()
-    if 0 in indices:
+    if 0 in indices and not os.environ.get("TUNE_NO_PREFILL"):
         prefill(lock)
 
 
@@ -239,7 +243,10 @@ def main() -> int:
     ap.add_argument("--worker", type=str, help=argparse.SUPPRESS)
     ap.add_argument("--lock", type=str, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=str)
+    ap.add_argument("--no-prefill", action="store_true", help="decode configs only")
     a = ap.parse_args()
+    if a.no_prefill:
+        os.environ["TUNE_NO_PREFILL"] = "1"
     if a.worker is not None:
         worker([int(x) for x in a.worker.split(",") if x], a.lock)
         return 0

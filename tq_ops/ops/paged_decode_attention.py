@@ -13,7 +13,7 @@ from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_merge_kernel,
                                   decode_split_kernel, num_splits, query_prep_kernel)
-from tq_ops.triton.launch import arch, sm_count
+from tq_ops.triton.launch import arch, register_cap, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width
 
 PREP_ROWS = 16   # query rows per prep program
@@ -79,8 +79,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         split[grid](
             qr, u, cache, block_table, kv_lens, key_centroids, value_centroids, o_part, m_part,
             l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
-            **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}))
+            KEY_PLANES=cfg.key_planes, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+            **register_cap(cfg.max_registers if q.device.type == "cuda" else 0))
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),

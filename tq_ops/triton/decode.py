@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, load_fast,
-                                  load_group_words, load_tile_scalars,
-                                  lookup, slow_code, slow_sign, table_matches, tile_rows,
-                                  tuple_set)
+from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, key_plane,
+                                  key_plane_gamma_sum, key_plane_offset, key_plane_scale,
+                                  load_fast, load_group_words, load_tile_scalars, lookup,
+                                  planes_apply, sign_plane, sign_plane_offset, sign_plane_scale,
+                                  slow_code, slow_sign, table_matches, tile_rows, tuple_set)
 
 LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
@@ -52,9 +53,11 @@ class DecodeConfig:
     min_tokens_per_split: int
     max_splits: int
     # ptxas register cap per thread (Triton's maxnreg launch option); 0 = the compiler's choice.
-    # perf/tune_decode.py only: torch.compile's wrap_triton rejects launch options it does not
-    # know (torch 2.11-2.13), so the op's table cannot use it.
+    # Eager launches only (tq_ops.triton.launch.register_cap says why).
     max_registers: int = 0
+    # bit-plane key decoders (tq_ops.triton.unpack) for 2-bit keys with a symmetric codebook;
+    # False keeps the PRMT-table decoders (perf/tune_decode.py times both)
+    key_planes: bool = True
 
 
 # (arch, head_dim, key_bits) -> config.  Rows absent from the table use DEFAULT_DECODE.
@@ -63,9 +66,14 @@ class DecodeConfig:
 # (perf/NOTES.md: 2 and 4 warps measured 1.3-2.7x slower).
 DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_programs_per_sm=12,
                               min_tokens_per_split=64, max_splits=256)
+# Bit-plane key decoders at head_dim 128 (perf/tune_decode.py, H200, session 6, op ms against
+# the table decoders at 12 resident: (8, 32k) 0.1644 / 0.1708, (32, 16k) 0.3044 / 0.3198,
+# (64, 8k) 0.3155 / 0.3238, (1, 4k) 0.0213 / 0.0202): ptxas takes them to 251 registers
+# (8 resident, no faster than the tables) unless capped at 168 (12 resident).  head_dim 64 keeps
+# the table decoders, its measured row (the planes were not timed there).
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
-    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256),
-    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256),
+    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
+    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False),
 }
 
 
@@ -147,21 +155,62 @@ def load_queries(ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr):
 
 
 @triton.jit
+def load_query_planes(qr_ptr, u_ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr,
+                      GP: tl.constexpr, QJL: tl.constexpr, KT0: tl.constexpr,
+                      KT1: tl.constexpr):
+    """The query operands of the plane decoders (tq_ops.triton.unpack, "bit planes"): per group
+    r, (DG, GP) fp16 q'_r of the high and low key plane and u'_r of the sign plane, and per
+    query the (GP,) fp32 offsets that turn the plane products into the scores:
+    q . k_mse = acc_s - off_s, u . signs = acc_z - off_z."""
+    m = tl.arange(0, DG)
+    qhi = ()
+    qlo = ()
+    us = ()
+    off_s = tl.zeros([GP], tl.float32)
+    off_z = tl.zeros([GP], tl.float32)
+    qsum = tl.zeros([GP], tl.float32)
+    usum = tl.zeros([GP], tl.float32)
+    for r in tl.static_range(8):
+        msk = (8 * m + r < D)[:, None] & gmask[None, :]
+        q = tl.load(qr_ptr + qrow[None, :] * D + 8 * m[:, None] + r, mask=msk, other=0.0)
+        hi = (q * key_plane_scale(KT0, KT1, r, 1)).to(tl.float16)
+        lo = (q * key_plane_scale(KT0, KT1, r, 0)).to(tl.float16)
+        off_s += (key_plane_offset(r, 1) * tl.sum(hi.to(tl.float32), 0)
+                  + key_plane_offset(r, 0) * tl.sum(lo.to(tl.float32), 0))
+        qsum += tl.sum(q, 0)
+        qhi = qhi + (hi,)
+        qlo = qlo + (lo,)
+        if QJL:
+            u = tl.load(u_ptr + qrow[None, :] * D + 8 * m[:, None] + r, mask=msk, other=0.0)
+            us16 = (u * sign_plane_scale(r)).to(tl.float16)
+            off_z += sign_plane_offset(r) * tl.sum(us16.to(tl.float32), 0)
+            usum += tl.sum(u, 0)
+            us = us + (us16,)
+        else:
+            us = us + (hi,)
+    off_s += key_plane_gamma_sum(KT0, KT1) * qsum
+    off_z += usum
+    return qhi, qlo, us, off_s, off_z
+
+
+@triton.jit
 def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr, vc_ptr,
-                 qts, uts, ktabs, vtabs, m_i, l_i, accs,
+                 qts, qlos, uts, off_s, off_z, ktabs, vtabs, m_i, l_i, accs,
                  D: tl.constexpr, DG: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
                  BLOCK_N: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
                  OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
                  OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
                  AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
-                 FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
-                 VT1: tl.constexpr):
+                 FAST: tl.constexpr, PLANES: tl.constexpr, KT0: tl.constexpr,
+                 KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
     """Online softmax over compressed positions max(lo, kv_start)..hi-1 of one sequence and KV
     head; lo is a multiple of BLOCK_N.
 
     Scores are (BLOCK_N, GP) = sum_r dot(keys_r (BLOCK_N, DG), q_r (DG, GP)); the value
     accumulators are 8 (DG, GP) tiles, accs[r] += dot(values_r^T (DG, BLOCK_N), p (BLOCK_N, GP)),
-    in the rotated domain.  FAST selects the inline-asm decoders (tq_ops.triton.unpack).
+    in the rotated domain.  FAST selects the inline-asm decoders (tq_ops.triton.unpack); PLANES
+    (FAST, 2-bit keys, symmetric codebook) the bit-plane key decoders, with qts / qlos / uts
+    the plane operands and off_s / off_z the offsets of load_query_planes.
     """
     m = tl.arange(0, DG)
     for start in tl.range(lo, hi, BLOCK_N):
@@ -175,24 +224,31 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
             kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, DG, KB)
             if QJL:
                 sx = load_group_words(cache_ptr + srow[:, None], m[None, :], D, DG)
-        acc_s = tl.zeros([BLOCK_N, GP], tl.float32)
-        acc_z = tl.zeros([BLOCK_N, GP], tl.float32)
+        # the plane offsets (zero otherwise) start the accumulators: no subtraction per tile
+        acc_s = tl.zeros([BLOCK_N, GP], tl.float32) - off_s[None, :]
+        acc_z = tl.zeros([BLOCK_N, GP], tl.float32) - off_z[None, :]
         for r in tl.static_range(8):
-            if FAST:
-                if KB == 3:
-                    kv = fast_values3(kw, kx, r, ktabs)
-                else:
-                    kv = fast_values(kw, kx, r, KB, KT0, KT1)
+            if PLANES:
+                acc_s = tl.dot(key_plane(kw, r, 1), qts[r], acc_s)
+                acc_s = tl.dot(key_plane(kw, r, 0), qlos[r], acc_s)
+                if QJL:
+                    acc_z = tl.dot(sign_plane(sx, r), uts[r], acc_z)
             else:
-                kv = lookup(slow_code(cache_ptr, krow[:, None], m[None, :], r, D, KB), kc_ptr,
-                            KB).to(tl.float16)
-            acc_s = tl.dot(kv, qts[r], acc_s)
-            if QJL:
                 if FAST:
-                    z = fast_sign(sx, r)
+                    if KB == 3:
+                        kv = fast_values3(kw, kx, r, ktabs)
+                    else:
+                        kv = fast_values(kw, kx, r, KB, KT0, KT1)
                 else:
-                    z = slow_sign(cache_ptr, srow[:, None], m[None, :], r, D).to(tl.float16)
-                acc_z = tl.dot(z, uts[r], acc_z)
+                    kv = lookup(slow_code(cache_ptr, krow[:, None], m[None, :], r, D, KB),
+                                kc_ptr, KB).to(tl.float16)
+                acc_s = tl.dot(kv, qts[r], acc_s)
+                if QJL:
+                    if FAST:
+                        z = fast_sign(sx, r)
+                    else:
+                        z = slow_sign(cache_ptr, srow[:, None], m[None, :], r, D).to(tl.float16)
+                    acc_z = tl.dot(z, uts[r], acc_z)
         kn = load_tile_scalars(cache_ptr, base, start, OFF_KN, BS, BLOCK_N, AL_N)
         if QJL:
             kg = load_tile_scalars(cache_ptr, base, start, OFF_KG, BS, BLOCK_N, AL_N).to(
@@ -238,7 +294,7 @@ def decode_split_kernel(
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
-        VT0: tl.constexpr, VT1: tl.constexpr):
+        VT0: tl.constexpr, VT1: tl.constexpr, KEY_PLANES: tl.constexpr = True):
     """One (sequence, KV head, split) partial of the compressed positions (module docstring).
 
     FAST selects the decoders (tq_ops.triton.unpack).  With PAIRED, two instances are launched
@@ -264,13 +320,13 @@ def decode_split_kernel(
                               m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
                               tl.program_id(0), split, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB,
                               QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
-                              AL_K, AL_S, AL_V, AL_N, FAST, KT0, KT1, VT0, VT1)
+                              AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, KT0, KT1, VT0, VT1)
         else:
             split_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
                           m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
                           tl.program_id(0), tl.program_id(1), HKV, G, GP, D, DP, DG, BS, BLOCK_N,
                           KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
-                          AL_K, AL_S, AL_V, AL_N, FAST, KT0, KT1, VT0, VT1)
+                          AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, KT0, KT1, VT0, VT1)
 
 
 @triton.jit
@@ -283,8 +339,8 @@ def split_partial(
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
-        FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
-        VT1: tl.constexpr):
+        FAST: tl.constexpr, KEY_PLANES: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
+        VT0: tl.constexpr, VT1: tl.constexpr):
     """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h."""
     b = bh // HKV
     h = bh % HKV
@@ -299,11 +355,19 @@ def split_partial(
     per = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per
     hi = tl.minimum(lo + per, kv_len)
-    qts = load_queries(qr_ptr, qrow, gmask, D, DG)
-    if QJL:
-        uts = load_queries(u_ptr, qrow, gmask, D, DG)
+    PLANES: tl.constexpr = FAST and KEY_PLANES and KB == 2 and planes_apply(KT0, KT1)
+    if PLANES:
+        qts, qlos, uts, off_s, off_z = load_query_planes(qr_ptr, u_ptr, qrow, gmask, D, DG, GP,
+                                                         QJL, KT0, KT1)
     else:
-        uts = qts
+        qts = load_queries(qr_ptr, qrow, gmask, D, DG)
+        if QJL:
+            uts = load_queries(u_ptr, qrow, gmask, D, DG)
+        else:
+            uts = qts
+        qlos = qts
+        off_s = tl.zeros([GP], tl.float32)
+        off_z = off_s
     m_i = tl.full([GP], NEG_BIG, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     z = tl.zeros([DG, GP], tl.float32)
@@ -317,9 +381,9 @@ def split_partial(
             vtabs = byte_tables(vc_ptr, VB)
     m_i, l_i, accs = attend_pages(
         cache_ptr, bt_ptr, b.to(tl.int64) * bt_stride, lo, hi, kv_start, h * (BS * SLOT),
-        page_stride, kc_ptr, vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, GP, BS,
-        BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, AL_K, AL_S,
-        AL_V, AL_N, FAST, KT0, KT1, VT0, VT1)
+        page_stride, kc_ptr, vc_ptr, qts, qlos, uts, off_s, off_z, ktabs, vtabs, m_i, l_i, accs,
+        D, DG, GP, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN,
+        AL_K, AL_S, AL_V, AL_N, FAST, PLANES, KT0, KT1, VT0, VT1)
     m = tl.arange(0, DG)
     for r in tl.static_range(8):
         tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],

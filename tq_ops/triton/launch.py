@@ -13,6 +13,13 @@ serving step launches eagerly declares those arguments in `do_not_specialize` /
 nothing).  perf/gpu_check.py checks it ("no recompiles on run-time values").  A vLLM prefill of
 eight 32k prompts on an H200 had stalled for 27 s and 24 s in two of its eighteen steps before
 this (perf/NOTES.md, session 5), which is what mid-serving compiles of these kernels look like.
+
+Register caps.  A table row may cap a kernel's registers per thread (Triton's `maxnreg` launch
+option) to keep more programs resident than ptxas would on its own.  torch.compile's tracing of
+`wrap_triton` launches rejects launch options it does not know (torch 2.11-2.13), so the cap is
+passed only to launches that run eagerly (`register_cap`); a traced launch compiles with ptxas's
+own choice, which computes the same result, more slowly (perf/NOTES.md, session 6: 4-5% on the
+decode split kernel).  vLLM runs the ops eagerly inside its CUDA graphs, so it gets the cap.
 """
 from __future__ import annotations
 
@@ -32,6 +39,18 @@ def arch(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return _props(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def register_cap(max_registers: int) -> dict:
+    """{"maxnreg": max_registers} for a launch that runs eagerly, {} while torch is tracing
+    wrap_triton launches (module docstring) or when no cap is set."""
+    if not max_registers:
+        return {}
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:  # a torch without the switch: never risk a rejected launch option
+        return {}
+    return {} if is_wrap_triton_enabled() else {"maxnreg": max_registers}
 
 
 def sm_count(device: torch.device) -> int:

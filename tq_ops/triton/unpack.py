@@ -117,6 +117,162 @@ prmt.b32 $1, l4, h4, 0x7362;
 }}"""
 
 
+# -- bit planes: the decode split kernel's key decoders -------------------------------------
+#
+# A symmetric 2-bit codebook (c0 = -c3, c1 = -c2, as every built-in one) is a sum of two +-1
+# planes: c[2 b1 + b0] = alpha s1 + beta s0 with s = 2b - 1, alpha = (c3 + c2)/2,
+# beta = (c3 - c2)/2; the QJL signs are one such plane.  So q . k is a sum of plane products,
+# and a plane needs no table: one AND and one OR turn a bit into an fp16 MMA operand that is
+# affine in it, v = a + c b, because the bit lands in the exponent field (or the sign) of an
+# fp16 whose other bits are a fixed base.  Positions 10..15 of a 16-bit half are used:
+#
+#   p   base      v for b = 0, 1
+#   10  0x3800    0.5, 1        (exponent bit 0 over exponent 14)
+#   11  0x3400    0.25, 1       (exponent bit 1 over 13)
+#   12  0x2C00    2^-4, 1       (exponent bit 2 over 11)
+#   13  0x1C00    2^-8, 1       (exponent bit 3 over 7)
+#   14  0x0000    0, 2          (exponent bit 4)
+#   15  0x3C00    1, -1         (the sign of 1.0)
+#
+# Every value is a normal fp16 (no subnormals, no large scales), and the query side absorbs
+# the affine map: gamma * sum q s = sum q' v - a sum q' - gamma sum q with q' = (2 gamma / c) q,
+# the two sums per query computed once per program (q' rounded to fp16 exactly as the MMA sees
+# it, so the a-part cancels exactly).  Bits below position 10 are first shifted up, by a shift
+# that ptxas shares between the groups using it.  Per 4 codes that is 4 ALU instructions for
+# the two 2-bit planes and ~2 for the signs, against ~6.5 and ~5.5 for the PRMT tables
+# (perf/NOTES.md, session 6).
+
+_PLANE_BASE = {10: 0x3800, 11: 0x3400, 12: 0x2C00, 13: 0x1C00, 14: 0x0000, 15: 0x3C00}
+_PLANE_AC = {10: (0.5, 0.5), 11: (0.25, 0.75), 12: (1 / 16, 15 / 16), 13: (1 / 256, 255 / 256),
+             14: (0.0, 2.0), 15: (1.0, -2.0)}
+# left shift of a 2-bit-plane word that brings group r's bits (2r, 2r+1) into 10..15
+_KEY_SHIFT = (10, 8, 8, 8, 2, 0, 0, 0)
+
+
+def _f16_value(bits: int) -> float:
+    return struct.unpack("<e", struct.pack("<H", bits & 0xFFFF))[0]
+
+
+def key_plane_position(r: int, hi: int) -> int:
+    """Position in the fp16 half of group r's code bit (hi: the code's high bit)."""
+    return 2 * r + hi + _KEY_SHIFT[r]
+
+
+def sign_plane_position(r: int) -> int:
+    """Position of group r's sign bit after its byte is moved to the high byte of a half."""
+    return 8 + r + (2 if r < 2 else 0)
+
+
+def symmetric_table(t0: int, t1: int) -> bool:
+    """True when the baked 2-bit table words (asm_tables) hold a codebook with c0 = -c3 and
+    c1 = -c2 exactly, so the plane decoders apply."""
+    c = [_f16_value(t0), _f16_value(t0 >> 16), _f16_value(t1), _f16_value(t1 >> 16)]
+    return c[0] == -c[3] and c[1] == -c[2] and c[3] > c[2] > 0
+
+
+# The constexpr wrappers below reach the plain helpers through a local import: Triton's
+# dependency scan rejects plain global functions named in a constexpr function's body.
+
+@triton.constexpr_function
+def planes_apply(t0, t1):
+    from tq_ops.triton import unpack as U
+    return U.symmetric_table(t0, t1)
+
+
+@triton.constexpr_function
+def key_plane_scale(t0, t1, r, hi):
+    """(2 gamma / c) of group r's plane: gamma = alpha (hi) or beta, c of its position."""
+    from tq_ops.triton import unpack as U
+    c2, c3 = U._f16_value(t1), U._f16_value(t1 >> 16)
+    gamma = (c3 + c2) / 2 if hi else (c3 - c2) / 2
+    return 2 * gamma / U._PLANE_AC[U.key_plane_position(r, hi)][1]
+
+
+@triton.constexpr_function
+def key_plane_offset(r, hi):
+    """a of group r's plane position."""
+    from tq_ops.triton import unpack as U
+    return U._PLANE_AC[U.key_plane_position(r, hi)][0]
+
+
+@triton.constexpr_function
+def key_plane_gamma_sum(t0, t1):
+    """alpha + beta = c3: the weight of sum q in the key offset."""
+    from tq_ops.triton import unpack as U
+    return U._f16_value(t1 >> 16)
+
+
+@triton.constexpr_function
+def sign_plane_scale(r):
+    from tq_ops.triton import unpack as U
+    return 2 / U._PLANE_AC[U.sign_plane_position(r)][1]
+
+
+@triton.constexpr_function
+def sign_plane_offset(r):
+    from tq_ops.triton import unpack as U
+    return U._PLANE_AC[U.sign_plane_position(r)][0]
+
+
+def _mask_or(src: str, dst: str, p: int) -> str:
+    # one LOP3, (src & m) | base: the base goes in a register (LOP3 takes one immediate)
+    m = (1 << p) | (1 << (p + 16))
+    b = _PLANE_BASE[p] * 0x10001
+    if b:
+        return (f"mov.b32 {src}b, 0x{b:08X};\n"
+                f"lop3.b32 {dst}, {src}, 0x{m:08X}, {src}b, 0xEA;")
+    return f"and.b32 {dst}, {src}, 0x{m:08X};"
+
+
+@triton.constexpr_function
+def _asm_key_plane(r, hi):
+    # in: 4 int16 words of the 2-bit plane (2 regs), out: 4 fp16 (2 regs) of group r's plane.
+    from tq_ops.triton import unpack as U
+    s, p = U._KEY_SHIFT[r], U.key_plane_position(r, hi)
+    return f"""{{
+.reg .b32 t, u, tb, ub;
+shl.b32 t, $2, {s};
+shl.b32 u, $3, {s};
+{U._mask_or("t", "$0", p)}
+{U._mask_or("u", "$1", p)}
+}}"""
+
+
+@triton.constexpr_function
+def _asm_sign_plane(r):
+    # in: 4 sign bytes (1 reg), out: 4 fp16 (2 regs).  PRMT moves bytes 0,1 (2,3) to the high
+    # bytes of the two halves; groups 0 and 1 are then shifted up into the exponent field.
+    from tq_ops.triton import unpack as U
+    p = U.sign_plane_position(r)
+    # no backslash escapes in a constexpr function: torch.compile copies its source into a
+    # string literal, where they would be interpreted
+    up = 2 if r < 2 else 0
+    return f"""{{
+.reg .b32 a, b, z, ab, bb;
+mov.b32 z, 0;
+prmt.b32 a, $2, z, 0x1404;
+prmt.b32 b, $2, z, 0x3424;
+shl.b32 a, a, {up};
+shl.b32 b, b, {up};
+{U._mask_or("a", "$0", p)}
+{U._mask_or("b", "$1", p)}
+}}"""
+
+
+@triton.jit
+def key_plane(w16, R: tl.constexpr, HI: tl.constexpr):
+    """(N, DG) int16 2-bit-plane words -> fp16 plane operand of group R (v = a + c b)."""
+    return tl.inline_asm_elementwise(_asm_key_plane(R, HI), "=r,=r,r,r", [w16],
+                                     dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def sign_plane(x8, R: tl.constexpr):
+    """(N, DG) uint8 sign bytes -> fp16 plane operand of group R (v = a + c b)."""
+    return tl.inline_asm_elementwise(_asm_sign_plane(R), "=r,=r,r", [x8], dtype=tl.float16,
+                                     is_pure=True, pack=4)
+
+
 @triton.jit
 def byte_tables(c_ptr, BITS: tl.constexpr):
     """The fp16 centroids as 4 PRMT table words (low bytes of entries 0..3, 4..7, high bytes of

@@ -1,0 +1,154 @@
+"""The bit-plane key decoders of the decode split kernel (tq_ops.triton.unpack, "bit planes").
+
+Their inline PTX runs only on a GPU, so here a small interpreter executes the very asm text the
+kernel embeds (the handful of instructions it uses) on random code words, and the kernel's
+algebra (query-side scales, offsets) must give back q . c[code] with the built-in codebooks.
+The only error the scheme admits is the fp16 rounding of the scaled query: with
+q'_exact = (2 gamma / c) q, the identity sum q'_exact (v - a) - gamma sum q = gamma sum q s holds
+exactly, so the error is sum (q' - q'_exact)(v - a), bounded here term by term.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tq_ops.triton import unpack as U
+
+MASK32 = 0xFFFFFFFF
+HEAD_DIMS = [64, 96, 128, 256]
+
+
+def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Execute the mov/shl/and/or/lop3/prmt subset of PTX on 32-bit registers."""
+    regs = dict(inputs)
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        if tok.startswith("0x"):
+            return int(tok, 16)
+        if tok.isdigit():
+            return int(tok)
+        return regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        d = args[0]
+        if op == "mov.b32":
+            regs[d] = val(args[1])
+        elif op == "shl.b32":
+            regs[d] = (val(args[1]) << val(args[2])) & MASK32
+        elif op == "and.b32":
+            regs[d] = val(args[1]) & val(args[2])
+        elif op == "or.b32":
+            regs[d] = val(args[1]) | val(args[2])
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(x) for x in args[1:5])
+            out = 0
+            for i in range(32):
+                idx = ((a >> i) & 1) << 2 | ((b >> i) & 1) << 1 | ((c >> i) & 1)
+                out |= ((lut >> idx) & 1) << i
+            regs[d] = out
+        elif op == "prmt.b32":
+            a, b, sel = val(args[1]), val(args[2]), val(args[3])
+            src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+            out = 0
+            for i in range(4):
+                n = (sel >> 4 * i) & 0xF
+                byte = src[n & 7]
+                if n & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << 8 * i
+            regs[d] = out
+        else:
+            raise AssertionError(f"instruction outside the interpreter's subset: {line}")
+    return regs
+
+
+def halves_to_f16(word: int) -> tuple[float, float]:
+    pair = np.array([word & 0xFFFF, word >> 16], dtype=np.uint16).view(np.float16)
+    return float(pair[0]), float(pair[1])
+
+
+def codebook(head_dim: int) -> np.ndarray:
+    t = U.fp16_table(head_dim, 2)
+    return np.array(t, dtype=np.uint16).view(np.float16).astype(np.float64)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
+def test_builtin_codebooks_are_symmetric(head_dim):
+    ok, t0, t1 = U.asm_tables(head_dim, 2)
+    assert ok and U.planes_apply(t0, t1)
+
+
+def test_asymmetric_table_keeps_the_table_decoders():
+    ok, t0, t1 = U.asm_tables(128, 2)
+    assert not U.planes_apply(t0 ^ 1, t1)   # c0 nudged by one ulp
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
+def test_key_planes_give_q_dot_centroids(head_dim, r):
+    _, t0, t1 = U.asm_tables(head_dim, 2)
+    c = codebook(head_dim)
+    rng = np.random.default_rng(1000 * head_dim + r)
+    words = rng.integers(0, 1 << 16, size=(64, 4))        # 64 packs of 4 int16 words
+    q = rng.standard_normal((64, 4)) * rng.choice([1e-3, 1.0, 30.0])
+    codes = (words >> (2 * r)) & 3
+    want = float((q * c[codes]).sum())
+    got = -U.key_plane_gamma_sum(t0, t1) * q.sum()
+    bound = 0.0
+    for hi in (1, 0):
+        scale = U.key_plane_scale(t0, t1, r, hi)
+        a = U.key_plane_offset(r, hi)
+        asm = U._asm_key_plane(r, hi)
+        qp = (np.float32(scale) * q.astype(np.float32)).astype(np.float16).astype(np.float64)
+        for i in range(64):
+            regs = run_ptx(asm, {"$2": int(words[i, 0] | words[i, 1] << 16),
+                                 "$3": int(words[i, 2] | words[i, 3] << 16)})
+            v = halves_to_f16(regs["$0"]) + halves_to_f16(regs["$1"])
+            for e in range(4):
+                got += qp[i, e] * v[e] - a * qp[i, e]
+                bound += abs(qp[i, e] - scale * q[i, e]) * abs(v[e] - a)
+    assert abs(got - want) <= bound + 1e-12 * np.abs(q).sum()
+
+
+@pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
+def test_sign_plane_gives_u_dot_signs(r):
+    rng = np.random.default_rng(77 + r)
+    words = rng.integers(0, 1 << 32, size=64)               # 4 sign bytes per register
+    u = rng.standard_normal((64, 4)) * rng.choice([1e-4, 1.0, 50.0])
+    byte = (words[:, None] >> (8 * np.arange(4))[None, :]) & 0xFF
+    signs = np.where((byte >> r) & 1, 1.0, -1.0)
+    want = float((u * signs).sum())
+    scale, a = U.sign_plane_scale(r), U.sign_plane_offset(r)
+    up = (np.float32(scale) * u.astype(np.float32)).astype(np.float16).astype(np.float64)
+    asm = U._asm_sign_plane(r)
+    got, bound = -u.sum(), 0.0
+    for i in range(64):
+        regs = run_ptx(asm, {"$2": int(words[i])})
+        v = halves_to_f16(regs["$0"]) + halves_to_f16(regs["$1"])
+        for e in range(4):
+            got += up[i, e] * v[e] - a * up[i, e]
+            bound += abs(up[i, e] - scale * u[i, e]) * abs(v[e] - a)
+    assert abs(got - want) <= bound + 1e-12 * np.abs(u).sum()
+
+
+def test_interpreter_rejects_unknown_instructions():
+    with pytest.raises(AssertionError):
+        run_ptx("{\nadd.u32 x, $2, 1;\n}", {"$2": 1})
+
+
+def test_planes_use_only_normal_fp16_values():
+    """Every decoded value is 0 or a normal fp16 (the MMA's handling of subnormals is not
+    relied on)."""
+    for p, base in U._PLANE_BASE.items():
+        for b in (0, 1):
+            bits = base | (b << p)
+            v = np.array([bits], dtype=np.uint16).view(np.float16)[0]
+            assert v == 0 or abs(v) >= np.finfo(np.float16).tiny
+            a, c = U._PLANE_AC[p]
+            assert float(v) == a + c * b
