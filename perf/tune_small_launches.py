@@ -14,6 +14,10 @@ Not a benchmark of record (perf/gpu_check.py is).  Two parts:
    vLLM passes them): one encode_pair_kernel launch against the two encode_kernel launches,
    into `--layers` caches of vLLM's size at 0.85 memory use on an H200 (32,652 blocks of 128
    tokens each) written in turn, so no write finds the previous one's pages in the TLB or L2.
+   Then the pair again with cold matrices, as inside vLLM: one codec per layer (each attention
+   layer builds its own, so its Pi and S' copies are its own) and a 256 MiB copy before each
+   write standing in for the layer's GEMMs, which stream its weights through L2; the copy's own
+   time, measured alone in the same run, is subtracted.
 
 perf/NOTES.md has the readings.
 """
@@ -88,6 +92,23 @@ def decode_write(layers: int) -> None:
     for name, rows in (("pair_us", mod.LATENCY_ROWS), ("two_launches_us", 0)):
         with mock.patch.object(mod, "LATENCY_ROWS", rows):
             row[name] = round(C.gpu_ms(write_all, rep=100) * 1e3 / layers, 2)
+    codecs = [TQCodec.build(cfg, "cuda") for _ in range(layers)]
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+
+    def copies():
+        for _ in caches:
+            dst.copy_(src)
+
+    def cold_writes():
+        for cache, c in zip(caches, codecs):
+            dst.copy_(src)
+            torch.ops.turboquant.write_cache(k, v, cache, slots, c.rotation, c.qjl_projection,
+                                             c.key_centroids, c.value_centroids,
+                                             cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    copy_ms = C.gpu_ms(copies, rep=100)
+    row["copy_us"] = round(copy_ms * 1e3 / layers, 2)
+    row["pair_cold_us"] = round((C.gpu_ms(cold_writes, rep=100) - copy_ms) * 1e3 / layers, 2)
     print(json.dumps(row), flush=True)
 
 
