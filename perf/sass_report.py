@@ -4,7 +4,7 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
 
     PYTHONPATH=. python perf/sass_report.py [--format seed] [--head-dim 128] [--group 4]
         [--block-size 128] [--block-n 64] [--warps 1] [--stages 2] [--maxnreg N] [--slow]
-        [--table-keys]
+        [--table-keys] [--smem-values]
     PYTHONPATH=. python perf/sass_report.py --kernel encode-keys|encode-values [--format seed]
         [--rows 64] [--warps 4]
     PYTHONPATH=. python perf/sass_report.py --kernel prep|merge [--format seed] [--head-dim 128]
@@ -67,7 +67,8 @@ def compile_sm90(fn, consts: dict, pointer_types: dict, *, aligned=(), floats=()
 
 
 def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n: int,
-                  warps: int, stages: int, maxnreg: int, fast: bool, planes: bool = True):
+                  warps: int, stages: int, maxnreg: int, fast: bool, planes: bool = True,
+                  words: bool = True):
     cfg = preset(fmt, head_dim=head_dim)
     hkv = 8
     consts = split_constants(hkv, group, head_dim, cfg.key_mse_bits, cfg.use_qjl,
@@ -75,6 +76,7 @@ def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n:
                              hkv * block_size * cfg.slot_bytes, on_cuda=True)
     consts["FAST"] = fast
     consts["KEY_PLANES"] = planes
+    consts["VALUE_WORDS"] = words
     fn = decode_split_kernel
     types = {n: "*fp32" if n in FP32_POINTERS else "*u8" if n == "cache_ptr" else "*i32"
              for n in fn.arg_names if n.endswith("_ptr")}
@@ -204,6 +206,9 @@ def main() -> int:
     ap.add_argument("--slow", action="store_true", help="the slow (any-codebook) instance")
     ap.add_argument("--table-keys", action="store_true",
                     help="split: the PRMT-table key decoders instead of the bit planes")
+    ap.add_argument("--smem-values", action="store_true",
+                    help="split: the 3-bit value decoder whose fp16 result goes through shared "
+                         "memory instead of the one over value words")
     a = ap.parse_args()
     if a.kernel in ("prep", "merge"):
         import importlib
@@ -256,7 +261,7 @@ def main() -> int:
                                       preset(a.format, head_dim=a.head_dim).key_mse_bits
                                       ).max_registers
         k = compile_split(a.format, a.head_dim, a.group, a.block_size, a.block_n, a.warps,
-                          a.stages, a.maxnreg, not a.slow, not a.table_keys)
+                          a.stages, a.maxnreg, not a.slow, not a.table_keys, not a.smem_values)
     else:
         k = compile_encode(a.format, a.head_dim, a.kernel.split("-")[1], a.rows, a.warps,
                            a.maxnreg)

@@ -37,23 +37,28 @@ RAW = 64  # exact raw-pool tokens per sequence in the "+raw" variant (vLLM's buf
 def candidates():
     from tq_ops.triton.decode import DecodeConfig
 
-    def c(bn, w, st, resident=12, regs=0, planes=True):
+    def c(bn, w, st, resident=12, regs=0, planes=True, words=True):
         return DecodeConfig(block_n=bn, num_warps=w, num_stages=st,
                             resident_programs_per_sm=resident, min_tokens_per_split=64,
-                            max_splits=256, max_registers=regs, key_planes=planes)
+                            max_splits=256, max_registers=regs, key_planes=planes,
+                            value_words=words)
     # session 3: without the slow path the split kernel needs 168 registers (was 255): 12
     # resident one-warp programs per SM.  Session 6: the bit-plane key decoders take ptxas to
     # 251 registers (8 resident) unless capped; 168 costs 3.5% more instructions offline
     # (perf/sass_report.py --maxnreg).  The split count fills whole waves of resident programs;
     # each candidate is timed at one and two waves.
-    return [c(64, 1, 2, planes=False), c(64, 1, 2, 8), c(64, 1, 2, 12, 168), c(64, 1, 2, 10, 200)]
+    # Then the 3-bit value decoder over value words (no fp16 round trip through shared
+    # memory): 167 registers at the 168 cap, 226 without.
+    return [c(64, 1, 2, planes=False, words=False), c(64, 1, 2, 12, 168, words=False),
+            c(64, 1, 2, 12, 168), c(64, 1, 2, 16, 128), c(64, 1, 2, 14, 144)]
 
 
 def cfg_id(cfg) -> str:
     regs = f"r{cfg.max_registers}" if cfg.max_registers else ""
     keys = "" if cfg.key_planes else "-tablekeys"
+    values = "" if cfg.value_words else "-smemvalues"
     return (f"n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}p{cfg.resident_programs_per_sm}"
-            f"{regs}{keys}")
+            f"{regs}{keys}{values}")
 
 
 PREFILL = [(16, 4), (32, 4), (32, 8), (64, 8)]

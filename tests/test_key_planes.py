@@ -1,4 +1,5 @@
-"""The bit-plane key decoders of the decode split kernel (tq_ops.triton.unpack, "bit planes").
+"""The decode split kernel's decoders in the MMA operand layout (tq_ops.triton.unpack): the
+bit-plane key decoders ("bit planes") and the 3-bit value decoder over value words.
 
 Their inline PTX runs only on a GPU, so here a small interpreter executes the very asm text the
 kernel embeds (the handful of instructions it uses) on random code words, and the kernel's
@@ -19,7 +20,7 @@ HEAD_DIMS = [64, 96, 128, 256]
 
 
 def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
-    """Execute the mov/shl/and/or/lop3/prmt subset of PTX on 32-bit registers."""
+    """Execute the mov/shl/shr/and/or/lop3/prmt subset of PTX on 32-bit registers."""
     regs = dict(inputs)
 
     def val(tok: str) -> int:
@@ -41,6 +42,8 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
             regs[d] = val(args[1])
         elif op == "shl.b32":
             regs[d] = (val(args[1]) << val(args[2])) & MASK32
+        elif op == "shr.b32":
+            regs[d] = val(args[1]) >> val(args[2])
         elif op == "and.b32":
             regs[d] = val(args[1]) & val(args[2])
         elif op == "or.b32":
@@ -152,3 +155,23 @@ def test_planes_use_only_normal_fp16_values():
             assert v == 0 or abs(v) >= np.finfo(np.float16).tiny
             a, c = U._PLANE_AC[p]
             assert float(v) == a + c * b
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
+def test_value_words_decoder_gives_the_centroids(head_dim, r):
+    """The 3-bit value decoder over value words (bits 0-15: 2-bit-plane word, bits 16-23:
+    1-bit-plane byte) returns exactly the fp16 centroid of each word's group-r code."""
+    ok, t0, t1 = U.asm_tables(head_dim, 3)
+    assert ok and (t0 or t1)
+    table = np.array(U.fp16_table(head_dim, 3), dtype=np.uint16)
+    rng = np.random.default_rng(5 * head_dim + r)
+    w16 = rng.integers(0, 1 << 16, size=(64, 4))
+    x8 = rng.integers(0, 1 << 8, size=(64, 4))
+    words = w16 | x8 << 16
+    codes = ((w16 >> (2 * r)) & 3) | (((x8 >> r) & 1) << 2)
+    asm = U._asm_lut3_words(r, t0, t1)
+    for i in range(64):
+        regs = run_ptx(asm, {f"${2 + e}": int(words[i, e]) for e in range(4)})
+        got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+        assert got == [int(table[c]) for c in codes[i]]

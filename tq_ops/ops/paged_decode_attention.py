@@ -79,7 +79,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         split[grid](
             qr, u, cache, block_table, kv_lens, key_centroids, value_centroids, o_part, m_part,
             l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
-            KEY_PLANES=cfg.key_planes, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+            KEY_PLANES=cfg.key_planes, VALUE_WORDS=cfg.value_words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
             **register_cap(cfg.max_registers if q.device.type == "cuda" else 0))
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,

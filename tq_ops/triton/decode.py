@@ -30,11 +30,13 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, key_plane,
+from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3,
+                                  fast_values3_words, key_plane,
                                   key_plane_gamma_sum, key_plane_offset, key_plane_scale,
                                   load_fast, load_group_words, load_tile_scalars, lookup,
                                   planes_apply, sign_plane, sign_plane_offset, sign_plane_scale,
-                                  slow_code, slow_sign, table_matches, tile_rows, tuple_set)
+                                  slow_code, slow_sign, table_matches, tile_rows, tuple_set,
+                                  value_words)
 
 LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
@@ -58,6 +60,10 @@ class DecodeConfig:
     # bit-plane key decoders (tq_ops.triton.unpack) for 2-bit keys with a symmetric codebook;
     # False keeps the PRMT-table decoders (perf/tune_decode.py times both)
     key_planes: bool = True
+    # 3-bit values decoded by the unary decoder over value_words (in the MMA operand layout)
+    # when the table is baked; False keeps the decoder whose fp16 result goes through shared
+    # memory (perf/tune_decode.py times both)
+    value_words: bool = True
 
 
 # (arch, head_dim, key_bits) -> config.  Rows absent from the table use DEFAULT_DECODE.
@@ -66,14 +72,14 @@ class DecodeConfig:
 # (perf/NOTES.md: 2 and 4 warps measured 1.3-2.7x slower).
 DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_programs_per_sm=12,
                               min_tokens_per_split=64, max_splits=256)
-# Bit-plane key decoders at head_dim 128 (perf/tune_decode.py, H200, session 6, op ms against
-# the table decoders at 12 resident: (8, 32k) 0.1644 / 0.1708, (32, 16k) 0.3044 / 0.3198,
-# (64, 8k) 0.3155 / 0.3238, (1, 4k) 0.0213 / 0.0202): ptxas takes them to 251 registers
-# (8 resident, no faster than the tables) unless capped at 168 (12 resident).  head_dim 64 keeps
-# the table decoders, its measured row (the planes were not timed there).
+# head_dim 128: bit-plane keys and value words, capped at 168 registers (12 resident; ptxas
+# takes the kernel to 226-251 registers on its own).  perf/tune_decode.py on the H200, session 6:
+# within +-5% of the table decoders at every shape (larger shapes faster, 4k contexts slower),
+# with run-to-run spread of the same config up to 15% (perf/NOTES.md).  head_dim 64 keeps the
+# table decoders, its measured row (the new decoders were not timed there).
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
     ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
-    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False),
+    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False, value_words=False),
 }
 
 
@@ -201,8 +207,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                  OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
                  OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
                  AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
-                 FAST: tl.constexpr, PLANES: tl.constexpr, KT0: tl.constexpr,
-                 KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
+                 FAST: tl.constexpr, PLANES: tl.constexpr, WORDS: tl.constexpr,
+                 KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
     """Online softmax over compressed positions max(lo, kv_start)..hi-1 of one sequence and KV
     head; lo is a multiple of BLOCK_N.
 
@@ -210,7 +216,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     accumulators are 8 (DG, GP) tiles, accs[r] += dot(values_r^T (DG, BLOCK_N), p (BLOCK_N, GP)),
     in the rotated domain.  FAST selects the inline-asm decoders (tq_ops.triton.unpack); PLANES
     (FAST, 2-bit keys, symmetric codebook) the bit-plane key decoders, with qts / qlos / uts
-    the plane operands and off_s / off_z the offsets of load_query_planes.
+    the plane operands and off_s / off_z the offsets of load_query_planes; WORDS (FAST, 3-bit
+    values, baked table) the value decoder over value_words, in the MMA operand layout.
     """
     m = tl.arange(0, DG)
     for start in tl.range(lo, hi, BLOCK_N):
@@ -269,9 +276,13 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                 accs[6] * a, accs[7] * a)
         if FAST:
             vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, DG, VB)
+            if WORDS:
+                vwords = value_words(vw, vx)
         for r in tl.static_range(8):
             if FAST:
-                if VB == 3:
+                if WORDS:
+                    vv = fast_values3_words(vwords, r, VT0, VT1)
+                elif VB == 3:
                     vv = fast_values3(vw, vx, r, vtabs)
                 else:
                     vv = fast_values(vw, vx, r, VB, VT0, VT1)
@@ -294,7 +305,8 @@ def decode_split_kernel(
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
-        VT0: tl.constexpr, VT1: tl.constexpr, KEY_PLANES: tl.constexpr = True):
+        VT0: tl.constexpr, VT1: tl.constexpr, KEY_PLANES: tl.constexpr = True,
+        VALUE_WORDS: tl.constexpr = True):
     """One (sequence, KV head, split) partial of the compressed positions (module docstring).
 
     FAST selects the decoders (tq_ops.triton.unpack).  With PAIRED, two instances are launched
@@ -320,13 +332,15 @@ def decode_split_kernel(
                               m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
                               tl.program_id(0), split, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB,
                               QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
-                              AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, KT0, KT1, VT0, VT1)
+                              AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, VALUE_WORDS, KT0, KT1,
+                              VT0, VT1)
         else:
             split_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
                           m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
                           tl.program_id(0), tl.program_id(1), HKV, G, GP, D, DP, DG, BS, BLOCK_N,
                           KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
-                          AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, KT0, KT1, VT0, VT1)
+                          AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, VALUE_WORDS, KT0, KT1,
+                          VT0, VT1)
 
 
 @triton.jit
@@ -339,8 +353,8 @@ def split_partial(
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
-        FAST: tl.constexpr, KEY_PLANES: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
-        VT0: tl.constexpr, VT1: tl.constexpr):
+        FAST: tl.constexpr, KEY_PLANES: tl.constexpr, VALUE_WORDS: tl.constexpr,
+        KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
     """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h."""
     b = bh // HKV
     h = bh % HKV
@@ -356,6 +370,7 @@ def split_partial(
     lo = split * per
     hi = tl.minimum(lo + per, kv_len)
     PLANES: tl.constexpr = FAST and KEY_PLANES and KB == 2 and planes_apply(KT0, KT1)
+    WORDS: tl.constexpr = FAST and VALUE_WORDS and VB == 3 and (VT0 != 0 or VT1 != 0)
     if PLANES:
         qts, qlos, uts, off_s, off_z = load_query_planes(qr_ptr, u_ptr, qrow, gmask, D, DG, GP,
                                                          QJL, KT0, KT1)
@@ -377,13 +392,13 @@ def split_partial(
     if FAST:
         if KB == 3:
             ktabs = byte_tables(kc_ptr, KB)
-        if VB == 3:
+        if VB == 3 and not WORDS:
             vtabs = byte_tables(vc_ptr, VB)
     m_i, l_i, accs = attend_pages(
         cache_ptr, bt_ptr, b.to(tl.int64) * bt_stride, lo, hi, kv_start, h * (BS * SLOT),
         page_stride, kc_ptr, vc_ptr, qts, qlos, uts, off_s, off_z, ktabs, vtabs, m_i, l_i, accs,
         D, DG, GP, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN,
-        AL_K, AL_S, AL_V, AL_N, FAST, PLANES, KT0, KT1, VT0, VT1)
+        AL_K, AL_S, AL_V, AL_N, FAST, PLANES, WORDS, KT0, KT1, VT0, VT1)
     m = tl.arange(0, DG)
     for r in tl.static_range(8):
         tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],

@@ -54,14 +54,20 @@ def fp16_table(head_dim: int, bits: int) -> tuple[int, ...]:
 
 
 def asm_tables(head_dim: int, bits: int) -> tuple[int, int, int]:
-    """(ok, T0, T1): the baked PRMT table words of the 1- and 2-bit fast decoders.
+    """(ok, T0, T1): the baked table words of the fast decoders (fp16 bit patterns).
 
-    bits 1: T0 = c0 | c1<<16.  bits 2: T0 = c0|c1<<16, T1 = c2|c3<<16 (fp16 bit patterns).
-    bits 3 needs no baked table (its decoder reads the centroids at run time): ok = 1.
-    bits 4, or a head_dim without a stored codebook: ok = 0 (slow path only).
+    bits 1: T0 = c0 | c1<<16.  bits 2: T0 = c0|c1<<16, T1 = c2|c3<<16.
+    bits 3: T0 = c0 | c1<<16 | c2<<32 | c3<<48, T1 the same of c4..c7; without a stored
+    codebook T0 = T1 = 0 and ok = 1 all the same: the 3-bit decoder that reads the centroids at
+    run time (fast_values3) serves it.
+    bits 4, or a head_dim without a stored 1- or 2-bit codebook: ok = 0 (slow path only).
     """
     if bits == 3:
-        return (1, 0, 0)
+        t = fp16_table(head_dim, bits)
+        if not t:
+            return (1, 0, 0)
+        return (1, sum(v << 16 * i for i, v in enumerate(t[:4])),
+                sum(v << 16 * i for i, v in enumerate(t[4:])))
     t = fp16_table(head_dim, bits)
     if not t or bits > 3:
         return (0, 0, 0)
@@ -273,6 +279,64 @@ def sign_plane(x8, R: tl.constexpr):
                                      is_pure=True, pack=4)
 
 
+@triton.constexpr_function
+def _asm_lut3_words(r, t0, t1):
+    # in: 4 int32 words (4 regs): bits 0-15 the 2-bit-plane word, bits 16-23 the 1-bit-plane
+    # byte of one coordinate group index (value_words).  out: 4 fp16 (2 regs), group r.
+    # Unary, so Triton runs it in the MMA operand layout (no fp16 round trip through shared
+    # memory).  Six PRMTs gather the plane bytes of the 4 words; ptxas shares them between the
+    # 8 groups.  The 3-bit codes become selector nibbles into byte tables of the 8 centroids
+    # baked from t0, t1 (asm_tables).
+    c = [(t0 >> 16 * i) & 0xFFFF for i in range(4)] + [(t1 >> 16 * i) & 0xFFFF for i in range(4)]
+    lo_a = sum((c[i] & 0xFF) << 8 * i for i in range(4))
+    lo_b = sum((c[4 + i] & 0xFF) << 8 * i for i in range(4))
+    hi_a = sum((c[i] >> 8) << 8 * i for i in range(4))
+    hi_b = sum((c[4 + i] >> 8) << 8 * i for i in range(4))
+    pick = "0x5410" if r < 4 else "0x7632"
+    hshift = f"shl.b32 hh, h, {2 - r};" if r <= 2 else f"shr.b32 hh, h, {r - 2};"
+    return f"""{{
+.reg .b32 a, b, x, cc, dd, h, hh, t, y, s, z, l4, h4, la, lb, ha, hb;
+prmt.b32 a, $2, $3, 0x5140;
+prmt.b32 b, $4, $5, 0x5140;
+prmt.b32 x, a, b, {pick};
+prmt.b32 cc, $2, $3, 0x0062;
+prmt.b32 dd, $4, $5, 0x0062;
+prmt.b32 h, cc, dd, 0x5410;
+shr.b32 t, x, {2 * (r % 4)};
+and.b32 t, t, 0x03030303;
+{hshift}
+and.b32 hh, hh, 0x04040404;
+or.b32 t, t, hh;
+shr.b32 y, t, 4;
+or.b32 y, y, t;
+mov.b32 z, 0;
+prmt.b32 s, y, z, 0x0020;
+mov.b32 la, 0x{lo_a:08X};
+mov.b32 lb, 0x{lo_b:08X};
+mov.b32 ha, 0x{hi_a:08X};
+mov.b32 hb, 0x{hi_b:08X};
+prmt.b32 l4, la, lb, s;
+prmt.b32 h4, ha, hb, s;
+prmt.b32 $0, l4, h4, 0x5140;
+prmt.b32 $1, l4, h4, 0x7362;
+}}"""
+
+
+@triton.jit
+def value_words(w16, x8):
+    """One int32 per (group index, token) from the plane tensors of load_fast (BITS 3): the
+    2-bit-plane word in bits 0-15, the 1-bit-plane byte in bits 16-23.  Element-wise integer
+    ops, so Triton moves the layout conversion above them to the loads."""
+    return (w16.to(tl.int32) & 0xFFFF) | (x8.to(tl.int32) << 16)
+
+
+@triton.jit
+def fast_values3_words(words, R: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr):
+    """fp16 centroids of group R of 3-bit codes from value_words, baked table (T0, T1)."""
+    return tl.inline_asm_elementwise(_asm_lut3_words(R, T0, T1), "=r,=r,r,r,r,r", [words],
+                                     dtype=tl.float16, is_pure=True, pack=4)
+
+
 @triton.jit
 def byte_tables(c_ptr, BITS: tl.constexpr):
     """The fp16 centroids as 4 PRMT table words (low bytes of entries 0..3, 4..7, high bytes of
@@ -416,10 +480,23 @@ def slow_sign(ptr, row2, m2, R: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def table_matches(c_ptr, BITS: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr):
-    """True when the fp16 centroids equal the baked table words of fast_values (always true for
-    3 bits, whose decoder reads the centroids)."""
+    """True when the fp16 centroids equal the baked table words (asm_tables); always true for 3
+    bits without a baked table, whose decoder reads the centroids."""
     if BITS == 3:
-        ok = True
+        if T0 == 0 and T1 == 0:
+            ok = True
+        else:
+            k = tl.arange(0, 8)
+            c = tl.load(c_ptr + k).to(tl.float16)
+            bits = c.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            want = tl.where(k == 0, T0 & 0xFFFF, tl.where(k == 1, (T0 >> 16) & 0xFFFF,
+                            tl.where(k == 2, (T0 >> 32) & 0xFFFF, tl.where(
+                                k == 3, (T0 >> 48) & 0xFFFF, tl.where(
+                                    k == 4, T1 & 0xFFFF, tl.where(
+                                        k == 5, (T1 >> 16) & 0xFFFF, tl.where(
+                                            k == 6, (T1 >> 32) & 0xFFFF,
+                                            (T1 >> 48) & 0xFFFF)))))))
+            ok = tl.sum((bits != want).to(tl.int32), 0) == 0
     else:
         k = tl.arange(0, 4)
         c = tl.load(c_ptr + k, mask=k < 2 ** BITS, other=0.0).to(tl.float16)
