@@ -91,3 +91,25 @@ def test_kernel_does_not_specialise_on_run_time_values(name):
     for arg in pointers:
         assert params[arg].do_not_specialize_on_alignment, (
             f"{name}: the alignment of {arg} would select a compiled variant")
+
+
+def test_traced_decode_launch_drops_the_register_cap_and_its_decoders():
+    """torch.compile's tracing of wrap_triton rejects `maxnreg`: a traced launch gets the
+    decoders that need no cap; an eager CUDA launch gets the cap and the table's decoders."""
+    from unittest import mock
+
+    from tq_ops.ops.paged_decode_attention import split_launch
+    from tq_ops.triton.decode import decode_config
+
+    row = decode_config("sm90", 128, 2)
+    assert row.max_registers and row.key_planes and row.value_words
+    with mock.patch("torch._library.triton.is_wrap_triton_enabled", return_value=False):
+        eager, opts = split_launch(row, on_cuda=True)
+    assert eager == row and opts == {"maxnreg": row.max_registers}
+    with mock.patch("torch._library.triton.is_wrap_triton_enabled", return_value=True):
+        traced, opts = split_launch(row, on_cuda=True)
+    assert opts == {} and not traced.key_planes and not traced.value_words
+    assert traced.resident_programs_per_sm == row.resident_programs_per_sm
+    uncapped = decode_config("sm90", 64, 2)
+    with mock.patch("torch._library.triton.is_wrap_triton_enabled", return_value=True):
+        assert split_launch(uncapped, on_cuda=True) == (uncapped, {})

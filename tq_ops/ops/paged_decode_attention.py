@@ -1,6 +1,7 @@
 """turboquant::paged_decode_attention: one query per sequence over a packed paged cache."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -46,7 +47,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     g = hq // hkv
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
-    cfg = config or decode_config(arch(query.device), d, key_bits)
+    cfg, cap = split_launch(config or decode_config(arch(query.device), d, key_bits),
+                            query.device.type == "cuda")
     block_n = math.gcd(bs, cfg.block_n)  # tiles never cross a page
     ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
     dg = group_width(d)
@@ -79,14 +81,25 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         split[grid](
             qr, u, cache, block_table, kv_lens, key_centroids, value_centroids, o_part, m_part,
             l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
-            KEY_PLANES=cfg.key_planes, VALUE_WORDS=cfg.value_words, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
-            **register_cap(cfg.max_registers if q.device.type == "cuda" else 0))
+            KEY_PLANES=cfg.key_planes, VALUE_WORDS=cfg.value_words, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **consts, **cap)
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=MERGE_SPLITS, RAW_N=RAW_TILE,
         num_warps=MERGE_WARPS)
     return out
+
+
+def split_launch(cfg: DecodeConfig, on_cuda: bool) -> tuple[DecodeConfig, dict]:
+    """The split kernel's config and launch options as this launch can take them.  A traced
+    launch cannot take a register cap (tq_ops.triton.launch): it gets the decoders that fit the
+    row's resident-program count without one, so the split count still fills whole waves (the
+    capped ones take 226+ registers uncapped: 9 resident, not 12)."""
+    cap = register_cap(cfg.max_registers if on_cuda else 0)
+    if cfg.max_registers and not cap:
+        cfg = dataclasses.replace(cfg, key_planes=False, value_words=False, max_registers=0)
+    return cfg, cap
 
 
 def split_constants(hkv: int, g: int, d: int, key_bits: int, qjl: bool, value_bits: int,

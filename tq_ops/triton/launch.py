@@ -17,9 +17,11 @@ this (perf/NOTES.md, session 5), which is what mid-serving compiles of these ker
 Register caps.  A table row may cap a kernel's registers per thread (Triton's `maxnreg` launch
 option) to keep more programs resident than ptxas would on its own.  torch.compile's tracing of
 `wrap_triton` launches rejects launch options it does not know (torch 2.11-2.13), so the cap is
-passed only to launches that run eagerly (`register_cap`); a traced launch compiles with ptxas's
-own choice, which computes the same result, more slowly (perf/NOTES.md, session 6: 4-5% on the
-decode split kernel).  vLLM runs the ops eagerly inside its CUDA graphs, so it gets the cap.
+passed only to launches that run eagerly (`register_cap`).  A traced decode launch takes the
+decoders that need no cap (the PRMT tables, session 5's kernel: 168 registers on their own), so
+its split count still fills whole waves; eager and compiled decode then differ by operand
+rounding only, within the same tolerance against the reference.  vLLM runs the ops eagerly
+inside its CUDA graphs, so it gets the cap.
 """
 from __future__ import annotations
 
