@@ -73,10 +73,12 @@ class DecodeConfig:
 DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_programs_per_sm=12,
                               min_tokens_per_split=64, max_splits=256)
 # head_dim 128: bit-plane keys and value words, capped at 168 registers (12 resident; ptxas
-# takes the kernel to 226-251 registers on its own).  perf/tune_decode.py on the H200, session 6:
-# within +-5% of the table decoders at every shape (larger shapes faster, 4k contexts slower),
-# with run-to-run spread of the same config up to 15% (perf/NOTES.md).  head_dim 64 keeps the
-# table decoders, its measured row (the new decoders were not timed there).
+# takes the kernel to 226-251 registers on its own).  perf/tune_decode.py on the H200, session 6,
+# against the table decoders in the same run: equal at the large shapes, 4-7% slower at 4k
+# contexts and (1, 32k) (the plane operands are built in every split program's prologue), with
+# a run-to-run spread of one config up to 15%; inside vLLM the split kernel's time per decode
+# step fell 11% (perf/NOTES.md).  head_dim 64 keeps the table decoders, its measured row (the
+# new decoders were not timed there).
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
     ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
     ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False, value_words=False),
