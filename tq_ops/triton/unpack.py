@@ -95,6 +95,29 @@ prmt.b32 $1, ta, tb, v;
 }}"""
 
 
+def _lut3_lookup(r: int, bits2: str, lo_a: str, lo_b: str, hi_a: str, hi_b: str) -> str:
+    """PTX shared by the 3-bit decoders: register x holds the 2-bit-plane bytes of group r's
+    4 codes (one byte per code), `bits2` the 1-bit-plane bytes; the codes become selector
+    nibbles into the byte tables (low / high bytes of c0..3 and c4..7), and the 4 fp16 go to
+    $0, $1.  Uses registers t, hh, y, s, z, l4, h4 (declared by the caller)."""
+    hshift = (f"shl.b32 hh, {bits2}, {2 - r};" if r <= 2
+              else f"shr.b32 hh, {bits2}, {r - 2};")
+    return "\n".join([
+        f"shr.b32 t, x, {2 * (r % 4)};",
+        "and.b32 t, t, 0x03030303;",
+        hshift,
+        "and.b32 hh, hh, 0x04040404;",
+        "or.b32 t, t, hh;",
+        "shr.b32 y, t, 4;",
+        "or.b32 y, y, t;",
+        "mov.b32 z, 0;",
+        "prmt.b32 s, y, z, 0x0020;",
+        f"prmt.b32 l4, {lo_a}, {lo_b}, s;",
+        f"prmt.b32 h4, {hi_a}, {hi_b}, s;",
+        "prmt.b32 $0, l4, h4, 0x5140;",
+        "prmt.b32 $1, l4, h4, 0x7362;"])
+
+
 @triton.constexpr_function
 def _asm_lut3(r):
     # in: 4 int16 words of the 2-bit plane ($2, $3), 4 bytes of the 1-bit plane ($4), and the
@@ -102,24 +125,12 @@ def _asm_lut3(r):
     # $17: each table operand is a broadcast scalar, so only its first register is read).
     # out: 4 fp16.  The 3-bit codes become selector nibbles: one PRMT gathers the 4 low bytes,
     # one the 4 high bytes, two interleave them.
+    from tq_ops.triton import unpack as U
     sel = "0x7531" if r >= 4 else "0x6420"
-    hshift = f"shl.b32 h, $4, {2 - r};" if r <= 2 else f"shr.b32 h, $4, {r - 2};"
     return f"""{{
-.reg .b32 x, t, h, y, s, z, l4, h4;
+.reg .b32 x, t, hh, y, s, z, l4, h4;
 prmt.b32 x, $2, $3, {sel};
-shr.b32 t, x, {2 * (r % 4)};
-and.b32 t, t, 0x03030303;
-{hshift}
-and.b32 h, h, 0x04040404;
-or.b32 t, t, h;
-shr.b32 y, t, 4;
-or.b32 y, y, t;
-mov.b32 z, 0;
-prmt.b32 s, y, z, 0x0020;
-prmt.b32 l4, $5, $9, s;
-prmt.b32 h4, $13, $17, s;
-prmt.b32 $0, l4, h4, 0x5140;
-prmt.b32 $1, l4, h4, 0x7362;
+{U._lut3_lookup(r, "$4", "$5", "$9", "$13", "$17")}
 }}"""
 
 
@@ -287,13 +298,13 @@ def _asm_lut3_words(r, t0, t1):
     # memory).  Six PRMTs gather the plane bytes of the 4 words; ptxas shares them between the
     # 8 groups.  The 3-bit codes become selector nibbles into byte tables of the 8 centroids
     # baked from t0, t1 (asm_tables).
+    from tq_ops.triton import unpack as U
     c = [(t0 >> 16 * i) & 0xFFFF for i in range(4)] + [(t1 >> 16 * i) & 0xFFFF for i in range(4)]
     lo_a = sum((c[i] & 0xFF) << 8 * i for i in range(4))
     lo_b = sum((c[4 + i] & 0xFF) << 8 * i for i in range(4))
     hi_a = sum((c[i] >> 8) << 8 * i for i in range(4))
     hi_b = sum((c[4 + i] >> 8) << 8 * i for i in range(4))
     pick = "0x5410" if r < 4 else "0x7632"
-    hshift = f"shl.b32 hh, h, {2 - r};" if r <= 2 else f"shr.b32 hh, h, {r - 2};"
     return f"""{{
 .reg .b32 a, b, x, cc, dd, h, hh, t, y, s, z, l4, h4, la, lb, ha, hb;
 prmt.b32 a, $2, $3, 0x5140;
@@ -302,23 +313,11 @@ prmt.b32 x, a, b, {pick};
 prmt.b32 cc, $2, $3, 0x0062;
 prmt.b32 dd, $4, $5, 0x0062;
 prmt.b32 h, cc, dd, 0x5410;
-shr.b32 t, x, {2 * (r % 4)};
-and.b32 t, t, 0x03030303;
-{hshift}
-and.b32 hh, hh, 0x04040404;
-or.b32 t, t, hh;
-shr.b32 y, t, 4;
-or.b32 y, y, t;
-mov.b32 z, 0;
-prmt.b32 s, y, z, 0x0020;
 mov.b32 la, 0x{lo_a:08X};
 mov.b32 lb, 0x{lo_b:08X};
 mov.b32 ha, 0x{hi_a:08X};
 mov.b32 hb, 0x{hi_b:08X};
-prmt.b32 l4, la, lb, s;
-prmt.b32 h4, ha, hb, s;
-prmt.b32 $0, l4, h4, 0x5140;
-prmt.b32 $1, l4, h4, 0x7362;
+{U._lut3_lookup(r, "h", "la", "lb", "ha", "hb")}
 }}"""
 
 
