@@ -135,20 +135,8 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
                   other=0.0)
     p_hi, p_lo = _split16(pit)
     if QJL:
-        # S' is read in its own row order (16-byte loads) and put into grouped order by a
-        # reshape: gathering it directly strides both indices by 8 coordinates, 4-byte loads
-        # that each touch their own 32-byte sector (8x the bytes), which dominated the latency
-        # of a decode step's one-program write.
-        i = tl.arange(0, 8 * DG)
-        if 8 * DG == D:
-            spt = tl.load(proj_ptr + i[None, :] * D + i[:, None])
-        else:
-            spt = tl.load(proj_ptr + i[None, :] * D + i[:, None],
-                          mask=(i < D)[:, None] & (i < D)[None, :], other=0.0)
-        # spt[a, b] = S'[b, a]; split a = 8m' + q' and b = 8m + q, swap each pair to (q, m):
-        # st[q'DG + m', qDG + m] = S'[8m + q, 8m' + q'] = S'[coord(c), coord(c')]
-        st = tl.reshape(tl.permute(tl.reshape(spt, (DG, 8, DG, 8)), (1, 0, 3, 2)),
-                        (8 * DG, 8 * DG))
+        st = tl.load(proj_ptr + coord[None, :] * D + coord[:, None],
+                     mask=cmask[:, None] & cmask[None, :], other=0.0)
         s_hi, s_lo = _split16(st)
     else:
         s_hi = p_hi
