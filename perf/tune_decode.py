@@ -260,7 +260,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every candidate this many times, interleaved; report medians")
     a = ap.parse_args()
-    os.environ["TUNE_ROUNDS"] = str(a.rounds)
+    if a.worker is None:  # workers inherit it from the parent's environment
+        os.environ["TUNE_ROUNDS"] = str(a.rounds)
     if a.no_prefill:
         os.environ["TUNE_NO_PREFILL"] = "1"
     if a.worker is not None:

@@ -56,6 +56,51 @@ def test_encode_config_default_for_unknown_shapes():
     assert encode_config("sm90", 96, 2, 1 << 20) == DEFAULT_ENCODE
 
 
+# An H100/H200 SM gives one program at most this much shared memory (the limit Triton reports
+# when a launch asks for more: "Hardware limit: 232448").
+SM90_MAX_SHARED = 232448
+ENCODE_CASES = [(a, d, b, x) for a, d, b in ENCODE_KEYS if a == "sm90"
+                for x in ("fp16", "fp32")] + [("sm90", 128, 2, "fp32-default"),
+                                              ("sm90", 128, 3, "fp32-default")]
+
+
+@pytest.mark.parametrize("arch,head_dim,bits,x_type", ENCODE_CASES,
+                         ids=[f"{a}-d{d}-b{b}-{x}" for a, d, b, x in ENCODE_CASES])
+def test_encode_config_fits_shared_memory(arch, head_dim, bits, x_type):
+    """Compiles the encode kernel for sm_90 offline (Triton ships ptxas) as a bulk write of that
+    input type launches it, and checks the shared memory it asks for.  The 128-row key tile with
+    fp32 input once asked for 320 KB and failed at launch on an H200 (encode_keys on fp32 keys)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tq_ops import preset
+    from tq_ops.triton.encode import MODE_CACHE, encode_kernel
+    from tq_ops.triton.unpack import group_width
+
+    if not hasattr(encode_kernel, "params"):
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
+    fp32 = x_type.startswith("fp32")
+    cfg = (DEFAULT_ENCODE if x_type == "fp32-default"
+           else encode_config(arch, head_dim, bits, 1 << 20, fp32))
+    fmt = preset("seed", head_dim=head_dim)
+    qjl = bits == fmt.key_mse_bits and fmt.use_qjl
+    consts = dict(H=8, D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)),
+                  DG=group_width(head_dim), TB=cfg.rows, BITS=bits, QJL=qjl, BS=128, OFF_C=0,
+                  OFF_S=0, OFF_N=0, OFF_G=0, MODE=MODE_CACHE, NORM_F32=False, X_F32=fp32)
+    names = encode_kernel.arg_names
+    sig = {n: "constexpr" if n in consts else
+           ("*fp32" if fp32 else "*fp16") if n == "x_ptr" else
+           "*u8" if n == "out_ptr" else "*i32" if n == "slot_ptr" else
+           "*fp32" if n.endswith("_ptr") else "i32" for n in names}
+    src = ASTSource(encode_kernel, sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=cfg.num_warps))
+    assert kernel.metadata.shared <= SM90_MAX_SHARED, (
+        f"{cfg} asks for {kernel.metadata.shared} bytes of shared memory")
+
+
 # -- no specialisation on run-time values (tq_ops.triton.launch) -------------------------------
 # A serving step's counts and metadata-slice offsets change from step to step; a kernel that
 # specialised on them would compile a new variant mid-serving.  perf/gpu_check.py checks the

@@ -36,7 +36,7 @@ def launch_encode(x: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows = t * h
-    cfg = encode_config(arch(x.device), d, bits, rows)
+    cfg = encode_config(arch(x.device), d, bits, rows, x.dtype == torch.float32)
     dp = max(16, triton.next_power_of_2(d))
     mode = MODE_RECORDS if slot_mapping is None else MODE_CACHE
     slots = slot_mapping if slot_mapping is not None else out

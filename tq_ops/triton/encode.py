@@ -47,8 +47,13 @@ ENCODE_CONFIGS: dict[tuple[str, int, int], EncodeConfig] = {
 LATENCY_ROWS = 128
 
 
-def encode_config(arch: str, head_dim: int, bits: int, rows: int) -> EncodeConfig:
-    if rows <= LATENCY_ROWS:
+def encode_config(arch: str, head_dim: int, bits: int, rows: int,
+                  fp32_input: bool = False) -> EncodeConfig:
+    """The launch config of a write of `rows` (token, head) rows.  ENCODE_CONFIGS holds for
+    fp16/bf16 input; fp32 input adds its low part as one more MMA operand in shared memory, which
+    the 128-row key tile cannot hold (262 KB against an SM's 227 KB at head_dim 128), so it takes
+    DEFAULT_ENCODE (197 KB)."""
+    if rows <= LATENCY_ROWS or fp32_input:
         return DEFAULT_ENCODE
     return ENCODE_CONFIGS.get((arch, head_dim, bits), DEFAULT_ENCODE)
 
