@@ -38,7 +38,7 @@ from tq_ops import preset  # noqa: E402
 from tq_ops.ops.paged_decode_attention import split_constants  # noqa: E402
 from tq_ops.triton.decode import decode_split_kernel  # noqa: E402
 
-FP32_POINTERS = ("qr_ptr", "u_ptr", "o_ptr", "m_ptr", "l_ptr", "kc_ptr", "vc_ptr")
+FP32_POINTERS = ("qr_ptr", "u_ptr", "qo_ptr", "o_ptr", "m_ptr", "l_ptr", "kc_ptr", "vc_ptr")
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -78,8 +78,8 @@ def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n:
     consts["KEY_PLANES"] = planes
     consts["VALUE_WORDS"] = words
     fn = decode_split_kernel
-    types = {n: "*fp32" if n in FP32_POINTERS else "*u8" if n == "cache_ptr" else "*i32"
-             for n in fn.arg_names if n.endswith("_ptr")}
+    types = {n: "*fp32" if n in FP32_POINTERS else "*u8" if n == "cache_ptr" else
+             "*fp16" if n == "qp_ptr" else "*i32" for n in fn.arg_names if n.endswith("_ptr")}
     return compile_sm90(fn, consts, types, aligned=("page_stride",), num_warps=warps,
                         num_stages=stages, maxnreg=maxnreg)
 
@@ -146,7 +146,7 @@ def compile_small(kernel: str, warps: int, consts: dict):
 
     fn = query_prep_kernel if kernel == "prep" else decode_merge_kernel
     types = {"q_ptr": "*fp16", "out_ptr": "*fp16", "raw_k_ptr": "*bf16", "raw_v_ptr": "*bf16",
-             "raw_idx_ptr": "*i32", "raw_lens_ptr": "*i32"}
+             "raw_idx_ptr": "*i32", "raw_lens_ptr": "*i32", "qp_ptr": "*fp16"}
     return compile_sm90(fn, consts, types, floats=("q_scale", "u_scale"), num_warps=warps)
 
 
@@ -218,8 +218,13 @@ def main() -> int:
 
         dp = 8 * group_width(a.head_dim)
         if a.kernel == "prep":
+            from tq_ops.triton.unpack import asm_tables, symmetric_table
+
+            fcfg = preset(a.format, head_dim=a.head_dim)
+            kt = asm_tables(a.head_dim, fcfg.key_mse_bits)
             consts = dict(D=a.head_dim, DP=dp, RB=P.PREP_ROWS, JB=P.WHOLE_MATRIX_COLUMNS,
-                          QJL=preset(a.format, head_dim=a.head_dim).use_qjl)
+                          QJL=fcfg.use_qjl, KT0=kt[1], KT1=kt[2],
+                          PLANES=fcfg.key_mse_bits == 2 and symmetric_table(kt[1], kt[2]))
             warps = a.warps or P.PREP_WARPS
         else:
             gp = max(2, triton.next_power_of_2(a.group))

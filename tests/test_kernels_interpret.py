@@ -251,7 +251,79 @@ def _child() -> dict:
     ref = R.paged_decode_attention(*dargs)
     out["decode/many-splits"] = dict(err=float((got - ref).abs().max()),
                                      scale=float(ref.abs().max()))
+    # the query prep's plane operands (tq_ops.triton.unpack, "bit planes"), head dims 64 and 256
+    # (whole matrices, and JB-column blocks with a read-back)
+    for d in (64, 256):
+        out[f"prep-planes/d{d}"] = prep_planes_check(d)
     return out
+
+
+def prep_planes_check(d: int, rows: int = 5) -> dict:
+    """query_prep_kernel with PLANES on random queries; then for random 2-bit codes and sign
+    bits per coordinate, the plane products rebuilt from its outputs (v = a + c b per plane
+    position, minus the offsets) against q . c[code] and u . s from its own fp32 qr, u.  The only
+    admissible error is the fp16 rounding of the scaled operands, at most a half ulp each:
+    sum max(2^-11 |s q|, 2^-25) |v - a|."""
+    import importlib
+
+    import numpy as np
+
+    from tq_ops import TQCodec, preset
+    from tq_ops.codec import qjl_scale
+    from tq_ops.triton import unpack as U
+    from tq_ops.triton.decode import query_prep_kernel
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")  # the module, not the op
+    c = TQCodec.build(preset("seed", head_dim=d))
+    _, t0, t1 = U.asm_tables(d, 2)
+    dp = 8 * U.group_width(d)
+    q = torch.randn(rows, d) * 4
+    qr = torch.full((rows, d), float("nan"))
+    u = torch.full((rows, d), float("nan"))
+    qp = torch.full((rows, 3, d), float("nan"), dtype=torch.float16)
+    qo = torch.full((rows, 2), float("nan"))
+    query_prep_kernel[(triton_cdiv(rows, P.PREP_ROWS),)](
+        q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
+        D=d, DP=dp, RB=P.PREP_ROWS, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0,
+        KT1=t1, num_warps=P.PREP_WARPS)
+    table = np.array(U.fp16_table(d, 2), dtype=np.uint16).view(np.float16).astype(np.float64)
+    gen = np.random.default_rng(d)
+    def half_ulp(x):  # fp16 round-to-nearest: 2^-11 relative, 2^-25 absolute among subnormals
+        return max(2.0 ** -11 * abs(x), 2.0 ** -25)
+
+    worst, rounding = 0.0, 0.0
+    for i in range(rows):
+        qd, ud = qr[i].double().numpy(), u[i].double().numpy()
+        hi, lo, us = (qp[i, j].double().numpy() for j in range(3))
+        code = gen.integers(0, 4, d)
+        sign = gen.integers(0, 2, d)
+        got_s, got_z, bound_s, bound_z = -float(qo[i, 0]), -float(qo[i, 1]), 0.0, 0.0
+        for k in range(d):
+            r = k % 8
+            for part, b, s_ in ((hi, code[k] >> 1, 1), (lo, code[k] & 1, 0)):
+                a, cc = U._PLANE_AC[U.key_plane_position(r, s_)]
+                exact = U.key_plane_scale(t0, t1, r, s_) * qd[k]
+                rounding = max(rounding, abs(part[k] - exact) / half_ulp(exact))
+                got_s += part[k] * (a + cc * b)
+                bound_s += half_ulp(exact) * abs(cc * b)
+            a, cc = U._PLANE_AC[U.sign_plane_position(r)]
+            exact = U.sign_plane_scale(r) * ud[k]
+            rounding = max(rounding, abs(us[k] - exact) / half_ulp(exact))
+            got_z += us[k] * (a + cc * sign[k])
+            bound_z += half_ulp(exact) * abs(cc * sign[k])
+        want_s = float((qd * table[code]).sum())
+        want_z = float((ud * np.where(sign == 1, 1.0, -1.0)).sum())
+        # fp32 sums in the kernel: a few ulps of the summed magnitudes on top of the bound
+        slack_s = 1e-6 * (np.abs(qd).sum() + np.abs(hi).sum() + np.abs(lo).sum())
+        slack_z = 1e-6 * (np.abs(ud).sum() + np.abs(us).sum())
+        worst = max(worst, abs(got_s - want_s) / (bound_s + slack_s),
+                    abs(got_z - want_z) / (bound_z + slack_z))
+    return dict(worst_over_bound=worst, rounding_over_half_ulp=rounding,
+                finite=bool(torch.isfinite(qo).all() and torch.isfinite(qp.float()).all()))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -319,6 +391,16 @@ def test_codec_kernels(report, fmt):
     assert r["signs_equal"], r
     for name in ("rotate", "unrotate", "gamma", "dequantize", "key_scores"):
         assert r[name] <= RTOL_F32, (name, r)
+
+
+@pytest.mark.parametrize("d", [64, 256], ids=lambda d: f"d{d}")
+def test_prep_plane_operands(report, d):
+    r = report[f"prep-planes/d{d}"]
+    assert r["finite"]
+    # each operand is its exact scaled value rounded to fp16 (a half ulp; 1e-6 for the fp32
+    # product before the rounding), and the products rebuild the scores within those roundings
+    assert r["rounding_over_half_ulp"] <= 1.0 + 1e-6
+    assert r["worst_over_bound"] <= 1.0
 
 
 def test_prefill_reference_matches_contiguous_attention():

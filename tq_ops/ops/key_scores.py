@@ -30,8 +30,10 @@ def launch_key_scores(query: Tensor, key_records: Tensor, rotation: Tensor, proj
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
     scores = key_scores_kernel if raw else wrap_triton(key_scores_kernel)
     dp = max(32, triton.next_power_of_2(d))
-    prep[(triton.cdiv(b * tq, 16),)](q, rotation, projection, qr, u, b * tq, 1.0, qjl_scale(d),
-                                     D=d, DP=dp, RB=16, JB=32, QJL=qjl)
+    # no plane operands: qr stands in for their buffers
+    prep[(triton.cdiv(b * tq, 16),)](q, rotation, projection, qr, u, qr, qr, b * tq, 1.0,
+                                     qjl_scale(d), D=d, DP=dp, RB=16, JB=32, QJL=qjl,
+                                     PLANES=False, KT0=0, KT1=0)
     scores[(b, triton.cdiv(tq, QUERY_TILE), triton.cdiv(tk, KEY_TILE))](
         qr, u, rec, centroids, out, tq, tk, D=d, DG=group_width(d), TQB=QUERY_TILE,
         TKB=KEY_TILE, BITS=bits, QJL=qjl, KEY_BYTES=lay.key_bytes,

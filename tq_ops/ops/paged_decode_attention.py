@@ -15,7 +15,7 @@ from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_merge_kernel,
                                   decode_split_kernel, num_splits, query_prep_kernel)
 from tq_ops.triton.launch import arch, register_cap, sm_count
-from tq_ops.triton.unpack import asm_tables, group_width
+from tq_ops.triton.unpack import asm_tables, group_width, symmetric_table
 
 PREP_ROWS = 16   # query rows per prep program
 # prep and merge are latency-bound (a few programs each): up to this head width they load the
@@ -68,20 +68,27 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     consts = split_constants(hkv, g, d, key_bits, qjl, value_bits, bs, block_n,
                              int(cache.stride(0)), q.device.type == "cuda")
     use_fast = consts["PAIRED"]
+    # the split kernel's plane operands, built once per query row by the prep launch
+    planes = (use_fast and cfg.key_planes and key_bits == 2
+              and symmetric_table(consts["KT0"], consts["KT1"]))
+    qp = torch.empty((b * hq, 3, d) if planes else (1, 3, d), dtype=torch.float16,
+                     device=q.device)
+    qo = torch.empty((b * hq, 2) if planes else (1, 2), dtype=f32, device=q.device)
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
     split = decode_split_kernel if raw else wrap_triton(decode_split_kernel)
     merge = decode_merge_kernel if raw else wrap_triton(decode_merge_kernel)
     prep[(triton.cdiv(b * hq, PREP_ROWS),)](
-        q, rotation, projection, qr, u, b * hq, scale * LOG2E, qjl_scale(d),
-        D=d, DP=dp, RB=PREP_ROWS, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, num_warps=PREP_WARPS)
+        q, rotation, projection, qr, u, qp, qo, b * hq, scale * LOG2E, qjl_scale(d),
+        D=d, DP=dp, RB=PREP_ROWS, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
+        KT0=consts["KT0"], KT1=consts["KT1"], num_warps=PREP_WARPS)
     # with the asm decoders, a fast and a slow instance, each doing the work or not depending on
     # the codebooks (decode_split_kernel); without, the slow instance alone
     for fast in ((True, False) if use_fast else (False,)):
         grid = (b * hkv, 1) if use_fast and not fast else (b * hkv, ns)
         split[grid](
-            qr, u, cache, block_table, kv_lens, key_centroids, value_centroids, o_part, m_part,
-            l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
-            KEY_PLANES=cfg.key_planes, VALUE_WORDS=cfg.value_words, num_warps=cfg.num_warps,
+            qr, u, qp, qo, cache, block_table, kv_lens, key_centroids, value_centroids, o_part,
+            m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
+            KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **consts, **cap)
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,

@@ -49,8 +49,10 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
     kernel = prefill_kernel if raw else wrap_triton(prefill_kernel)
     if t * hq > 0:
-        prep[(triton.cdiv(t * hq, 16),)](q, rotation, projection, qr, u, t * hq, scale * LOG2E,
-                                         qjl_scale(d), D=d, DP=dp, RB=16, JB=32, QJL=qjl)
+        # no plane operands (the prefill kernel's decoders use qr, u): qr stands in for them
+        prep[(triton.cdiv(t * hq, 16),)](q, rotation, projection, qr, u, qr, qr, t * hq,
+                                         scale * LOG2E, qjl_scale(d), D=d, DP=dp, RB=16, JB=32,
+                                         QJL=qjl, PLANES=False, KT0=0, KT1=0)
     kernel[(t // block_q + b, hkv)](
         q, qr, u, k, v, cu_seqlens_q, cache, block_table, prefix_lens, rk, rv, raw_index,
         raw_lens, rotation, key_centroids, value_centroids, out,

@@ -3,7 +3,8 @@
 Launches, all with grids that depend only on shapes (CUDA-graph safe):
 
 1. `query_prep_kernel` (rows = B*Hq): q_rot = Pi q and u = S' q_rot in fp32 (tf32x3 dots), with the
-   softmax scale * log2(e) folded in (and sqrt(pi/2)/D into u).
+   softmax scale * log2(e) folded in (and sqrt(pi/2)/D into u); for the bit-plane key decoders
+   also their fp16 operands and per-query offsets (store_query_planes), once per query row.
 2. `decode_split_kernel`, grid (B*Hkv, NUM_SPLITS): program (b, h, s) walks its share of the
    compressed positions kv_start..kv_lens[b]-1 in tiles of BLOCK_N tokens.  All G query
    heads of the KV head are the N side of the MMAs, so each cache byte is read once: codes are
@@ -100,11 +101,53 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
     return max(1, min(want, cap, cfg.max_splits))
 
 
+@triton.jit
+def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexpr,
+                       QJL: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr):
+    """The split kernel's plane operands of (RB, DP) fp32 rows qr, u (tq_ops.triton.unpack,
+    "bit planes"): qp (rows, 3, D) fp16 = q' of the high and low key plane and u' of the sign
+    plane, coordinate d scaled by its group's (d % 8) constants; qo (rows, 2) fp32 = the offsets
+    off_s, off_z (the a-part summed over the fp16-rounded operands, so it cancels exactly)."""
+    grp = d % 8
+    s_hi = tl.zeros([d.shape[0]], tl.float32)
+    s_lo = s_hi
+    a_hi = s_hi
+    a_lo = s_hi
+    s_u = s_hi
+    a_u = s_hi
+    for g in tl.static_range(8):
+        on = grp == g
+        s_hi = tl.where(on, key_plane_scale(KT0, KT1, g, 1), s_hi)
+        s_lo = tl.where(on, key_plane_scale(KT0, KT1, g, 0), s_lo)
+        a_hi = tl.where(on, key_plane_offset(g, 1), a_hi)
+        a_lo = tl.where(on, key_plane_offset(g, 0), a_lo)
+        s_u = tl.where(on, sign_plane_scale(g), s_u)
+        a_u = tl.where(on, sign_plane_offset(g), a_u)
+    omask = rmask[:, None] & dmask[None, :]
+    base = qp_ptr + r[:, None] * (3 * D) + d[None, :]
+    hi = (qr * s_hi[None, :]).to(tl.float16)
+    lo = (qr * s_lo[None, :]).to(tl.float16)
+    tl.store(base, hi, mask=omask)
+    tl.store(base + D, lo, mask=omask)
+    off_s = (tl.sum(hi.to(tl.float32) * a_hi[None, :], 1)
+             + tl.sum(lo.to(tl.float32) * a_lo[None, :], 1)
+             + key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1))
+    tl.store(qo_ptr + 2 * r, off_s, mask=rmask)
+    if QJL:
+        us = (u * s_u[None, :]).to(tl.float16)
+        tl.store(base + 2 * D, us, mask=omask)
+        off_z = tl.sum(us.to(tl.float32) * a_u[None, :], 1) + tl.sum(u, 1)
+        tl.store(qo_ptr + 2 * r + 1, off_z, mask=rmask)
+
+
 @triton.jit(do_not_specialize=['rows'])
-def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, rows, q_scale, u_scale,
-                      D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr, JB: tl.constexpr,
-                      QJL: tl.constexpr):
-    """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D).
+def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, rows, q_scale,
+                      u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
+                      JB: tl.constexpr, QJL: tl.constexpr, PLANES: tl.constexpr,
+                      KT0: tl.constexpr, KT1: tl.constexpr):
+    """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D);
+    with PLANES also the split kernel's plane operands and offsets (store_query_planes), once
+    per query row rather than in every split program.
 
     A latency-bound launch (a few programs): for DP <= JB both matrices are loaded whole before
     the first store, since a load after a store (which may alias it) is not hoisted and each
@@ -129,6 +172,10 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, rows, q_scale, u_
         if QJL:
             u = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
             tl.store(u_ptr + r[:, None] * D + d[None, :], u, mask=omask)
+        else:
+            u = qr
+        if PLANES:
+            store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
     else:
         for j0 in tl.static_range(0, DP, JB):
             jj = j0 + j
@@ -148,6 +195,16 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, rows, q_scale, u_
                 blk = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
                 tl.store(u_ptr + r[:, None] * D + jj[None, :], blk,
                          mask=rmask[:, None] & (jj < D)[None, :])
+        if PLANES:
+            tl.debug_barrier()  # qr and u are read back whole by other threads
+            qr = tl.load(qr_ptr + r[:, None] * D + d[None, :],
+                         mask=rmask[:, None] & dmask[None, :], other=0.0)
+            if QJL:
+                u = tl.load(u_ptr + r[:, None] * D + d[None, :],
+                            mask=rmask[:, None] & dmask[None, :], other=0.0)
+            else:
+                u = qr
+            store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
 
 
 @triton.jit
@@ -163,41 +220,30 @@ def load_queries(ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr):
 
 
 @triton.jit
-def load_query_planes(qr_ptr, u_ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr,
-                      GP: tl.constexpr, QJL: tl.constexpr, KT0: tl.constexpr,
-                      KT1: tl.constexpr):
-    """The query operands of the plane decoders (tq_ops.triton.unpack, "bit planes"): per group
-    r, (DG, GP) fp16 q'_r of the high and low key plane and u'_r of the sign plane, and per
-    query the (GP,) fp32 offsets that turn the plane products into the scores:
-    q . k_mse = acc_s - off_s, u . signs = acc_z - off_z."""
+def load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr,
+                      QJL: tl.constexpr):
+    """The plane operands of store_query_planes in the 8 coordinate groups: per group r,
+    (DG, GP) fp16 q'_r of the high and low key plane and u'_r of the sign plane, and the (GP,)
+    fp32 offsets: q . k_mse = acc_s - off_s, u . signs = acc_z - off_z."""
     m = tl.arange(0, DG)
     qhi = ()
     qlo = ()
     us = ()
-    off_s = tl.zeros([GP], tl.float32)
-    off_z = tl.zeros([GP], tl.float32)
-    qsum = tl.zeros([GP], tl.float32)
-    usum = tl.zeros([GP], tl.float32)
     for r in tl.static_range(8):
         msk = (8 * m + r < D)[:, None] & gmask[None, :]
-        q = tl.load(qr_ptr + qrow[None, :] * D + 8 * m[:, None] + r, mask=msk, other=0.0)
-        hi = (q * key_plane_scale(KT0, KT1, r, 1)).to(tl.float16)
-        lo = (q * key_plane_scale(KT0, KT1, r, 0)).to(tl.float16)
-        off_s += (key_plane_offset(r, 1) * tl.sum(hi.to(tl.float32), 0)
-                  + key_plane_offset(r, 0) * tl.sum(lo.to(tl.float32), 0))
-        qsum += tl.sum(q, 0)
+        at = qp_ptr + qrow[None, :] * (3 * D) + 8 * m[:, None] + r
+        hi = tl.load(at, mask=msk, other=0.0)
         qhi = qhi + (hi,)
-        qlo = qlo + (lo,)
+        qlo = qlo + (tl.load(at + D, mask=msk, other=0.0),)
         if QJL:
-            u = tl.load(u_ptr + qrow[None, :] * D + 8 * m[:, None] + r, mask=msk, other=0.0)
-            us16 = (u * sign_plane_scale(r)).to(tl.float16)
-            off_z += sign_plane_offset(r) * tl.sum(us16.to(tl.float32), 0)
-            usum += tl.sum(u, 0)
-            us = us + (us16,)
+            us = us + (tl.load(at + 2 * D, mask=msk, other=0.0),)
         else:
             us = us + (hi,)
-    off_s += key_plane_gamma_sum(KT0, KT1) * qsum
-    off_z += usum
+    off_s = tl.load(qo_ptr + 2 * qrow, mask=gmask, other=0.0)
+    if QJL:
+        off_z = tl.load(qo_ptr + 2 * qrow + 1, mask=gmask, other=0.0)
+    else:
+        off_z = off_s * 0.0
     return qhi, qlo, us, off_s, off_z
 
 
@@ -298,8 +344,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
 @triton.jit(do_not_specialize=['kv_start', 'num_splits'],
             do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr'])
 def decode_split_kernel(
-        qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr,
-        kv_start, bt_stride, page_stride, num_splits,
+        qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
+        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
@@ -330,16 +376,16 @@ def decode_split_kernel(
             # does the work (always, with the built-in codebooks) this instance then costs ~64
             # empty programs, not one per split
             for split in tl.range(0, num_splits):
-                split_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
-                              m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
-                              tl.program_id(0), split, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB,
+                split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
+                              kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
+                              page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB,
                               QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
                               AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, VALUE_WORDS, KT0, KT1,
                               VT0, VT1)
         else:
-            split_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
-                          m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
-                          tl.program_id(0), tl.program_id(1), HKV, G, GP, D, DP, DG, BS, BLOCK_N,
+            split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
+                          kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
+                          page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G, GP, D, DP, DG, BS, BLOCK_N,
                           KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
                           AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, VALUE_WORDS, KT0, KT1,
                           VT0, VT1)
@@ -347,8 +393,8 @@ def decode_split_kernel(
 
 @triton.jit
 def split_partial(
-        qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr,
-        kv_start, bt_stride, page_stride, num_splits, bh, split,
+        qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
+        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, split,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
@@ -374,8 +420,8 @@ def split_partial(
     PLANES: tl.constexpr = FAST and KEY_PLANES and KB == 2 and planes_apply(KT0, KT1)
     WORDS: tl.constexpr = FAST and VALUE_WORDS and VB == 3 and (VT0 != 0 or VT1 != 0)
     if PLANES:
-        qts, qlos, uts, off_s, off_z = load_query_planes(qr_ptr, u_ptr, qrow, gmask, D, DG, GP,
-                                                         QJL, KT0, KT1)
+        qts, qlos, uts, off_s, off_z = load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D, DG,
+                                                         QJL)
     else:
         qts = load_queries(qr_ptr, qrow, gmask, D, DG)
         if QJL:
