@@ -324,6 +324,28 @@ def run_codec_ops(c: dict) -> dict:
         res[f"{fmt}/codec"] = m
         ok &= (m["sign_tie"] <= SIGN_TIE and max(m["rotate"], m["unrotate"], m["gamma"],
                                                   m["dequantize"], m["key_scores"]) <= F32_RTOL)
+    # write_raw: strided K/V (fused qkv rows) into a NaN-poisoned pool of every dtype, a padding
+    # token skipped; a copy or a round-to-nearest cast, so bit-identical to the reference
+    hkv, t = 3, 9
+    rows = torch.tensor([2, 0, 1, 2, 0, 1, 2, 3, 3])
+    rslots = torch.tensor([0, 3, 1, 1, 2, 0, 0, 4, 2])
+    paged = torch.tensor([5, 9, 0, 7, 3, 2, -1, 11, 4], dtype=torch.int32)
+    same = True
+    for src in (torch.float16, torch.bfloat16, torch.float32):
+        for dst in (torch.float16, torch.bfloat16, torch.float32):
+            qkv = torch.randn(t, 5 + 2 * hkv, d).to(src)
+            k, v = qkv[:, 5:5 + hkv], qkv[:, 5 + hkv:]
+            pools = [torch.full((4, 6, hkv, d), float("nan"), dtype=dst) for _ in range(2)]
+            gpu = [p.cuda() for p in pools]
+            torch.ops.turboquant.write_raw(k.cuda(), v.cuda(), gpu[0], gpu[1], rows.cuda(),
+                                           rslots.cuda(), paged.cuda())
+            R.write_raw(k, v, pools[0], pools[1], rows, rslots, paged)
+            for got, want in zip(gpu, pools):
+                got = got.cpu()
+                same &= bool(torch.equal(got.isnan(), want.isnan())
+                             and torch.equal(got.nan_to_num(), want.nan_to_num()))
+    res["write_raw_equal"] = same
+    ok &= same
     res["ok"] = bool(ok)
     return res
 

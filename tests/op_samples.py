@@ -81,6 +81,14 @@ def samples(op: str):
                         raw_k, raw_v, torch.tensor([2, 0, 3], dtype=torch.int32),
                         torch.tensor([1, 0, 2], dtype=torch.int32), rot, proj, kc, vc, kb, qjl,
                         vb, d ** -0.5, 1))
+        elif op == "write_raw":
+            _, _, _, _, slots, k, v, raw_k, raw_v = _paged(fmt, d, hkv, dtype=dtype)
+            # 9 tokens into a (4, 2) pool: distinct (row, slot) per written token; token 5 has
+            # a negative paged slot (padding) and is skipped
+            rows = torch.tensor([0, 0, 1, 1, 2, 0, 2, 3, 3], dtype=torch.int64)
+            rslots = torch.tensor([0, 1, 0, 1, 0, 0, 1, 0, 1], dtype=torch.int64)
+            out.append((k, v, raw_k.to(torch.bfloat16), raw_v.to(torch.bfloat16), rows, rslots,
+                        slots))
         else:
             raise AssertionError(f"no opcheck sample for new op {op!r}: add one")
     return out

@@ -255,6 +255,29 @@ def _child() -> dict:
     # (whole matrices, and JB-column blocks with a read-back)
     for d in (64, 256):
         out[f"prep-planes/d{d}"] = prep_planes_check(d)
+    # write_raw: strided K/V (slices of a fused qkv row, as vLLM passes them) into a poisoned
+    # pool, a padding token (negative paged slot) skipped.  bf16 into bf16 (vLLM's case: a copy)
+    # and fp32 into fp16 (a rounding cast); not fp32 into bf16, which the interpreter truncates
+    # where the GPU rounds to nearest.
+    for d, hkv, src, dst in ((64, 3, torch.bfloat16, torch.bfloat16),
+                             (96, 2, torch.float32, torch.float16)):
+        t, n_rows, r_slots = 7, 3, 4
+        qkv = torch.randn(t, 4 + 2 * hkv, d).to(src)
+        kk, vv = qkv[:, 4:4 + hkv], qkv[:, 4 + hkv:]
+        rows = torch.tensor([2, 0, 1, 2, 0, 1, 2])
+        rslots = torch.tensor([0, 3, 1, 1, 2, 0, 0])  # token 6 collides with 0 but is padding
+        paged = torch.tensor([5, 9, 0, 7, 3, 2, -1], dtype=torch.int32)
+        pools = [torch.full((n_rows, r_slots, hkv, d), float("nan"), dtype=dst)
+                 for _ in range(4)]
+        mod("write_raw").launch_write_raw(kk, vv, pools[0], pools[1], rows, rslots, paged,
+                                          raw=True)
+        R.write_raw(kk, vv, pools[2], pools[3], rows, rslots, paged)
+        out[f"write_raw/d{d}-h{hkv}"] = dict(
+            keys_equal=bool(torch.equal(pools[0].isnan(), pools[2].isnan())
+                            and torch.equal(pools[0].nan_to_num(), pools[2].nan_to_num())),
+            values_equal=bool(torch.equal(pools[1].isnan(), pools[3].isnan())
+                              and torch.equal(pools[1].nan_to_num(), pools[3].nan_to_num())),
+            written=int((~pools[0].isnan()).all(-1).all(-1).sum()))
     return out
 
 
@@ -365,6 +388,13 @@ def test_record_kernels(report, fmt):
 def test_decode_kernel(report, fmt):
     r = report[f"decode/{_fmt_id(fmt)}"]
     assert r["err"] <= ATT_RTOL * r["scale"], r
+
+
+@pytest.mark.parametrize("case", ["d64-h3", "d96-h2"])
+def test_write_raw_kernel(report, case):
+    r = report[f"write_raw/{case}"]
+    assert r["keys_equal"] and r["values_equal"], r
+    assert r["written"] == 6, r  # 7 tokens, one of them padding
 
 
 def test_decode_kernel_long_raw_runs(report):

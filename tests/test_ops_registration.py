@@ -48,6 +48,8 @@ GOLDEN_SCHEMAS = {
                    "Tensor slot_mapping, Tensor rotation, Tensor projection, "
                    "Tensor key_centroids, Tensor value_centroids, SymInt key_bits, bool qjl, "
                    "SymInt value_bits) -> ()",
+    "write_raw": "turboquant::write_raw(Tensor key, Tensor value, Tensor(a2!) raw_key, "
+                 "Tensor(a3!) raw_value, Tensor rows, Tensor slots, Tensor slot_mapping) -> ()",
 }
 
 

@@ -149,7 +149,7 @@ def test_simulated_engine_matches_the_rule(w, schedule):
         row = torch.tensor([1])
         decode = n == 1
         pre, post, rslots = attend.raw_write_plan(w, qsl, seq, row, n, int(decode), rows)
-        attend.write_raw(raw_k, raw_v, k[sl], v[sl], pre, rslots)
+        attend.write_raw(raw_k, raw_v, k[sl], v[sl], pre, rslots, slots)
         if decode:
             p = pos
             res = attend.decode(codec, w, q[sl], cache, table[None], w.ring_start_t(torch.tensor(
@@ -163,7 +163,7 @@ def test_simulated_engine_matches_the_rule(w, schedule):
             plan = attend.segment_plan(segs, table[None], row.int(), q.device)
             attend.prefill_varlen(codec, w, plan, q[sl], k[sl], v[sl], cache, raw_k, raw_v,
                                   scale, out_v[sl])
-            attend.write_raw(raw_k, raw_v, k[sl], v[sl], post, rslots)
+            attend.write_raw(raw_k, raw_v, k[sl], v[sl], post, rslots, slots)
         pos += n
     want = _dense_reference(cfg, codec, w, q, k, v, scale).float()
     torch.testing.assert_close(out_c, want, atol=2e-4, rtol=2e-4)

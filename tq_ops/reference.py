@@ -255,6 +255,16 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
                           (delta % 256).to(torch.uint8), accumulate=True)
 
 
+def write_raw(key: Tensor, value: Tensor, raw_key: Tensor, raw_value: Tensor, rows: Tensor,
+              slots: Tensor, slot_mapping: Tensor) -> None:
+    """raw_key[rows[i], slots[i]] = key[i] (and values) for the tokens with slot_mapping[i] >= 0.
+    key/value (T, Hkv, D); raw pool (N, R, Hkv, D); rows/slots/slot_mapping (T,) int."""
+    keep = (slot_mapping >= 0).nonzero().flatten()
+    r, s = rows.to(torch.int64)[keep], slots.to(torch.int64)[keep]
+    raw_key.index_put_((r, s), key[keep].to(raw_key.dtype))
+    raw_value.index_put_((r, s), value[keep].to(raw_value.dtype))
+
+
 def gather_pages(cache: Tensor, block_table: Tensor, d: int, key_bits: int, qjl: bool,
                  value_bits: int) -> tuple[Tensor, Tensor]:
     """cache (NB, Hkv, P), block_table (B, MB) -> key records (B, MB*bs, Hkv, kb), value records."""

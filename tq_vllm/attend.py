@@ -157,8 +157,9 @@ def raw_write_plan(window: Window, query_start_loc: Tensor, seq_lens: Tensor, ro
 
 
 def write_raw(raw_key: Tensor, raw_value: Tensor, key: Tensor, value: Tensor, rows: Tensor,
-              slots: Tensor) -> None:
-    """raw_key[rows[i], slots[i]] = key[i] (and values).  key/value (n, Hkv, D); rows / slots
-    (n,) int64.  Entries aimed at the scratch row may collide; no other two may."""
-    raw_key.index_put_((rows, slots), key.to(raw_key.dtype))
-    raw_value.index_put_((rows, slots), value.to(raw_value.dtype))
+              slots: Tensor, slot_mapping: Tensor) -> None:
+    """raw_key[rows[i], slots[i]] = key[i] (and values) for the tokens with a paged slot
+    slot_mapping[i] >= 0 (padding tokens of a CUDA-graph batch have -1 and are skipped).
+    key/value (n, Hkv, D); rows / slots / slot_mapping (n,) int.  Entries aimed at the scratch
+    row may collide; no other two may."""
+    tq.write_raw(key, value, raw_key, raw_value, rows, slots, slot_mapping)

@@ -3,7 +3,8 @@ flush buffer (exact newest tokens) as a raw pool with one row per running reques
 
 Data flow of one layer in one step (see tq_vllm.window for which tokens are exact):
   do_kv_cache_update: every new token is encoded into its paged slot (turboquant::write_cache);
-      decode tokens and sink tokens are also copied exact into their raw-pool slot;
+      decode tokens and sink tokens are also copied exact into their raw-pool slot
+      (turboquant::write_raw);
   forward: decode requests (query length 1, first in the batch) run
       turboquant::paged_decode_attention over their compressed pages and raw-pool row; prefill
       requests are split into segments that share one exact/compressed split and attend over
@@ -158,7 +159,6 @@ class TQMetadata:
     rows_host: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     segment_plan: attend.SegmentPlan | None = None  # the segments as device tensors (GPU path)
-    scratch_row: int = 0
     decode_kv_max: int = 0  # host: the largest compressed end among decode rows
 
 
@@ -262,7 +262,6 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
                           raw_lens=self.raw_lens[:n], raw_index=self.raw_index[:n],
                           pre_rows=self.pre_rows, post_rows=self.post_rows, slots=self.slots,
                           rows_host=rows, segments=segs, segment_plan=plan,
-                          scratch_row=self.scratch_row,
                           decode_kv_max=decode_kv_max)
 
 
@@ -338,8 +337,8 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         torch.ops.turboquant.write_cache(k, v, _pages(kv_cache), slot_mapping[:n], c.rotation,
                                          c.qjl_projection, c.key_centroids, c.value_centroids,
                                          f.key_mse_bits, f.use_qjl, f.value_bits)
-        rows = torch.where(slot_mapping[:n] >= 0, md.pre_rows[:n], md.scratch_row)
-        attend.write_raw(self.raw_key, self.raw_value, k, v, rows, md.slots[:n])
+        attend.write_raw(self.raw_key, self.raw_value, k, v, md.pre_rows[:n], md.slots[:n],
+                         slot_mapping[:n])
 
     def forward(self, layer, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
                 attn_metadata: TQMetadata, output: Tensor | None = None, output_scale=None,
@@ -379,6 +378,6 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
                 attend.prefill_contiguous(self.codec, self.window, md.segments, q, k, v, cache,
                                           md.block_table, self.raw_key, self.raw_value,
                                           md.rows_host, self.scale, out)
-            rows = torch.where(md.slot_mapping[:t] >= 0, md.post_rows[:t], md.scratch_row)
-            attend.write_raw(self.raw_key, self.raw_value, k, v, rows, md.slots[:t])
+            attend.write_raw(self.raw_key, self.raw_value, k, v, md.post_rows[:t],
+                             md.slots[:t], md.slot_mapping[:t])
         return output

@@ -10,7 +10,8 @@ from tq_ops.ops.paged_prefill_attention import paged_prefill_attention
 from tq_ops.ops.qjl_sketch import qjl_sketch
 from tq_ops.ops.rotate import rotate, unrotate
 from tq_ops.ops.write_cache import write_cache
+from tq_ops.ops.write_raw import write_raw
 
 __all__ = ["attention", "encode_keys", "encode_values", "key_scores", "mse_dequantize",
            "mse_quantize", "paged_decode_attention", "paged_prefill_attention", "qjl_sketch",
-           "rotate", "unrotate", "write_cache"]
+           "rotate", "unrotate", "write_cache", "write_raw"]
