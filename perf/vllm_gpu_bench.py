@@ -166,7 +166,13 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
     res["prefill_steps"] = prefill
     # Triton kernels compiled after the warm-up, i.e. inside the timed prefill and decode: each
     # is a step that stalled on a compile (tq_ops.triton.launch)
-    res["compiled_while_timed"] = sorted(e.split("/")[1] for e in triton_cache_entries() - cached)
+    at_first = set(prefill.pop("cache_at_first_token"))
+    end = triton_cache_entries()
+    res["compiled_while_timed"] = sorted(e.split("/")[1] for e in end - cached)
+    res["compiled_during_decode"] = sorted(e.split("/")[1] for e in end - at_first)
+    steps = sorted(prefill.pop("decode_step_s"))
+    res["decode_step_ms"] = dict(median=round(steps[len(steps) // 2] * 1e3, 3),
+                                 max=round(steps[-1] * 1e3, 3), min=round(steps[0] * 1e3, 3))
     res["max_num_batched_tokens"] = vcfg.scheduler_config.max_num_batched_tokens
     if counter is not None:
         # Python forward calls during the timed decode steps: 0 when every step replayed a
@@ -188,7 +194,10 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0, profile_steps: int =
     DECODE_SLACK more tokens than `steps` and the rest is aborted.  With profile_steps, that
     many further full-batch steps run under torch.profiler (kernel_profile's rows, 4th item).
     5th item: the prefill's engine steps (count, wall seconds of each) and, with
-    prefill_profile_steps, step_profile's rows for that many of its first steps."""
+    prefill_profile_steps, step_profile's rows for that many of its first steps; also the wall
+    seconds of each timed decode step (`decode_step_s`: a compile inside the timed window shows
+    as one long step) and the Triton cache entries when the last request got its first token
+    (`cache_at_first_token`: entries added after it were compiled during the timed decode)."""
     from vllm import SamplingParams
 
     eng = llm.llm_engine
@@ -199,9 +208,11 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0, profile_steps: int =
         eng.add_request(rid, p, sp)
     first: set[str] = set()
     t0 = time.time()
-    t_first = t_end = None
+    t_first = t_end = t_decode = None
     n_after = calls_first = calls_end = 0
     prefill_steps: list[float] = []
+    decode_steps: list[float] = []
+    cache_at_first: set[str] = set()
     prefill_prof = None
     while eng.has_unfinished_requests():
         t_step = time.time()
@@ -216,8 +227,11 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0, profile_steps: int =
             first.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
             if len(first) == len(prompts):
                 t_first, calls_first = now, calls()
+                cache_at_first = triton_cache_entries()
+                t_decode = time.time()  # the cache scan belongs to neither prefill nor decode
             continue
         n_after += 1
+        decode_steps.append(now - t_step)
         if n_after == steps or any(o.finished for o in outs):
             t_end, calls_end = now, calls()
             break
@@ -228,8 +242,9 @@ def timed_decode(llm, prompts, steps: int, calls=lambda: 0, profile_steps: int =
     rows = kernel_profile(eng, profile_steps) if profile_steps else []
     eng.abort_request([rid for rid in ids])
     prefill = dict(steps=len(prefill_steps), step_s=[round(x, 3) for x in prefill_steps],
-                   profile=prefill_prof)
-    return t_first - t0, (t_end - t_first) / n_after, calls_end - calls_first, rows, prefill
+                   profile=prefill_prof, decode_step_s=[round(x, 5) for x in decode_steps],
+                   cache_at_first_token=sorted(cache_at_first))
+    return t_first - t0, (t_end - t_decode) / n_after, calls_end - calls_first, rows, prefill
 
 
 def triton_cache_entries() -> set[str]:
@@ -470,7 +485,9 @@ def run_all(a) -> None:
         if pf:
             st = pf["step_s"]
             print(f"\nTriton kernels compiled during the timed steps of {config}: "
-                  f"{r.get('compiled_while_timed', 'not recorded')}")
+                  f"{r.get('compiled_while_timed', 'not recorded')}; during its timed decode: "
+                  f"{r.get('compiled_during_decode', 'not recorded')}; decode step ms "
+                  f"(wall, the TPOT's steps): {r.get('decode_step_ms', 'not recorded')}")
             print(f"prefill of {config}: {pf['steps']} engine steps "
                   f"(max_num_batched_tokens {r.get('max_num_batched_tokens')}), "
                   f"seconds per step: first {st[:3]}, median {sorted(st)[len(st) // 2]}, "

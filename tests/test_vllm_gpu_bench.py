@@ -68,6 +68,38 @@ def test_timed_decode_counts_prefill_and_decode_steps(bench):
     assert sorted(eng.aborted) == ["timed-0", "timed-1"]
 
 
+def test_timed_decode_times_each_decode_step_and_sees_a_mid_decode_compile(bench, tmp_path,
+                                                                           monkeypatch):
+    """One slow decode step (a compile) must show as the max step, and a kernel compiled during
+    the timed decode must be told apart from one compiled during the prefill."""
+    import time as _time
+
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
+
+    def compile_(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.json").write_text("{}")
+
+    class Compiling(_Engine):
+        def step(self):
+            outs = super().step()
+            if self.steps == 2:
+                compile_("prefill_kernel")
+            if self.steps == self.prefill_steps + 3:
+                compile_("decode_kernel")
+                _time.sleep(0.05)
+            return outs
+
+    eng = Compiling(prefill_steps=3)
+    _, tpot, _, _, prefill = bench.timed_decode(types.SimpleNamespace(llm_engine=eng), [{}], 5)
+    steps = prefill["decode_step_s"]
+    assert len(steps) == 5 and max(steps) == steps[2] >= 0.05
+    assert tpot >= 0.05 / 5
+    assert prefill["cache_at_first_token"] == ["prefill_kernel/prefill_kernel"]
+
+
 def test_timed_decode_refuses_a_short_decode(bench):
     class Ending(_Engine):
         def step(self):
