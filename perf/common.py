@@ -6,6 +6,8 @@ Every time reported is GPU time: CUDA-graph replays timed with CUDA events
 from __future__ import annotations
 
 import math
+import subprocess
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +57,32 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     del src, dst
     return 2 * nbytes / (ms * 1e-3)
+
+
+def sm_clock() -> dict | None:
+    """SM clock (MHz), power draw (W) and active clock-limit reasons (a hex mask; 0x4 is the
+    software power cap) of the first GPU nvidia-smi lists (the device machines have one card
+    per run), read now; None without nvidia-smi.
+    The decode kernel is compute-bound, so its time follows this clock, which falls under
+    sustained load (perf/NOTES.md, session 7); SDPA over fp16 is memory-bound and does not."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
+             "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        mhz, watts, reasons = (x.strip() for x in out.stdout.strip().splitlines()[0].split(","))
+        return dict(sm_mhz=int(float(mhz)), watts=float(watts), reasons=reasons)
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def keep_busy(fn: Callable[[], object], seconds: float) -> None:
+    """Run fn back to back for about `seconds`, so that a timing after it sees the clocks of a
+    card under sustained load (a serving GPU) rather than a cool card's boost clock."""
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
 
 
 def gpu_ms(fn: Callable[[], object], rep: int = 200) -> float:
