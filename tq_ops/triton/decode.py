@@ -378,17 +378,17 @@ def decode_split_kernel(
             for split in tl.range(0, num_splits):
                 split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
                               kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                              page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB,
-                              QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
-                              AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, VALUE_WORDS, KT0, KT1,
-                              VT0, VT1)
+                              page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D,
+                              DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
+                              OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES,
+                              VALUE_WORDS, KT0, KT1, VT0, VT1)
         else:
             split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
                           kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                          page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G, GP, D, DP, DG, BS, BLOCK_N,
-                          KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT,
-                          AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES, VALUE_WORDS, KT0, KT1,
-                          VT0, VT1)
+                          page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
+                          GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
+                          OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
+                          KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
 
 
 @triton.jit
