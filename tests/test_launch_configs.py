@@ -35,6 +35,19 @@ def test_split_count_fills_whole_waves(cfg, batch, ctx, waves):
         assert ns == 1
 
 
+@pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_page_tile_divides_the_page_and_avoids_32_at_head_dim_128(cfg):
+    from tq_ops.triton.decode import page_tile
+
+    for head_dim in (64, 96, 128, 256):
+        for block_size in (16, 32, 48, 64, 128, 256):
+            tile = page_tile(block_size, cfg, head_dim)
+            assert block_size % tile == 0 and cfg.block_n % tile == 0
+            assert tile != 32 or head_dim != 128
+    assert page_tile(32, cfg, 128) == 16 and page_tile(32, cfg, 64) == 32
+    assert page_tile(128, cfg, 128) == cfg.block_n
+
+
 # -- the encode kernel's config (tq_ops.triton.encode.encode_config) ---------------------------
 
 ENCODE_KEYS = list(ENCODE_CONFIGS)

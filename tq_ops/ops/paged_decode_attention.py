@@ -13,7 +13,7 @@ from tq_ops import _checks, layout, reference
 from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_merge_kernel,
-                                  decode_split_kernel, num_splits, query_prep_kernel)
+                                  decode_split_kernel, num_splits, page_tile, query_prep_kernel)
 from tq_ops.triton.launch import arch, register_cap, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width, symmetric_table
 
@@ -49,7 +49,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     bs = int(cache.shape[2]) // lay.slot_bytes
     cfg, cap = split_launch(config or decode_config(arch(query.device), d, key_bits),
                             query.device.type == "cuda")
-    block_n = math.gcd(bs, cfg.block_n)  # tiles never cross a page
+    block_n = page_tile(bs, cfg, d)
     ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
     dg = group_width(d)
     dp = 8 * dg

@@ -74,12 +74,11 @@ class DecodeConfig:
 DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_programs_per_sm=12,
                               min_tokens_per_split=64, max_splits=256)
 # head_dim 128: bit-plane keys and value words, capped at 168 registers (12 resident; ptxas
-# takes the kernel to 226-251 registers on its own).  perf/tune_decode.py on the H200, session 6,
-# against the table decoders in the same run: equal at the large shapes, 4-7% slower at 4k
-# contexts and (1, 32k) (the plane operands are built in every split program's prologue), with
-# a run-to-run spread of one config up to 15%; inside vLLM the split kernel's time per decode
-# step fell 11% (perf/NOTES.md).  head_dim 64 keeps the table decoders, its measured row (the
-# new decoders were not timed there).
+# takes the kernel to 226-251 registers on its own).  On the H200 (perf/NOTES.md, sessions 6-7):
+# with the plane operands built once per query row by the prep launch, within 1-2% of the table
+# decoders at every shape (interleaved rounds in one process); the spread between runs (up to
+# 15%) follows the SM clock, which falls at the power cap under sustained load.  head_dim 64
+# keeps the table decoders, its measured row (the new decoders were not timed there).
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
     ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
     ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False, value_words=False),
@@ -88,6 +87,19 @@ DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
 
 def decode_config(arch: str, head_dim: int, key_bits: int) -> DecodeConfig:
     return DECODE_CONFIGS.get((arch, head_dim, key_bits), DEFAULT_DECODE)
+
+
+def page_tile(block_size: int, cfg: DecodeConfig, head_dim: int) -> int:
+    """Tokens per tile of the split kernel: the largest divisor of both the page and
+    cfg.block_n (a tile never crosses a page), except 32 at head_dim 128, which becomes 16.
+    There Triton routes the decoded operands of a 32-token tile through shared memory (offline
+    sm_90 compile, perf/sass_report.py --block-size 32 --block-n 32: 391-519 shared stores per
+    tile, 58-68 instructions per token-head for the seed format with any of its decoders and 53
+    for k3v3, against 36.5 and 42 with 16-token tiles in the same 32-token page, 31 with
+    64-token tiles); head_dims 64, 96 and 256 compile 32-token tiles well.  Offline counts
+    only: not yet timed on a GPU."""
+    tile = math.gcd(block_size, cfg.block_n)
+    return 16 if tile == 32 and head_dim == 128 else tile
 
 
 def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
