@@ -673,6 +673,16 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
                              sdpa_pct_copy=case.fp16_bytes / bw * 1e3 / sd_ms * 100,
                              clock=clock, sdpa_clock=sd_clock, sustain_s=sustain_s))
             print("BENCH " + json.dumps(rows[-1]), flush=True)
+    # 32-token pages (vLLM's block size when TQ_FLUSH_INTERVAL is 32): 16-token tiles at
+    # head_dim 128 (tq_ops.triton.decode.page_tile), the page-64 row of the same shape above
+    case = C.decode_case(8, 32768, block_size=32)
+    if sustain_s:
+        C.keep_busy(case.run, sustain_s)
+    ms = C.gpu_ms(case.run)
+    del case.run
+    torch.cuda.empty_cache()
+    rows.append(dict(kind="decode_page32", batch=8, ctx=32768, bs=32, ms=ms, clock=C.sm_clock()))
+    print("BENCH " + json.dumps(rows[-1]), flush=True)
     # vLLM's decode steps attend over the flush buffer's exact tokens too (1..128 per sequence)
     case = C.decode_case(8, 32768, block_size=64, raw_tokens=64)
     ms = C.gpu_ms(case.run)
@@ -783,6 +793,9 @@ def main() -> None:
             elif r["kind"] == "encode_small":
                 print(f"encode+write of {r['tokens']} tokens x 8 heads (a decode step's write): "
                       f"{r['ms'] * 1e3:.1f} us")
+            elif r["kind"] == "decode_page32":
+                print(f"decode ({r['batch']}, {r['ctx']}), page 32 (16-token tiles): "
+                      f"{r['ms']:.4f} ms")
             elif r["kind"] == "decode_raw":
                 print(f"decode ({r['batch']}, {r['ctx']}), page {r['bs']}, with {r['raw_tokens']} "
                       f"exact raw tokens per sequence: {r['ms']:.4f} ms")
