@@ -50,8 +50,9 @@ def candidates():
     # each candidate is timed at one and two waves.
     # Then the 3-bit value decoder over value words (no fp16 round trip through shared
     # memory): 167 registers at the 168 cap, 226 without.
-    # Session 6 measured the smem-values variant and a 144 cap slower or no faster; the
-    # adopted row against the table decoders and a 128 cap (16 resident) remain to rank.
+    # Session 6 measured the smem-values variant and a 144 cap slower or no faster.  Session 7
+    # (planes built by the prep launch, one round): these three within 1-3% of each other at
+    # the large shapes; the 128 cap 5% slower at (1, 32k) and (8, 4k) (perf/NOTES.md).
     return [c(64, 1, 2, planes=False, words=False), c(64, 1, 2, 12, 168), c(64, 1, 2, 16, 128)]
 
 
