@@ -52,7 +52,7 @@ def candidates():
     # memory): 167 registers at the 168 cap, 226 without.
     # Session 6 measured the smem-values variant and a 144 cap slower or no faster.  Session 7
     # (planes built by the prep launch, one round): these three within 1-3% of each other at
-    # the large shapes; the 128 cap 5% slower at (1, 32k) and (8, 4k) (perf/NOTES.md).
+    # the large shapes; the 128 cap 4-5% slower at (1, 32k) and (8, 4k) (perf/NOTES.md).
     return [c(64, 1, 2, planes=False, words=False), c(64, 1, 2, 12, 168), c(64, 1, 2, 16, 128)]
 
 
