@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from tq_ops import _checks, reference
+from tq_ops.ops.write_cache import check_raw_pool
 from tq_ops.triton.raw_pool import write_raw_kernel
 
 
@@ -51,12 +52,8 @@ def write_raw(key: Tensor, value: Tensor, raw_key: Tensor, raw_value: Tensor, ro
     _checks.floats("value", value, rank=3)
     if tuple(value.shape) != tuple(key.shape):
         _checks.fail(f"value {tuple(value.shape)} must have the shape of key {tuple(key.shape)}")
+    check_raw_pool(raw_key, raw_value, key.shape[1], key.shape[2], kv_start=0)
     for name, pool in (("raw_key", raw_key), ("raw_value", raw_value)):
-        _checks.floats(name, pool, rank=4)
-        if pool.shape[2] != key.shape[1] or pool.shape[3] != key.shape[2] \
-                or pool.shape != raw_key.shape:
-            _checks.fail(f"{name} must be (N, R, {key.shape[1]}, {key.shape[2]}) like raw_key, "
-                         f"got {tuple(pool.shape)}")
         if not pool.is_contiguous():
             _checks.fail(f"{name} must be contiguous")
     if raw_value.dtype != raw_key.dtype:
