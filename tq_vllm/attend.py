@@ -124,8 +124,8 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
     res = tq.paged_prefill_attention(
         query[first:last], key[first:last], value[first:last], plan.cu, cache,
         plan.block_table, plan.prefix, raw_key, raw_value, plan.raw_index, plan.pool,
-        codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids, f.key_mse_bits, f.use_qjl, f.value_bits, scale,
-        window.sink_tokens)
+        codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
+        f.key_mse_bits, f.use_qjl, f.value_bits, scale, window.sink_tokens)
     out[first:last] = res
 
 
