@@ -11,14 +11,17 @@
 2. compile and graphs, each in a fresh process: torch.compile(fullgraph=True,
    mode="reduce-overhead") of a decode step with a static cache (no graph break, no cudagraph
    skip, output == eager); manual torch.cuda.graph capture of a decode step replayed after the
-   cache, block table and lengths were updated in place == eager;
+   cache, block table and lengths were updated in place == eager; the same with the cache write
+   on a side stream beside the decode (tq_vllm.attend.SideStream, as the vLLM backend runs it);
 3. benchmarks: decode at the seed format vs SDPA-flash fp16, the format's memory floor, percent
    of the measured copy bandwidth; encode+write throughput.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -554,6 +557,22 @@ def decode_step(q, k_new, v_new, slots, cache, bt, lens, raw_k, raw_index, raw_l
                                                        True, 3, 128 ** -0.5, 0)
 
 
+def side_step(side, q, k_new, v_new, slots, cache, bt, lens, raw_k, raw_index, raw_lens, rot,
+              proj, kc, vc):
+    """decode_step as the vLLM backend runs it on CUDA: the write forked to a side stream
+    (tq_vllm.attend.SideStream) beside a decode that attends positions below the new token's
+    (lens - 1), then joined.  side=None runs the same launches in sequence."""
+    ctx = side.fork(q.device) if side is not None else contextlib.nullcontext()
+    with ctx:
+        torch.ops.turboquant.write_cache(k_new, v_new, cache, slots, rot, proj, kc, vc, 2, True, 3)
+    out = torch.ops.turboquant.paged_decode_attention(q, cache, bt, lens - 1, raw_k, raw_k,
+                                                      raw_index, raw_lens, rot, proj, kc, vc, 2,
+                                                      True, 3, 128 ** -0.5, 0)
+    if side is not None:
+        side.join()
+    return out
+
+
 def graphs(which: str) -> None:
     st, cg = _step_inputs()
     consts = (cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids)
@@ -586,16 +605,26 @@ def graphs(which: str) -> None:
                      and res["cudagraph_skips"] == 0 and err <= 2.0 ** -10
                      and res["cache_equal_vs_eager"])
     else:
+        # "capture": decode_step; "side": side_step, the backend's side-stream write
+        if which == "side":
+            from tq_vllm.attend import SideStream
+
+            side = SideStream()
+            side.prepare(torch.device("cuda"))
+            step = functools.partial(side_step, side)
+            reference_step = functools.partial(side_step, None)
+        else:
+            step = reference_step = decode_step
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         work = {n: (st[n].clone() if n == "cache" else st[n]) for n in names}
         with torch.cuda.stream(s):
             for _ in range(3):
-                decode_step(*[work[n] for n in names], *consts)
+                step(*[work[n] for n in names], *consts)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = decode_step(*[st[n] for n in names], *consts)
+            out = step(*[st[n] for n in names], *consts)
         # next step: new query/K/V, next slot, a longer sequence 0 moved to other pages
         bs = 16
         new_bt = st["bt"].roll(1, dims=1)
@@ -611,7 +640,7 @@ def graphs(which: str) -> None:
             ref_state[n] = val.clone()
         g.replay()
         torch.cuda.synchronize()
-        eager = decode_step(*[ref_state[n] for n in names], *consts)
+        eager = reference_step(*[ref_state[n] for n in names], *consts)
         err = float((out.float() - eager.float()).abs().max() / eager.float().abs().max())
         res["rel_err_vs_eager"] = err
         res["cache_equal_vs_eager"] = bool(torch.equal(st["cache"], ref_state["cache"]))
@@ -739,7 +768,7 @@ def main() -> None:
                                   env=env) for i in range(n)]
         procs += [subprocess.Popen([sys.executable, HERE, "--graphs", w], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env)
-                  for w in ("compile", "capture")
+                  for w in ("compile", "capture", "side")
                   if not a.only or "graphs" in a.only]
         for p in procs:
             so, se = p.communicate()

@@ -2,9 +2,10 @@
 flush buffer (exact newest tokens) as a raw pool with one row per running request.
 
 Data flow of one layer in one step (see tq_vllm.window for which tokens are exact):
-  do_kv_cache_update: every new token is encoded into its paged slot (turboquant::write_cache);
-      decode tokens and sink tokens are also copied exact into their raw-pool slot
-      (turboquant::write_raw);
+  do_kv_cache_update: every new token is encoded into its paged slot (turboquant::write_cache;
+      on CUDA the decode tokens' write runs on a side stream, beside this layer's attention,
+      which does not read it: attend.SideStream); decode tokens and sink tokens are also
+      copied exact into their raw-pool slot (turboquant::write_raw);
   forward: decode requests (query length 1, first in the batch) run
       turboquant::paged_decode_attention over their compressed pages and raw-pool row; prefill
       requests are split into segments that share one exact/compressed split and attend over
@@ -310,12 +311,15 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         self.codec: TQCodec | None = None
         self.raw_key: Tensor | None = None
         self.raw_value: Tensor | None = None
+        self.side = attend.SideStream()
 
     def _ensure(self, device: torch.device, dtype: torch.dtype) -> None:
         """Codec tensors and the raw pool, allocated on the first (profiling) call so that the
         profiler counts them before the KV cache is sized, and before any graph capture."""
         if self.codec is None or self.codec.device != device:
             self.codec = TQCodec.build(self.fmt, device)
+        if device.type == "cuda":
+            self.side.prepare(device)
         if self.raw_key is None or self.raw_key.device != device or self.raw_key.dtype != dtype:
             shape = (self.num_rows, self.window.row_slots, self.num_kv_heads, self.head_size)
             self.raw_key = torch.zeros(shape, dtype=dtype, device=device)
@@ -333,16 +337,36 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         n = min(key.shape[0], slot_mapping.shape[0])
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        c, f = self.codec, self.fmt
-        torch.ops.turboquant.write_cache(k, v, _pages(kv_cache), slot_mapping[:n], c.rotation,
-                                         c.qjl_projection, c.key_centroids, c.value_centroids,
-                                         f.key_mse_bits, f.use_qjl, f.value_bits)
+        pages = _pages(kv_cache)
+        nd = min(md.num_decodes, n) if key.device.type == "cuda" else 0
+        if nd:
+            with self.side.fork(key.device):
+                self._write_cache(k[:nd], v[:nd], pages, slot_mapping[:nd])
+        if n > nd:
+            self._write_cache(k[nd:], v[nd:], pages, slot_mapping[nd:n])
         attend.write_raw(self.raw_key, self.raw_value, k, v, md.pre_rows[:n], md.slots[:n],
                          slot_mapping[:n])
+
+    def _write_cache(self, k: Tensor, v: Tensor, pages: Tensor, slot_mapping: Tensor) -> None:
+        c, f = self.codec, self.fmt
+        torch.ops.turboquant.write_cache(k, v, pages, slot_mapping, c.rotation, c.qjl_projection,
+                                         c.key_centroids, c.value_centroids, f.key_mse_bits,
+                                         f.use_qjl, f.value_bits)
 
     def forward(self, layer, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
                 attn_metadata: TQMetadata, output: Tensor | None = None, output_scale=None,
                 output_block_scale=None, **kwargs) -> Tensor:
+        try:
+            return self._forward(query, key, value, kv_cache, attn_metadata, output,
+                                 output_scale, output_block_scale)
+        finally:
+            # after the attention's launches: the decode write forked by do_kv_cache_update
+            # ran beside them
+            self.side.join()
+
+    def _forward(self, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
+                 attn_metadata: TQMetadata, output: Tensor | None, output_scale,
+                 output_block_scale) -> Tensor:
         if output is None:
             output = torch.empty_like(query)
         if output_scale is not None or output_block_scale is not None:
