@@ -122,6 +122,30 @@ def test_gqa_and_kv_start_errors():
         tq.attention(*args)
 
 
+def test_declared_builtin_codebooks():
+    """builtin_codebooks=True changes nothing with TQCodec's codebooks and is refused off CUDA
+    with other ones (on CUDA it cannot be checked without a sync: perf/gpu_check.py checks that
+    the outputs are NaN there)."""
+    args = list(samples("paged_decode_attention")[0])
+    want = tq.paged_decode_attention(*args)
+    assert torch.equal(tq.paged_decode_attention(*args, True), want)
+    other = list(args)
+    other[11] = args[11] * 1.01   # value centroids
+    tq.paged_decode_attention(*other)   # undeclared: any codebook is served
+    with pytest.raises(TQInputError, match="value centroids are not the built-in 3-bit"):
+        tq.paged_decode_attention(*other, True)
+
+
+def test_builtin_codebook_check():
+    from tq_ops import codebooks
+
+    c = codebooks.centroids(64, 2)
+    assert codebooks.is_builtin(c, 64, 2) and codebooks.is_builtin(c.double(), 64, 2)
+    assert not codebooks.is_builtin(c * (1 + 2 ** -20), 64, 2)
+    assert not codebooks.is_builtin(c, 128, 2)      # another head_dim's table
+    assert not codebooks.is_builtin(c, 63, 2)       # no table at all
+
+
 # -- empty inputs: documented, shape-correct results ------------------------------------------
 
 def test_empty_inputs_give_empty_results():

@@ -33,7 +33,8 @@ GOLDEN_SCHEMAS = {
                               "Tensor raw_value, Tensor raw_index, Tensor raw_lens, "
                               "Tensor rotation, Tensor projection, Tensor key_centroids, "
                               "Tensor value_centroids, SymInt key_bits, bool qjl, "
-                              "SymInt value_bits, float scale, SymInt kv_start) -> Tensor",
+                              "SymInt value_bits, float scale, SymInt kv_start, "
+                              "bool builtin_codebooks=False) -> Tensor",
     "paged_prefill_attention": "turboquant::paged_prefill_attention(Tensor query, Tensor key, "
                                "Tensor value, Tensor cu_seqlens_q, Tensor cache, "
                                "Tensor block_table, Tensor prefix_lens, Tensor raw_key, "

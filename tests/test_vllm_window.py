@@ -181,3 +181,14 @@ def test_layer_problems_give_reasons():
         assert word in text
     assert len(reasons) == 6
     assert list(itertools.chain(layer_problems(head_size=128, dtype=torch.float64))) != []
+
+
+def test_backend_declares_builtin_codebooks_for_its_codecs():
+    from tq_ops import TQCodec, preset
+
+    for fmt in ("seed", "k4v4"):
+        codec = TQCodec.build(preset(fmt, head_dim=64))
+        assert attend.has_builtin_codebooks(codec)
+    codec = TQCodec.build(preset("seed", head_dim=64))
+    codec.value_centroids.mul_(1.01)
+    assert not attend.has_builtin_codebooks(codec)

@@ -27,6 +27,14 @@ def centroids(dim: int, bits: int, marginal: str = "sphere") -> torch.Tensor:
     return torch.tensor(CENTROIDS[(key, bits)], dtype=torch.float64).div(math.sqrt(dim)).float()
 
 
+def is_builtin(centroids_: torch.Tensor, dim: int, bits: int) -> bool:
+    """Whether `centroids_` (any device: one copy to the host) is exactly centroids(dim, bits),
+    the sphere codebook TQCodec.build uses."""
+    if (dim, bits) not in CENTROIDS:
+        return False
+    return torch.equal(centroids_.detach().cpu().float(), centroids(dim, bits))
+
+
 def midpoints(centroids_: torch.Tensor) -> torch.Tensor:
     """(n-1,) decision boundaries: a coordinate y gets code sum(y > midpoints)."""
     return (centroids_[1:] + centroids_[:-1]) / 2

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import tq_ops  # noqa: F401  (registers torch.ops.turboquant.*)
-from tq_ops import reference
+from tq_ops import codebooks, reference
 from tq_ops.codec import TQCodec
 from tq_vllm.window import Segment, Window
 
@@ -22,14 +22,24 @@ tq = torch.ops.turboquant
 
 def decode(codec: TQCodec, window: Window, query: Tensor, cache: Tensor, block_table: Tensor,
            kv_lens: Tensor, raw_key: Tensor, raw_value: Tensor, raw_index: Tensor,
-           raw_lens: Tensor, scale: float) -> Tensor:
+           raw_lens: Tensor, scale: float, builtin_codebooks: bool = False) -> Tensor:
     """One query per request.  query (B, Hq, D); block_table (B, MB) int32; kv_lens (B,) int32 =
-    ring_start of the query position; raw_index / raw_lens (B,) int32.  Returns (B, Hq, D)."""
+    ring_start of the query position; raw_index / raw_lens (B,) int32.  Returns (B, Hq, D).
+    builtin_codebooks: the op's declaration (has_builtin_codebooks(codec) says when it holds)."""
     f = codec.config
     return tq.paged_decode_attention(query, cache, block_table, kv_lens, raw_key, raw_value,
                                      raw_index, raw_lens, codec.rotation, codec.qjl_projection,
                                      codec.key_centroids, codec.value_centroids, f.key_mse_bits,
-                                     f.use_qjl, f.value_bits, scale, window.sink_tokens)
+                                     f.use_qjl, f.value_bits, scale, window.sink_tokens,
+                                     builtin_codebooks)
+
+
+def has_builtin_codebooks(codec: TQCodec) -> bool:
+    """Whether the codec's codebooks are the built-in ones (a host check: one copy of the
+    centroids; the backend makes it once per codec, before any graph capture)."""
+    f = codec.config
+    return (codebooks.is_builtin(codec.key_centroids, f.head_dim, f.key_mse_bits)
+            and codebooks.is_builtin(codec.value_centroids, f.head_dim, f.value_bits))
 
 
 def _records(codec: TQCodec, cache: Tensor, block_row: Tensor, start: int, end: int):

@@ -185,18 +185,60 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         self.max_reqs = int(sched.max_num_seqs)
         self.scratch_row = self.max_reqs
         max_tokens = max(int(sched.max_num_batched_tokens), self.max_reqs) + 64
-        i32 = dict(dtype=torch.int32, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        self.kv_lens = torch.zeros(self.max_reqs, **i32)
-        self.raw_lens = torch.zeros(self.max_reqs, **i32)
-        self.raw_index = torch.full((self.max_reqs,), self.scratch_row, **i32)
-        self.pre_rows = torch.full((max_tokens,), self.scratch_row, **i64)
-        self.post_rows = torch.full((max_tokens,), self.scratch_row, **i64)
-        self.slots = torch.zeros(max_tokens, **i64)
         self.device = torch.device(device)
+        # Persistent device buffers (fixed addresses: captured graphs read them), rows
+        # (kv_lens, raw_lens, raw_index) per request and (pre_rows, post_rows, slots) per token.
+        # Each step computes them on the host from vLLM's host copies and sends them in a few
+        # copies: computed on the device they were ~65 tiny kernels per step, each a launch
+        # on the GPU's critical path between two decode graphs.
+        self.req_rows = self._initial_req_rows(torch.device("cpu")).to(self.device)
+        self.tok_rows = self._initial_tok_rows(max_tokens, torch.device("cpu")).to(self.device)
+        self.kv_lens, self.raw_lens, self.raw_index = self.req_rows.unbind(0)
+        self.pre_rows, self.post_rows, self.slots = self.tok_rows.unbind(0)
+        # host staging, two sets used in turn: a set is refilled only after its copies of two
+        # steps ago are done (asynchronous scheduling builds a step while the last one runs)
+        cuda = self.device.type == "cuda"
+        self._staging = [(self._initial_req_rows(torch.device("cpu"), pin=cuda),
+                          self._initial_tok_rows(max_tokens, torch.device("cpu"), pin=cuda))
+                         for _ in range(2)]
+        self._staged = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._turn = 0
         self.runner = compat.find_model_runner()
         self.rows = RawRows(self.max_reqs, self.window)
         self._capturing = False
+
+    def _initial_req_rows(self, device: torch.device, pin: bool = False) -> Tensor:
+        rows = torch.zeros((3, self.max_reqs), dtype=torch.int32, device=device)
+        rows[2] = self.scratch_row
+        return rows.pin_memory() if pin else rows
+
+    def _initial_tok_rows(self, max_tokens: int, device: torch.device,
+                          pin: bool = False) -> Tensor:
+        rows = torch.zeros((3, max_tokens), dtype=torch.int64, device=device)
+        rows[:2] = self.scratch_row
+        return rows.pin_memory() if pin else rows
+
+    def _send(self, kv_lens: Tensor, raw_lens: Tensor, rows: list[int], pre: Tensor,
+              post: Tensor, slots: Tensor) -> None:
+        """Host rows of this step into the persistent device buffers: the request block whole
+        (3 x max_reqs int32, one copy) and the token rows' first T entries (three copies)."""
+        n, t = kv_lens.shape[0], pre.shape[0]
+        req, tok = self._staging[self._turn]
+        done = self._staged[self._turn]
+        if done is not None:
+            done.synchronize()
+        req[0, :n] = kv_lens
+        req[1, :n] = raw_lens
+        req[2, :n] = torch.tensor(rows, dtype=torch.int32)
+        tok[0, :t] = pre
+        tok[1, :t] = post
+        tok[2, :t] = slots
+        self.req_rows.copy_(req, non_blocking=True)
+        for i in range(3):
+            self.tok_rows[i, :t].copy_(tok[i, :t], non_blocking=True)
+        if done is not None:
+            done.record()
+        self._turn ^= 1
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         # Capture runs on dummy requests: every row goes to the scratch row, so capture never
@@ -234,20 +276,14 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         seq_cpu = compat.seq_lens_cpu(cam).tolist()
         first_pos = [seq_cpu[i] - qlens[i] for i in range(n)]
         rows = self._assign_rows(cam, first_pos, seq_cpu)
-        self.raw_index[:n].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
 
         w = self.window
-        seq = cam.seq_lens[:n].to(torch.int64)
+        seq = torch.tensor(seq_cpu, dtype=torch.int64)
         last = seq - 1
-        self.kv_lens[:n].copy_(w.ring_start_t(last))
-        self.raw_lens[:n].copy_(w.raw_len_t(last))
-
-        pre, post, slots = attend.raw_write_plan(w, cam.query_start_loc[: n + 1], seq,
-                                                 self.raw_index[:n], t, num_decodes,
-                                                 self.scratch_row)
-        self.pre_rows[:t].copy_(pre)
-        self.post_rows[:t].copy_(post)
-        self.slots[:t].copy_(slots)
+        pre, post, slots = attend.raw_write_plan(w, torch.tensor(qsl_cpu, dtype=torch.int64),
+                                                 seq, torch.tensor(rows, dtype=torch.int64), t,
+                                                 num_decodes, self.scratch_row)
+        self._send(w.ring_start_t(last), w.raw_len_t(last), rows, pre, post, slots)
 
         decode_kv_max = max((w.ring_start(seq_cpu[b] - 1) for b in range(num_decodes)),
                             default=0)
@@ -309,6 +345,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
 
         self.num_rows = int(get_current_vllm_config().scheduler_config.max_num_seqs) + 1
         self.codec: TQCodec | None = None
+        self.builtin_codebooks = False
         self.raw_key: Tensor | None = None
         self.raw_value: Tensor | None = None
         self.side = attend.SideStream()
@@ -318,6 +355,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         profiler counts them before the KV cache is sized, and before any graph capture."""
         if self.codec is None or self.codec.device != device:
             self.codec = TQCodec.build(self.fmt, device)
+            self.builtin_codebooks = attend.has_builtin_codebooks(self.codec)
         if device.type == "cuda":
             self.side.prepare(device)
         if self.raw_key is None or self.raw_key.device != device or self.raw_key.dtype != dtype:
@@ -389,7 +427,8 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
                 block_table = block_table[:, :max(1, -(-md.decode_kv_max // block_size))]
             out[:nd] = attend.decode(self.codec, self.window, q[:nd], cache, block_table,
                                      md.kv_lens[:nd], self.raw_key, self.raw_value,
-                                     md.raw_index[:nd], md.raw_lens[:nd], self.scale)
+                                     md.raw_index[:nd], md.raw_lens[:nd], self.scale,
+                                     self.builtin_codebooks)
         if md.segments:
             k = key[:t].view(t, hkv, d)
             v = value[:t].view(t, hkv, d)

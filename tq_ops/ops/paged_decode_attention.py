@@ -7,9 +7,10 @@ import math
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from tq_ops import _checks, layout, reference
+from tq_ops import _checks, codebooks, layout, reference
 from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_merge_kernel,
@@ -34,12 +35,14 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
            raw_value: Tensor, raw_index: Tensor, raw_lens: Tensor, rotation: Tensor,
            projection: Tensor, key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
            qjl: bool, value_bits: int, scale: float, kv_start: int, raw: bool = False,
-           config: DecodeConfig | None = None, splits: int | None = None) -> Tensor:
+           builtin_codebooks: bool = False, config: DecodeConfig | None = None,
+           splits: int | None = None) -> Tensor:
     """The Triton body: prep, split and merge launches (tq_ops.triton.decode).
 
     raw=True launches the bare @triton.jit kernels instead of wrap_triton ones: the interpreter
     tests run this on CPU tensors under TRITON_INTERPRET=1.  config / splits replace the table's
     launch config and split count (perf/tune_decode.py explores them; the op never passes them).
+    builtin_codebooks: the op's argument; with the fast decoders it drops the slow instance.
     """
     b, hq, d = query.shape
     # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
@@ -82,14 +85,16 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         D=d, DP=dp, RB=PREP_ROWS, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
         KT0=consts["KT0"], KT1=consts["KT1"], num_warps=PREP_WARPS)
     # with the asm decoders, a fast and a slow instance, each doing the work or not depending on
-    # the codebooks (decode_split_kernel); without, the slow instance alone
-    for fast in ((True, False) if use_fast else (False,)):
+    # the codebooks (decode_split_kernel), or the fast one alone for declared built-in
+    # codebooks; without, the slow instance alone
+    alone = use_fast and builtin_codebooks
+    for fast in ((True,) if alone else (True, False)) if use_fast else (False,):
         grid = (b * hkv, 1) if use_fast and not fast else (b * hkv, ns)
         split[grid](
             qr, u, qp, qo, cache, block_table, kv_lens, key_centroids, value_centroids, o_part,
             m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
-            KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **consts, **cap)
+            KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
@@ -143,7 +148,7 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
                            rotation: Tensor,
                            projection: Tensor, key_centroids: Tensor, value_centroids: Tensor,
                            key_bits: int, qjl: bool, value_bits: int, scale: float,
-                           kv_start: int) -> Tensor:
+                           kv_start: int, builtin_codebooks: bool = False) -> Tensor:
     """Decode attention: compressed pages plus exact raw tokens in one softmax.
 
     Args:
@@ -157,6 +162,14 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
         rotation, projection: (D, D) fp32.  key_centroids, value_centroids: fp32 codebooks.
         key_bits, qjl, value_bits: the format.  scale: softmax scale.
         kv_start: first page position attended (e.g. the sink count when sinks are kept raw).
+        builtin_codebooks: the caller declares that key_centroids and value_centroids are
+            tq_ops.codebooks.centroids(D, bits), as TQCodec.build makes them (the vLLM backend
+            checks its codec once and declares it).  On CUDA the launch then skips the kernel
+            instance that serves other codebooks (one launch fewer per call).  There a false
+            declaration cannot be checked without a host sync: the outputs of sequences with
+            compressed tokens are NaN, unless the codebooks round to the built-in ones in fp16
+            (what the fast decoders use either way).  Off CUDA it is checked, and a false one
+            raises ValueError.
     Returns:
         (B, Hq, D) in query.dtype; a sequence with no valid token gets zeros.
     """
@@ -179,7 +192,13 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
     if query.device.type == "cuda":
         return launch(query, cache, block_table, kv_lens, raw_key, raw_value, raw_index, raw_lens,
                       rotation, projection, key_centroids, value_centroids, key_bits, qjl,
-                      value_bits, scale, kv_start)
+                      value_bits, scale, kv_start, builtin_codebooks=builtin_codebooks)
+    if builtin_codebooks and not is_fake(key_centroids):
+        for name, c, bits in (("key", key_centroids, key_bits),
+                              ("value", value_centroids, value_bits)):
+            if not codebooks.is_builtin(c, d, bits):
+                _checks.fail(f"builtin_codebooks=True, but the {name} centroids are not the "
+                             f"built-in {bits}-bit codebook of head_dim {d}")
     return reference.paged_decode_attention(query, cache, block_table, kv_lens, raw_key, raw_value,
                                             raw_index, raw_lens, rotation, projection, key_centroids,
                                             value_centroids, key_bits, qjl, value_bits, scale,

@@ -14,7 +14,8 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    written to memory.  Each writes a partial (max, sum, accumulator).  On CUDA it is launched
    twice, a fast instance (inline-asm decoders with baked codebooks) and a slow one (decoders
    that read any codebook, one program per (b, h)); each program checks the codebooks and one
-   of the two returns at once (decode_split_kernel says why they are separate kernels).
+   of the two returns at once (decode_split_kernel says why they are separate kernels).  A
+   caller that declares the built-in codebooks gets the fast instance alone.
 3. `decode_merge_kernel`, grid (B*Hq,), one program per query row: log-sum-exp merges the
    partials of its KV head, attends the exact raw-pool tokens (original domain), un-rotates the
    compressed part once (Pi^T times a vector) and divides by the softmax sum.  (The raw tokens
@@ -366,14 +367,16 @@ def decode_split_kernel(
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
         VT0: tl.constexpr, VT1: tl.constexpr, KEY_PLANES: tl.constexpr = True,
-        VALUE_WORDS: tl.constexpr = True):
+        VALUE_WORDS: tl.constexpr = True, ALONE: tl.constexpr = False):
     """One (sequence, KV head, split) partial of the compressed positions (module docstring).
 
     FAST selects the decoders (tq_ops.triton.unpack).  With PAIRED, two instances are launched
     and each program of the pair checks the codebooks: the fast instance does the work when
     they equal its baked tables, the slow one otherwise.  (One kernel holding both paths is sized
     for the heavier: its fast loop ran at 255 registers, 8 one-warp programs per SM; alone it
-    needs 168.)  Without PAIRED the slow path always runs (off CUDA)."""
+    needs 168.)  Without PAIRED the slow path always runs (off CUDA).  ALONE (with PAIRED and
+    FAST): no slow instance is launched, the caller having declared the built-in codebooks; a
+    program that finds other codebooks writes a NaN partial rather than leave it unwritten."""
     if PAIRED:
         matches = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
         if FAST:
@@ -401,6 +404,21 @@ def decode_split_kernel(
                           GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
                           OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
                           KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
+    else:
+        if ALONE:
+            nan_partial(o_ptr, m_ptr, l_ptr, tl.program_id(0), tl.program_id(1), num_splits,
+                        GP, DP)
+
+
+@triton.jit
+def nan_partial(o_ptr, m_ptr, l_ptr, bh, split, num_splits, GP: tl.constexpr, DP: tl.constexpr):
+    """Partial `split` of row bh as (max 0, sum NaN, accumulator NaN): the merge makes every
+    output of the row NaN."""
+    orow = (bh * (num_splits + 1) + split) * GP + tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    tl.store(o_ptr + orow[:, None] * DP + d[None, :], tl.full([GP, DP], float("nan"), tl.float32))
+    tl.store(m_ptr + orow, tl.zeros([GP], tl.float32))
+    tl.store(l_ptr + orow, tl.full([GP], float("nan"), tl.float32))
 
 
 @triton.jit
