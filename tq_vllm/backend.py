@@ -189,36 +189,36 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         # Persistent device buffers (fixed addresses: captured graphs read them), rows
         # (kv_lens, raw_lens, raw_index) per request and (pre_rows, post_rows, slots) per token.
         # Each step computes them on the host from vLLM's host copies and sends them in a few
-        # copies: computed on the device they were ~65 tiny kernels per step, each a launch
-        # on the GPU's critical path between two decode graphs.
-        self.req_rows = self._initial_req_rows(torch.device("cpu")).to(self.device)
-        self.tok_rows = self._initial_tok_rows(max_tokens, torch.device("cpu")).to(self.device)
+        # copies: computed on the device they were about 60 tiny kernels per step, each a
+        # launch on the GPU's critical path between two decode graphs.
+        self.req_rows = self._initial_req_rows().to(self.device)
+        self.tok_rows = self._initial_tok_rows(max_tokens).to(self.device)
         self.kv_lens, self.raw_lens, self.raw_index = self.req_rows.unbind(0)
         self.pre_rows, self.post_rows, self.slots = self.tok_rows.unbind(0)
         # host staging, two sets used in turn: a set is refilled only after its copies of two
         # steps ago are done (asynchronous scheduling builds a step while the last one runs)
         cuda = self.device.type == "cuda"
-        self._staging = [(self._initial_req_rows(torch.device("cpu"), pin=cuda),
-                          self._initial_tok_rows(max_tokens, torch.device("cpu"), pin=cuda))
-                         for _ in range(2)]
+        self._staging = [(self._initial_req_rows(pin=cuda),
+                          self._initial_tok_rows(max_tokens, pin=cuda)) for _ in range(2)]
         self._staged = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._turn = 0
         self.runner = compat.find_model_runner()
         self.rows = RawRows(self.max_reqs, self.window)
         self._capturing = False
 
-    def _initial_req_rows(self, device: torch.device, pin: bool = False) -> Tensor:
-        rows = torch.zeros((3, self.max_reqs), dtype=torch.int32, device=device)
+    def _initial_req_rows(self, pin: bool = False) -> Tensor:
+        """Host (kv_lens, raw_lens, raw_index) rows before any step: raw_index the scratch row."""
+        rows = torch.zeros((3, self.max_reqs), dtype=torch.int32)
         rows[2] = self.scratch_row
         return rows.pin_memory() if pin else rows
 
-    def _initial_tok_rows(self, max_tokens: int, device: torch.device,
-                          pin: bool = False) -> Tensor:
-        rows = torch.zeros((3, max_tokens), dtype=torch.int64, device=device)
+    def _initial_tok_rows(self, max_tokens: int, pin: bool = False) -> Tensor:
+        """Host (pre_rows, post_rows, slots) rows before any step: rows the scratch row."""
+        rows = torch.zeros((3, max_tokens), dtype=torch.int64)
         rows[:2] = self.scratch_row
         return rows.pin_memory() if pin else rows
 
-    def _send(self, kv_lens: Tensor, raw_lens: Tensor, rows: list[int], pre: Tensor,
+    def _send(self, kv_lens: Tensor, raw_lens: Tensor, rows: Tensor, pre: Tensor,
               post: Tensor, slots: Tensor) -> None:
         """Host rows of this step into the persistent device buffers: the request block whole
         (3 x max_reqs int32, one copy) and the token rows' first T entries (three copies)."""
@@ -229,7 +229,7 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
             done.synchronize()
         req[0, :n] = kv_lens
         req[1, :n] = raw_lens
-        req[2, :n] = torch.tensor(rows, dtype=torch.int32)
+        req[2, :n] = rows
         tok[0, :t] = pre
         tok[1, :t] = post
         tok[2, :t] = slots
@@ -280,10 +280,10 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         w = self.window
         seq = torch.tensor(seq_cpu, dtype=torch.int64)
         last = seq - 1
+        rows_t = torch.tensor(rows, dtype=torch.int64)
         pre, post, slots = attend.raw_write_plan(w, torch.tensor(qsl_cpu, dtype=torch.int64),
-                                                 seq, torch.tensor(rows, dtype=torch.int64), t,
-                                                 num_decodes, self.scratch_row)
-        self._send(w.ring_start_t(last), w.raw_len_t(last), rows, pre, post, slots)
+                                                 seq, rows_t, t, num_decodes, self.scratch_row)
+        self._send(w.ring_start_t(last), w.raw_len_t(last), rows_t, pre, post, slots)
 
         decode_kv_max = max((w.ring_start(seq_cpu[b] - 1) for b in range(num_decodes)),
                             default=0)
