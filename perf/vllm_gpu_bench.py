@@ -22,6 +22,9 @@ bench_kv_dtype.py):
     auto (bf16), fp8, turboquant_4bit_nc, turboquant_3bit_nc   vLLM's own backends
     tq                                                          ours: --attention-backend CUSTOM,
                                                                 TQ_* format (default preset)
+    tq-b2                                                       ours with TQ_BOUNDARY_LAYERS=2: the
+                                                                first and last 2 layers exact, on
+                                                                the backend vLLM picks itself
 For `tq` the script also counts our Python forward calls during the timed decode steps: 0 means
 every decode step replayed a full CUDA graph (the graph skips Python entirely).
 
@@ -58,7 +61,32 @@ LLAMA3_8B = {
                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "use_cache": True, "vocab_size": 128256}
-CONFIGS = ("auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "tq")
+CONFIGS = ("auto", "fp8", "turboquant_4bit_nc", "turboquant_3bit_nc", "tq", "tq-b2")
+QUALITY_CONFIGS = ("auto", "tq", "tq-b2")
+
+
+def _select_ours(config: str, kw: dict) -> bool:
+    """For "tq" / "tq-bN": register and name our backend (TQ_BOUNDARY_LAYERS=N); else False."""
+    if not config.startswith("tq"):
+        return False
+    import tq_vllm
+
+    if config.startswith("tq-b"):
+        os.environ["TQ_BOUNDARY_LAYERS"] = config[len("tq-b"):]
+    tq_vllm.register()  # in-process engine: no need for the entry point to be installed
+    kw["attention_backend"] = "CUSTOM"
+    return True
+
+
+def _layer_backends(llm) -> dict[str, int]:
+    """Backend name -> number of attention layers it serves."""
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    out: dict[str, int] = {}
+    for layer in ctx.values():
+        if hasattr(layer, "attn_backend"):
+            name = layer.attn_backend.get_name()
+            out[name] = out.get(name, 0) + 1
+    return out
 DECODE_STEPS = 128
 WARMUP_TOKENS = 2048
 # extra tokens per request in the timed run (see timed_decode); max_model_len is ctx + 256
@@ -125,11 +153,7 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
               max_num_seqs=max(batch, 8), tokenizer=None,
               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]})
     counter = None
-    if config == "tq":
-        import tq_vllm
-
-        tq_vllm.register()  # in-process engine: no need for the entry point to be installed
-        kw["attention_backend"] = "CUSTOM"
+    if _select_ours(config, kw):
         counter = _count_forward_calls()
     elif config != "auto":
         kw["kv_cache_dtype"] = config
@@ -160,7 +184,7 @@ def run_one(config: str, ctx: int, batch: int, runner: str, profile_steps: int =
                cudagraph_mode=str(getattr(vcfg.compilation_config, "cudagraph_mode", "?")),
                log=[g for g in grab.lines if "KV cache" in g or "concurrency" in g
                     or "backend" in g or "raw pool" in g][:8],
-               gpu=_gpu_name())
+               gpu=_gpu_name(), layer_backends=_layer_backends(llm))
     if prof:
         res["kernel_profile"] = prof
     res["prefill_steps"] = prefill
@@ -342,11 +366,7 @@ def run_smollm2(config: str, checkpoint: str, text_file: str | None, runner: str
     ppl_ids, greedy_ids = ids[:4096], ids[4096:4096 + 300]
     kw = dict(model=checkpoint, dtype="bfloat16", max_model_len=4096 + 512, seed=0,
               gpu_memory_utilization=0.3, enable_prefix_caching=False)
-    if config == "tq":
-        import tq_vllm
-
-        tq_vllm.register()
-        kw["attention_backend"] = "CUSTOM"
+    _select_ours(config, kw)
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     out = llm.generate([TokensPrompt(prompt_token_ids=ppl_ids)], sp, use_tqdm=False)[0]
@@ -357,7 +377,7 @@ def run_smollm2(config: str, checkpoint: str, text_file: str | None, runner: str
     import math
 
     return dict(config=config, ppl=math.exp(sum(nll) / len(nll)), ppl_tokens=len(nll),
-                greedy=greedy)
+                greedy=greedy, layer_backends=_layer_backends(llm))
 
 
 def _gpu_name() -> str:
@@ -433,7 +453,7 @@ def run_all(a) -> None:
     ckpt = None if a.no_quality else (a.smollm2 if a.table_only
                                       else _smollm2_dir(a.smollm2, a.smollm2_gguf))
     if ckpt:
-        for config in ("auto", "tq"):
+        for config in a.quality_configs:
             extra = ["--text", a.text] if a.text else []
             quality[config] = _saved(
                 a.save, f"smollm2-{config}-{a.runner}",
@@ -462,14 +482,18 @@ def run_all(a) -> None:
         if "tq_forward_calls_timed" in r:
             note = (f"{r['tq_forward_calls_timed']} Python forward calls in the "
                     f"{DECODE_STEPS} timed decode steps ({r['tq_layers']} layers)")
+            if len(r.get("layer_backends") or {}) > 1:
+                note += "; layers per backend: " + ", ".join(
+                    f"{k} {v}" for k, v in sorted(r["layer_backends"].items()))
         print(f"| {config} | {r['runner']} | {r['kv_tokens']:,} | {cap} | {r['tpot_ms']:.2f} | "
               f"{tp} | {r['tok_per_s']} | {r['prefill_s']:.1f} | {r['cudagraph_mode']} | "
               f"{note} |")
     if quality:
-        qa, qt = quality.get("auto"), quality.get("tq")
+        qa = quality.get("auto")
         print("\n| SmolLM2-135M (bf16 model) | prompt perplexity | greedy tokens equal to bf16 |")
         print("|---|---|---|")
-        for name, q in (("bf16 KV", qa), ("tq", qt)):
+        for name, q in [("bf16 KV", qa)] + [(c, quality.get(c)) for c in a.quality_configs
+                                            if c != "auto"]:
             if not q:
                 print(f"| {name} | failed | |")
                 continue
@@ -528,6 +552,8 @@ def main() -> None:
                     help="configurations whose run ends with a kernel profile of 8 steps")
     pa.add_argument("--text", default=None, help="text file for the perplexity")
     pa.add_argument("--no-quality", action="store_true")
+    pa.add_argument("--quality-configs", nargs="+", default=list(QUALITY_CONFIGS),
+                    choices=QUALITY_CONFIGS)
     pa.add_argument("--runner", choices=("v1", "v2"), default="v1")
     pa.add_argument("--timeout", type=int, default=1500)
     po = sub.add_parser("one")
@@ -538,7 +564,7 @@ def main() -> None:
     po.add_argument("--profile-steps", type=int, default=0)
     po.add_argument("--prefill-profile-steps", type=int, default=0)
     ps = sub.add_parser("smollm2")
-    ps.add_argument("config", choices=("auto", "tq"))
+    ps.add_argument("config", choices=QUALITY_CONFIGS)
     ps.add_argument("checkpoint")
     ps.add_argument("--text", default=None)
     ps.add_argument("--runner", choices=("v1", "v2"), default="v1")

@@ -153,3 +153,38 @@ def test_flattened_heads_and_half_precision():
     assert out.shape == (5, HQ * D) and out.dtype == torch.float16
     out = impl.forward(q[:1], k[:1], v[:1])
     assert out.shape == (1, HQ, D) and torch.isfinite(out).all()
+
+
+def test_boundary_layers_stay_exact():
+    """TQ_BOUNDARY_LAYERS / boundary_layers=2 of 6 layers: layers 0, 1, 4, 5 compress nothing
+    (prefill then decode past several flush points stays exact causal GQA attention); layers 2
+    and 3 compress as usual."""
+    cfg = TurboQuantConfig(num_layers=6, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                           flush_interval=4, boundary_layers=2, device="cpu")
+    assert [cfg.is_exact_layer(i) for i in range(6)] == [True, True, False, False, True, True]
+    q, k, v = tokens(13, 9)
+    for layer in range(6):
+        impl = TurboQuantAttentionImpl(HQ, D, SCALE, HKV, cfg, layer_idx=layer)
+        out = run_sequence(impl, q, k, v, prefill=5)
+        state = impl._states[0]
+        if not cfg.is_exact_layer(layer):
+            assert state.key_records.shape[0] > 0
+            continue
+        assert state.key_records.shape[0] == 0 and state.buffer_key.shape[0] == 13
+        for t in range(13):
+            want = O.exact_attention(q[:t + 1].double().numpy(), k[:t + 1].double().numpy(),
+                                     v[:t + 1].double().numpy(), SCALE, True)[-1:]
+            assert_close_verbose(out[t:t + 1], want, 4 * fp32_tol(D), 4 * fp32_tol(D),
+                                 f"layer {layer} step {t}")
+
+
+def test_boundary_layers_refuse_an_unknown_layer_index():
+    from tq_ops import TQConfigError
+
+    cfg = TurboQuantConfig(num_layers=6, boundary_layers=1, device="cpu")
+    with pytest.raises(TQConfigError, match="layer_idx=6 is outside 0..5"):
+        cfg.is_exact_layer(6)
+    with pytest.raises(TQConfigError, match="boundary_layers=-1 must be >= 0"):
+        TurboQuantConfig(boundary_layers=-1, device="cpu")
+    # without boundary layers any index is a compressed layer, as before
+    assert not TurboQuantConfig(num_layers=6, device="cpu").is_exact_layer(40)

@@ -192,3 +192,21 @@ def test_backend_declares_builtin_codebooks_for_its_codecs():
     codec = TQCodec.build(preset("seed", head_dim=64))
     codec.value_centroids.mul_(1.01)
     assert not attend.has_builtin_codebooks(codec)
+
+
+def test_boundary_layers_from_module_paths(monkeypatch):
+    from tq_vllm.config import is_boundary_layer
+
+    monkeypatch.setenv("TQ_BOUNDARY_LAYERS", "2")
+    path = "model.layers.{}.self_attn.attn"
+    assert [is_boundary_layer(path.format(i), 30) for i in (0, 1, 2, 27, 28, 29)] == \
+        [True, True, False, False, True, True]
+    with pytest.raises(ValueError, match="cannot tell the layer index"):
+        is_boundary_layer("model.blocks.3.layers.1.attn", 30)
+    with pytest.raises(ValueError, match="keeps all 4 layers"):
+        is_boundary_layer(path.format(0), 4)
+    monkeypatch.setenv("TQ_BOUNDARY_LAYERS", "0")
+    assert not is_boundary_layer("model.blocks.3.layers.1.attn", 4)
+    monkeypatch.setenv("TQ_BOUNDARY_LAYERS", "-1")
+    with pytest.raises(ValueError, match="TQ_BOUNDARY_LAYERS='-1' is invalid"):
+        is_boundary_layer(path.format(0), 30)

@@ -3,7 +3,8 @@
     TQ_B_MSE (2)  TQ_B_QJL (1)  TQ_FLUSH_INTERVAL (128)  TQ_NUM_LAYERS (32)  TQ_NUM_HEADS (32)
     TQ_NUM_KV_HEADS (32)  TQ_HEAD_DIM (128)  TQ_MAX_SEQ_LEN (4096)  TQ_DEVICE (cuda)
 and our additions: TQ_PRESET (unset; a preset name whose bits replace TQ_B_MSE/TQ_B_QJL defaults),
-TQ_VALUE_BITS (3), TQ_SINK_TOKENS (0), TQ_SEED (0).
+TQ_VALUE_BITS (3), TQ_SINK_TOKENS (0), TQ_SEED (0), TQ_BOUNDARY_LAYERS (0: the first and last N
+layers kept exact, "boundary protection").
 The vLLM plugin's opt-in switch TQ_VLLM_ENABLE (0) is read by `vllm_enabled` (it is not a format
 field, so `read_env` leaves it out).
 
@@ -45,6 +46,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("TQ_VALUE_BITS", "value_bits", 3, f"an integer in {_MSE_LO}..{_MSE_HI}", _MSE_LO, _MSE_HI),
     EnvVar("TQ_SINK_TOKENS", "sink_tokens", 0, "an integer >= 0", 0, _BIG),
     EnvVar("TQ_SEED", "rotation_seed", 0, "an integer >= 0", 0, _BIG),
+    EnvVar("TQ_BOUNDARY_LAYERS", "boundary_layers", 0, "an integer >= 0", 0, _BIG),
     EnvVar("TQ_PRESET", "preset", None, f"one of {sorted(PRESET_FIELDS)}"),
 )
 

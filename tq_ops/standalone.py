@@ -19,7 +19,8 @@ from tq_ops.config import TQConfig, TQConfigError
 
 @dataclass(frozen=True)
 class TurboQuantConfig:
-    """The seed's configuration (same field names and defaults), plus value bits, sinks and seed.
+    """The seed's configuration (same field names and defaults), plus value bits, sinks, seed and
+    boundary layers (the first and last `boundary_layers` of `num_layers` kept exact).
 
     `TurboQuantConfig.from_env()` reads the TQ_* variables (tq_ops._env).
     """
@@ -36,14 +37,16 @@ class TurboQuantConfig:
     value_bits: int = 3
     sink_tokens: int = 0
     rotation_seed: int = 0
+    boundary_layers: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+        for name in ("num_layers", "num_heads", "num_kv_heads", "max_seq_len", "boundary_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TQConfigError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise TQConfigError(f"{name}={value} must be >= 1")
+            if value < (0 if name == "boundary_layers" else 1):
+                raise TQConfigError(f"{name}={value} must be >= "
+                                    f"{0 if name == 'boundary_layers' else 1}")
         dev = self.device
         if not isinstance(dev, str) or not (dev in ("cpu", "cuda") or (
                 dev.startswith("cuda:") and dev[5:].isdigit())):
@@ -59,6 +62,17 @@ class TurboQuantConfig:
         values.pop("preset", None)
         values.update(overrides)
         return cls(**values)
+
+    def is_exact_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` (0-based, of num_layers) is a boundary layer kept exact."""
+        n = self.boundary_layers
+        if n == 0:
+            return False
+        if not 0 <= layer_idx < self.num_layers:
+            raise TQConfigError(f"layer_idx={layer_idx} is outside 0..{self.num_layers - 1} "
+                                f"(num_layers={self.num_layers}), so whether it is one of the "
+                                f"{n} first/last boundary layers is unknown")
+        return layer_idx < n or layer_idx >= self.num_layers - n
 
     @property
     def tq_config(self) -> TQConfig:
@@ -99,7 +113,9 @@ class TurboQuantAttentionImpl:
       * decode (one token) appends the raw token to the sequence's buffer; when the buffer holds
         flush_interval tokens they are compressed in one batch;
       * attention is one softmax over sinks, compressed tokens and buffered tokens; query head h
-        reads KV head h // (num_heads / num_kv_heads).
+        reads KV head h // (num_heads / num_kv_heads);
+      * a boundary layer (`tq_config.is_exact_layer(layer_idx)`, TQ_BOUNDARY_LAYERS) compresses
+        nothing: every token stays in the exact buffer and attention is exact.
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
@@ -112,6 +128,7 @@ class TurboQuantAttentionImpl:
             cfg = dataclasses.replace(cfg, head_dim=head_size)
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads, self.layer_idx, self.config = num_kv_heads, layer_idx, cfg
+        self.exact = cfg.is_exact_layer(layer_idx)
         self.format = cfg.tq_config
         self.device = cfg.resolved_device()
         self.codec = TQCodec.build(self.format, self.device)
@@ -203,7 +220,7 @@ class TurboQuantAttentionImpl:
                            self.scale, True)
         key_records, value_records = state.key_records, state.value_records
         prefill = n_new > 1
-        if prefill or recent_k.shape[0] >= max(f.flush_interval, 1):
+        if not self.exact and (prefill or recent_k.shape[0] >= max(f.flush_interval, 1)):
             kr, vr = self._encode(recent_k, recent_v)
             key_records = torch.cat([key_records, kr])
             value_records = torch.cat([value_records, vr])

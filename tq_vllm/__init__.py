@@ -11,6 +11,8 @@ the package changes nothing until the backend is selected:
 
 The format comes from the TQ_* variables (TQ_PRESET, TQ_B_MSE, TQ_B_QJL, TQ_VALUE_BITS,
 TQ_FLUSH_INTERVAL, TQ_SINK_TOKENS, TQ_SEED); head_dim and KV heads from the model.
+TQ_BOUNDARY_LAYERS=N leaves the first and last N layers exact, served by the backend vLLM would
+pick itself, in the same KV-cache group (one block table; capacity counts their larger pages).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ def register() -> None:
         names += (BACKEND_NAME,)
     if not compat.has_customize_spec():
         compat.install_legacy_spec_hook(_is_ours, _slot_bytes)
+    compat.install_boundary_layer_hook(
+        _is_ours, _is_boundary_layer,
+        lambda vllm_config: compat.our_backend_selected(vllm_config, names, forced))
     if compat.platform_is_cpu():
         compat.install_cpu_selection_hook(names, _path_for, forced,
                                           _checker(env_error))
@@ -55,6 +60,12 @@ def _is_ours(backend_cls) -> bool:
     from tq_vllm.backend import _is_ours as ours
 
     return ours(backend_cls)
+
+
+def _is_boundary_layer(prefix: str, num_layers: int) -> bool:
+    from tq_vllm.config import is_boundary_layer
+
+    return is_boundary_layer(prefix, num_layers)
 
 
 def _slot_bytes(head_size: int) -> int:

@@ -10,8 +10,11 @@ Eras (see the project's vLLM notes):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import inspect
 import sys
 from typing import Any
 
@@ -109,6 +112,96 @@ def install_legacy_spec_hook(is_ours, slot_bytes_for) -> None:
     cls.get_kv_cache_spec = get_kv_cache_spec
 
 
+# -- boundary layers: vLLM's own backend for the first and last N layers ----------------------
+
+# True while a boundary layer's backend is being chosen; a context variable rather than a flag on
+# a module, so that concurrent model builds (threads) cannot see each other's choice.
+_choosing_for_exact_layer: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tq_vllm_choosing_for_exact_layer", default=False)
+
+
+def _selector_cache_clear() -> None:
+    """vLLM caches the backend per (selected name, layer config); a boundary layer is chosen
+    with no name, which on CPU with TQ_VLLM_ENABLE=1 is also how our layers are chosen, so the
+    cache must not carry one choice over to the other."""
+    from vllm.v1.attention import selector
+
+    cached = getattr(selector, "_cached_get_attn_backend", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
+@contextlib.contextmanager
+def _vllm_own_choice(vllm_config):
+    """Inside: vLLM picks the backend it would pick with none named (and our CPU hook passes)."""
+    attention_config = vllm_config.attention_config
+    named = attention_config.backend
+    token = _choosing_for_exact_layer.set(True)
+    attention_config.backend = None
+    _selector_cache_clear()
+    try:
+        yield
+    finally:
+        attention_config.backend = named
+        _choosing_for_exact_layer.reset(token)
+        _selector_cache_clear()
+
+
+def our_backend_selected(vllm_config, our_names: tuple[str, ...], forced_on_cpu: bool) -> bool:
+    """Whether vLLM will give attention layers our backend: named by --attention-backend, or
+    TQ_VLLM_ENABLE=1 with no name on the CPU platform."""
+    attention_config = getattr(vllm_config, "attention_config", None)
+    named = getattr(attention_config, "backend", None)
+    if getattr(named, "name", None) in our_names:
+        return True
+    return named is None and forced_on_cpu and platform_is_cpu()
+
+
+def num_model_layers(vllm_config) -> int:
+    model_config = vllm_config.model_config
+    if hasattr(model_config, "get_total_num_hidden_layers"):
+        return int(model_config.get_total_num_hidden_layers())
+    return int(model_config.hf_text_config.num_hidden_layers)
+
+
+def install_boundary_layer_hook(is_ours, is_boundary, selected) -> None:
+    """Wrap Attention.__init__ (once): a layer for which `is_boundary(prefix, num_layers)` holds
+    while `selected(vllm_config)` (our backend is the one chosen) gets the backend vLLM picks
+    when none is named, with vLLM's own (exact) KV-cache spec.  vLLM keeps layers whose specs
+    differ only in page size in one KV-cache group (UniformTypeKVCacheSpecs), so they share the
+    block table and the capacity counts every layer's real bytes."""
+    from vllm.config import get_current_vllm_config
+    from vllm.model_executor.layers.attention import attention as attn_mod
+
+    cls = attn_mod.Attention
+    if getattr(cls.__init__, "_tq_wrapped", False):
+        return
+    original = cls.__init__
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        vllm_config = get_current_vllm_config()
+        exact = False
+        if selected(vllm_config):
+            bound = signature.bind_partial(self, *args, **kwargs).arguments
+            if bound.get("attn_backend") is None:
+                exact = is_boundary(str(bound.get("prefix", "")), num_model_layers(vllm_config))
+        if exact:
+            with _vllm_own_choice(vllm_config):
+                original(self, *args, **kwargs)
+            if is_ours(self.attn_backend):
+                raise ValueError(f"tq_vllm: boundary layer {self.layer_name!r} is to stay exact "
+                                 f"(TQ_BOUNDARY_LAYERS) but vLLM still chose the TurboQuant "
+                                 f"backend for it (a per-layer-kind backend setting?); name the "
+                                 f"backend with --attention-backend only")
+        else:
+            original(self, *args, **kwargs)
+
+    __init__._tq_wrapped = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+
+
 # -- CPU: the platform ignores --attention-backend ---------------------------------------------
 
 def install_cpu_selection_hook(our_names: tuple[str, ...], path_for, forced: bool,
@@ -126,7 +219,9 @@ def install_cpu_selection_hook(our_names: tuple[str, ...], path_for, forced: boo
 
     def get_attn_backend_cls(klass, selected_backend, attn_selector_config, *args, **kwargs):
         name = getattr(selected_backend, "name", None)
-        if name in our_names or (forced and selected_backend is None):
+        ours = name in our_names or (forced and selected_backend is None)
+        # a boundary layer gets vLLM's own choice (install_boundary_layer_hook)
+        if ours and not _choosing_for_exact_layer.get():
             check(attn_selector_config)
             return path_for(name if name in our_names else "CUSTOM")
         return original(selected_backend, attn_selector_config, *args, **kwargs)

@@ -1,8 +1,9 @@
 """The backend's format and what it refuses, with the reason the user sees at start-up.
 
 The format comes from the seed's TQ_* variables (tq_ops._env: TQ_PRESET, TQ_B_MSE, TQ_B_QJL,
-TQ_VALUE_BITS, TQ_FLUSH_INTERVAL, TQ_SINK_TOKENS, TQ_SEED); head_dim and the number of KV heads
-come from vLLM's model config (TQ_HEAD_DIM / TQ_NUM_* are ignored inside vLLM).
+TQ_VALUE_BITS, TQ_FLUSH_INTERVAL, TQ_SINK_TOKENS, TQ_SEED); head_dim, the number of KV heads and
+of layers come from vLLM's model config (TQ_HEAD_DIM / TQ_NUM_* are ignored inside vLLM).
+TQ_BOUNDARY_LAYERS=N leaves the first and last N layers to vLLM's own backend (exact K/V).
 """
 from __future__ import annotations
 
@@ -26,6 +27,30 @@ def format_for(head_size: int) -> TQConfig:
     b_mse, b_qjl, vb, seed, sinks, flush = _env_fields()
     return TQConfig(head_dim=head_size, key_mse_bits=b_mse, key_qjl_bits=b_qjl, value_bits=vb,
                     rotation_seed=seed, sink_tokens=sinks, flush_interval=flush)
+
+
+def boundary_layers() -> int:
+    """TQ_BOUNDARY_LAYERS: how many first and last layers stay exact (raises for a bad value)."""
+    return int(_env.read_env()["boundary_layers"])
+
+
+def is_boundary_layer(prefix: str, num_layers: int) -> bool:
+    """Whether the attention layer named `prefix` (vLLM's module path, e.g.
+    "model.layers.3.self_attn.attn") is one of the first/last TQ_BOUNDARY_LAYERS of the model's
+    `num_layers`.  Raises ValueError when the setting cannot be honoured."""
+    n = boundary_layers()
+    if n == 0:
+        return False
+    if 2 * n >= num_layers:
+        raise ValueError(f"TQ_BOUNDARY_LAYERS={n} keeps all {num_layers} layers of this model "
+                         f"exact, leaving nothing to compress: use vLLM's own backend instead "
+                         f"(or a value below {(num_layers + 1) // 2})")
+    numbers = [int(part) for part in prefix.split(".") if part.isdigit()]
+    if len(numbers) != 1:
+        raise ValueError(f"TQ_BOUNDARY_LAYERS={n}: cannot tell the layer index of the attention "
+                         f"layer {prefix!r} (expected one integer in its module path)")
+    index = numbers[0]
+    return index < n or index >= num_layers - n
 
 
 def window_for(cfg: TQConfig) -> Window:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import tq_ops  # noqa: F401
 from tq_ops.codec import TQCodec
@@ -79,7 +80,8 @@ def shakespeare(num_chars: int) -> str:
     return "\n".join(lines)[:num_chars]
 
 
-def reference_attention_fn(cfg: TQConfig, device="cpu", perturb: tuple[float, int] | None = None):
+def reference_attention_fn(cfg: TQConfig, device="cpu", perturb: tuple[float, int] | None = None,
+                           exact_layers: tuple[int, ...] = ()):
     """A transformers attention function for full-sequence (teacher-forced) forwards that applies
     tq_vllm.window's rule: query p sees sinks and its own flush group exact, everything between
     compressed with `cfg` through turboquant::encode_keys/encode_values and turboquant::attention.
@@ -89,7 +91,10 @@ def reference_attention_fn(cfg: TQConfig, device="cpu", perturb: tuple[float, in
 
     perturb=(eps, seed): every call first multiplies query, key and value elementwise by
     1 + eps * N(0, 1) (one seeded stream): float-level noise of the size that separates two fp32
-    implementations of the same model, to measure the spread of the reference itself."""
+    implementations of the same model, to measure the spread of the reference itself.
+
+    exact_layers: layer indices (transformers' module.layer_idx) attended exactly, as
+    TQ_BOUNDARY_LAYERS leaves them to vLLM's own backend."""
     codec = TQCodec.build(cfg, device)
     win = Window(cfg.flush_interval, cfg.sink_tokens)
     tq = torch.ops.turboquant
@@ -106,6 +111,8 @@ def reference_attention_fn(cfg: TQConfig, device="cpu", perturb: tuple[float, in
         # keys are exact: the rule is applied afresh on every call).  Returns (1, Tq, Hq, D).
         assert query.shape[0] == 1, "reference runs one sequence at a time"
         query, key, value = noisy(query), noisy(key), noisy(value)
+        if getattr(module, "layer_idx", None) in exact_layers:
+            return exact_attention(query, key, value, float(scaling)), None
         q = query[0].transpose(0, 1)
         k = key[0].transpose(0, 1).contiguous()
         v = value[0].transpose(0, 1).contiguous()
@@ -133,16 +140,32 @@ def reference_attention_fn(cfg: TQConfig, device="cpu", perturb: tuple[float, in
     return attn
 
 
+def exact_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """Causal softmax attention of the last Tq of Tk positions: query (1, Hq, Tq, D), key and
+    value (1, Hkv, Tk, D) -> (1, Tq, Hq, D); query head h reads KV head h // (Hq / Hkv)."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    tq_len, tk = query.shape[2], key.shape[2]
+    pos = torch.arange(tk - tq_len, tk)[:, None]
+    visible = torch.arange(tk)[None, :] <= pos
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=visible,
+                                                           scale=scale)
+    return out.transpose(1, 2)
+
+
 def load_reference_model(checkpoint: str | os.PathLike, cfg: TQConfig | None,
-                         dtype=torch.float32, perturb: tuple[float, int] | None = None):
-    """The checkpoint in transformers; cfg None gives exact (sdpa) attention.  perturb: see
-    reference_attention_fn."""
+                         dtype=torch.float32, perturb: tuple[float, int] | None = None,
+                         exact_layers: tuple[int, ...] = ()):
+    """The checkpoint in transformers; cfg None gives exact (sdpa) attention.  perturb and
+    exact_layers: see reference_attention_fn."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     impl = "sdpa"
     if cfg is not None:
         impl = "tq_vllm_reference"
-        AttentionInterface.register(impl, reference_attention_fn(cfg, perturb=perturb))
+        AttentionInterface.register(impl, reference_attention_fn(
+            cfg, perturb=perturb, exact_layers=tuple(exact_layers)))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation=impl)
     return model.eval()
 
@@ -188,6 +211,13 @@ def _capacity(llm) -> dict:
                 tokens=int(cc.num_gpu_blocks) * int(cc.block_size))
 
 
+def _layer_backends(llm) -> dict[str, str]:
+    """Attention layer name -> the name of the backend serving it (in-process engine only)."""
+    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    return {name: layer.attn_backend.get_name() for name, layer in ctx.items()
+            if hasattr(layer, "attn_backend")}
+
+
 def _generate(llm, prompts, max_tokens, **sp_kw):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -217,6 +247,7 @@ def scenario_capacity(a: dict) -> dict:
                   max_model_len=a["max_model_len"], kv_cache_memory_bytes=a["kv_bytes"],
                   enable_prefix_caching=False)
     res = _capacity(llm)
+    res["backends"] = _layer_backends(llm)
     if a.get("ppl_ids"):
         res["nll"] = _prompt_nll(llm, a["ppl_ids"])
     return res
@@ -239,7 +270,7 @@ def scenario_main(a: dict) -> dict:
                   kv_cache_memory_bytes=a["kv_bytes"], enable_prefix_caching=True,
                   max_num_batched_tokens=a["chunk"])
     lap("init")
-    res = dict(capacity=_capacity(llm), timing=timing)
+    res = dict(capacity=_capacity(llm), timing=timing, backends=_layer_backends(llm))
     res["nll"] = _prompt_nll(llm, a["ppl_ids"])
     lap("prompt_logprobs")
     res["greedy"] = list(_generate(llm, [a["greedy_ids"]], a["greedy_n"])[0].outputs[0].token_ids)
@@ -304,9 +335,10 @@ def scenario_start(a: dict) -> dict:
 
 def scenario_reference(a: dict) -> dict:
     """The same format outside vLLM (transformers + tq_ops reference ops, fp32): prompt NLL and
-    greedy continuation; and exact attention's prompt NLL."""
+    greedy continuation; and exact attention's prompt NLL.  a["exact_layers"]: layers attended
+    exactly (TQ_BOUNDARY_LAYERS)."""
     cfg = TQConfig(**a["format"])
-    ref = load_reference_model(a["checkpoint"], cfg)
+    ref = load_reference_model(a["checkpoint"], cfg, exact_layers=a.get("exact_layers", ()))
     res = dict(nll=(-prompt_logprobs(ref, a["ppl_ids"])).tolist(),
                greedy=greedy(ref, a["greedy_ids"], a["greedy_n"]))
     exact = load_reference_model(a["checkpoint"], None)
@@ -324,7 +356,8 @@ def scenario_spread(a: dict) -> dict:
     out = {}
     for seed in a["seeds"]:
         ref = load_reference_model(a["checkpoint"], cfg,
-                                   perturb=None if seed < 0 else (a["eps"], seed))
+                                   perturb=None if seed < 0 else (a["eps"], seed),
+                                   exact_layers=a.get("exact_layers", ()))
         nll = (-prompt_logprobs(ref, a["ppl_ids"])).tolist()
         out[str(seed)] = dict(ppl=math.exp(sum(nll) / len(nll)),
                               greedy=greedy(ref, a["greedy_ids"], a["greedy_n"]))
