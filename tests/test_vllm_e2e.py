@@ -274,6 +274,22 @@ def test_boundary_layers_match_reference(boundary_run, checkpoint, texts, backen
     assert agree == GREEDY_N
 
 
+@pytest.mark.parametrize("boundary", (0, BOUNDARY), ids=("ours-alone", "with-boundary-layers"))
+def test_block_size_follows_the_flush_interval(checkpoint, backend, boundary):
+    """TQ_FLUSH_INTERVAL=256 and no --block-size: the pool's blocks are 256 tokens (a prefix-cache
+    hit must end on a flush point), whichever backend vLLM asks first (on GPUs a boundary layer's
+    FlashAttention, which prefers 16) and although vLLM's CPU platform asks none."""
+    res = run_scenario("capacity", dict(checkpoint=str(checkpoint), dtype="bfloat16",
+                                        max_model_len=PPL_TOKENS + 64, kv_bytes=64 << 20,
+                                        backend=backend),
+                       TQ_FLUSH_INTERVAL=256, TQ_BOUNDARY_LAYERS=boundary)
+    print(f"\nTQ_FLUSH_INTERVAL=256, TQ_BOUNDARY_LAYERS={boundary}: block size "
+          f"{res['block_size']}")
+    assert res["block_size"] == 256
+    assert (backend in res["backends"].values()) and \
+        (len(set(res["backends"].values())) == (2 if boundary else 1))
+
+
 def test_boundary_layers_refuse_a_model_with_too_few_layers(tmp_path, backend):
     model = T.tiny_model(tmp_path / "tiny", head_dim=64, hidden_size=256)
     res = run_scenario("start", dict(checkpoint=str(model), backend=backend),

@@ -44,6 +44,7 @@ def register() -> None:
         names += (BACKEND_NAME,)
     if not compat.has_customize_spec():
         compat.install_legacy_spec_hook(_is_ours, _slot_bytes)
+    compat.install_block_size_hook(_is_ours)
     compat.install_boundary_layer_hook(
         _is_ours, _is_boundary_layer,
         lambda vllm_config: compat.our_backend_selected(vllm_config, names, forced))

@@ -15,6 +15,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import logging
 import sys
 from typing import Any
 
@@ -200,6 +201,72 @@ def install_boundary_layer_hook(is_ours, is_boundary, selected) -> None:
 
     __init__._tq_wrapped = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
+
+
+# -- the block size when several backends serve the model ------------------------------------
+
+def install_block_size_hook(is_ours) -> None:
+    """Wrap the platform's update_block_size_for_backend (once) so that, whenever our backend
+    serves layers and the user gave no --block-size, the block size is the one our backend
+    prefers (a multiple of the flush interval, which prefix caching needs) if every backend of
+    the model supports it.  vLLM asks only the first layer's backend (0.26-0.29; on GPUs
+    FlashAttention's 16 when a boundary layer comes first) or keeps its default when several
+    backends accept it (0.32), and vLLM's CPU platform never asks."""
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    if getattr(getattr(cls.update_block_size_for_backend, "__func__", None), "_tq_wrapped",
+               False):
+        return
+    original = cls.update_block_size_for_backend  # bound classmethod
+
+    def update_block_size_for_backend(klass, vllm_config, *args, **kwargs):
+        result = original(vllm_config, *args, **kwargs)
+        prefer_our_block_size(vllm_config, is_ours)
+        return result
+
+    update_block_size_for_backend._tq_wrapped = True  # type: ignore[attr-defined]
+    cls.update_block_size_for_backend = classmethod(update_block_size_for_backend)
+
+
+def model_backends(vllm_config) -> list:
+    """The distinct attention backends of the model's layers, in layer order."""
+    from vllm.config.vllm import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    out: list = []
+    for layer in get_layers_from_vllm_config(vllm_config, AttentionLayerBase).values():
+        backend = layer.get_attn_backend()
+        if backend not in out:
+            out.append(backend)
+    return out
+
+
+def prefer_our_block_size(vllm_config, is_ours) -> None:
+    from vllm.config.vllm import set_current_vllm_config
+
+    cache_config = vllm_config.cache_config
+    if vllm_config.model_config is None or getattr(cache_config, "user_specified_block_size",
+                                                     True):
+        return
+    backends = model_backends(vllm_config)
+    ours = [b for b in backends if is_ours(b)]
+    if not ours:
+        return
+    with set_current_vllm_config(vllm_config):
+        want = ours[0].get_preferred_block_size(cache_config.block_size)
+    if want == cache_config.block_size:
+        return
+    refusing = [b.get_name() for b in backends if not b.supports_block_size(want)]
+    if refusing:
+        logging.getLogger("tq_vllm").warning(
+            "tq_vllm: keeping block size %d: %s cannot take %d", cache_config.block_size,
+            "/".join(refusing), want)
+        return
+    logging.getLogger("tq_vllm").info(
+        "tq_vllm: block size %d -> %d (a multiple of TQ_FLUSH_INTERVAL, for %s)",
+        cache_config.block_size, want, "/".join(b.get_name() for b in backends))
+    cache_config.block_size = want
 
 
 # -- CPU: the platform ignores --attention-backend ---------------------------------------------
