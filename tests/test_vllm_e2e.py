@@ -344,8 +344,10 @@ def test_unsupported_model_fails_at_start(tmp_path, backend):
 
 
 # Every format variable goes through one parser (tq_ops._env, tested in the main suite); one of
-# them here, and the plugin's own switch, which is read in a different place.
-@pytest.mark.parametrize("var,value", [("TQ_B_MSE", "9"), ("TQ_VLLM_ENABLE", "yes")])
+# them here, the plugin's own switch, which is read in a different place, and the boundary
+# layers, read while the model's layers are built.
+@pytest.mark.parametrize("var,value", [("TQ_B_MSE", "9"), ("TQ_VLLM_ENABLE", "yes"),
+                                       ("TQ_BOUNDARY_LAYERS", "-1")])
 def test_bad_tq_variable_fails_at_start(tmp_path, backend, var, value):
     model = T.tiny_model(tmp_path / "tiny", head_dim=64, hidden_size=256)
     selected = None if var == "TQ_VLLM_ENABLE" else backend
