@@ -81,13 +81,13 @@ def _select_ours(config: str, kw: dict) -> bool:
 
 def _layer_backends(llm) -> dict[str, int]:
     """Backend name -> number of attention layers it serves."""
-    ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
-    out: dict[str, int] = {}
-    for layer in ctx.values():
-        if hasattr(layer, "attn_backend"):
-            name = layer.attn_backend.get_name()
-            out[name] = out.get(name, 0) + 1
-    return out
+    from collections import Counter
+
+    from tq_vllm.testing import layer_backends
+
+    return dict(Counter(layer_backends(llm).values()))
+
+
 DECODE_STEPS = 128
 WARMUP_TOKENS = 2048
 # extra tokens per request in the timed run (see timed_decode); max_model_len is ctx + 256

@@ -211,7 +211,7 @@ def _capacity(llm) -> dict:
                 tokens=int(cc.num_gpu_blocks) * int(cc.block_size))
 
 
-def _layer_backends(llm) -> dict[str, str]:
+def layer_backends(llm) -> dict[str, str]:
     """Attention layer name -> the name of the backend serving it (in-process engine only)."""
     ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     return {name: layer.attn_backend.get_name() for name, layer in ctx.items()
@@ -247,7 +247,7 @@ def scenario_capacity(a: dict) -> dict:
                   max_model_len=a["max_model_len"], kv_cache_memory_bytes=a["kv_bytes"],
                   enable_prefix_caching=False)
     res = _capacity(llm)
-    res["backends"] = _layer_backends(llm)
+    res["backends"] = layer_backends(llm)
     if a.get("ppl_ids"):
         res["nll"] = _prompt_nll(llm, a["ppl_ids"])
     return res
@@ -270,7 +270,7 @@ def scenario_main(a: dict) -> dict:
                   kv_cache_memory_bytes=a["kv_bytes"], enable_prefix_caching=True,
                   max_num_batched_tokens=a["chunk"])
     lap("init")
-    res = dict(capacity=_capacity(llm), timing=timing, backends=_layer_backends(llm))
+    res = dict(capacity=_capacity(llm), timing=timing, backends=layer_backends(llm))
     res["nll"] = _prompt_nll(llm, a["ppl_ids"])
     lap("prompt_logprobs")
     res["greedy"] = list(_generate(llm, [a["greedy_ids"]], a["greedy_n"])[0].outputs[0].token_ids)
