@@ -1,0 +1,112 @@
+"""Split-count sweep for the paged decode op (GPU, one call): does the op's time follow the
+split kernel's longest program, or the work per SM?
+
+    PYTHONPATH=. python perf/tune_splits.py [--rounds 3] [--out DIR]
+
+Not a benchmark of record (perf/gpu_check.py is).  At each shape (page 128, what the vLLM
+backend runs; the built-in codebooks declared, as the backend calls the op) it times the op at
+the table's split count (`tq_ops.triton.decode.num_splits`) and at its neighbours, in interleaved
+rounds, and prints beside each the quantities the two models predict from: the longest
+program's tiles (`ceil(tiles / splits)` rounded as `split_partial` rounds it) and the programs
+per resident slot (`rows * splits / (resident * SMs)`).  The outputs of every split count are
+compared with the table's (they differ only by the order of the log-sum-exp merge).  Readings:
+perf/NOTES.md, session 10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+PAGE = 128
+# (batch, ctx, raw tokens): the issue's decode shapes and vLLM's (8, 32k) with its flush buffer
+SHAPES = [(8, 32768, 64), (8, 32768, 0), (1, 32768, 0), (1, 131072, 0), (32, 16384, 0),
+          (64, 8192, 0), (8, 4096, 0)]
+
+
+def longest_program_tiles(ctx: int, splits: int, block_n: int) -> int:
+    """Tiles of the longest split program, as split_partial divides the positions."""
+    per = math.ceil(math.ceil(ctx / splits) / block_n)
+    return min(per, math.ceil(ctx / block_n))
+
+
+def candidates(rows: int, ctx: int, slots: int, default: int, block_n: int) -> list[int]:
+    one_wave = max(1, slots // rows)
+    near = range(max(1, default - 4), default + 6)
+    two = range(max(1, 2 * one_wave - 3), 2 * one_wave + 3)
+    cap = max(1, ctx // block_n)
+    return sorted({s for s in (*near, *two, one_wave + 1) if 1 <= s <= cap})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=str, default=os.environ.get("OUT"))
+    a = ap.parse_args()
+
+    import common as C
+    from tq_ops.ops.paged_decode_attention import launch
+    from tq_ops.triton.decode import decode_config, num_splits, page_tile
+
+    props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
+    cfg = decode_config("sm90", C.HEAD_DIM, 2)
+    block_n = page_tile(PAGE, cfg, C.HEAD_DIM)
+    slots = cfg.resident_programs_per_sm * sms
+    recs = []
+    for batch, ctx, raw in SHAPES:
+        case = C.decode_case(batch, ctx, block_size=PAGE, raw_tokens=raw)
+        rows = batch * C.HKV
+        default = num_splits(batch, C.HKV, ctx, sms, cfg)
+        cands = candidates(rows, ctx, slots, default, block_n)
+        fns = {}
+        ref = launch(*case.args, builtin_codebooks=True, splits=default).float()
+        for s in cands:
+            def fn(s=s):
+                return launch(*case.args, builtin_codebooks=True, splits=s)
+            out = fn().float()
+            err = float((out - ref).abs().max() / ref.abs().max())
+            fns[s] = (fn, err)
+        torch.cuda.synchronize()
+        times = {s: [] for s in cands}
+        for _ in range(a.rounds):
+            for s in cands:
+                times[s].append(C.gpu_ms(fns[s][0], rep=50))
+        base = statistics.median(times[default])
+        for s in cands:
+            ms = statistics.median(times[s])
+            rec = dict(batch=batch, ctx=ctx, raw=raw, splits=s, default=default,
+                       programs=rows * s, slot_fill=rows * s / slots,
+                       longest_tiles=longest_program_tiles(ctx, s, block_n),
+                       ms=ms, ms_rounds=times[s], vs_default=ms / base, rel_err=fns[s][1])
+            recs.append(rec)
+            print("SPLITS " + json.dumps(rec), flush=True)
+        del case, fns
+        torch.cuda.empty_cache()
+    if a.out:
+        with open(os.path.join(a.out, "tune_splits.jsonl"), "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+    print()
+    print(f"card: {torch.cuda.get_device_name()}; {sms} SMs, {slots} resident split programs; "
+          f"page {PAGE}, tile {block_n}; command: PYTHONPATH=. python perf/tune_splits.py "
+          f"--rounds {a.rounds}")
+    print(f"{'shape':>16} {'splits':>6} {'fill':>5} {'tiles':>5} {'ms':>8} {'vs table':>8}")
+    for r in recs:
+        mark = " *" if r["splits"] == r["default"] else ""
+        shape = f"({r['batch']},{r['ctx'] // 1024}k{'+' + str(r['raw']) if r['raw'] else ''})"
+        print(f"{shape:>16} {r['splits']:>6} {r['slot_fill']:>5.2f} {r['longest_tiles']:>5} "
+              f"{r['ms']:>8.4f} {r['vs_default']:>7.3f}x{mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
