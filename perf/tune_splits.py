@@ -5,8 +5,9 @@ split kernel's longest program, or the work per SM?
 
 Not a benchmark of record (perf/gpu_check.py is).  At each shape (page 128, what the vLLM
 backend runs; the built-in codebooks declared, as the backend calls the op) it times the op at
-the table's split count (`tq_ops.triton.decode.num_splits`) and at its neighbours, in interleaved
-rounds, and prints beside each the quantities the two models predict from: the longest
+the table's split count (`tq_ops.triton.decode.num_splits`) and at its neighbours, and the op as
+it launches itself (the table's count plus a spare split where `spare_split` allows one, which
+the kernel takes per row when it pays), in interleaved rounds, and prints beside each the quantities the two models predict from: the longest
 program's tiles (`ceil(tiles / splits)` rounded as `split_partial` rounds it) and the programs
 per resident slot (`rows * splits / (resident * SMs)`).  The outputs of every split count are
 compared with the table's (they differ only by the order of the log-sum-exp merge).  Readings:
@@ -30,6 +31,9 @@ PAGE = 128
 # (batch, ctx, raw tokens): the issue's decode shapes and vLLM's (8, 32k) with its flush buffer
 SHAPES = [(8, 32768, 64), (8, 32768, 0), (1, 32768, 0), (1, 131072, 0), (32, 16384, 0),
           (64, 8192, 0), (8, 4096, 0)]
+# vLLM's (8, 32k) bench: block tables for max_model_len 33,024 positions, compressed lengths
+# 32,768..33,024 over its timed steps
+VLLM_CAPACITY, VLLM_LENGTHS = 33024, (32768, 32896, 33024)
 
 
 def longest_program_tiles(ctx: int, splits: int, block_n: int) -> int:
@@ -38,8 +42,12 @@ def longest_program_tiles(ctx: int, splits: int, block_n: int) -> int:
     return min(per, math.ceil(ctx / block_n))
 
 
-def candidates(rows: int, ctx: int, slots: int, default: int, block_n: int) -> list[int]:
+def candidates(rows: int, ctx: int, slots: int, default: int, block_n: int,
+               wide: bool) -> list[int]:
     one_wave = max(1, slots // rows)
+    if not wide:
+        return sorted({s for s in (default - 1, default, default + 1, 2 * one_wave)
+                       if 1 <= s <= max(1, ctx // block_n)})
     near = range(max(1, default - 4), default + 6)
     two = range(max(1, 2 * one_wave - 3), 2 * one_wave + 3)
     cap = max(1, ctx // block_n)
@@ -49,12 +57,16 @@ def candidates(rows: int, ctx: int, slots: int, default: int, block_n: int) -> l
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--wide", action="store_true",
+                    help="sweep ~16 counts around the wave's (session 10's first run)")
+    ap.add_argument("--vllm-only", action="store_true",
+                    help="only vLLM's (8, 32k) bench lengths at its block-table capacity")
     ap.add_argument("--out", type=str, default=os.environ.get("OUT"))
     a = ap.parse_args()
 
     import common as C
     from tq_ops.ops.paged_decode_attention import launch
-    from tq_ops.triton.decode import decode_config, num_splits, page_tile
+    from tq_ops.triton.decode import decode_config, num_splits, page_tile, spare_split
 
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
@@ -62,11 +74,16 @@ def main() -> int:
     block_n = page_tile(PAGE, cfg, C.HEAD_DIM)
     slots = cfg.resident_programs_per_sm * sms
     recs = []
-    for batch, ctx, raw in SHAPES:
+    shapes = [] if a.vllm_only else [(b, ctx, raw, ctx) for b, ctx, raw in SHAPES]
+    shapes += [(8, VLLM_CAPACITY, 64, n) for n in VLLM_LENGTHS]
+    for batch, ctx, raw, length in shapes:
         case = C.decode_case(batch, ctx, block_size=PAGE, raw_tokens=raw)
+        if length != ctx:
+            case.args = (*case.args[:3], torch.full((batch,), length, dtype=torch.int32,
+                                                    device="cuda"), *case.args[4:])
         rows = batch * C.HKV
         default = num_splits(batch, C.HKV, ctx, sms, cfg)
-        cands = candidates(rows, ctx, slots, default, block_n)
+        cands = candidates(rows, ctx, slots, default, block_n, a.wide)
         fns = {}
         ref = launch(*case.args, builtin_codebooks=True, splits=default).float()
         for s in cands:
@@ -75,6 +92,12 @@ def main() -> int:
             out = fn().float()
             err = float((out - ref).abs().max() / ref.abs().max())
             fns[s] = (fn, err)
+        # the op's own launch: num_splits plus the spare split where spare_split allows it
+        spare = spare_split(batch, C.HKV, ctx, sms, cfg, default)
+        out = launch(*case.args, builtin_codebooks=True).float()
+        fns["table"] = (lambda: launch(*case.args, builtin_codebooks=True),
+                        float((out - ref).abs().max() / ref.abs().max()))
+        cands = [*cands, "table"]
         torch.cuda.synchronize()
         times = {s: [] for s in cands}
         for _ in range(a.rounds):
@@ -83,9 +106,11 @@ def main() -> int:
         base = statistics.median(times[default])
         for s in cands:
             ms = statistics.median(times[s])
-            rec = dict(batch=batch, ctx=ctx, raw=raw, splits=s, default=default,
-                       programs=rows * s, slot_fill=rows * s / slots,
-                       longest_tiles=longest_program_tiles(ctx, s, block_n),
+            n = default + spare if s == "table" else s
+            rec = dict(batch=batch, ctx=ctx, length=length, raw=raw, splits=s, default=default,
+                       spare=spare if s == "table" else False,
+                       programs=rows * n, slot_fill=rows * n / slots,
+                       longest_tiles=longest_program_tiles(length, n, block_n),
                        ms=ms, ms_rounds=times[s], vs_default=ms / base, rel_err=fns[s][1])
             recs.append(rec)
             print("SPLITS " + json.dumps(rec), flush=True)
@@ -98,12 +123,18 @@ def main() -> int:
     print()
     print(f"card: {torch.cuda.get_device_name()}; {sms} SMs, {slots} resident split programs; "
           f"page {PAGE}, tile {block_n}; command: PYTHONPATH=. python perf/tune_splits.py "
-          f"--rounds {a.rounds}")
-    print(f"{'shape':>16} {'splits':>6} {'fill':>5} {'tiles':>5} {'ms':>8} {'vs table':>8}")
+          f"--rounds {a.rounds}{' --wide' if a.wide else ''}")
+    print("splits: the count launched (* num_splits' wave; N+1? the op's own launch with a "
+          "spare split, taken per row when it pays); tiles: the longest program's if every "
+          "split is used; vs: against the wave's count")
+    print(f"{'shape':>28} {'splits':>6} {'fill':>5} {'tiles':>5} {'ms':>8} {'vs wave':>8}")
     for r in recs:
         mark = " *" if r["splits"] == r["default"] else ""
-        shape = f"({r['batch']},{r['ctx'] // 1024}k{'+' + str(r['raw']) if r['raw'] else ''})"
-        print(f"{shape:>16} {r['splits']:>6} {r['slot_fill']:>5.2f} {r['longest_tiles']:>5} "
+        if r["splits"] == "table":
+            r = dict(r, splits=f"{r['default']}{'+1?' if r['spare'] else ''}")
+        shape = (f"({r['batch']},{r['ctx'] // 1024}k{'+' + str(r['raw']) if r['raw'] else ''}"
+                 f"{' len ' + str(r['length']) if r['length'] != r['ctx'] else ''})")
+        print(f"{shape:>28} {r['splits']:>6} {r['slot_fill']:>5.2f} {r['longest_tiles']:>5} "
               f"{r['ms']:>8.4f} {r['vs_default']:>7.3f}x{mark}")
     return 0
 

@@ -114,6 +114,22 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
     return max(1, min(want, cap, cfg.max_splits))
 
 
+def spare_split(batch: int, num_kv_heads: int, max_positions: int, sms: int,
+                cfg: DecodeConfig, splits: int) -> bool:
+    """Whether to launch one split per row beyond `splits` (num_splits' whole wave), which the
+    kernel uses only when it pays (split_partial): when a row's tiles leave the wave's last
+    split short, a 25th split of shorter ranges puts only short programs past the wave, which
+    start as the wave's own short ones finish.  Measured on an H200 (perf/tune_splits.py,
+    perf/NOTES.md session 10): at (8, 32k), 25 splits of 21 tiles (16 programs of 8 tiles past
+    the wave) took 0.968x the time of 24 splits of 22; 26 splits (80 programs past the wave,
+    16 of them full) 1.089x.  Not when one program per row already overfills the wave or a
+    cap stopped the split count."""
+    rows = max(1, batch * num_kv_heads)
+    cap = max(1, max_positions // cfg.min_tokens_per_split)
+    return (rows * splits <= cfg.resident_programs_per_sm * sms
+            and splits < min(cap, cfg.max_splits))
+
+
 @triton.jit
 def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexpr,
                        QJL: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr):
@@ -354,11 +370,11 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     return m_i, l_i, accs
 
 
-@triton.jit(do_not_specialize=['kv_start', 'num_splits'],
+@triton.jit(do_not_specialize=['kv_start', 'num_splits', 'full_splits'],
             do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr'])
 def decode_split_kernel(
         qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
-        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
+        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, full_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
@@ -393,14 +409,16 @@ def decode_split_kernel(
             for split in tl.range(0, num_splits):
                 split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
                               kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                              page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D,
+                              page_stride, num_splits, full_splits, tl.program_id(0), split,
+                              HKV, G, GP, D,
                               DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
                               OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES,
                               VALUE_WORDS, KT0, KT1, VT0, VT1)
         else:
             split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
                           kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                          page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
+                          page_stride, num_splits, full_splits, tl.program_id(0),
+                          tl.program_id(1), HKV, G,
                           GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
                           OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
                           KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
@@ -424,7 +442,7 @@ def nan_partial(o_ptr, m_ptr, l_ptr, bh, split, num_splits, GP: tl.constexpr, DP
 @triton.jit
 def split_partial(
         qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
-        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, split,
+        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, full_splits, bh, split,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
@@ -443,10 +461,17 @@ def split_partial(
     orow = part * GP + g
     kv_len = tl.load(kv_lens_ptr + b)
     # splits cover positions 0..kv_len-1 in whole tiles (so tiles never cross a page);
-    # positions below kv_start are masked
-    per = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * per
-    hi = tl.minimum(lo + per, kv_len)
+    # positions below kv_start are masked.  full_splits of them, or all num_splits (one
+    # spare, tq_ops.triton.decode.spare_split) when that leaves the last split short enough
+    # that its programs past the wave end within the others' time
+    tiles = tl.cdiv(kv_len, BLOCK_N)
+    per = tl.cdiv(tiles, full_splits)
+    if full_splits < num_splits:
+        per_spare = tl.cdiv(tiles, num_splits)
+        last = tiles - (num_splits - 1) * per_spare
+        per = tl.where(tl.maximum(per_spare, 2 * last) < per, per_spare, per)
+    lo = split * per * BLOCK_N
+    hi = tl.minimum(lo + per * BLOCK_N, kv_len)
     PLANES: tl.constexpr = FAST and KEY_PLANES and KB == 2 and planes_apply(KT0, KT1)
     WORDS: tl.constexpr = FAST and VALUE_WORDS and VB == 3 and (VT0 != 0 or VT1 != 0)
     if PLANES:
