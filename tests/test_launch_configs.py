@@ -39,7 +39,8 @@ def test_split_count_fills_whole_waves(cfg, batch, ctx, waves):
 @pytest.mark.parametrize("batch,ctx", SHAPES, ids=[f"b{b}-ctx{c}" for b, c in SHAPES])
 def test_spare_split_only_past_a_whole_wave(cfg, batch, ctx):
     # the kernel may use one split beyond num_splits' wave (split_partial decides per row);
-    # never when one split per row already overfills the slots or a cap set the count
+    # never when one split per row already overfills the slots, a cap set the count, or more
+    # than half of the spare programs would wait past the wave
     hkv = 8
     ns = num_splits(batch, hkv, ctx, SMS, cfg)
     spare = spare_split(batch, hkv, ctx, SMS, cfg, ns)
@@ -47,6 +48,8 @@ def test_spare_split_only_past_a_whole_wave(cfg, batch, ctx):
     cap = max(1, ctx // cfg.min_tokens_per_split)
     if spare:
         assert batch * hkv * ns <= slots and ns + 1 <= min(cap, cfg.max_splits)
+        # at most half of the spare split's programs past the wave
+        assert 2 * (batch * hkv * (ns + 1) - slots) <= batch * hkv
     if (batch, ctx) == (8, 32768):
         assert spare  # the measured case (spare_split's docstring)
 

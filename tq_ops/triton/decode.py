@@ -117,17 +117,22 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
 def spare_split(batch: int, num_kv_heads: int, max_positions: int, sms: int,
                 cfg: DecodeConfig, splits: int) -> bool:
     """Whether to launch one split per row beyond `splits` (num_splits' whole wave), which the
-    kernel uses only when it pays (split_partial): when a row's tiles leave the wave's last
-    split short, a 25th split of shorter ranges puts only short programs past the wave, which
-    start as the wave's own short ones finish.  Measured on an H200 (perf/tune_splits.py,
-    perf/NOTES.md session 10): at (8, 32k), 25 splits of 21 tiles (16 programs of 8 tiles past
-    the wave) took 0.968x the time of 24 splits of 22; 26 splits (80 programs past the wave,
-    16 of them full) 1.089x.  Not when one program per row already overfills the wave or a
-    cap stopped the split count."""
+    kernel takes, row by row, only when it pays (split_partial): when a row's tiles leave the
+    spare split short, the programs that do not fit in the wave are spare-split programs, each
+    starting in the slot of a short spare-split program of the wave as it finishes.  So it is
+    offered only while at most half of the spare split's programs fall past the wave (each has
+    a short sibling in the wave to follow), never when one program per row already overfills
+    the wave or a cap set the split count.
+
+    Measured on an H200 (perf/tune_splits.py, perf/NOTES.md session 10), (8, 32k) at vLLM's
+    block-table capacity of 33,024 positions, the op against 24 splits: lengths 32,768 and
+    32,896 take the spare split, 0.971x and 0.978x; 33,024 does not, 1.001x.  Plain 26 splits
+    (80 programs past the wave, 16 of them full) took 1.089x."""
     rows = max(1, batch * num_kv_heads)
+    slots = cfg.resident_programs_per_sm * sms
     cap = max(1, max_positions // cfg.min_tokens_per_split)
-    return (rows * splits <= cfg.resident_programs_per_sm * sms
-            and splits < min(cap, cfg.max_splits))
+    past_wave = rows * (splits + 1) - slots
+    return rows * splits <= slots and 2 * past_wave <= rows and splits < min(cap, cfg.max_splits)
 
 
 @triton.jit
