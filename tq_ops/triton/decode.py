@@ -22,7 +22,9 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    live here, not in the split kernel, so that the split kernel's register budget, and so its
    occupancy, is set by its hot loop alone.)
 
-NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only.
+NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only:
+num_splits' whole wave of resident programs, plus one spare split where spare_split offers it,
+which each row takes or leaves empty from its own length (split_partial).
 """
 from __future__ import annotations
 
