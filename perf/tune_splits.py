@@ -5,12 +5,12 @@ split kernel's longest program, or the work per SM?
 
 Not a benchmark of record (perf/gpu_check.py is).  At each shape (page 128, what the vLLM
 backend runs; the built-in codebooks declared, as the backend calls the op) it times the op at
-the table's split count (`tq_ops.triton.decode.num_splits`) and at its neighbours, and the op as
-it launches itself (the table's count plus a spare split where `spare_split` allows one, which
-the kernel takes per row when it pays), in interleaved rounds, and prints beside each the quantities the two models predict from: the longest
+one wave's split count (`tq_ops.triton.decode.num_splits(..., waves=1)`) and at its neighbours
+and two waves', and the op as it launches itself (the table's rule: one or two waves), in
+interleaved rounds, and prints beside each the quantities the two models predict from: the longest
 program's tiles (`ceil(tiles / splits)` rounded as `split_partial` rounds it) and the programs
 per resident slot (`rows * splits / (resident * SMs)`).  The outputs of every split count are
-compared with the table's (they differ only by the order of the log-sum-exp merge).  Readings:
+compared with one wave's (they differ only in the order of the log-sum-exp merge).  Readings:
 perf/NOTES.md, session 10.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--wide", action="store_true",
-                    help="sweep ~16 counts around the wave's (session 10's first run)")
+                    help="sweep ~16 counts around one wave's (session 10's first run)")
     ap.add_argument("--vllm-only", action="store_true",
                     help="only vLLM's (8, 32k) bench lengths at its block-table capacity")
     ap.add_argument("--out", type=str, default=os.environ.get("OUT"))
@@ -66,7 +66,7 @@ def main() -> int:
 
     import common as C
     from tq_ops.ops.paged_decode_attention import launch
-    from tq_ops.triton.decode import decode_config, num_splits, page_tile, spare_split
+    from tq_ops.triton.decode import decode_config, num_splits, page_tile
 
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
@@ -82,7 +82,8 @@ def main() -> int:
             case.args = (*case.args[:3], torch.full((batch,), length, dtype=torch.int32,
                                                     device="cuda"), *case.args[4:])
         rows = batch * C.HKV
-        default = num_splits(batch, C.HKV, ctx, sms, cfg)
+        default = num_splits(batch, C.HKV, ctx, sms, cfg, waves=1)
+        table = num_splits(batch, C.HKV, ctx, sms, cfg)
         cands = candidates(rows, ctx, slots, default, block_n, a.wide)
         fns = {}
         ref = launch(*case.args, builtin_codebooks=True, splits=default).float()
@@ -92,8 +93,7 @@ def main() -> int:
             out = fn().float()
             err = float((out - ref).abs().max() / ref.abs().max())
             fns[s] = (fn, err)
-        # the op's own launch: num_splits plus the spare split where spare_split allows it
-        spare = spare_split(batch, C.HKV, ctx, sms, cfg, default)
+        # the op's own launch (the table's rule)
         out = launch(*case.args, builtin_codebooks=True).float()
         fns["table"] = (lambda: launch(*case.args, builtin_codebooks=True),
                         float((out - ref).abs().max() / ref.abs().max()))
@@ -106,9 +106,9 @@ def main() -> int:
         base = statistics.median(times[default])
         for s in cands:
             ms = statistics.median(times[s])
-            n = default + spare if s == "table" else s
+            n = table if s == "table" else s
             rec = dict(batch=batch, ctx=ctx, length=length, raw=raw, splits=s, default=default,
-                       spare=spare if s == "table" else False,
+                       table=table,
                        programs=rows * n, slot_fill=rows * n / slots,
                        longest_tiles=longest_program_tiles(length, n, block_n),
                        ms=ms, ms_rounds=times[s], vs_default=ms / base, rel_err=fns[s][1])
@@ -124,14 +124,13 @@ def main() -> int:
     print(f"card: {torch.cuda.get_device_name()}; {sms} SMs, {slots} resident split programs; "
           f"page {PAGE}, tile {block_n}; command: PYTHONPATH=. python perf/tune_splits.py "
           f"--rounds {a.rounds}{' --wide' if a.wide else ''}")
-    print("splits: the count launched (* num_splits' wave; N+1? the op's own launch with a "
-          "spare split, taken per row when it pays); tiles: the longest program's if every "
-          "split is used; vs: against the wave's count")
+    print("splits: the count launched (* one wave's; 'op N': the op's own launch, N splits); "
+          "tiles: the longest program's; vs: against one wave's count")
     print(f"{'shape':>28} {'splits':>6} {'fill':>5} {'tiles':>5} {'ms':>8} {'vs wave':>8}")
     for r in recs:
         mark = " *" if r["splits"] == r["default"] else ""
         if r["splits"] == "table":
-            r = dict(r, splits=f"{r['default']}{'+1?' if r['spare'] else ''}")
+            r = dict(r, splits=f"op {r['table']}")
         shape = (f"({r['batch']},{r['ctx'] // 1024}k{'+' + str(r['raw']) if r['raw'] else ''}"
                  f"{' len ' + str(r['length']) if r['length'] != r['ctx'] else ''})")
         print(f"{shape:>28} {r['splits']:>6} {r['slot_fill']:>5.2f} {r['longest_tiles']:>5} "

@@ -253,29 +253,6 @@ def _child() -> dict:
     ref = R.paged_decode_attention(*dargs)
     out["decode/many-splits"] = dict(err=float((got - ref).abs().max()),
                                      scale=float(ref.abs().max()))
-    # a spare split (tq_ops.triton.decode.spare_split): with 3 + 1 splits, a row of 13 tiles
-    # takes the fourth (4 + 4 + 4 + 1 beats 5 + 5 + 3), one of 12 does not (4 + 4 + 4 + 0), one
-    # of 1 tile leaves three splits empty; all in one launch
-    bn = dec.page_tile(bs, dec.decode_config("cpu", d, kb), d)
-    lens = [13 * bn - 3, 12 * bn, 5]
-    mb = max(lens) // bs + 1
-    cache = torch.randint(0, 256, (3 * mb + 1, hkv, bs * c.config.layout.slot_bytes),
-                          dtype=torch.uint8)
-    bt = (torch.randperm(3 * mb) + 1).reshape(3, mb).to(torch.int32)
-    for i, n in enumerate(lens):
-        kk, vv = torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-        sl = bt[i].long()[torch.arange(n) // bs] * bs + torch.arange(n) % bs
-        R.write_cache(kk, vv, cache, sl, c.rotation, c.qjl_projection, c.key_centroids,
-                      c.value_centroids, kb, qjl, vb)
-    dargs = (torch.randn(3, hkv * g, d), cache, bt, torch.tensor(lens, dtype=torch.int32), pk,
-             pv, torch.tensor([0, 2, 1], dtype=torch.int32),
-             torch.tensor([3, 0, 1], dtype=torch.int32),
-             c.rotation, c.qjl_projection, c.key_centroids, c.value_centroids, kb, qjl, vb,
-             d ** -0.5, 2)
-    got = dec.launch(*dargs, raw=True, splits=3, spare=True)
-    ref = R.paged_decode_attention(*dargs)
-    out["decode/spare-split"] = dict(err=float((got - ref).abs().max()),
-                                     scale=float(ref.abs().max()))
     # the query prep's plane operands (tq_ops.triton.unpack, "bit planes"), head dims 64 and 256
     # (whole matrices, and JB-column blocks with a read-back)
     for d in (64, 256):
@@ -430,12 +407,6 @@ def test_decode_kernel_long_raw_runs(report):
 def test_decode_kernel_many_splits(report):
     # more split partials than one step of the merge kernel
     r = report["decode/many-splits"]
-    assert r["err"] <= ATT_RTOL * r["scale"], r
-
-
-def test_decode_kernel_spare_split(report):
-    # rows that take the spare split and rows that leave it empty, in one launch
-    r = report["decode/spare-split"]
     assert r["err"] <= ATT_RTOL * r["scale"], r
 
 

@@ -14,8 +14,7 @@ from tq_ops import _checks, codebooks, layout, reference
 from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_merge_kernel,
-                                  decode_split_kernel, num_splits, page_tile, query_prep_kernel,
-                                  spare_split)
+                                  decode_split_kernel, num_splits, page_tile, query_prep_kernel)
 from tq_ops.triton.launch import arch, register_cap, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width, symmetric_table
 
@@ -37,13 +36,13 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
            projection: Tensor, key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
            qjl: bool, value_bits: int, scale: float, kv_start: int, raw: bool = False,
            builtin_codebooks: bool = False, config: DecodeConfig | None = None,
-           splits: int | None = None, spare: bool = False) -> Tensor:
+           splits: int | None = None) -> Tensor:
     """The Triton body: prep, split and merge launches (tq_ops.triton.decode).
 
     raw=True launches the bare @triton.jit kernels instead of wrap_triton ones: the interpreter
     tests run this on CPU tensors under TRITON_INTERPRET=1.  config / splits replace the table's
-    launch config and split count, with one spare split beyond `splits` if `spare`
-    (perf/tune_decode.py and perf/tune_splits.py explore them; the op never passes them).
+    launch config and split count (perf/tune_decode.py and perf/tune_splits.py explore them;
+    the op never passes them).
     builtin_codebooks: the op's argument; with the fast decoders it drops the slow instance.
     """
     b, hq, d = query.shape
@@ -55,12 +54,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     cfg, cap = split_launch(config or decode_config(arch(query.device), d, key_bits),
                             query.device.type == "cuda")
     block_n = page_tile(bs, cfg, d)
-    if splits:
-        full, ns = splits, splits + spare
-    else:
-        positions, sms = block_table.shape[1] * bs, sm_count(query.device)
-        full = num_splits(b, hkv, positions, sms, cfg)
-        ns = full + spare_split(b, hkv, positions, sms, cfg, full)
+    ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
     dg = group_width(d)
     dp = 8 * dg
     gp = max(2, triton.next_power_of_2(g))
@@ -99,7 +93,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         grid = (b * hkv, 1) if use_fast and not fast else (b * hkv, ns)
         split[grid](
             qr, u, qp, qo, cache, block_table, kv_lens, key_centroids, value_centroids, o_part,
-            m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns, full, FAST=fast,
+            m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
             KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
     merge[(b * hq,)](

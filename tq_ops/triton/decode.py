@@ -23,8 +23,7 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    occupancy, is set by its hot loop alone.)
 
 NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only:
-num_splits' whole wave of resident programs, plus one spare split where spare_split offers it,
-which each row takes or leaves empty from its own length (split_partial).
+one or two whole waves of resident programs (num_splits).
 """
 from __future__ import annotations
 
@@ -58,6 +57,9 @@ class DecodeConfig:
     resident_programs_per_sm: int
     min_tokens_per_split: int
     max_splits: int
+    # two waves of split programs when each still gets this many positions of the block table's
+    # capacity (num_splits); 0 = always one wave.  Measured at sm90 / head_dim 128 only
+    min_tokens_two_waves: int = 0
     # ptxas register cap per thread (Triton's maxnreg launch option); 0 = the compiler's choice.
     # Eager launches only (tq_ops.triton.launch.register_cap says why).
     max_registers: int = 0
@@ -82,8 +84,12 @@ DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_pr
 # decoders at every shape (interleaved rounds in one process); the spread between runs (up to
 # 15%) follows the SM clock, which falls at the power cap under sustained load.  head_dim 64
 # keeps the table decoders, its measured row (the new decoders were not timed there).
+# head_dim 128 also takes two waves of split programs where each still gets 512 positions (8
+# tiles of 64): between the measured 6 tiles per program (two waves 10% slower than one) and 11
+# (2.3% faster); perf/NOTES.md, session 10, and num_splits.
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
-    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
+    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168,
+                                   min_tokens_two_waves=512),
     ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False, value_words=False),
 }
 
@@ -106,35 +112,34 @@ def page_tile(block_size: int, cfg: DecodeConfig, head_dim: int) -> int:
 
 
 def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
-               cfg: DecodeConfig, waves: int = 1) -> int:
+               cfg: DecodeConfig, waves: int | None = None) -> int:
     """Split count from shapes only: as many splits as fill `waves` whole waves of resident
     programs (a partial wave would leave SMs idle at the end), none smaller than
-    min_tokens_per_split positions of the block table's capacity."""
+    min_tokens_per_split positions of the block table's capacity.
+
+    waves=None is the table's rule: two whole waves when each program still gets
+    min_tokens_two_waves positions of the capacity, else one.  Two waves of shorter programs
+    let an SM whose first programs finish early take more, where one wave leaves the SMs that
+    drew a twelfth program running last; but each program has a fixed cost.  Measured on an
+    H200 (perf/tune_splits.py, perf/NOTES.md session 10), the op at two waves against one:
+    (8, 32k) 11 tiles per program 0.975-0.977x (and at vLLM's lengths 32,768-33,024 of a
+    33,024-position table: 0.976-0.977x), (32, 16k) 22 tiles 0.975x, (64, 8k) 22 tiles
+    0.941x; (1, 128k) 6 tiles 1.10x, (1, 32k) 2 tiles 1.22x, (8, 4k) 2 tiles 1.08-1.12x."""
     rows = max(1, batch * num_kv_heads)
-    want = max(1, waves * cfg.resident_programs_per_sm * sms // rows)
     cap = max(1, max_positions // cfg.min_tokens_per_split)
-    return max(1, min(want, cap, cfg.max_splits))
 
+    def fill(w: int) -> int:
+        return max(1, min(max(1, w * cfg.resident_programs_per_sm * sms // rows), cap,
+                          cfg.max_splits))
 
-def spare_split(batch: int, num_kv_heads: int, max_positions: int, sms: int,
-                cfg: DecodeConfig, splits: int) -> bool:
-    """Whether to launch one split per row beyond `splits` (num_splits' whole wave), which the
-    kernel takes, row by row, only when it pays (split_partial): when a row's tiles leave the
-    spare split short, the programs that do not fit in the wave are spare-split programs, each
-    starting in the slot of a short spare-split program of the wave as it finishes.  So it is
-    offered only while at most half of the spare split's programs fall past the wave (each has
-    a short sibling in the wave to follow), never when one program per row already overfills
-    the wave or a cap set the split count.
-
-    Measured on an H200 (perf/tune_splits.py, perf/NOTES.md session 10), (8, 32k) at vLLM's
-    block-table capacity of 33,024 positions, the op against 24 splits: lengths 32,768 and
-    32,896 take the spare split, 0.971x and 0.978x; 33,024 does not, 1.001x.  Plain 26 splits
-    (80 programs past the wave, 16 of them full) took 1.089x."""
-    rows = max(1, batch * num_kv_heads)
-    slots = cfg.resident_programs_per_sm * sms
-    cap = max(1, max_positions // cfg.min_tokens_per_split)
-    past_wave = rows * (splits + 1) - slots
-    return rows * splits <= slots and 2 * past_wave <= rows and splits < min(cap, cfg.max_splits)
+    if waves is not None:
+        return fill(waves)
+    one, two = fill(1), fill(2)
+    # a cap below two whole waves would leave a partial second wave: one wave then
+    if (cfg.min_tokens_two_waves and two >= 2 * one
+            and -(-max_positions // two) >= cfg.min_tokens_two_waves):
+        return two
+    return one
 
 
 @triton.jit
@@ -377,11 +382,11 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     return m_i, l_i, accs
 
 
-@triton.jit(do_not_specialize=['kv_start', 'num_splits', 'full_splits'],
+@triton.jit(do_not_specialize=['kv_start', 'num_splits'],
             do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr'])
 def decode_split_kernel(
         qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
-        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, full_splits,
+        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
@@ -416,16 +421,14 @@ def decode_split_kernel(
             for split in tl.range(0, num_splits):
                 split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
                               kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                              page_stride, num_splits, full_splits, tl.program_id(0), split,
-                              HKV, G, GP, D,
+                              page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D,
                               DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
                               OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES,
                               VALUE_WORDS, KT0, KT1, VT0, VT1)
         else:
             split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
                           kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                          page_stride, num_splits, full_splits, tl.program_id(0),
-                          tl.program_id(1), HKV, G,
+                          page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
                           GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
                           OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
                           KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
@@ -449,7 +452,7 @@ def nan_partial(o_ptr, m_ptr, l_ptr, bh, split, num_splits, GP: tl.constexpr, DP
 @triton.jit
 def split_partial(
         qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
-        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, full_splits, bh, split,
+        m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, split,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
@@ -468,17 +471,10 @@ def split_partial(
     orow = part * GP + g
     kv_len = tl.load(kv_lens_ptr + b)
     # splits cover positions 0..kv_len-1 in whole tiles (so tiles never cross a page);
-    # positions below kv_start are masked.  full_splits of them, or all num_splits (one
-    # spare, tq_ops.triton.decode.spare_split) when that leaves the last split short enough
-    # that its programs past the wave end within the others' time
-    tiles = tl.cdiv(kv_len, BLOCK_N)
-    per = tl.cdiv(tiles, full_splits)
-    if full_splits < num_splits:
-        per_spare = tl.cdiv(tiles, num_splits)
-        last = tiles - (num_splits - 1) * per_spare
-        per = tl.where(tl.maximum(per_spare, 2 * last) < per, per_spare, per)
-    lo = split * per * BLOCK_N
-    hi = tl.minimum(lo + per * BLOCK_N, kv_len)
+    # positions below kv_start are masked
+    per = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per
+    hi = tl.minimum(lo + per, kv_len)
     PLANES: tl.constexpr = FAST and KEY_PLANES and KB == 2 and planes_apply(KT0, KT1)
     WORDS: tl.constexpr = FAST and VALUE_WORDS and VB == 3 and (VT0 != 0 or VT1 != 0)
     if PLANES:
