@@ -133,6 +133,13 @@ PRESET_FIELDS: dict[str, dict[str, int]] = {
 DEFAULT_PRESET = "seed"
 
 
+def boundary_layer_indices(boundary: int, num_layers: int) -> set[int]:
+    """Indices of the first and last `boundary` of `num_layers` layers ("boundary protection":
+    kept exact); all of them when 2 * boundary >= num_layers."""
+    n = min(max(boundary, 0), num_layers)
+    return set(range(n)) | set(range(num_layers - n, num_layers))
+
+
 def preset(name: str, **overrides) -> TQConfig:
     """The named preset as a TQConfig, with any field overridden (e.g. head_dim=64)."""
     if name not in PRESET_FIELDS:

@@ -53,7 +53,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tq_ops import ops as tq
 from tq_ops.codec import TQCodec
-from tq_ops.config import TQConfig, preset
+from tq_ops.config import TQConfig, boundary_layer_indices, preset
 
 ATTN_IMPLEMENTATION = "turboquant"
 
@@ -431,7 +431,7 @@ class TurboQuantCache(Cache):
                                  f"{config.head_dim}, the model {n} of head_dim {d}")
             plan = config
         else:
-            exact = set(range(min(boundary_layers, n))) | set(range(max(n - boundary_layers, 0), n))
+            exact = boundary_layer_indices(boundary_layers, n)
             if isinstance(config, str):
                 config = preset(config, head_dim=d, **overrides)
             else:

@@ -14,7 +14,7 @@ from torch import Tensor
 from tq_ops import _checks, _env
 from tq_ops import ops as tq
 from tq_ops.codec import TQCodec
-from tq_ops.config import TQConfig, TQConfigError
+from tq_ops.config import TQConfig, TQConfigError, boundary_layer_indices
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class TurboQuantConfig:
             raise TQConfigError(f"layer_idx={layer_idx} is outside 0..{self.num_layers - 1} "
                                 f"(num_layers={self.num_layers}), so whether it is one of the "
                                 f"{n} first/last boundary layers is unknown")
-        return layer_idx < n or layer_idx >= self.num_layers - n
+        return layer_idx in boundary_layer_indices(n, self.num_layers)
 
     @property
     def tq_config(self) -> TQConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tq_ops import _env, capabilities
-from tq_ops.config import TQConfig
+from tq_ops.config import TQConfig, boundary_layer_indices
 from tq_vllm.window import Window
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,8 +49,7 @@ def is_boundary_layer(prefix: str, num_layers: int) -> bool:
     if len(numbers) != 1:
         raise ValueError(f"TQ_BOUNDARY_LAYERS={n}: cannot tell the layer index of the attention "
                          f"layer {prefix!r} (expected one integer in its module path)")
-    index = numbers[0]
-    return index < n or index >= num_layers - n
+    return numbers[0] in boundary_layer_indices(n, num_layers)
 
 
 def window_for(cfg: TQConfig) -> Window:

@@ -26,7 +26,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from tq_ops.config import PRESET_FIELDS, TQConfig
+from tq_ops.config import PRESET_FIELDS, TQConfig, boundary_layer_indices
 from tq_ops.hf_cache import LayerPlan
 
 _TQ_RE = re.compile(r"^k([1-4])(q1)?v([1-4])(nc)?$")
@@ -224,8 +224,7 @@ class Row:
         return self.tq_config(head_dim).slot_bytes
 
     def exact_layers(self, num_layers: int) -> set[int]:
-        n = min(self.boundary, num_layers)
-        return set(range(n)) | set(range(num_layers - n, num_layers))
+        return boundary_layer_indices(self.boundary, num_layers)
 
     def bits_per_channel(self, head_dim: int, num_layers: int) -> float:
         """Effective bits per channel, K and V averaged, every stored byte counted (norms, scales,
