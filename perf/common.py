@@ -113,7 +113,9 @@ def decode_case(batch: int, ctx: int, block_size: int = BLOCK_SIZE, fmt: str = "
     nblocks = batch * pages_per_seq + 1
     cache = torch.empty((nblocks, HKV, block_size * lay.slot_bytes), dtype=torch.uint8,
                         device="cuda")
-    perm = torch.randperm(nblocks - 1, generator=gen, device="cuda") + 1
+    # the page order from its own generator: the same K/V/q at every page size
+    perm_gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    perm = torch.randperm(nblocks - 1, generator=perm_gen, device="cuda") + 1
     block_table = perm.reshape(batch, pages_per_seq).to(torch.int32)
     chunk = 1 << 16
     for b in range(batch):

@@ -416,8 +416,7 @@ def scenario_same_inputs(a: dict) -> dict:
             n_pre = sum(c["q"].shape[0] for c in steps if not c["decode"])
             err = (ref - o).abs().amax((1, 2)) / o.abs().max()
             codec = TQCodec.build(fmt)
-            pages = steps[-1]["pages"]
-            pages = pages.view(pages.shape[0], pages.shape[1], -1)
+            pages = B.kernel_pages(steps[-1]["pages"], fmt.slot_bytes)
             kr, vr = reference.gather_pages(pages, steps[-1]["table"][None], hd, fmt.key_mse_bits,
                                             fmt.use_qjl, fmt.value_bits)
             kr, vr = kr[0, :k.shape[0]], vr[0, :k.shape[0]]
