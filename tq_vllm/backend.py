@@ -13,12 +13,11 @@ Data flow of one layer in one step (see tq_vllm.window for which tokens are exac
       each request's last group are copied into the raw pool (after, so that the group that the
       chunk started in is still there while it is read).
 
-Pages.  The kernels see pages of KERNEL_PAGE_TOKENS tokens: a vLLM block of a multiple of that
-many tokens (128 by default, get_preferred_block_size) holds pages_per_block(block_size) whole
-pages one after the other, each tq_ops.layout's (Hkv, page_tokens * slot_bytes) page.
-kernel_pages views vLLM's cache tensor as those pages; the metadata builder turns vLLM's block
-table into a page table (page 2b + 1 is the second half of block b when a block holds two);
-vLLM's slot numbers address the same token in both (slot // page_tokens is the page).
+Pages.  The kernels see pages of attend.KERNEL_PAGE_TOKENS tokens: a vLLM block of a multiple
+of that many tokens (128 by default, get_preferred_block_size) holds whole pages one after the
+other (attend.kernel_pages views vLLM's cache tensor as them), and the metadata builder turns
+vLLM's block table into a page table (attend.fill_page_table; page 2b + 1 is the second half
+of block b when a block holds two).  vLLM's slot numbers address the same token in both.
 """
 from __future__ import annotations
 
@@ -48,16 +47,6 @@ from vllm.v1.attention.backend import (  # noqa: E402
 
 logger = logging.getLogger("tq_vllm")
 
-# Tokens per page the kernels see, where vLLM's block holds whole pages of it.  The decode op
-# with 64-token tiles ran 6-10% faster on pages of 64 than of 128 or 256 (same tokens, same
-# split count; perf/tune_pages.py on an H200, perf/NOTES.md session 11).
-KERNEL_PAGE_TOKENS = 64
-
-
-def pages_per_block(block_size: int) -> int:
-    """Kernel pages per vLLM block: block_size / KERNEL_PAGE_TOKENS where that divides, else 1
-    (the block is the page)."""
-    return block_size // KERNEL_PAGE_TOKENS if block_size % KERNEL_PAGE_TOKENS == 0 else 1
 
 
 def _is_ours(backend_cls) -> bool:
@@ -107,7 +96,7 @@ class TQAttentionBackend(AttentionBackend):
 
         # (blocks, heads, tokens, slot) physically: each (block, head) region is contiguous.
         # The backend views each block as pages_per_block whole pages of tq_ops.layout
-        # (kernel_pages): (blocks, pages, heads, tokens, slot).
+        # (attend.kernel_pages): (blocks, pages, heads, tokens, slot).
         return (KVCacheLayout.LBHNC,)
 
     @classmethod
@@ -227,7 +216,7 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         self._capturing = False
         # the kernel page table (module docstring), persistent like the rows above; allocated
         # on the first build, when vLLM's block-table width is known
-        self.pages_per_block = pages_per_block(kv_cache_spec.block_size)
+        self.pages_per_block = attend.pages_per_block(kv_cache_spec.block_size)
         self.page_offsets = torch.arange(self.pages_per_block, dtype=torch.int32,
                                          device=self.device)
         self.page_table: Tensor | None = None
@@ -277,10 +266,8 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         if (self.page_table is None or self.page_table.shape[1] != width
                 or self.page_table.shape[0] < rows):
             self.page_table = torch.zeros((rows, width), dtype=torch.int32, device=self.device)
-        out = self.page_table[:n]
-        torch.add(self.page_offsets, block_table[:n].unsqueeze(-1), alpha=p,
-                  out=out.view(n, block_table.shape[1], p))
-        return out
+        attend.fill_page_table(block_table[:n], self.page_offsets, self.page_table[:n])
+        return self.page_table[:n]
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         # Capture runs on dummy requests: every row goes to the scratch row, so capture never
@@ -355,23 +342,6 @@ def _metadata_for(layer) -> TQMetadata | None:
     return md
 
 
-def kernel_pages(kv_cache: Tensor, slot_bytes: int) -> Tensor:
-    """vLLM's per-layer cache tensor (num_blocks, Hkv, block_size * slot_bytes) uint8 (or with
-    the last dimension split) as the kernels' pages: (num_blocks * P, Hkv,
-    block_size / P * slot_bytes) with P = pages_per_block(block_size) (module docstring)."""
-    if kv_cache.dim() != 3 and not kv_cache.is_contiguous():
-        raise RuntimeError("tq_vllm: the KV cache view is not contiguous; the backend needs the "
-                           "LBHNC layout (set VLLM_KV_CACHE_LAYOUT accordingly)")
-    blocks, heads = kv_cache.shape[0], kv_cache.shape[1]
-    pages = kv_cache if kv_cache.dim() == 3 else kv_cache.view(blocks, heads, -1)
-    p = pages_per_block(pages.shape[2] // slot_bytes)
-    if p == 1:
-        return pages
-    if not pages.is_contiguous():
-        raise RuntimeError("tq_vllm: the KV cache view is not contiguous")
-    return pages.view(blocks * p, heads, pages.shape[2] // p)
-
-
 class TQAttentionImpl(AttentionImpl[TQMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
@@ -424,7 +394,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         n = min(key.shape[0], slot_mapping.shape[0])
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        pages = kernel_pages(kv_cache, self.fmt.slot_bytes)
+        pages = attend.kernel_pages(kv_cache, self.fmt.slot_bytes)
         nd = min(md.num_decodes, n) if key.device.type == "cuda" else 0
         if nd:
             with self.side.fork(key.device):
@@ -465,7 +435,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         t, hq, d, hkv = md.num_actual_tokens, self.num_heads, self.head_size, self.num_kv_heads
         q = query[:t].view(t, hq, d)
         out = output[:t].view(t, hq, d)
-        cache = kernel_pages(kv_cache, self.fmt.slot_bytes)
+        cache = attend.kernel_pages(kv_cache, self.fmt.slot_bytes)
         nd = md.num_decodes
         if nd:
             block_table = md.block_table[:nd]
