@@ -210,38 +210,3 @@ def test_boundary_layers_from_module_paths(monkeypatch):
     monkeypatch.setenv("TQ_BOUNDARY_LAYERS", "-1")
     with pytest.raises(ValueError, match="TQ_BOUNDARY_LAYERS='-1' is invalid"):
         is_boundary_layer(path.format(0), 30)
-
-
-@pytest.mark.parametrize("block_size,pages", [(128, 2), (256, 4), (192, 3), (64, 1), (32, 1),
-                                              (96, 1)], ids=lambda v: str(v))
-def test_kernel_pages_address_the_tokens_vllm_slots_name(block_size, pages):
-    """A vLLM block of a multiple of 64 tokens holds whole 64-token kernel pages: tokens written
-    through the page view at vLLM's slot numbers read back, through the page table of vLLM's
-    block table, as the records of those positions."""
-    assert attend.pages_per_block(block_size) == pages
-    cfg = TQConfig(head_dim=64)
-    codec = TQCodec.build(cfg)
-    hkv, nblocks, length = 2, 5, 2 * block_size + block_size // 2 + 3
-    cache = torch.zeros((nblocks, hkv, block_size * cfg.slot_bytes), dtype=torch.uint8)
-    view = attend.kernel_pages(cache, cfg.slot_bytes)
-    assert view.shape == (nblocks * pages, hkv, block_size // pages * cfg.slot_bytes)
-    assert view.data_ptr() == cache.data_ptr()
-    block_table = torch.tensor([[3, 0, 4, 1]], dtype=torch.int32)  # one request, shuffled blocks
-    pos = torch.arange(length)
-    slots = block_table[0, pos // block_size].long() * block_size + pos % block_size
-    gen = torch.Generator().manual_seed(block_size)
-    k = torch.randn(length, hkv, 64, generator=gen)
-    v = torch.randn(length, hkv, 64, generator=gen)
-    torch.ops.turboquant.write_cache(k, v, view, slots, codec.rotation, codec.qjl_projection,
-                                     codec.key_centroids, codec.value_centroids,
-                                     cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
-    table = torch.full((1, block_table.shape[1] * pages), -1, dtype=torch.int32)
-    attend.fill_page_table(block_table, torch.arange(pages, dtype=torch.int32), table)
-    assert table[0, :pages].tolist() == [3 * pages + i for i in range(pages)]
-    keys, values = reference.gather_pages(view, table, 64, cfg.key_mse_bits, cfg.use_qjl,
-                                          cfg.value_bits)
-    want_k = reference.encode_keys(k, codec.rotation, codec.qjl_projection, codec.key_centroids,
-                                   cfg.key_mse_bits, cfg.use_qjl)
-    want_v = reference.encode_values(v, codec.rotation, codec.value_centroids, cfg.value_bits)
-    assert torch.equal(keys[0, :length], want_k)
-    assert torch.equal(values[0, :length], want_v)

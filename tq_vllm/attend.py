@@ -34,47 +34,6 @@ def decode(codec: TQCodec, window: Window, query: Tensor, cache: Tensor, block_t
                                      builtin_codebooks)
 
 
-# Tokens per page the kernels see, where vLLM's block holds whole pages of it.  The decode op
-# with 64-token tiles ran 6-10% faster on pages of 64 than of 128 or 256 (same tokens, same
-# split count; perf/tune_pages.py on an H200, perf/NOTES.md session 11).  A page's layout is
-# tq_ops.layout's (Hkv, page_tokens * slot_bytes); a block of P pages holds them one after the
-# other, and vLLM's slot s (block s // block_size) is token s % page_tokens of page
-# s // page_tokens either way.
-KERNEL_PAGE_TOKENS = 64
-
-
-def pages_per_block(block_size: int) -> int:
-    """Kernel pages per vLLM block: block_size / KERNEL_PAGE_TOKENS where that divides, else 1
-    (the block is the page)."""
-    return block_size // KERNEL_PAGE_TOKENS if block_size % KERNEL_PAGE_TOKENS == 0 else 1
-
-
-def kernel_pages(kv_cache: Tensor, slot_bytes: int) -> Tensor:
-    """vLLM's per-layer cache tensor (num_blocks, Hkv, block_size * slot_bytes) uint8 (or with
-    the last dimension split) as the kernels' pages: (num_blocks * P, Hkv,
-    block_size / P * slot_bytes) with P = pages_per_block(block_size): the same memory."""
-    if kv_cache.dim() != 3 and not kv_cache.is_contiguous():
-        raise RuntimeError("tq_vllm: the KV cache view is not contiguous; the backend needs the "
-                           "LBHNC layout (set VLLM_KV_CACHE_LAYOUT accordingly)")
-    blocks, heads = kv_cache.shape[0], kv_cache.shape[1]
-    pages = kv_cache if kv_cache.dim() == 3 else kv_cache.view(blocks, heads, -1)
-    p = pages_per_block(pages.shape[2] // slot_bytes)
-    if p == 1:
-        return pages
-    if not pages.is_contiguous():
-        raise RuntimeError("tq_vllm: the KV cache view is not contiguous")
-    return pages.view(blocks * p, heads, pages.shape[2] // p)
-
-
-def fill_page_table(block_table: Tensor, offsets: Tensor, out: Tensor) -> None:
-    """out[b, P * j + i] = P * block_table[b, j] + i: the kernel pages of vLLM's block table
-    (B, MB) int32, with offsets = arange(P) int32 and out (B, MB * P) int32 (one launch, no
-    temporaries: the metadata builder fills a persistent buffer that captured graphs read)."""
-    p = offsets.shape[0]
-    n, mb = block_table.shape
-    torch.add(offsets, block_table.unsqueeze(-1), alpha=p, out=out.view(n, mb, p))
-
-
 def has_builtin_codebooks(codec: TQCodec) -> bool:
     """Whether the codec's codebooks are the built-in ones (a host check: one copy of the
     centroids; the backend makes it once per codec, before any graph capture)."""

@@ -12,12 +12,6 @@ Data flow of one layer in one step (see tq_vllm.window for which tokens are exac
       the compressed prefix, the raw pool and their own exact chunk; then the prefill tokens of
       each request's last group are copied into the raw pool (after, so that the group that the
       chunk started in is still there while it is read).
-
-Pages.  The kernels see pages of attend.KERNEL_PAGE_TOKENS tokens: a vLLM block of a multiple
-of that many tokens (128 by default, get_preferred_block_size) holds whole pages one after the
-other (attend.kernel_pages views vLLM's cache tensor as them), and the metadata builder turns
-vLLM's block table into a page table (attend.fill_page_table; page 2b + 1 is the second half
-of block b when a block holds two).  vLLM's slot numbers address the same token in both.
 """
 from __future__ import annotations
 
@@ -46,7 +40,6 @@ from vllm.v1.attention.backend import (  # noqa: E402
 )
 
 logger = logging.getLogger("tq_vllm")
-
 
 
 def _is_ours(backend_cls) -> bool:
@@ -94,9 +87,8 @@ class TQAttentionBackend(AttentionBackend):
     def supported_kv_cache_layouts(cls):
         from vllm.v1.kv_cache_interface import KVCacheLayout
 
-        # (blocks, heads, tokens, slot) physically: each (block, head) region is contiguous.
-        # The backend views each block as pages_per_block whole pages of tq_ops.layout
-        # (attend.kernel_pages): (blocks, pages, heads, tokens, slot).
+        # (blocks, heads, tokens, slot) physically: each (block, head) page is contiguous,
+        # which is tq_ops.layout's page.
         return (KVCacheLayout.LBHNC,)
 
     @classmethod
@@ -148,8 +140,7 @@ class TQMetadata:
     """Per-step metadata (shared by every layer of the group).
 
     Device tensors the captured decode path reads are slices of the builder's persistent buffers.
-    block_table (B, MB * pages_per_block) int32: the kernel pages of each request (vLLM's block
-    table itself when a block is one page; module docstring).  slot_mapping (T,) is vLLM's.  kv_lens / raw_lens / raw_index
+    block_table (B, MB) int32 and slot_mapping (T,) are vLLM's.  kv_lens / raw_lens / raw_index
     (B,) int32: per request, the compressed end (= ring start) and exact-token count of its last
     position, and its raw-pool row.  pre_rows / post_rows / slots (>= T,) int64: each token's
     raw-pool row for the write before attention (decode and sink tokens) and after it (prefill
@@ -214,12 +205,6 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         self.runner = compat.find_model_runner()
         self.rows = RawRows(self.max_reqs, self.window)
         self._capturing = False
-        # the kernel page table (module docstring), persistent like the rows above; allocated
-        # on the first build, when vLLM's block-table width is known
-        self.pages_per_block = attend.pages_per_block(kv_cache_spec.block_size)
-        self.page_offsets = torch.arange(self.pages_per_block, dtype=torch.int32,
-                                         device=self.device)
-        self.page_table: Tensor | None = None
 
     def _initial_req_rows(self, pin: bool = False) -> Tensor:
         """Host (kv_lens, raw_lens, raw_index) rows before any step: raw_index the scratch row."""
@@ -254,20 +239,6 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         if done is not None:
             done.record()
         self._turn ^= 1
-
-    def _page_table(self, block_table: Tensor, n: int) -> Tensor:
-        """Rows 0..n-1 of the kernel page table of vLLM's block table (B, MB) int32: page
-        b * P + i for the i-th of the P pages of block b, in one launch into the persistent
-        (rows, MB * P) buffer.  vLLM's table itself when P = 1."""
-        p = self.pages_per_block
-        if p == 1:
-            return block_table[:n]
-        rows, width = max(self.max_reqs, block_table.shape[0]), block_table.shape[1] * p
-        if (self.page_table is None or self.page_table.shape[1] != width
-                or self.page_table.shape[0] < rows):
-            self.page_table = torch.zeros((rows, width), dtype=torch.int32, device=self.device)
-        attend.fill_page_table(block_table[:n], self.page_offsets, self.page_table[:n])
-        return self.page_table[:n]
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         # Capture runs on dummy requests: every row goes to the scratch row, so capture never
@@ -319,11 +290,11 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         segs: list[Segment] = []
         for b in range(num_decodes, n):
             segs += split_segments(w, b, qsl_cpu[b], first_pos[b], seq_cpu[b])
-        page_table = self._page_table(cam.block_table_tensor, n)
-        plan = (attend.segment_plan(segs, page_table, self.raw_index[:n], self.device)
+        plan = (attend.segment_plan(segs, cam.block_table_tensor[:n], self.raw_index[:n],
+                                    self.device)
                 if segs and self.device.type == "cuda" else None)
         return TQMetadata(num_reqs=n, num_actual_tokens=t, num_decodes=num_decodes,
-                          block_table=page_table,
+                          block_table=cam.block_table_tensor[:n],
                           slot_mapping=cam.slot_mapping[:t], kv_lens=self.kv_lens[:n],
                           raw_lens=self.raw_lens[:n], raw_index=self.raw_index[:n],
                           pre_rows=self.pre_rows, post_rows=self.post_rows, slots=self.slots,
@@ -340,6 +311,16 @@ def _metadata_for(layer) -> TQMetadata | None:
     if isinstance(md, dict):
         md = md.get(layer.layer_name)
     return md
+
+
+def _pages(kv_cache: Tensor) -> Tensor:
+    """vLLM's per-layer cache tensor as tq_ops' (num_blocks, Hkv, block_size * slot_bytes)."""
+    if kv_cache.dim() == 3:
+        return kv_cache
+    if not kv_cache.is_contiguous():
+        raise RuntimeError("tq_vllm: the KV cache view is not contiguous; the backend needs the "
+                           "LBHNC layout (set VLLM_KV_CACHE_LAYOUT accordingly)")
+    return kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1)
 
 
 class TQAttentionImpl(AttentionImpl[TQMetadata]):
@@ -394,7 +375,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         n = min(key.shape[0], slot_mapping.shape[0])
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        pages = attend.kernel_pages(kv_cache, self.fmt.slot_bytes)
+        pages = _pages(kv_cache)
         nd = min(md.num_decodes, n) if key.device.type == "cuda" else 0
         if nd:
             with self.side.fork(key.device):
@@ -435,7 +416,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         t, hq, d, hkv = md.num_actual_tokens, self.num_heads, self.head_size, self.num_kv_heads
         q = query[:t].view(t, hq, d)
         out = output[:t].view(t, hq, d)
-        cache = attend.kernel_pages(kv_cache, self.fmt.slot_bytes)
+        cache = _pages(kv_cache)
         nd = md.num_decodes
         if nd:
             block_table = md.block_table[:nd]

@@ -373,7 +373,6 @@ def scenario_same_inputs(a: dict) -> dict:
     max |output| over prefill and decode tokens.  Not run by the tests (a bit-level comparison
     of records would depend on the CPU's GEMM paths); the evidence behind their tolerances."""
     from tq_ops import reference
-    from tq_vllm import attend
     from tq_vllm import backend as B
     from tq_vllm import config as tq_config
 
@@ -417,7 +416,8 @@ def scenario_same_inputs(a: dict) -> dict:
             n_pre = sum(c["q"].shape[0] for c in steps if not c["decode"])
             err = (ref - o).abs().amax((1, 2)) / o.abs().max()
             codec = TQCodec.build(fmt)
-            pages = attend.kernel_pages(steps[-1]["pages"], fmt.slot_bytes)
+            pages = steps[-1]["pages"]
+            pages = pages.view(pages.shape[0], pages.shape[1], -1)
             kr, vr = reference.gather_pages(pages, steps[-1]["table"][None], hd, fmt.key_mse_bits,
                                             fmt.use_qjl, fmt.value_bits)
             kr, vr = kr[0, :k.shape[0]], vr[0, :k.shape[0]]
