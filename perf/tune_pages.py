@@ -12,6 +12,12 @@ process.  Shapes: vLLM's (8, 32k) bench (a
 and the issue's (1, 128k) and (32, 16k).  Pages of 64 tokens and more share the 64-token
 tile, so their outputs must agree bit for bit (same splits, same sums); 32-token pages use
 16-token tiles at head_dim 128 (page_tile) and agree to fp32 rounding.
+
+Session 11 (perf/NOTES.md): pages of 128 and 256 timed 6-10% slower than 64 here, but the
+vLLM backend laid out as 64-token pages was no faster inside vLLM (TPOT 9.681 against 9.656 ms
+with 128-token pages, one sitting), and this script's page-64 times are 10-14% above
+gpu_check's for the same shapes: a reading of the op in this setting (several large caches
+built in one process), not of serving.
 """
 from __future__ import annotations
 

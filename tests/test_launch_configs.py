@@ -1,6 +1,6 @@
 """Launch configs as functions of shapes only.  The decode kernel's split count
-(tq_ops.triton.decode.num_splits) fills one or two whole waves of resident programs (two where
-the table's measurements put them), never splits finer than
+(tq_ops.triton.decode.num_splits) fills whole waves of resident programs (one, as the op
+launches it, or more for the tuning scripts), never splits finer than
 min_tokens_per_split positions, and stays within [1, max_splits]; the encode kernel's config
 (tq_ops.triton.encode.encode_config) depends on the write's size."""
 import pytest
@@ -38,26 +38,10 @@ def test_split_count_fills_whole_waves(cfg, batch, ctx, waves):
 
 @pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
 @pytest.mark.parametrize("batch,ctx", SHAPES, ids=[f"b{b}-ctx{c}" for b, c in SHAPES])
-def test_table_split_count_is_one_or_two_whole_waves(cfg, batch, ctx):
-    hkv = 8
-    one = num_splits(batch, hkv, ctx, SMS, cfg, waves=1)
-    two = num_splits(batch, hkv, ctx, SMS, cfg, waves=2)
-    got = num_splits(batch, hkv, ctx, SMS, cfg)
-    assert got in (one, two)
-    if got != one:
-        # two whole waves (no cap cut the second short), each program min_tokens_two_waves
-        assert cfg.min_tokens_two_waves and two >= 2 * one
-        assert -(-ctx // two) >= cfg.min_tokens_two_waves
-
-
-def test_two_waves_where_measured_faster():
-    # perf/NOTES.md, session 10: two waves at (8, 32k), (32, 16k), (64, 8k); one at batch 1
-    # and (8, 4k), where two were 8-22% slower
-    cfg = DECODE_CONFIGS[("sm90", 128, 2)]
-    for batch, ctx, waves in ((8, 32768, 2), (8, 33024, 2), (32, 16384, 2), (64, 8192, 2),
-                              (1, 4096, 1), (1, 32768, 1), (1, 131072, 1), (8, 4096, 1)):
-        assert num_splits(batch, 8, ctx, SMS, cfg) == num_splits(batch, 8, ctx, SMS, cfg,
-                                                                 waves=waves), (batch, ctx)
+def test_the_op_launches_one_wave(cfg, batch, ctx):
+    """Two waves lost inside vLLM (num_splits, perf/NOTES.md session 11): the op's own count is
+    one wave's."""
+    assert num_splits(batch, 8, ctx, SMS, cfg) == num_splits(batch, 8, ctx, SMS, cfg, waves=1)
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))

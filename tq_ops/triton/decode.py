@@ -23,7 +23,7 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    occupancy, is set by its hot loop alone.)
 
 NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only:
-one or two whole waves of resident programs (num_splits).
+one whole wave of resident programs (num_splits).
 """
 from __future__ import annotations
 
@@ -57,9 +57,6 @@ class DecodeConfig:
     resident_programs_per_sm: int
     min_tokens_per_split: int
     max_splits: int
-    # two waves of split programs when each still gets this many positions of the block table's
-    # capacity (num_splits); 0 = always one wave.  Measured at sm90 / head_dim 128 only
-    min_tokens_two_waves: int = 0
     # ptxas register cap per thread (Triton's maxnreg launch option); 0 = the compiler's choice.
     # Eager launches only (tq_ops.triton.launch.register_cap says why).
     max_registers: int = 0
@@ -84,12 +81,8 @@ DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_pr
 # decoders at every shape (interleaved rounds in one process); the spread between runs (up to
 # 15%) follows the SM clock, which falls at the power cap under sustained load.  head_dim 64
 # keeps the table decoders, its measured row (the new decoders were not timed there).
-# head_dim 128 also takes two waves of split programs where each still gets 512 positions (8
-# tiles of 64): between the measured 6 tiles per program (two waves 10% slower than one) and 11
-# (2.3% faster); perf/NOTES.md, session 10, and num_splits.
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
-    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168,
-                                   min_tokens_two_waves=512),
+    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
     ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False, value_words=False),
 }
 
@@ -112,34 +105,23 @@ def page_tile(block_size: int, cfg: DecodeConfig, head_dim: int) -> int:
 
 
 def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
-               cfg: DecodeConfig, waves: int | None = None) -> int:
+               cfg: DecodeConfig, waves: int = 1) -> int:
     """Split count from shapes only: as many splits as fill `waves` whole waves of resident
     programs (a partial wave would leave SMs idle at the end), none smaller than
-    min_tokens_per_split positions of the block table's capacity.
+    min_tokens_per_split positions of the block table's capacity.  The op launches one wave.
 
-    waves=None is the table's rule: two whole waves when each program still gets
-    min_tokens_two_waves positions of the capacity, else one.  Two waves of shorter programs
-    let an SM whose first programs finish early take more, where one wave leaves the SMs that
-    drew a twelfth program running last; but each program has a fixed cost.  Measured on an
-    H200 (perf/tune_splits.py, perf/NOTES.md session 10), the op at two waves against one:
-    (8, 32k) 11 tiles per program 0.975-0.977x (and at vLLM's lengths 32,768-33,024 of a
-    33,024-position table: 0.976-0.977x), (32, 16k) 22 tiles 0.975x, (64, 8k) 22 tiles
-    0.941x; (1, 128k) 6 tiles 1.10x, (1, 32k) 2 tiles 1.22x, (8, 4k) 2 tiles 1.08-1.12x."""
+    Two waves (perf/tune_splits.py explores them) timed 2-6% faster at (8, 32k), (32, 16k) and
+    (64, 8k) in session 10's op-level sweeps, but inside vLLM 0.26 on an H200 (session 11, one
+    sitting) a decode step took 9.764 ms with two waves and 9.681 with one.  The kernel
+    profiles (two sittings that day) had the split kernel at 4.38 ms per step with two waves and
+    4.39 with one, and the merge, reading 49 partials per row in two passes instead of 24 in
+    one, at 310 us per step instead of 245.  The sweeps timed the op 10-14% slower than
+    gpu_check's table at the same shapes, so they did not time it as vLLM runs it (perf/NOTES.md,
+    session 11)."""
     rows = max(1, batch * num_kv_heads)
     cap = max(1, max_positions // cfg.min_tokens_per_split)
-
-    def fill(w: int) -> int:
-        return max(1, min(max(1, w * cfg.resident_programs_per_sm * sms // rows), cap,
-                          cfg.max_splits))
-
-    if waves is not None:
-        return fill(waves)
-    one, two = fill(1), fill(2)
-    # a cap below two whole waves would leave a partial second wave: one wave then
-    if (cfg.min_tokens_two_waves and two >= 2 * one
-            and -(-max_positions // two) >= cfg.min_tokens_two_waves):
-        return two
-    return one
+    return max(1, min(max(1, waves * cfg.resident_programs_per_sm * sms // rows), cap,
+                      cfg.max_splits))
 
 
 @triton.jit
