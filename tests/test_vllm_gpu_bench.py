@@ -124,3 +124,19 @@ def test_triton_cache_entries_see_a_new_compile(bench, tmp_path, monkeypatch):
     (tmp_path / "BBB" / "prefill_kernel.json").write_text("{}")
     new = bench.triton_cache_entries() - before
     assert sorted(e.split("/")[1] for e in new) == ["prefill_kernel"]
+
+
+def test_ab_summary_takes_medians_and_skips_failed_runs(monkeypatch):
+    """perf/vllm_ab.py: each build's median TPOT over the rounds that returned, against bf16's
+    median; a build with no result has no ratio rather than a wrong one."""
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))
+    import vllm_ab
+
+    rows = vllm_ab.summarize({"new": [9.6, 9.8, 9.7], "old": [9.9, None, 9.7], "broken": [None]},
+                             [12.8, 12.6, None])
+    by = {r["build"]: r for r in rows}
+    assert by["new"]["median_ms"] == pytest.approx(9.7)
+    assert by["new"]["vs_bf16"] == pytest.approx(9.7 / 12.7)
+    assert by["old"]["median_ms"] == pytest.approx(9.8)
+    assert by["broken"]["median_ms"] is None and by["broken"]["vs_bf16"] is None
+    assert vllm_ab.summarize({"x": [9.0]}, [None])[0]["vs_bf16"] is None

@@ -1,0 +1,114 @@
+"""Builds of our backend against each other inside vLLM, in one sitting (GPU, vLLM installed).
+
+Op-level sweeps did not predict what helps inside vLLM (perf/NOTES.md, session 11: two waves
+of split programs and 64-token pages were faster at the op level and not in vLLM), so decode
+changes are ranked here.  A build is a copy of the code (tq_ops, tq_vllm and
+perf/vllm_gpu_bench.py) in a folder of its own, made on the development machine and carried to the GPU machine as untracked files:
+
+    mkdir -p perf/scratch/old
+    git archive REV tq_ops tq_vllm perf/vllm_gpu_bench.py | tar -x -C perf/scratch/old
+
+(perf/scratch is untracked, not ignored, so the device tool copies it; edit a copy to make a
+variant).  Then on the GPU machine, after the vLLM install (`. /root/stash/env.sh`):
+
+    PYTHONPATH=. python3 perf/vllm_ab.py . perf/scratch/old [--rounds 2] [--out DIR]
+
+Each round runs `perf/vllm_gpu_bench.py one tq 32768 8` from every build in turn (its own
+process, its own code first on sys.path) and then `one auto` (bf16), so that bf16's drift between
+runs (12.59-12.93 ms over the sittings of sessions 8-11) shows beside the builds'.  A round of
+two builds and bf16 takes about five minutes.  Prints, last, each build's TPOT per round, their
+median, and its ratio to bf16's median; raw results go to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_build(build: Path, config: str, ctx: int, batch: int, timeout: int) -> dict | None:
+    """`vllm_gpu_bench.py one CONFIG` from the build's own copy; its RESULT, or None."""
+    script = build / "perf" / "vllm_gpu_bench.py"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(build)] + [p for p in env.get("PYTHONPATH", "")
+                                                        .split(os.pathsep) if p not in ("", ".")])
+    cmd = [sys.executable, str(script), "one", config, str(ctx), str(batch), "--runner", "v1"]
+    print(f"+ ({build}) {' '.join(cmd[1:])}", flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=build,
+                              env=env)
+    except subprocess.TimeoutExpired:
+        print(f"  timed out after {timeout}s", flush=True)
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            print(f"  tpot {res['tpot_ms']} ms, {res['kv_tokens']:,} tokens", flush=True)
+            return res
+    print(f"  failed (rc={proc.returncode}):\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}",
+          flush=True)
+    return None
+
+
+def summarize(tpots: dict[str, list[float | None]], bf16: list[float | None]) -> list[dict]:
+    """Per build: its TPOTs by round (None: that run failed), their median, and the median's
+    ratio to bf16's median TPOT (None without a bf16 or build result)."""
+    base = [t for t in bf16 if t is not None]
+    base_med = statistics.median(base) if base else None
+    rows = []
+    for name, ts in tpots.items():
+        got = [t for t in ts if t is not None]
+        med = statistics.median(got) if got else None
+        rows.append(dict(build=name, tpot_ms=ts, median_ms=med,
+                         vs_bf16=med / base_med if med is not None and base_med else None))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("builds", nargs="+",
+                    help="folders holding tq_ops, tq_vllm and perf/vllm_gpu_bench.py")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    a = ap.parse_args()
+    builds = [Path(b).resolve() for b in a.builds]
+    for b in builds:
+        if not (b / "perf" / "vllm_gpu_bench.py").exists() or not (b / "tq_vllm").is_dir():
+            ap.error(f"{b} is not a build (perf/vllm_gpu_bench.py and tq_vllm/ expected)")
+    names = [str(b.relative_to(ROOT)) if b.is_relative_to(ROOT) else str(b) for b in builds]
+    tpots: dict[str, list] = {n: [] for n in names}
+    bf16: list = []
+    raw = []
+    for r in range(a.rounds):
+        for name, build in zip(names, builds):
+            res = run_build(build, "tq", a.ctx, a.batch, a.timeout)
+            tpots[name].append(res["tpot_ms"] if res else None)
+            raw.append(dict(round=r, build=name, config="tq", result=res))
+        res = run_build(ROOT, "auto", a.ctx, a.batch, a.timeout)
+        bf16.append(res["tpot_ms"] if res else None)
+        raw.append(dict(round=r, build=".", config="auto", result=res))
+        if a.out:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out) / "vllm_ab.json").write_text(json.dumps(raw))
+    rows = summarize(tpots, bf16)
+    print(f"\nvLLM A/B, batch {a.batch}, {a.ctx}-token prompts, {a.rounds} rounds; bf16 TPOT ms "
+          f"by round: {bf16}")
+    print(f"{'build':>32} {'TPOT ms by round':>28} {'median':>8} {'vs bf16':>8}")
+    for row in rows:
+        med = f"{row['median_ms']:.3f}" if row["median_ms"] is not None else "-"
+        ratio = f"{row['vs_bf16']:.4f}x" if row["vs_bf16"] is not None else "-"
+        print(f"{row['build']:>32} {str(row['tpot_ms']):>28} {med:>8} {ratio:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
