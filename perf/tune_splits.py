@@ -6,13 +6,14 @@ split kernel's longest program, or the work per SM?
 Not a benchmark of record (perf/gpu_check.py is).  At each shape (page 128, what the vLLM
 backend runs; the built-in codebooks declared, as the backend calls the op) it times the op at
 one wave's split count (`tq_ops.triton.decode.num_splits(..., waves=1)`) and at its neighbours
-and two waves', and the op as it launches itself (one wave), in interleaved rounds, and prints beside each the quantities the two models predict from: the longest
-program's tiles (`ceil(tiles / splits)` rounded as `split_partial` rounds it) and the programs
-per resident slot (`rows * splits / (resident * SMs)`).  The outputs of every split count are
+and two waves', and the op as it launches itself (one wave), in interleaved rounds, and
+prints beside each the quantities the two models predict from: the longest program's tiles
+(`ceil(tiles / splits)` rounded as `split_partial` rounds it) and the programs per resident
+slot (`rows * splits / (resident * SMs)`).  The outputs of every split count are
 compared with one wave's (they differ only in the order of the log-sum-exp merge).  Readings:
 perf/NOTES.md, session 10; session 11 found that its cases (several large caches built in one
 process) time the op 10-14% slower than gpu_check's table, and that the two waves it favoured
-lost inside vLLM: rank split counts inside vLLM (perf/vllm_gpu_bench.py) before adopting one.
+lost inside vLLM: rank split counts there (perf/vllm_ab.py) before adopting one.
 """
 from __future__ import annotations
 

@@ -37,14 +37,6 @@ def test_split_count_fills_whole_waves(cfg, batch, ctx, waves):
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
-@pytest.mark.parametrize("batch,ctx", SHAPES, ids=[f"b{b}-ctx{c}" for b, c in SHAPES])
-def test_the_op_launches_one_wave(cfg, batch, ctx):
-    """Two waves lost inside vLLM (num_splits, perf/NOTES.md session 11): the op's own count is
-    one wave's."""
-    assert num_splits(batch, 8, ctx, SMS, cfg) == num_splits(batch, 8, ctx, SMS, cfg, waves=1)
-
-
-@pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
 def test_page_tile_divides_the_page_and_avoids_32_at_head_dim_128(cfg):
     from tq_ops.triton.decode import page_tile
 
