@@ -5,7 +5,9 @@ Every time reported is GPU time: CUDA-graph replays timed with CUDA events
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -83,6 +85,14 @@ def keep_busy(fn: Callable[[], object], seconds: float) -> None:
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
+
+
+def save_jsonl(out_dir: str | None, name: str, records: list[dict]) -> None:
+    """records as JSON lines in out_dir/name (nothing without an out_dir)."""
+    if out_dir:
+        with open(os.path.join(out_dir, name), "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
 
 
 def gpu_ms(fn: Callable[[], object], rep: int = 200) -> float:

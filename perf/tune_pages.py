@@ -80,10 +80,7 @@ def main() -> int:
             print("PAGES " + json.dumps(rec), flush=True)
         del fns, outs, ref
         torch.cuda.empty_cache()
-    if a.out:
-        with open(os.path.join(a.out, "tune_pages.jsonl"), "w") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+    C.save_jsonl(a.out, "tune_pages.jsonl", recs)
     print()
     print(f"card: {torch.cuda.get_device_name()}; command: PYTHONPATH=. python perf/tune_pages.py "
           f"--rounds {a.rounds} --pages {a.pages}")

@@ -118,10 +118,7 @@ def main() -> int:
             print("SPLITS " + json.dumps(rec), flush=True)
         del case, fns
         torch.cuda.empty_cache()
-    if a.out:
-        with open(os.path.join(a.out, "tune_splits.jsonl"), "w") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+    C.save_jsonl(a.out, "tune_splits.jsonl", recs)
     print()
     print(f"card: {torch.cuda.get_device_name()}; {sms} SMs, {slots} resident split programs; "
           f"page {PAGE}, tile {block_n}; command: PYTHONPATH=. python perf/tune_splits.py "

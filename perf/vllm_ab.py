@@ -25,35 +25,22 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import vllm_gpu_bench
+
+ROOT = vllm_gpu_bench.ROOT
 
 
 def run_build(build: Path, config: str, ctx: int, batch: int, timeout: int) -> dict | None:
-    """`vllm_gpu_bench.py one CONFIG` from the build's own copy; its RESULT, or None."""
-    script = build / "perf" / "vllm_gpu_bench.py"
+    """`vllm_gpu_bench.py one CONFIG` from the build's own copy, its code first on the path;
+    its RESULT, or None."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(build)] + [p for p in env.get("PYTHONPATH", "")
                                                         .split(os.pathsep) if p not in ("", ".")])
-    cmd = [sys.executable, str(script), "one", config, str(ctx), str(batch), "--runner", "v1"]
-    print(f"+ ({build}) {' '.join(cmd[1:])}", flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=build,
-                              env=env)
-    except subprocess.TimeoutExpired:
-        print(f"  timed out after {timeout}s", flush=True)
-        return None
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            res = json.loads(line[7:])
-            print(f"  tpot {res['tpot_ms']} ms, {res['kv_tokens']:,} tokens", flush=True)
-            return res
-    print(f"  failed (rc={proc.returncode}):\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}",
-          flush=True)
-    return None
+    return vllm_gpu_bench._spawn(["one", config, str(ctx), str(batch), "--runner", "v1"],
+                                 timeout, root=build, env=env)
 
 
 def summarize(tpots: dict[str, list[float | None]], bf16: list[float | None]) -> list[dict]:

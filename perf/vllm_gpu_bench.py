@@ -387,11 +387,15 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def _spawn(args: list[str], timeout: int) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve())] + args
-    print("+", " ".join(cmd[1:]), flush=True)
+def _spawn(args: list[str], timeout: int, root: Path = ROOT,
+           env: dict | None = None) -> dict | None:
+    """This bench's `args` run from the tree at `root` (its own copy of the script, in that
+    folder); the RESULT it prints, or None."""
+    cmd = [sys.executable, str(root / "perf" / "vllm_gpu_bench.py")] + args
+    print(f"+ ({root})" if root != ROOT else "+", " ".join(cmd[1:]), flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root,
+                              env=env)
     except subprocess.TimeoutExpired:
         print(f"  timed out after {timeout}s", flush=True)
         return None
