@@ -78,9 +78,13 @@ def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n:
     consts["KEY_PLANES"] = planes
     consts["VALUE_WORDS"] = words
     fn = decode_split_kernel
+    # vLLM's: bf16 queries and raw pool
     types = {n: "*fp32" if n in FP32_POINTERS else "*u8" if n == "cache_ptr" else
-             "*fp16" if n == "qp_ptr" else "*i32" for n in fn.arg_names if n.endswith("_ptr")}
-    return compile_sm90(fn, consts, types, aligned=("page_stride",), num_warps=warps,
+             "*fp16" if n == "qp_ptr" else "*bf16" if n in ("q_ptr", "raw_k_ptr", "raw_v_ptr")
+             else "*i32" for n in fn.arg_names if n.endswith("_ptr")}
+    return compile_sm90(fn, consts, types,
+                        aligned=("page_stride", "rk_s0", "rk_s1", "rk_s2", "rv_s0", "rv_s1",
+                                 "rv_s2"), floats=("q_scale",), num_warps=warps,
                         num_stages=stages, maxnreg=maxnreg)
 
 
@@ -140,7 +144,7 @@ def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_
 
 
 def compile_small(kernel: str, warps: int, consts: dict):
-    """query_prep_kernel or decode_merge_kernel (fp16 queries, bf16 raw pool), with the
+    """query_prep_kernel (fp16 queries) or decode_merge_kernel, with the
     launcher's constexprs `consts`; their whole SASS is reported (no hot loop to speak of)."""
     from tq_ops.triton.decode import decode_merge_kernel, query_prep_kernel
 
@@ -229,7 +233,7 @@ def main() -> int:
         else:
             gp = max(2, triton.next_power_of_2(a.group))
             consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
-                          JB=P.WHOLE_MATRIX_COLUMNS, SC=P.MERGE_SPLITS, RAW_N=P.RAW_TILE)
+                          JB=P.WHOLE_MATRIX_COLUMNS, SC=P.MERGE_SPLITS)
             warps = a.warps or P.MERGE_WARPS
         k = compile_small(a.kernel, warps, consts)
         for line in ptxas_summary(k.asm["ptx"]):

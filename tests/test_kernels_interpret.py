@@ -208,7 +208,7 @@ def _child() -> dict:
     with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb): tile, ("cpu", d, vb): tile}):
         assert E.encode_config("cpu", d, kb, 2 * t) == tile
         out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
-    # decode with raw-pool runs longer than the merge kernel's raw tile (several online-softmax
+    # decode with raw-pool runs longer than the raw-pool program's tile (several online-softmax
     # steps over the exact tokens: vLLM's flush buffer holds up to S + F of them)
     kb, qjl, vb, d, g, bs = FORMATS[0]
     c = TQCodec.build(preset("seed", head_dim=d).replace(key_mse_bits=kb, key_qjl_bits=int(qjl),
@@ -232,6 +232,14 @@ def _child() -> dict:
     ref = R.paged_decode_attention(*dargs)
     out["decode/long-raw"] = dict(err=float((got - ref).abs().max()),
                                   scale=float(ref.abs().max()))
+    # the same with fp16 query and raw pool, as a model in half precision passes them: the raw
+    # partial's MMAs then take the 16-bit operands as they are and split the fp32 softmax weights
+    # into hi + lo halves (tq_ops.triton.decode.exact_dot); the fp32 run above takes tf32x3
+    hargs = (dargs[0].half(),) + dargs[1:4] + (pk.half(), pv.half()) + dargs[6:]
+    got = mod("paged_decode_attention").launch(*hargs, raw=True)
+    ref = R.paged_decode_attention(*hargs)
+    out["decode/long-raw-fp16"] = dict(err=float((got.float() - ref.float()).abs().max()),
+                                       scale=float(ref.float().abs().max()))
     # decode with more splits than one step of the merge takes (MERGE_SPLITS): the merge's
     # online max rescales what earlier steps summed; every split holds tokens
     dec = mod("paged_decode_attention")
@@ -399,9 +407,11 @@ def test_write_raw_kernel(report, case):
     assert r["written"] == 6, r  # 7 tokens, one of them padding
 
 
-def test_decode_kernel_long_raw_runs(report):
-    r = report["decode/long-raw"]
-    assert r["err"] <= ATT_RTOL * r["scale"], r
+@pytest.mark.parametrize("case", ["long-raw", "long-raw-fp16"])
+def test_decode_kernel_long_raw_runs(report, case):
+    r = report[f"decode/{case}"]
+    # fp16 output: one more fp16 rounding of it
+    assert r["err"] <= (ATT_RTOL + (2.0 ** -11 if "fp16" in case else 0)) * r["scale"], r
 
 
 def test_decode_kernel_many_splits(report):

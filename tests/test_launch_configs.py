@@ -125,9 +125,8 @@ def _kernels():
     return {
         "query_prep_kernel": (decode.query_prep_kernel, ["rows"], []),
         "decode_split_kernel": (decode.decode_split_kernel, ["kv_start", "num_splits"],
-                                ["bt_ptr", "kv_lens_ptr"]),
-        "decode_merge_kernel": (decode.decode_merge_kernel, ["num_splits"],
-                                ["raw_idx_ptr", "raw_lens_ptr"]),
+                                ["bt_ptr", "kv_lens_ptr", "raw_idx_ptr", "raw_lens_ptr"]),
+        "decode_merge_kernel": (decode.decode_merge_kernel, ["num_splits"], []),
         "prefill_kernel": (prefill.prefill_kernel, ["kv_start", "n_seqs"],
                            ["cu_ptr", "bt_ptr", "prefix_ptr", "raw_idx_ptr", "raw_lens_ptr"]),
         "encode_kernel": (encode.encode_kernel, ["n_rows"], ["slot_ptr"]),

@@ -24,11 +24,13 @@ PREP_ROWS = 16   # query rows per prep program
 WHOLE_MATRIX_COLUMNS = 128
 PREP_WARPS = 8
 # the merge: one program per query row (decode_merge_kernel).  Measured on an H200 (perf/NOTES.md,
-# session 5): 4 warps and 64-token raw tiles beat 2, 8 and 16 warps and 16- or 32-token tiles at
-# (1, 4k) and at (8, 32k) with 64 raw tokens per sequence
-RAW_TILE = 64      # raw-pool tokens per step (vLLM's flush buffer holds up to S + F ~ 130)
+# sessions 5 and 12): 4 warps beat 2, 8 and 16 warps, and 2 or 4 rows per program
 MERGE_SPLITS = 32  # partials loaded per step
 MERGE_WARPS = 4
+# the raw-pool partial, one program per (sequence, KV head) in the split launch
+# (tq_ops.triton.decode.raw_partial)
+RAW_TILE = 32      # raw-pool tokens per step (vLLM's flush buffer holds up to S + F ~ 130)
+RAW_COLUMNS = 32   # head_dim columns per MMA chunk
 
 
 def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, raw_key: Tensor,
@@ -90,16 +92,19 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     # codebooks; without, the slow instance alone
     alone = use_fast and builtin_codebooks
     for fast in ((True,) if alone else (True, False)) if use_fast else (False,):
-        grid = (b * hkv, 1) if use_fast and not fast else (b * hkv, ns)
+        # the fast (or only) instance has one program past the splits per row: the raw pool
+        grid = (b * hkv, 1) if use_fast and not fast else (b * hkv, ns + 1)
         split[grid](
             qr, u, qp, qo, cache, block_table, kv_lens, key_centroids, value_centroids, o_part,
-            m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns, FAST=fast,
+            m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns,
+            q, rk, rv, raw_index, raw_lens, scale * LOG2E,
+            rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+            FAST=fast,
             KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
     merge[(b * hq,)](
-        o_part, m_part, l_part, rotation, out, q, rk, rv, raw_index, raw_lens, ns, scale * LOG2E,
-        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=MERGE_SPLITS, RAW_N=RAW_TILE,
+        o_part, m_part, l_part, rotation, out, ns,
+        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=MERGE_SPLITS,
         num_warps=MERGE_WARPS)
     return out
 
@@ -140,7 +145,7 @@ def split_constants(hkv: int, g: int, d: int, key_bits: int, qjl: bool, value_bi
     return dict(HKV=hkv, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, DP=8 * dg, DG=dg,
                 BS=bs, BLOCK_N=block_n, KB=key_bits, QJL=qjl, VB=value_bits,
                 SLOT=lay.slot_bytes, PAIRED=paired, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
-                **offs, **align)
+                RAW_N=RAW_TILE, RAW_DC=RAW_COLUMNS, **offs, **align)
 
 
 @triton_op("turboquant::paged_decode_attention", mutates_args=())

@@ -5,22 +5,24 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
 1. `query_prep_kernel` (rows = B*Hq): q_rot = Pi q and u = S' q_rot in fp32 (tf32x3 dots), with the
    softmax scale * log2(e) folded in (and sqrt(pi/2)/D into u); for the bit-plane key decoders
    also their fp16 operands and per-query offsets (store_query_planes), once per query row.
-2. `decode_split_kernel`, grid (B*Hkv, NUM_SPLITS): program (b, h, s) walks its share of the
-   compressed positions kv_start..kv_lens[b]-1 in tiles of BLOCK_N tokens.  All G query
-   heads of the KV head are the N side of the MMAs, so each cache byte is read once: codes are
-   unpacked to fp16 in registers per coordinate group (tq_ops.triton.unpack), scores are
-   sum_r dot(centroids_r, q_rot_r^T) + gamma * sum_r dot(signs_r, u_r^T) on tensor cores, and the
-   values are accumulated in the rotated domain with dot(P^T, values_r).  Nothing dequantized is
-   written to memory.  Each writes a partial (max, sum, accumulator).  On CUDA it is launched
+2. `decode_split_kernel`, grid (B*Hkv, NUM_SPLITS + 1): program (b, h, s < NUM_SPLITS) walks
+   its share of the compressed positions kv_start..kv_lens[b]-1 in tiles of BLOCK_N tokens.
+   All G query heads of the KV head are the N side of the MMAs, so each cache byte is read
+   once: codes are unpacked to fp16 in registers per coordinate group (tq_ops.triton.unpack),
+   scores are sum_r dot(centroids_r, q_rot_r^T) + gamma * sum_r dot(signs_r, u_r^T) on tensor
+   cores, and the values are accumulated in the rotated domain with dot(P^T, values_r).
+   Nothing dequantized is written to memory.  Each writes a partial (max, sum, accumulator).
+   Program (b, h, NUM_SPLITS) attends the exact raw-pool tokens instead (raw_partial, original
+   domain), a short program that runs beside the splits.  On CUDA the kernel is launched
    twice, a fast instance (inline-asm decoders with baked codebooks) and a slow one (decoders
-   that read any codebook, one program per (b, h)); each program checks the codebooks and one
-   of the two returns at once (decode_split_kernel says why they are separate kernels).  A
-   caller that declares the built-in codebooks gets the fast instance alone.
+   that read any codebook, one program per (b, h), no raw-pool program); each program checks
+   the codebooks and one of the two returns at once (decode_split_kernel says why they are
+   separate kernels).  A caller that declares the built-in codebooks gets the fast instance
+   alone.
 3. `decode_merge_kernel`, grid (B*Hq,), one program per query row: log-sum-exp merges the
-   partials of its KV head, attends the exact raw-pool tokens (original domain), un-rotates the
-   compressed part once (Pi^T times a vector) and divides by the softmax sum.  (The raw tokens
-   live here, not in the split kernel, so that the split kernel's register budget, and so its
-   occupancy, is set by its hot loop alone.)
+   compressed partials of its KV head, un-rotates them once (Pi^T times a vector), adds the
+   raw-pool partial and divides by the softmax sum.  (The raw tokens were attended here until
+   session 12; the merge's dependent chain was twice as long for it.)
 
 NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only:
 one whole wave of resident programs (num_splits).
@@ -365,10 +367,13 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
 
 
 @triton.jit(do_not_specialize=['kv_start', 'num_splits'],
-            do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr'])
+            do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr', 'raw_idx_ptr',
+                                            'raw_lens_ptr'])
 def decode_split_kernel(
         qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
         m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
+        q_ptr, raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, q_scale,
+        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
         DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
         KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
@@ -376,9 +381,12 @@ def decode_split_kernel(
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
-        VT0: tl.constexpr, VT1: tl.constexpr, KEY_PLANES: tl.constexpr = True,
-        VALUE_WORDS: tl.constexpr = True, ALONE: tl.constexpr = False):
-    """One (sequence, KV head, split) partial of the compressed positions (module docstring).
+        VT0: tl.constexpr, VT1: tl.constexpr, RAW_N: tl.constexpr, RAW_DC: tl.constexpr,
+        KEY_PLANES: tl.constexpr = True, VALUE_WORDS: tl.constexpr = True,
+        ALONE: tl.constexpr = False):
+    """One (sequence, KV head, split) partial of the compressed positions (module docstring),
+    or, for split == num_splits (a program past the last split), the raw-pool partial of that
+    (sequence, KV head) (raw_partial).
 
     FAST selects the decoders (tq_ops.triton.unpack).  With PAIRED, two instances are launched
     and each program of the pair checks the codebooks: the fast instance does the work when
@@ -386,38 +394,134 @@ def decode_split_kernel(
     for the heavier: its fast loop ran at 255 registers, 8 one-warp programs per SM; alone it
     needs 168.)  Without PAIRED the slow path always runs (off CUDA).  ALONE (with PAIRED and
     FAST): no slow instance is launched, the caller having declared the built-in codebooks; a
-    program that finds other codebooks writes a NaN partial rather than leave it unwritten."""
-    if PAIRED:
-        matches = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
-        if FAST:
-            run = matches
-        else:
-            run = matches == 0
+    program that finds other codebooks writes a NaN partial rather than leave it unwritten.
+    The raw-pool programs need no codebook: the slow instance (one program per row) has none,
+    and the fast one's do the raw tokens whatever the codebooks."""
+    if tl.program_id(1) == num_splits:
+        raw_partial(q_ptr, raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, q_scale, rk_s0,
+                    rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, o_ptr, m_ptr, l_ptr, tl.program_id(0),
+                    num_splits, HKV, G, GP, D, DP, RAW_N, RAW_DC)
     else:
-        run = True
-    if run:
-        if PAIRED and not FAST:
-            # one program per (sequence, KV head) walks all the splits: while the fast instance
-            # does the work (always, with the built-in codebooks) this instance then costs ~64
-            # empty programs, not one per split
-            for split in tl.range(0, num_splits):
+        if PAIRED:
+            matches = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+            if FAST:
+                run = matches
+            else:
+                run = matches == 0
+        else:
+            run = True
+        if run:
+            if PAIRED and not FAST:
+                # one program per (sequence, KV head) walks all the splits: while the fast instance
+                # does the work (always, with the built-in codebooks) this instance then costs ~64
+                # empty programs, not one per split
+                for split in tl.range(0, num_splits):
+                    split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
+                                  kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
+                                  page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D,
+                                  DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
+                                  OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES,
+                                  VALUE_WORDS, KT0, KT1, VT0, VT1)
+            else:
                 split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
                               kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                              page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D,
-                              DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
-                              OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES,
-                              VALUE_WORDS, KT0, KT1, VT0, VT1)
+                              page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
+                              GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
+                              OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
+                              KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
         else:
-            split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
-                          kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                          page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
-                          GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
-                          OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
-                          KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
+            if ALONE:
+                nan_partial(o_ptr, m_ptr, l_ptr, tl.program_id(0), tl.program_id(1), num_splits,
+                            GP, DP)
+
+
+@triton.jit
+def exact_dot(a, b, acc):
+    """acc + a @ b on tensor cores to about fp32 accuracy.  Two 16-bit operands of one type go
+    in as they are (their products are exact in fp32); an fp32 operand beside a 16-bit one is
+    split into hi + lo parts of that type (two MMAs: ~2^-17 relative for bf16, 2^-22 for fp16);
+    anything else (fp32 pools, mixed 16-bit types) is converted to fp32 and multiplied in
+    tf32x3."""
+    if a.dtype == b.dtype and a.dtype != tl.float32:
+        out = tl.dot(a, b, acc)
+    elif a.dtype == tl.float32 and (b.dtype == tl.float16 or b.dtype == tl.bfloat16):
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        out = tl.dot(lo, b, tl.dot(hi, b, acc))
+    elif b.dtype == tl.float32 and (a.dtype == tl.float16 or a.dtype == tl.bfloat16):
+        hi = b.to(a.dtype)
+        lo = (b - hi.to(tl.float32)).to(a.dtype)
+        out = tl.dot(a, lo, tl.dot(a, hi, acc))
     else:
-        if ALONE:
-            nan_partial(o_ptr, m_ptr, l_ptr, tl.program_id(0), tl.program_id(1), num_splits,
-                        GP, DP)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return out
+
+
+@triton.jit
+def raw_partial(q_ptr, raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, q_scale,
+                rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, o_ptr, m_ptr, l_ptr, bh, num_splits,
+                HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                DP: tl.constexpr, RAW_N: tl.constexpr, DC: tl.constexpr):
+    """Partial slot num_splits of row bh = b * HKV + h: the G query rows of KV head h against
+    the raw_lens[b] exact tokens of raw-pool row raw_idx[b], in the original domain (max, sum,
+    unnormalised accumulator in coordinate order); the merge adds it after un-rotating the
+    compressed partials.
+
+    Here rather than in the merge, where the raw tokens made the merge's dependent chain about
+    twice as long at (8, 32k) with 64 of them per sequence: the split launch runs these
+    B * HKV short programs beside the splits.  Scores are (RAW_N, GP) = sum over DC-column
+    chunks of K (RAW_N, DC) @ q^T (DC, GP), with the model's query as it comes (scaled
+    afterwards); the accumulator is ceil(D / DC) chunks (DC, GP) += V^T (DC, RAW_N) @ p
+    (RAW_N, GP).
+    exact_dot keeps both at about fp32 accuracy."""
+    b = bh // HKV
+    h = bh % HKV
+    g = tl.arange(0, GP)
+    gmask = g < G
+    qrow = b * (HKV * G) + h * G + g
+    orow = (bh * (num_splits + 1) + num_splits) * GP + g
+    rl = tl.load(raw_lens_ptr + b)
+    row = tl.load(raw_idx_ptr + b).to(tl.int64)
+    dc = tl.arange(0, DC)
+    t = tl.arange(0, RAW_N)
+    qts = ()
+    accs = ()
+    for c in tl.static_range((D + DC - 1) // DC):
+        d = c * DC + dc
+        qts = qts + (tl.load(q_ptr + qrow[None, :] * D + d[:, None],
+                             mask=(d < D)[:, None] & gmask[None, :], other=0.0),)
+        accs = accs + (tl.zeros([DC, GP], tl.float32),)
+    m_i = tl.full([GP], NEG_BIG, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    # not software-pipelined: its stage buffers would count in the whole kernel's shared memory
+    # (34 KB against 10 KB at head_dim 128) and cut the split programs resident per SM
+    for r0 in tl.range(0, rl, RAW_N, num_stages=1):
+        tv = r0 + t < rl
+        s = tl.zeros([RAW_N, GP], tl.float32)
+        for c in tl.static_range((D + DC - 1) // DC):
+            d = c * DC + dc
+            k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + t)[:, None] * rk_s1 + h * rk_s2
+                        + d[None, :], mask=tv[:, None] & (d < D)[None, :], other=0.0)
+            s = exact_dot(k, qts[c], s)
+        s = tl.where(tv[:, None], s * tl.cast(q_scale, tl.float32), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+        new = ()
+        for c in tl.static_range((D + DC - 1) // DC):
+            d = c * DC + dc
+            vt = tl.load(raw_v_ptr + row * rv_s0 + (r0 + t)[None, :] * rv_s1 + h * rv_s2
+                         + d[:, None], mask=(d < D)[:, None] & tv[None, :], other=0.0)
+            new = new + (exact_dot(vt, p, accs[c] * alpha[None, :]),)
+        accs = new
+    for c in tl.static_range((D + DC - 1) // DC):
+        d = c * DC + dc
+        tl.store(o_ptr + orow[None, :] * DP + d[:, None], accs[c],
+                 mask=(d < D)[:, None] & gmask[None, :])
+    tl.store(m_ptr + orow, m_i, mask=gmask)
+    tl.store(l_ptr + orow, l_i, mask=gmask)
 
 
 @triton.jit
@@ -495,24 +599,22 @@ def split_partial(
     tl.store(l_ptr + orow, l_i, mask=gmask)
 
 
-@triton.jit(do_not_specialize=['num_splits'],
-            do_not_specialize_on_alignment=['raw_idx_ptr', 'raw_lens_ptr'])
-def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr, raw_v_ptr,
-                        raw_idx_ptr, raw_lens_ptr, num_splits, q_scale,
-                        rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
+@triton.jit(do_not_specialize=['num_splits'])
+def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr,
-                        RAW_N: tl.constexpr):
+                        DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr):
     """One program per query row (sequence b, query head): merge the compressed partials of its
-    KV head, attend its raw-pool tokens (original domain), and combine:
+    KV head (slots 0 .. num_splits-1, rotated domain) and combine them with its raw-pool partial
+    (slot num_splits, original domain, written by the split launch's raw_partial programs):
     out = (Pi^T sum_s w_s o_s + w_raw o_raw) / (sum_s w_s l_s + w_raw l_raw), w = exp2(m - max).
 
     A latency-bound launch, so the work of a (sequence, KV head) is spread over its G query
     rows: a program holding all G rows ran ~2100 dependent instructions per warp at ~22 cycles
-    each (Nsight Compute, 15-22 us per launch).  Per row, every product is a matrix-vector
-    product done as fp32 multiply-and-sum on CUDA cores (exact fp32).  Up to DP = JB, Pi is
-    loaded whole at the start, before any dependent load; wider heads un-rotate in JB-column
-    blocks at the end."""
+    each (Nsight Compute, 15-22 us per launch), and R rows of a KV head per program (sharing
+    Pi's loads) were slower at R = 2 and 4 (perf/NOTES.md, session 12).  The un-rotation is an
+    fp32 matrix-vector product done as multiply-and-sum on CUDA cores (exact fp32).  Up to
+    DP = JB, Pi is loaded whole at the start, before any dependent load; wider heads un-rotate
+    in JB-column blocks at the end."""
     pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi
     b = pid // (HKV * G)
     h = (pid % (HKV * G)) // G
@@ -524,6 +626,11 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr,
     if DP <= JB:
         pi_all = tl.load(rot_ptr + d[:, None] * D + d[None, :],
                          mask=dmask[:, None] & dmask[None, :], other=0.0)
+    # the raw-pool partial: independent of the loop below, so its loads go first
+    raw = (base + num_splits) * GP + gi + tl.zeros([1], tl.int32)
+    m_r = tl.load(m_ptr + raw)
+    l_r = tl.load(l_ptr + raw)
+    acc_raw = tl.load(o_ptr + ((base + num_splits) * GP + gi) * DP + d, mask=dmask, other=0.0)
     # -- compressed partials: one pass, online max
     sc = tl.arange(0, SC)
     m_c = tl.full([1], NEG_BIG, tl.float32)
@@ -542,29 +649,6 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, q_ptr, raw_k_ptr,
         l_c = l_c * alpha + tl.sum(w * lv, 0)
         acc = acc * alpha + tl.sum(w[:, None] * ov, 0)
         m_c = m_new
-    # -- raw pool tokens
-    rl = tl.load(raw_lens_ptr + b)
-    row = tl.load(raw_idx_ptr + b).to(tl.int64)
-    q = tl.load(q_ptr + pid * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
-        q_scale, tl.float32)
-    m_r = tl.full([1], NEG_BIG, tl.float32)
-    l_r = tl.zeros([1], tl.float32)
-    acc_raw = tl.zeros([DP], tl.float32)
-    t = tl.arange(0, RAW_N)
-    for r0 in tl.range(0, rl, RAW_N):
-        tv = r0 + t < rl
-        kmask = tv[:, None] & dmask[None, :]
-        k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + t)[:, None] * rk_s1 + h * rk_s2 + d[None, :],
-                    mask=kmask, other=0.0).to(tl.float32)
-        s = tl.where(tv, tl.sum(k * q[None, :], 1), float("-inf"))
-        m_new = tl.maximum(m_r, tl.max(s, 0))
-        alpha = tl.exp2(m_r - m_new)
-        p = tl.exp2(s - m_new)
-        l_r = l_r * alpha + tl.sum(p, 0)
-        v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + t)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
-                    mask=kmask, other=0.0).to(tl.float32)
-        acc_raw = acc_raw * alpha + tl.sum(p[:, None] * v, 0)
-        m_r = m_new
     # -- combine (both maxima finite: an empty side has weight 0 through its zero sums)
     big = tl.maximum(m_c, m_r)
     w_c = tl.exp2(m_c - big)
