@@ -18,7 +18,9 @@ from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_mer
 from tq_ops.triton.launch import arch, register_cap, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width, symmetric_table
 
-PREP_ROWS = 16   # query rows per prep program
+# query rows per prep program: 8 rows took 0.2-0.4 us less than 16 in three runs on an H200
+# (perf/NOTES.md, sessions 5 and 12); 32 or more, or 16 warps, were slower
+PREP_ROWS = 8
 # prep and merge are latency-bound (a few programs each): up to this head width they load the
 # whole D x D matrices before any store and multiply once (tq_ops.triton.decode)
 WHOLE_MATRIX_COLUMNS = 128
