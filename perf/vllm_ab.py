@@ -33,13 +33,16 @@ import vllm_gpu_bench
 ROOT = vllm_gpu_bench.ROOT
 
 
-def run_build(build: Path, config: str, ctx: int, batch: int, timeout: int) -> dict | None:
+def run_build(build: Path, config: str, ctx: int, batch: int, timeout: int,
+              profile_steps: int = 0) -> dict | None:
     """`vllm_gpu_bench.py one CONFIG` from the build's own copy, its code first on the path;
-    its RESULT, or None."""
+    its RESULT, or None.  profile_steps: that many decode steps under torch.profiler after the
+    timed ones (the per-kernel times in the RESULT; the TPOT is not affected)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(build)] + [p for p in env.get("PYTHONPATH", "")
                                                         .split(os.pathsep) if p not in ("", ".")])
-    return vllm_gpu_bench._spawn(["one", config, str(ctx), str(batch), "--runner", "v1"],
+    extra = ["--profile-steps", str(profile_steps)] if profile_steps else []
+    return vllm_gpu_bench._spawn(["one", config, str(ctx), str(batch), "--runner", "v1"] + extra,
                                  timeout, root=build, env=env)
 
 
@@ -65,6 +68,9 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many decode steps of every run of ours (after the timed "
+                         "ones) for per-kernel times")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     a = ap.parse_args()
     builds = [Path(b).resolve() for b in a.builds]
@@ -77,7 +83,7 @@ def main() -> int:
     raw = []
     for r in range(a.rounds):
         for name, build in zip(names, builds):
-            res = run_build(build, "tq", a.ctx, a.batch, a.timeout)
+            res = run_build(build, "tq", a.ctx, a.batch, a.timeout, a.profile_steps)
             tpots[name].append(res["tpot_ms"] if res else None)
             raw.append(dict(round=r, build=name, config="tq", result=res))
         res = run_build(ROOT, "auto", a.ctx, a.batch, a.timeout)
