@@ -30,8 +30,11 @@ PREP_WARPS = 8
 MERGE_SPLITS = 32  # partials loaded per step
 MERGE_WARPS = 4
 # the raw-pool partial, one program per (sequence, KV head) in the split launch
-# (tq_ops.triton.decode.raw_partial)
-RAW_TILE = 32      # raw-pool tokens per step (vLLM's flush buffer holds up to S + F ~ 130)
+# (tq_ops.triton.decode.raw_partial).  Its code shares the split kernel's register budget: with
+# 32-token tiles the compressed hot loop compiles without spills (offline sm_90: 1987
+# instructions per tile against 1968 without the raw branch; 64-token tiles 2026 and spills);
+# on an H200 64-token tiles and 64-column chunks timed the same (perf/NOTES.md, session 12)
+RAW_TILE = 32      # raw-pool tokens per tile (vLLM's flush buffer holds up to S + F ~ 130)
 RAW_COLUMNS = 32   # head_dim columns per MMA chunk
 
 
@@ -101,8 +104,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
             m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns,
             q, rk, rv, raw_index, raw_lens, scale * LOG2E,
             rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-            FAST=fast,
-            KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
+            FAST=fast, KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, ns,
