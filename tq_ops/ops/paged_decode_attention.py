@@ -61,7 +61,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     cfg, cap = split_launch(config or decode_config(arch(query.device), d, key_bits),
                             query.device.type == "cuda")
     block_n = page_tile(bs, cfg, d)
-    ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg)
+    ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg,
+                              tile=block_n)
     dg = group_width(d)
     dp = 8 * dg
     gp = max(2, triton.next_power_of_2(g))

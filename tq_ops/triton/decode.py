@@ -24,8 +24,8 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    raw-pool partial and divides by the softmax sum.  (The raw tokens were attended here until
    session 12; the merge's dependent chain was twice as long for it.)
 
-NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, SM count) only:
-one whole wave of resident programs (num_splits).
+NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, tile, SM
+count) only: at most one whole wave of resident programs, in equal shares of tiles (num_splits).
 """
 from __future__ import annotations
 
@@ -69,6 +69,10 @@ class DecodeConfig:
     # when the table is baked; False keeps the decoder whose fp16 result goes through shared
     # memory (perf/tune_decode.py times both)
     value_words: bool = True
+    # splits at least this many positions long, as long as that keeps at least `wave_fill` of
+    # one wave's resident slots busy (num_splits says why)
+    split_positions: int = 256
+    wave_fill: float = 0.65
 
 
 # (arch, head_dim, key_bits) -> config.  Rows absent from the table use DEFAULT_DECODE.
@@ -107,10 +111,28 @@ def page_tile(block_size: int, cfg: DecodeConfig, head_dim: int) -> int:
 
 
 def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
-               cfg: DecodeConfig, waves: int = 1) -> int:
-    """Split count from shapes only: as many splits as fill `waves` whole waves of resident
-    programs (a partial wave would leave SMs idle at the end), none smaller than
-    min_tokens_per_split positions of the block table's capacity.  The op launches one wave.
+               cfg: DecodeConfig, waves: int = 1, tile: int | None = None) -> int:
+    """Split count from shapes only (the block table's capacity, not the lengths).
+
+    1. At most as many splits as fill `waves` whole waves of resident programs (a partial last
+       wave left SMs idle), none shorter than min_tokens_per_split positions, at most
+       max_splits.
+    2. Within that, splits of at least cfg.split_positions positions, unless fewer splits
+       would leave more than 1 - cfg.wave_fill of one wave's slots idle.
+    3. The fewest splits that keep the longest program's tile count (`tile` tokens per tile,
+       default cfg.block_n), so every split gets an equal share and none is empty.
+    The op launches one wave.
+
+    Why 2 and 3 (H200, session 14, op-level sweeps at page 64 in three interleaved rounds,
+    perf/NOTES.md): a program's fixed cost (query operands, codebook check, partial store) is
+    worth several tiles, and the merge reads the partials 32 at a time, ~1.1 us per pass.  At
+    (1, 32k) one wave is 198 splits of 166 positions (3 tiles, 27 splits empty): 0.0441 ms,
+    against 0.0381 with 128 splits of 4 tiles (split kernel 28.3 -> 26.0 us, merge 9.2 -> 5.9
+    us).  At (8, 4k), 24 splits (3 tiles, 2 empty) 0.0389 ms against 16 splits 0.0372.  But at
+    (1, 4k), where every split of one tile still fills only a third of a wave, 64 splits
+    (0.0197 ms) beat 16 (0.0253): there parallelism wins, hence the wave_fill exception.  At
+    (1, 128k), (8, 32k), (32, 16k) and (64, 8k) the rule keeps one wave, whose counts timed best
+    or within 1% among their neighbours.
 
     Two waves (perf/tune_splits.py explores them) timed 2-6% faster at (8, 32k), (32, 16k) and
     (64, 8k) in session 10's op-level sweeps, but inside vLLM 0.26 on an H200 (session 11, one
@@ -121,9 +143,15 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
     gpu_check's table at the same shapes, so they did not time it as vLLM runs it (perf/NOTES.md,
     session 11)."""
     rows = max(1, batch * num_kv_heads)
+    slots = cfg.resident_programs_per_sm * sms
     cap = max(1, max_positions // cfg.min_tokens_per_split)
-    return max(1, min(max(1, waves * cfg.resident_programs_per_sm * sms // rows), cap,
-                      cfg.max_splits))
+    most = max(1, min(max(1, waves * slots // rows), cap, cfg.max_splits))
+    long_enough = -(-max_positions // cfg.split_positions)
+    busy_enough = -(-int(cfg.wave_fill * slots) // rows)
+    ns = min(most, max(long_enough, busy_enough))
+    tiles = max(1, -(-max_positions // (tile or cfg.block_n)))
+    per = -(-tiles // ns)
+    return -(-tiles // per)
 
 
 @triton.jit
