@@ -263,8 +263,11 @@ def _child() -> dict:
                                      scale=float(ref.abs().max()))
     # the query prep's plane operands (tq_ops.triton.unpack, "bit planes"), head dims 64 and 256
     # (whole matrices, and JB-column blocks with a read-back)
+    # and one program per row (RB = 1, the small-batch path), head dims 64 and 128
     for d in (64, 256):
         out[f"prep-planes/d{d}"] = prep_planes_check(d)
+    for d in (64, 128):
+        out[f"prep-planes/d{d}-rowwise"] = prep_planes_check(d, rb=1)
     # write_raw: strided K/V (slices of a fused qkv row, as vLLM passes them) into a poisoned
     # pool, a padding token (negative paged slot) skipped.  bf16 into bf16 (vLLM's case: a copy)
     # and fp32 into fp16 (a rounding cast); not fp32 into bf16, which the interpreter truncates
@@ -291,8 +294,9 @@ def _child() -> dict:
     return out
 
 
-def prep_planes_check(d: int, rows: int = 5) -> dict:
-    """query_prep_kernel with PLANES on random queries; then for random 2-bit codes and sign
+def prep_planes_check(d: int, rows: int = 5, rb: int | None = None) -> dict:
+    """query_prep_kernel with PLANES on random queries, rb rows per program (default the op's
+    PREP_ROWS); then for random 2-bit codes and sign
     bits per coordinate, the plane products rebuilt from its outputs (v = a + c b per plane
     position, minus the offsets) against q . c[code] and u . s from its own fp32 qr, u.  The only
     admissible error is the fp16 rounding of the scaled operands, at most a half ulp each:
@@ -315,9 +319,10 @@ def prep_planes_check(d: int, rows: int = 5) -> dict:
     u = torch.full((rows, d), float("nan"))
     qp = torch.full((rows, 3, d), float("nan"), dtype=torch.float16)
     qo = torch.full((rows, 2), float("nan"))
-    query_prep_kernel[(triton_cdiv(rows, P.PREP_ROWS),)](
+    rb = rb or P.PREP_ROWS
+    query_prep_kernel[(triton_cdiv(rows, rb),)](
         q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
-        D=d, DP=dp, RB=P.PREP_ROWS, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0,
+        D=d, DP=dp, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0,
         KT1=t1, num_warps=P.PREP_WARPS)
     table = np.array(U.fp16_table(d, 2), dtype=np.uint16).view(np.float16).astype(np.float64)
     gen = np.random.default_rng(d)
@@ -351,8 +356,13 @@ def prep_planes_check(d: int, rows: int = 5) -> dict:
         slack_z = 1e-6 * (np.abs(ud).sum() + np.abs(us).sum())
         worst = max(worst, abs(got_s - want_s) / (bound_s + slack_s),
                     abs(got_z - want_z) / (bound_z + slack_z))
+    # qr and u themselves against float64 products
+    qr_ref = (q.double() @ c.rotation.double().T) * d ** -0.5
+    u_ref = (qr_ref @ c.qjl_projection.double().T) * qjl_scale(d)
     return dict(worst_over_bound=worst, rounding_over_half_ulp=rounding,
-                finite=bool(torch.isfinite(qo).all() and torch.isfinite(qp.float()).all()))
+                finite=bool(torch.isfinite(qo).all() and torch.isfinite(qp.float()).all()),
+                qr_err=float((qr.double() - qr_ref).abs().max() / qr_ref.abs().max()),
+                u_err=float((u.double() - u_ref).abs().max() / u_ref.abs().max()))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -435,14 +445,16 @@ def test_codec_kernels(report, fmt):
         assert r[name] <= RTOL_F32, (name, r)
 
 
-@pytest.mark.parametrize("d", [64, 256], ids=lambda d: f"d{d}")
-def test_prep_plane_operands(report, d):
-    r = report[f"prep-planes/d{d}"]
+@pytest.mark.parametrize("case", ["d64", "d256", "d64-rowwise", "d128-rowwise"])
+def test_prep_plane_operands(report, case):
+    r = report[f"prep-planes/{case}"]
     assert r["finite"]
     # each operand is its exact scaled value rounded to fp16 (a half ulp; 1e-6 for the fp32
     # product before the rounding), and the products rebuild the scores within those roundings
     assert r["rounding_over_half_ulp"] <= 1.0 + 1e-6
     assert r["worst_over_bound"] <= 1.0
+    # the fp32 products (tf32x3 on tensor cores, or multiply-and-sum per row)
+    assert r["qr_err"] <= RTOL_F32 and r["u_err"] <= RTOL_F32, r
 
 
 def test_prefill_reference_matches_contiguous_attention():

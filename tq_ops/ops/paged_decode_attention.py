@@ -25,6 +25,15 @@ PREP_ROWS = 8
 # whole D x D matrices before any store and multiply once (tq_ops.triton.decode)
 WHOLE_MATRIX_COLUMNS = 128
 PREP_WARPS = 8
+# up to this many query rows (and head_dim <= WHOLE_MATRIX_COLUMNS) prep runs one program per
+# row on CUDA cores (query_prep_kernel with RB = 1).  At batch 1 the 8-row programs were 4
+# programs of ~2600 dependent instructions per warp (Nsight Compute, (1, 4k): 8.9 us, 6.7
+# cycles per issued instruction); per row, 984 instructions per warp and 116 registers
+# (offline sm_90).  H200, torch.profiler: prep 5.94 -> 3.84 us at (1, 4k), 6.3 -> 4.3 at
+# (1, 128k); at 256 rows (batch 8) 5.8-6.5 us against 6.0-6.3, no change.  Larger batches keep
+# the 8-row tensor-core programs: unmeasured there, and every per-row program reads 128 KB of
+# matrices from L2 (perf/NOTES.md, session 14)
+PREP_ROWWISE_MAX_ROWS = 256
 # the merge: one program per query row (decode_merge_kernel).  Measured on an H200 (perf/NOTES.md,
 # sessions 5 and 12): 4 warps beat 2, 8 and 16 warps, and 2 or 4 rows per program
 MERGE_SPLITS = 32  # partials loaded per step
@@ -89,9 +98,10 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
     split = decode_split_kernel if raw else wrap_triton(decode_split_kernel)
     merge = decode_merge_kernel if raw else wrap_triton(decode_merge_kernel)
-    prep[(triton.cdiv(b * hq, PREP_ROWS),)](
+    rb = 1 if b * hq <= PREP_ROWWISE_MAX_ROWS and dp <= WHOLE_MATRIX_COLUMNS else PREP_ROWS
+    prep[(triton.cdiv(b * hq, rb),)](
         q, rotation, projection, qr, u, qp, qo, b * hq, scale * LOG2E, qjl_scale(d),
-        D=d, DP=dp, RB=PREP_ROWS, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
+        D=d, DP=dp, RB=rb, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
         KT0=consts["KT0"], KT1=consts["KT1"], num_warps=PREP_WARPS)
     # with the asm decoders, a fast and a slow instance, each doing the work or not depending on
     # the codebooks (decode_split_kernel), or the fast one alone for declared built-in

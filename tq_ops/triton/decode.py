@@ -202,6 +202,10 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
     with PLANES also the split kernel's plane operands and offsets (store_query_planes), once
     per query row rather than in every split program.
 
+    RB == 1 (small batches, DP <= JB): one program per row, the products as fp32
+    multiply-and-sum on CUDA cores; more programs, each with a shorter dependent chain than
+    the tf32x3 tensor-core products below (paged_decode_attention.PREP_ROWWISE_MAX_ROWS).
+
     A latency-bound launch (a few programs): for DP <= JB both matrices are loaded whole before
     the first store, since a load after a store (which may alias it) is not hoisted and each
     such load is a memory round trip on the critical path.  Wider heads go in JB-column blocks
@@ -211,53 +215,75 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
     d = tl.arange(0, DP)
     j = tl.arange(0, JB)
     dmask = d < D
-    q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
-                other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
-    if DP <= JB:
+    if RB == 1 and DP <= JB:
+        # one row: two fp32 matrix-vector products as multiply-and-sum on CUDA cores, the second
+        # over the first's result in the layout the first leaves it in (no conversion)
+        row = tl.program_id(0)
         mask2 = dmask[:, None] & dmask[None, :]
-        # PiT[i, j] = Pi[j, i], S'T[i, j] = S'[j, i]
-        pit = tl.load(rot_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+        # pi[j, i] = Pi[j, i]; st[j, i] = S'[i, j]
+        pi = tl.load(rot_ptr + d[:, None] * D + d[None, :], mask=mask2, other=0.0)
         if QJL:
             st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
-        qr = tl.dot(q, pit, input_precision="tf32x3")
-        omask = rmask[:, None] & dmask[None, :]
-        tl.store(qr_ptr + r[:, None] * D + d[None, :], qr, mask=omask)
+        qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
+            q_scale, tl.float32)
+        qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
+        tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
         if QJL:
-            u = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
-            tl.store(u_ptr + r[:, None] * D + d[None, :], u, mask=omask)
+            u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # by i (dim 1)
+            tl.store(u_ptr + row * D + d, u1, mask=dmask)
         else:
-            u = qr
+            u1 = qr1
         if PLANES:
-            store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
+            store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask, d,
+                               dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
     else:
-        for j0 in tl.static_range(0, DP, JB):
-            jj = j0 + j
-            pit = tl.load(rot_ptr + jj[None, :] * D + d[:, None],
-                          mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
-            blk = tl.dot(q, pit, input_precision="tf32x3")
-            tl.store(qr_ptr + r[:, None] * D + jj[None, :], blk,
-                     mask=rmask[:, None] & (jj < D)[None, :])
-        if QJL:
-            tl.debug_barrier()  # the rows written above are read back whole by other threads
-            qr = tl.load(qr_ptr + r[:, None] * D + d[None, :],
-                         mask=rmask[:, None] & dmask[None, :], other=0.0)
-            for j0 in tl.static_range(0, DP, JB):
-                jj = j0 + j
-                st = tl.load(proj_ptr + jj[None, :] * D + d[:, None],
-                             mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
-                blk = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
-                tl.store(u_ptr + r[:, None] * D + jj[None, :], blk,
-                         mask=rmask[:, None] & (jj < D)[None, :])
-        if PLANES:
-            tl.debug_barrier()  # qr and u are read back whole by other threads
-            qr = tl.load(qr_ptr + r[:, None] * D + d[None, :],
-                         mask=rmask[:, None] & dmask[None, :], other=0.0)
+        q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
+        if DP <= JB:
+            mask2 = dmask[:, None] & dmask[None, :]
+            # PiT[i, j] = Pi[j, i], S'T[i, j] = S'[j, i]
+            pit = tl.load(rot_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
             if QJL:
-                u = tl.load(u_ptr + r[:, None] * D + d[None, :],
-                            mask=rmask[:, None] & dmask[None, :], other=0.0)
+                st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+            qr = tl.dot(q, pit, input_precision="tf32x3")
+            omask = rmask[:, None] & dmask[None, :]
+            tl.store(qr_ptr + r[:, None] * D + d[None, :], qr, mask=omask)
+            if QJL:
+                u = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
+                tl.store(u_ptr + r[:, None] * D + d[None, :], u, mask=omask)
             else:
                 u = qr
-            store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
+            if PLANES:
+                store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
+        else:
+            for j0 in tl.static_range(0, DP, JB):
+                jj = j0 + j
+                pit = tl.load(rot_ptr + jj[None, :] * D + d[:, None],
+                              mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
+                blk = tl.dot(q, pit, input_precision="tf32x3")
+                tl.store(qr_ptr + r[:, None] * D + jj[None, :], blk,
+                         mask=rmask[:, None] & (jj < D)[None, :])
+            if QJL:
+                tl.debug_barrier()  # the rows written above are read back whole by other threads
+                qr = tl.load(qr_ptr + r[:, None] * D + d[None, :],
+                             mask=rmask[:, None] & dmask[None, :], other=0.0)
+                for j0 in tl.static_range(0, DP, JB):
+                    jj = j0 + j
+                    st = tl.load(proj_ptr + jj[None, :] * D + d[:, None],
+                                 mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
+                    blk = tl.dot(qr, st, input_precision="tf32x3") * tl.cast(u_scale, tl.float32)
+                    tl.store(u_ptr + r[:, None] * D + jj[None, :], blk,
+                             mask=rmask[:, None] & (jj < D)[None, :])
+            if PLANES:
+                tl.debug_barrier()  # qr and u are read back whole by other threads
+                qr = tl.load(qr_ptr + r[:, None] * D + d[None, :],
+                             mask=rmask[:, None] & dmask[None, :], other=0.0)
+                if QJL:
+                    u = tl.load(u_ptr + r[:, None] * D + d[None, :],
+                                mask=rmask[:, None] & dmask[None, :], other=0.0)
+                else:
+                    u = qr
+                store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
 
 
 @triton.jit
