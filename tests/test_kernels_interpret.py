@@ -296,11 +296,11 @@ def _child() -> dict:
 
 def prep_planes_check(d: int, rows: int = 5, rb: int | None = None) -> dict:
     """query_prep_kernel with PLANES on random queries, rb rows per program (default the op's
-    PREP_ROWS); then for random 2-bit codes and sign
-    bits per coordinate, the plane products rebuilt from its outputs (v = a + c b per plane
-    position, minus the offsets) against q . c[code] and u . s from its own fp32 qr, u.  The only
-    admissible error is the fp16 rounding of the scaled operands, at most a half ulp each:
-    sum max(2^-11 |s q|, 2^-25) |v - a|."""
+    PREP_ROWS); then for random 2-bit codes and sign bits per coordinate, the plane products
+    rebuilt from its outputs (v = a + c b per plane position, minus the offsets) against
+    q . c[code] and u . s from its own fp32 qr, u.  The only admissible error is the fp16
+    rounding of the scaled operands, at most a half ulp each: sum max(2^-11 |s q|, 2^-25)
+    |v - a|.  Also qr and u against float64 products."""
     import importlib
 
     import numpy as np

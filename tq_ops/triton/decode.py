@@ -125,7 +125,8 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
 
     Why 2 and 3 (H200, session 14, op-level sweeps at page 64 in three interleaved rounds,
     perf/NOTES.md): a program's fixed cost (query operands, codebook check, partial store) is
-    worth several tiles, and the merge reads the partials 32 at a time, ~1.1 us per pass.  At
+    worth several tiles, and the merge's time grows with the partials per row (at batch 1:
+    3.8 us for 64, 5.9 for 128, 9.2 for 198).  At
     (1, 32k) one wave is 198 splits of 166 positions (3 tiles, 27 splits empty): 0.0441 ms,
     against 0.0381 with 128 splits of 4 tiles (split kernel 28.3 -> 26.0 us, merge 9.2 -> 5.9
     us).  At (8, 4k), 24 splits (3 tiles, 2 empty) 0.0389 ms against 16 splits 0.0372.  But at
