@@ -115,9 +115,9 @@ def main() -> int:
                 return 1
             results[build].append(json.loads(got[0][7:]))
             print(f"round {rnd}: {build} done", flush=True)
-    if a.out:
-        with open(os.path.join(a.out, "ab_decode.json"), "w") as f:
-            json.dump(results, f, indent=1)
+            if a.out:  # after every build, so a call cut short keeps what it measured
+                with open(os.path.join(a.out, "ab_decode.json"), "w") as f:
+                    json.dump(results, f, indent=1)
     print()
     print("ms: median over rounds of CUDA-graph replays; vs first: a build's median over the "
           "first build's; speedup: SDPA flash on fp16 K/V over the build")
