@@ -68,6 +68,10 @@ def cases() -> list[dict]:
     for fmt in ("k3v3", "k4v4", "k2q1v2", "k3q1v3", "k4v3", "k3v2"):
         out.append(dict(name=f"d128 {fmt} fp16 bs16", hq=8, hkv=2, d=128, fmt=fmt, dtype="fp16",
                         bs=16, lens=[7, 129, 700]))
+    # 157 splits at page 64 (one sequence of 20000 tokens, 2 KV heads): the merge takes two
+    # steps of its widest width (tq_ops.ops.paged_decode_attention.merge_step)
+    out.append(dict(name="d128 seed fp16 bs64 long (157 splits)", hq=8, hkv=2, d=128, fmt="seed",
+                    dtype="fp16", bs=64, lens=[1, 7, 20000]))
     out.append(dict(name="d128 seed perturbed codebook (slow decoders)", hq=8, hkv=2, d=128,
                     fmt="seed", dtype="fp16", bs=16, lens=[7, 129, 700], perturb=True))
     for d in (64, 96, 128, 256):

@@ -8,6 +8,7 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
     PYTHONPATH=. python perf/sass_report.py --kernel encode-keys|encode-values [--format seed]
         [--rows 64] [--warps 4]
     PYTHONPATH=. python perf/sass_report.py --kernel prep|merge [--format seed] [--head-dim 128]
+        [--splits 24]
     PYTHONPATH=. python perf/sass_report.py --kernel prefill [--format seed] [--head-dim 128]
 
 The split kernel's constexprs are the launcher's (tq_ops.ops.paged_decode_attention.
@@ -198,6 +199,8 @@ def main() -> int:
     ap.add_argument("--kernel", default="split",
                     choices=("split", "encode-keys", "encode-values", "prep", "merge",
                              "prefill"))
+    ap.add_argument("--splits", type=int, default=24,
+                    help="merge: the split count it merges (sets partials per step)")
     ap.add_argument("--rows", type=int, default=64, help="encode: rows per tile")
     ap.add_argument("--format", default="seed")
     ap.add_argument("--head-dim", type=int, default=128)
@@ -233,7 +236,8 @@ def main() -> int:
         else:
             gp = max(2, triton.next_power_of_2(a.group))
             consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
-                          JB=P.WHOLE_MATRIX_COLUMNS, SC=P.MERGE_SPLITS)
+                          JB=P.WHOLE_MATRIX_COLUMNS, SC=P.merge_step(a.splits),
+                          PI_FIRST=P.merge_step(a.splits) <= P.MERGE_PI_FIRST_MAX_STEP)
             warps = a.warps or P.MERGE_WARPS
         k = compile_small(a.kernel, warps, consts)
         for line in ptxas_summary(k.asm["ptx"]):

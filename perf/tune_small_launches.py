@@ -45,7 +45,7 @@ import gpu_check  # noqa: E402
 SHAPES = [(1, 4096, 0), (8, 32768, 64)]  # (batch, context, raw tokens per sequence)
 VARIANTS = [
     {},
-    dict(MERGE_WARPS=2), dict(MERGE_WARPS=8), dict(MERGE_SPLITS=16),
+    dict(MERGE_WARPS=2), dict(MERGE_WARPS=8), dict(MERGE_STEPS=(16, 64, 128)),
     dict(RAW_TILE=64), dict(RAW_COLUMNS=64),
     dict(PREP_ROWS=8),
     {},  # the first again: how far the clock drifted over the sweep

@@ -240,11 +240,12 @@ def _child() -> dict:
     ref = R.paged_decode_attention(*hargs)
     out["decode/long-raw-fp16"] = dict(err=float((got.float() - ref.float()).abs().max()),
                                        scale=float(ref.float().abs().max()))
-    # decode with more splits than one step of the merge takes (merge_step: two wide steps):
-    # the merge's online max rescales what earlier steps summed; every split holds tokens
+    # decode with more splits than the merge's widest step takes (merge_step: two steps of
+    # MERGE_STEPS[-1], Pi loaded after the loop): the merge's online max rescales what earlier
+    # steps summed; every split holds tokens
     dec = mod("paged_decode_attention")
-    n_splits = dec.MERGE_SPLITS_WIDE + 6
-    assert dec.merge_step(n_splits) == dec.MERGE_SPLITS_WIDE
+    n_splits = dec.MERGE_STEPS[-1] + 6
+    assert dec.merge_step(n_splits) > dec.MERGE_PI_FIRST_MAX_STEP
     n = n_splits * math.gcd(bs, dec.decode_config("cpu", d, kb).block_n)
     mb = n // bs + 1
     cache = torch.randint(0, 256, (mb + 1, hkv, bs * c.config.layout.slot_bytes),

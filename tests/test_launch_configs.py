@@ -200,13 +200,17 @@ def test_traced_decode_launch_drops_the_register_cap_and_its_decoders():
         assert split_launch(uncapped, on_cuda=True) == (uncapped, {})
 
 
-@pytest.mark.parametrize("splits", [1, 3, 24, 32, 33, 64, 187, 256])
-def test_merge_step_is_wide_only_past_one_narrow_step(splits):
-    """The merge's partials per step (paged_decode_attention.merge_step): one narrow step covers
-    up to MERGE_SPLITS partials; past that, wide steps (fewer dependent round trips)."""
+@pytest.mark.parametrize("splits", [1, 3, 24, 32, 33, 64, 65, 128, 129, 187, 256])
+def test_merge_step_takes_all_partials_in_one_step_when_it_can(splits):
+    """The merge's partials per step (paged_decode_attention.merge_step): the narrowest of
+    MERGE_STEPS that covers every partial, else the widest."""
     import importlib
 
     P = importlib.import_module("tq_ops.ops.paged_decode_attention")
     step = P.merge_step(splits)
-    assert step == (P.MERGE_SPLITS if splits <= P.MERGE_SPLITS else P.MERGE_SPLITS_WIDE)
-    assert P.MERGE_SPLITS < P.MERGE_SPLITS_WIDE
+    assert step in P.MERGE_STEPS
+    if splits <= P.MERGE_STEPS[-1]:
+        assert step >= splits
+        assert all(s < splits for s in P.MERGE_STEPS if s < step)
+    else:
+        assert step == P.MERGE_STEPS[-1]

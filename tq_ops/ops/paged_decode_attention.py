@@ -36,8 +36,9 @@ PREP_WARPS = 8
 PREP_ROWWISE_MAX_ROWS = 256
 # the merge: one program per query row (decode_merge_kernel).  Measured on an H200 (perf/NOTES.md,
 # sessions 5 and 12): 4 warps beat 2, 8 and 16 warps, and 2 or 4 rows per program
-MERGE_SPLITS = 32  # partials loaded per step (merge_step)
-MERGE_SPLITS_WIDE = 64  # ... when there are more partials than MERGE_SPLITS
+MERGE_STEPS = (32, 64, 128)  # partials loaded per step of its loop: merge_step picks one
+# up to this many partials per step the merge loads Pi before its loop (decode_merge_kernel)
+MERGE_PI_FIRST_MAX_STEP = 64
 MERGE_WARPS = 4
 # the raw-pool partial, one program per (sequence, KV head) in the split launch
 # (tq_ops.triton.decode.raw_partial).  Its code shares the split kernel's register budget: with
@@ -121,25 +122,30 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, ns,
         HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=merge_step(ns),
+        PI_FIRST=merge_step(ns) <= MERGE_PI_FIRST_MAX_STEP,
         num_warps=MERGE_WARPS)
     return out
 
 
 def merge_step(num_splits: int) -> int:
-    """Partials the merge loads per step of its loop (decode_merge_kernel's SC).
+    """Partials the merge loads per step of its loop (decode_merge_kernel's SC): the smallest of
+    MERGE_STEPS that takes them all in one step, else the largest.
 
     Each step is a dependent round trip to memory, so a long row of partials wants wide steps;
-    but a step computes on all SC slots, masked ones included, and the wide merge holds more
-    registers (255 with a 12-byte spill at head_dim 128, against 213).  H200, session 15
-    (perf/ab_decode.py, 2 rounds, pages 64 and 16; perf/NOTES.md): 64 per step for every row
-    took (1, 4k) 16.2 -> 15.7 us, (1, 32k) 33.4 -> 31.9, (1, 128k) 87.2 -> 83.6 (64, 128 and
-    187 splits), and cost 0.3-0.6% at (8, 4k), (32, 16k) and (64, 8k) (16, 6 and 3 splits);
-    8 warps with 64 or 128 per step lost up to 15% at the large shapes.  So the wide step only
-    where there are more partials than one narrow step takes.  A function of shapes only (the
-    split count), so it never varies with the data; the two widths are two compiled variants
-    of the merge, both compiled when vLLM captures its batch sizes (1 and 512 fall on either
-    side at long contexts)."""
-    return MERGE_SPLITS if num_splits <= MERGE_SPLITS else MERGE_SPLITS_WIDE
+    but a step computes on all SC slots, masked ones included, and holds SC x D fp32 in
+    registers.  H200, session 15 (perf/ab_decode.py, 2 rounds, pages 64 and 16; perf/NOTES.md):
+    64 per step for every row took (1, 4k) 16.2 -> 15.7 us, (1, 32k) 33.4 -> 31.9, (1, 128k)
+    87.2 -> 83.6 (64, 128 and 187 splits) and cost 0.3-0.6% at the shapes with 3-16 splits;
+    then 128 per step past 64 partials (Pi loaded after the loop, MERGE_PI_FIRST_MAX_STEP) took
+    (1, 32k) 31.8 -> 31.0 us and (1, 128k) 83.8 -> 83.2 at page 64, 36.1 -> 35.1 and 98.9 ->
+    96.7 at page 16; 8 warps with 64 or 128 per step lost up to 15% at the large shapes.  A
+    function of shapes only (the split count), so it never varies with the data; each width is
+    a compiled variant of the merge, compiled when vLLM captures its batch sizes (at long
+    contexts, batch 1 and 512 take different ones)."""
+    for step in MERGE_STEPS:
+        if num_splits <= step:
+            return step
+    return MERGE_STEPS[-1]
 
 
 def split_launch(cfg: DecodeConfig, on_cuda: bool) -> tuple[DecodeConfig, dict]:

@@ -657,7 +657,8 @@ def split_partial(
 @triton.jit(do_not_specialize=['num_splits'])
 def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr):
+                        DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr,
+                        PI_FIRST: tl.constexpr = True):
     """One program per query row (sequence b, query head): merge the compressed partials of its
     KV head (slots 0 .. num_splits-1, rotated domain) and combine them with its raw-pool partial
     (slot num_splits, original domain, written by the split launch's raw_partial programs):
@@ -669,7 +670,9 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     Pi's loads) were slower at R = 2 and 4 (perf/NOTES.md, session 12).  The un-rotation is an
     fp32 matrix-vector product done as multiply-and-sum on CUDA cores (exact fp32).  Up to
     DP = JB, Pi is loaded whole at the start, before any dependent load; wider heads un-rotate
-    in JB-column blocks at the end."""
+    in JB-column blocks at the end.  PI_FIRST=False loads it after the loop instead: with SC = 128
+    partials per step, Pi (128 registers per thread at D = 128, 4 warps) held across the loop
+    spilled (offline sm_90: 255 registers and 128 bytes of spills, against 168 and none)."""
     pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi
     b = pid // (HKV * G)
     h = (pid % (HKV * G)) // G
@@ -678,7 +681,7 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     d = tl.arange(0, DP)
     dmask = d < D
     base = bh * (num_splits + 1)
-    if DP <= JB:
+    if DP <= JB and PI_FIRST:
         pi_all = tl.load(rot_ptr + d[:, None] * D + d[None, :],
                          mask=dmask[:, None] & dmask[None, :], other=0.0)
     # the raw-pool partial: independent of the loop below, so its loads go first
@@ -713,6 +716,9 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     acc = acc * (w_c * inv)
     acc_raw = acc_raw * (w_r * inv)
     if DP <= JB:
+        if not PI_FIRST:
+            pi_all = tl.load(rot_ptr + d[:, None] * D + d[None, :],
+                             mask=dmask[:, None] & dmask[None, :], other=0.0)
         o = tl.sum(pi_all * acc[:, None], 0) + acc_raw
         tl.store(out_ptr + pid * D + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
     else:
