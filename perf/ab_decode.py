@@ -22,7 +22,8 @@ split count changes the fp16 rounding of the softmax weights).
 Builds run as separate processes because patching a module constant inside one process is
 easy to get wrong: `import tq_ops.ops.paged_decode_attention as P` binds the op the package
 exports, not the module (perf/NOTES.md, session 14).  The first version of this script ran on
-an H200 in session 14 (perf/results/NVIDIA_H200/session14_2026-11-29.txt, items 1 and 4).
+an H200 in session 14 (perf/results/NVIDIA_H200/session14_2026-11-29.txt, items 1 and 4), this
+one in session 15 (session15_2026-11-29.txt, items 1 and 7).
 """
 from __future__ import annotations
 
