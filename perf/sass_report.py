@@ -235,9 +235,10 @@ def main() -> int:
             warps = a.warps or P.PREP_WARPS
         else:
             gp = max(2, triton.next_power_of_2(a.group))
+            step = P.merge_step(a.splits)
             consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
-                          JB=P.WHOLE_MATRIX_COLUMNS, SC=P.merge_step(a.splits),
-                          PI_FIRST=P.merge_step(a.splits) <= P.MERGE_PI_FIRST_MAX_STEP)
+                          JB=P.WHOLE_MATRIX_COLUMNS, SC=step,
+                          PI_FIRST=step <= P.MERGE_PI_FIRST_MAX_STEP)
             warps = a.warps or P.MERGE_WARPS
         k = compile_small(a.kernel, warps, consts)
         for line in ptxas_summary(k.asm["ptx"]):

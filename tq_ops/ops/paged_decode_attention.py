@@ -119,11 +119,11 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
             rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
             FAST=fast, KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
+    step = merge_step(ns)
     merge[(b * hq,)](
         o_part, m_part, l_part, rotation, out, ns,
-        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=merge_step(ns),
-        PI_FIRST=merge_step(ns) <= MERGE_PI_FIRST_MAX_STEP,
-        num_warps=MERGE_WARPS)
+        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
+        PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP, num_warps=MERGE_WARPS)
     return out
 
 

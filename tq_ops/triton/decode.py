@@ -654,6 +654,13 @@ def split_partial(
     tl.store(l_ptr + orow, l_i, mask=gmask)
 
 
+@triton.jit
+def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
+    """The (D, D) fp32 matrix at ptr, padded to (DP, DP) with zeros (d = arange(DP))."""
+    return tl.load(ptr + d[:, None] * D + d[None, :], mask=dmask[:, None] & dmask[None, :],
+                   other=0.0)
+
+
 @triton.jit(do_not_specialize=['num_splits'])
 def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
@@ -682,8 +689,7 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     dmask = d < D
     base = bh * (num_splits + 1)
     if DP <= JB and PI_FIRST:
-        pi_all = tl.load(rot_ptr + d[:, None] * D + d[None, :],
-                         mask=dmask[:, None] & dmask[None, :], other=0.0)
+        pi_all = _whole_matrix(rot_ptr, d, dmask, D)
     # the raw-pool partial: independent of the loop below, so its loads go first
     raw = (base + num_splits) * GP + gi + tl.zeros([1], tl.int32)
     m_r = tl.load(m_ptr + raw)
@@ -717,8 +723,7 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     acc_raw = acc_raw * (w_r * inv)
     if DP <= JB:
         if not PI_FIRST:
-            pi_all = tl.load(rot_ptr + d[:, None] * D + d[None, :],
-                             mask=dmask[:, None] & dmask[None, :], other=0.0)
+            pi_all = _whole_matrix(rot_ptr, d, dmask, D)
         o = tl.sum(pi_all * acc[:, None], 0) + acc_raw
         tl.store(out_ptr + pid * D + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
     else:
