@@ -162,8 +162,10 @@ def ptxas_summary(ptx: str) -> list[str]:
             f.write(ptx)
         r = subprocess.run([os.path.join(NVIDIA_BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", path,
                             "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True)
+    # "Potential Performance Loss" lines name wgmma serialised by ptxas (C7510-C7515: registers,
+    # calls, accumulator writes between wgmma; perf/NOTES.md, session 15)
     return [ln.strip() for ln in (r.stdout + r.stderr).splitlines()
-            if "Used" in ln or "spill" in ln]
+            if "Used" in ln or "spill" in ln or "Performance Loss" in ln]
 
 
 def hot_loop(cubin: bytes, whole: bool = False) -> list[str]:
