@@ -194,6 +194,13 @@ def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexp
         tl.store(qo_ptr + 2 * r + 1, off_z, mask=rmask)
 
 
+@triton.jit
+def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
+    """The (D, D) fp32 matrix at ptr, padded to (DP, DP) with zeros (d = arange(DP))."""
+    return tl.load(ptr + d[:, None] * D + d[None, :], mask=dmask[:, None] & dmask[None, :],
+                   other=0.0)
+
+
 @triton.jit(do_not_specialize=['rows'])
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, rows, q_scale,
                       u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
@@ -222,7 +229,7 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
         row = tl.program_id(0)
         mask2 = dmask[:, None] & dmask[None, :]
         # pi[j, i] = Pi[j, i]; st[j, i] = S'[i, j]
-        pi = tl.load(rot_ptr + d[:, None] * D + d[None, :], mask=mask2, other=0.0)
+        pi = _whole_matrix(rot_ptr, d, dmask, D)
         if QJL:
             st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
         qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
@@ -652,13 +659,6 @@ def split_partial(
                  mask=gmask[None, :] & (8 * m + r < D)[:, None])
     tl.store(m_ptr + orow, m_i, mask=gmask)
     tl.store(l_ptr + orow, l_i, mask=gmask)
-
-
-@triton.jit
-def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
-    """The (D, D) fp32 matrix at ptr, padded to (DP, DP) with zeros (d = arange(DP))."""
-    return tl.load(ptr + d[:, None] * D + d[None, :], mask=dmask[:, None] & dmask[None, :],
-                   other=0.0)
 
 
 @triton.jit(do_not_specialize=['num_splits'])
