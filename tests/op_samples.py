@@ -81,6 +81,15 @@ def samples(op: str):
                         raw_k, raw_v, torch.tensor([2, 0, 3], dtype=torch.int32),
                         torch.tensor([1, 0, 2], dtype=torch.int32), rot, proj, kc, vc, kb, qjl,
                         vb, d ** -0.5, 1))
+            # the decoded prefix: sequences 0 and 2 own rows 0..3 and 4..5 of it
+            dk, dv = tq.paged_dequantize(cache, table, lens, torch.tensor([0, 4, 4],
+                                         dtype=torch.int32), 6, rot, proj, kc, vc, kb, qjl, vb,
+                                         1, dtype)
+            out.append(out[-1][:20] + (dk, dv, torch.tensor([0, 4, 4], dtype=torch.int32)))
+        elif op == "paged_dequantize":
+            _, cache, table, lens, _, _, _, _, _ = _paged(fmt, d, hkv, dtype=dtype)
+            out.append((cache, table, lens, torch.tensor([0, 4, 4], dtype=torch.int32), 6, rot,
+                        proj, kc, vc, kb, qjl, vb, 1, dtype))
         elif op == "write_raw":
             _, _, _, _, slots, k, v, raw_k, raw_v = _paged(fmt, d, hkv, dtype=dtype)
             # 9 tokens into a (4, 2) pool: distinct (row, slot) per written token; token 5 has

@@ -29,7 +29,8 @@ VALID = {
     ("rank+1", n): "(..., D) inputs take any leading dims"
     for n in ("x", "y", "key@encode_keys", "value@encode_values", "residual")
 } | {("last-1", "block_table@paged_decode_attention"): "a narrower block table is valid",
-     ("last-1", "block_table@paged_prefill_attention"): "a narrower block table is valid"}
+     ("last-1", "block_table@paged_prefill_attention"): "a narrower block table is valid",
+     ("last-1", "block_table@paged_dequantize"): "a narrower block table is valid"}
 
 
 def _mutations(t: torch.Tensor):

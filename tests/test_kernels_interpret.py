@@ -171,6 +171,37 @@ def _child() -> dict:
         ref = R.paged_prefill_attention(*pargs)
         out[f"prefill/{fid}"] = dict(err=float((got.float() - ref.float()).abs().max()),
                                      scale=float(ref.float().abs().max()))
+        # -- the decoded prefix: paged_dequantize, then the prefill kernel's decoded variant.
+        # Sequences 1 and 2 share request 2's pages and rows (as a chunk's flush groups do),
+        # with different prefix lengths; sequence 0 has its own.
+        kv0 = 2
+        sbt = bt[[0, 2, 2]].contiguous()
+        spref = torch.tensor([lens[0], 2 * bs, lens[2]], dtype=torch.int32)
+        req_bt = bt[[0, 2]].contiguous()
+        req_lens = torch.tensor([lens[0], lens[2]], dtype=torch.int32)
+        n0 = max(0, lens[0] - kv0)
+        req_off = torch.tensor([0, n0], dtype=torch.int32)
+        ntok = n0 + max(0, lens[2] - kv0)
+        dq = (cache, req_bt, req_lens, req_off, ntok, c.rotation, c.qjl_projection,
+              c.key_centroids, c.value_centroids, kb, qjl, vb, kv0)
+        dk, dv = mod("paged_dequantize").launch(*dq, torch.float32, raw=True)
+        rk_, rv_ = R.paged_dequantize(*dq, torch.float32)
+        out[f"dequantize/{fid}"] = dict(
+            key=float((dk - rk_).abs().max() / rk_.abs().max()),
+            value=float((dv - rv_).abs().max() / rv_.abs().max()))
+        hk, hv = R.paged_dequantize(*dq, torch.float16)
+        dstart = torch.tensor([0, n0, n0], dtype=torch.int32)
+        sargs = (pq, pkey, pval, cu, cache, sbt, spref, pk.half(), pv.half(),
+                 torch.tensor([2, 0, 1], dtype=torch.int32), torch.tensor(rawl, dtype=torch.int32),
+                 c.rotation, c.qjl_projection, c.key_centroids, c.value_centroids, kb, qjl, vb,
+                 d ** -0.5, kv0)
+        got = mod("paged_prefill_attention").launch(*sargs, hk, hv, dstart, raw=True)
+        same = R.paged_prefill_attention(*sargs, hk, hv, dstart)
+        ref = R.paged_prefill_attention(*sargs)
+        out[f"prefill-decoded/{fid}"] = dict(
+            err=float((got.float() - same.float()).abs().max()),
+            err_vs_compressed=float((got.float() - ref.float()).abs().max()),
+            scale=float(ref.float().abs().max()))
         # -- codec ops
         ro = mod("rotate")
         e_rot = float((ro.launch_rotate(x, c.rotation, False, raw=True)
@@ -437,6 +468,24 @@ def test_prefill_kernel(report, fmt):
     r = report[f"prefill/{_fmt_id(fmt)}"]
     # fp16 inputs and output: add one fp16 rounding of the output
     assert r["err"] <= (ATT_RTOL + 2.0 ** -11) * r["scale"], r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_dequantize_kernel(report, fmt):
+    # tf32x3 products against the reference's fp32 ones: fp32 rounding of a D-term sum
+    r = report[f"dequantize/{_fmt_id(fmt)}"]
+    assert r["key"] <= RTOL_F32 and r["value"] <= RTOL_F32, r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_prefill_kernel_decoded(report, fmt):
+    r = report[f"prefill-decoded/{_fmt_id(fmt)}"]
+    # the kernel against the reference over the same fp16 decoded prefix: as test_prefill_kernel
+    assert r["err"] <= (ATT_RTOL + 2.0 ** -11) * r["scale"], r
+    # against the compressed path: also the fp16 rounding of the decoded keys and values (each
+    # half an ulp, 2^-12 relative), which moves a logit by at most 2^-12 |q| |k| and an output
+    # by 2^-12 of the largest value
+    assert r["err_vs_compressed"] <= (ATT_RTOL + 2 * 2.0 ** -11) * r["scale"], r
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)

@@ -41,7 +41,14 @@ GOLDEN_SCHEMAS = {
                                "Tensor raw_value, Tensor raw_index, Tensor raw_lens, "
                                "Tensor rotation, Tensor projection, Tensor key_centroids, "
                                "Tensor value_centroids, SymInt key_bits, bool qjl, "
-                               "SymInt value_bits, float scale, SymInt kv_start) -> Tensor",
+                               "SymInt value_bits, float scale, SymInt kv_start, "
+                               "Tensor? decoded_key=None, Tensor? decoded_value=None, "
+                               "Tensor? decoded_start=None) -> Tensor",
+    "paged_dequantize": "turboquant::paged_dequantize(Tensor cache, Tensor block_table, "
+                        "Tensor lens, Tensor offsets, SymInt num_tokens, Tensor rotation, "
+                        "Tensor projection, Tensor key_centroids, Tensor value_centroids, "
+                        "SymInt key_bits, bool qjl, SymInt value_bits, SymInt kv_start, "
+                        "ScalarType dtype) -> (Tensor, Tensor)",
     "qjl_sketch": "turboquant::qjl_sketch(Tensor residual, Tensor projection) -> (Tensor, Tensor)",
     "rotate": "turboquant::rotate(Tensor x, Tensor rotation) -> Tensor",
     "unrotate": "turboquant::unrotate(Tensor y, Tensor rotation) -> Tensor",

@@ -344,6 +344,33 @@ def _rotated_pages(cache: Tensor, block_table: Tensor, rotation: Tensor, project
     return k_eff * norm.unsqueeze(-1), value_centroids[vcodes] * vnorm.unsqueeze(-1)
 
 
+def paged_dequantize(cache: Tensor, block_table: Tensor, lens: Tensor, offsets: Tensor,
+                     num_tokens: int, rotation: Tensor, projection: Tensor,
+                     key_centroids: Tensor, value_centroids: Tensor, key_bits: int, qjl: bool,
+                     value_bits: int, kv_start: int,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Page positions kv_start .. lens[r]-1 of request r (block_table row r) as original-domain
+    keys (decode_keys) and values (decode_values), at rows offsets[r] + position - kv_start of
+    two (num_tokens, Hkv, D) tensors in `dtype`; rows no request covers are zero."""
+    d = rotation.shape[0]
+    hkv = cache.shape[1]
+    keys, values = gather_pages(cache, block_table, d, key_bits, qjl, value_bits)
+    r, n = keys.shape[0], keys.shape[1]
+    k = decode_keys(keys, rotation, projection, key_centroids, key_bits, qjl)
+    v = decode_values(values, rotation, value_centroids, value_bits)
+    pos = torch.arange(n, device=cache.device)
+    ok = (pos[None, :] >= kv_start) & (pos[None, :] < lens.to(torch.int64)[:, None])
+    rows = offsets.to(torch.int64)[:, None] + pos[None, :] - kv_start
+    # positions outside the range go to a spare last row, dropped below (static shapes)
+    rows = torch.where(ok, rows, num_tokens).reshape(r * n)
+    out_k = torch.zeros((num_tokens + 1, hkv, d), dtype=torch.float32, device=cache.device)
+    out_v = torch.zeros_like(out_k)
+    keep = ok[..., None, None]
+    out_k = out_k.index_copy(0, rows, torch.where(keep, k, 0.0).reshape(r * n, hkv, d))
+    out_v = out_v.index_copy(0, rows, torch.where(keep, v, 0.0).reshape(r * n, hkv, d))
+    return out_k[:num_tokens].to(dtype), out_v[:num_tokens].to(dtype)
+
+
 # Queries per step of the prefill reference: bounds its (tile, Hq, keys of the batch) logits.
 _PREFILL_LOGIT_ELEMENTS = 1 << 24
 
@@ -353,7 +380,10 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
                             raw_key: Tensor, raw_value: Tensor, raw_index: Tensor,
                             raw_lens: Tensor, rotation: Tensor, projection: Tensor,
                             key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
-                            qjl: bool, value_bits: int, scale: float, kv_start: int) -> Tensor:
+                            qjl: bool, value_bits: int, scale: float, kv_start: int,
+                            decoded_key: Tensor | None = None,
+                            decoded_value: Tensor | None = None,
+                            decoded_start: Tensor | None = None) -> Tensor:
     """Varlen chunked prefill: each sequence's chunk attends to its compressed prefix, its raw pool
     tokens and, causally, to itself, in one softmax.
 
@@ -365,6 +395,10 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     of b (they sit before the chunk).  Chunk token i sees chunk tokens j <= i of its sequence.
     Returns (T, Hq, D) in query.dtype.
 
+    With decoded_key / decoded_value (N, Hkv, D) and decoded_start (B,), compressed position p
+    of sequence b is row decoded_start[b] + p - kv_start of them (original domain, as
+    paged_dequantize writes it) instead of the decoded page.
+
     Every query is scored against every sequence's keys and masked to its own, with the queries
     taken in static tiles: static shapes (it traces) at the price of B-fold work.
     """
@@ -372,9 +406,23 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     hkv = cache.shape[1]
     g = hq // hkv
     dev = query.device
-    k_rot, v_rot = _rotated_pages(cache, block_table, rotation, projection, key_centroids,
-                                  value_centroids, key_bits, qjl, value_bits)
-    b, n = k_rot.shape[0], k_rot.shape[1]
+    if decoded_key is None:
+        k_rot, v_rot = _rotated_pages(cache, block_table, rotation, projection, key_centroids,
+                                      value_centroids, key_bits, qjl, value_bits)
+        b, n = k_rot.shape[0], k_rot.shape[1]
+    else:
+        b = block_table.shape[0]
+        n = block_table.shape[1] * (cache.shape[2] // _layout(d, key_bits, qjl,
+                                                               value_bits).slot_bytes)
+        pos = torch.arange(n, device=dev)
+        ok = (pos[None, :] >= kv_start) & (pos[None, :] < prefix_lens.to(torch.int64)[:, None])
+        # positions outside the prefix read an appended zero row (masked below in any case)
+        nd = decoded_key.shape[0]
+        idx = torch.where(ok, decoded_start.to(torch.int64)[:, None] + pos[None, :] - kv_start,
+                          nd)
+        pad = torch.zeros((1, hkv, d), dtype=torch.float32, device=dev)
+        k_rot = torch.cat([decoded_key.to(torch.float32), pad])[idx]
+        v_rot = torch.cat([decoded_value.to(torch.float32), pad])[idx]
     k_rot, v_rot = k_rot.reshape(b * n, hkv, d), v_rot.reshape(b * n, hkv, d)
     rows = raw_index.to(torch.int64)
     r = raw_key.shape[1]
@@ -396,7 +444,8 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     v_rot = torch.where(comp_ok_key[:, None, None], v_rot, 0.0)
     rv = torch.where(raw_ok_key[:, None, None], rv, 0.0)
     q32 = query.to(torch.float32).reshape(t, hkv, g, d)
-    q_rot = rotate(q32, rotation)
+    # the decoded prefix is in the original domain: nothing to rotate
+    q_rot = rotate(q32, rotation) if decoded_key is None else q32
     tile = max(1, _PREFILL_LOGIT_ELEMENTS // max(1, hq * (b * n + b * r + t)))
     outs = []
     for t0 in range(0, t, tile):
@@ -412,7 +461,9 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
                             lr.masked_fill(~ok_r[:, None, None, :], float("-inf")),
                             lk.masked_fill(~ok_k[:, None, None, :], float("-inf"))], -1) * scale
         p = torch.softmax(logits, dim=-1)
-        o = unrotate(torch.einsum("thgk,khd->thgd", p[..., :b * n], v_rot), rotation)
+        o = torch.einsum("thgk,khd->thgd", p[..., :b * n], v_rot)
+        if decoded_key is None:
+            o = unrotate(o, rotation)
         o = o + torch.einsum("thgk,khd->thgd", p[..., b * n:b * n + b * r], rv)
         o = o + torch.einsum("thgk,khd->thgd", p[..., b * n + b * r:], vv)
         outs.append(o.reshape(-1, hq, d))

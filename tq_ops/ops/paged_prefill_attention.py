@@ -21,11 +21,14 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
            block_table: Tensor, prefix_lens: Tensor, raw_key: Tensor, raw_value: Tensor,
            raw_index: Tensor, raw_lens: Tensor, rotation: Tensor, projection: Tensor,
            key_centroids: Tensor, value_centroids: Tensor, key_bits: int, qjl: bool,
-           value_bits: int, scale: float, kv_start: int, raw: bool = False,
+           value_bits: int, scale: float, kv_start: int,
+           decoded_key: Tensor | None = None, decoded_value: Tensor | None = None,
+           decoded_start: Tensor | None = None, raw: bool = False,
            block_q: int | None = None, num_warps: int | None = None) -> Tensor:
-    """The Triton body: query prep (q_rot, u), then tq_ops.triton.prefill.prefill_kernel.
-    raw=True launches the bare kernels (interpreter tests on CPU tensors); block_q / num_warps
-    replace the fixed launch config (perf/tune_decode.py explores them; the op never does)."""
+    """The Triton body: query prep (q_rot, u), then tq_ops.triton.prefill.prefill_kernel; with
+    decoded K/V no prep, and the kernel's decoded variant.  raw=True launches the bare kernels
+    (interpreter tests on CPU tensors); block_q / num_warps replace the fixed launch config
+    (perf/gpu_check.py and perf/tune_decode.py explore them; the op never does)."""
     t, hq, d = query.shape
     b = block_table.shape[0]
     # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
@@ -33,7 +36,8 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     g = hq // hkv
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
-    default_q, default_w = prefill_config(d)
+    decoded = decoded_key is not None
+    default_q, default_w = prefill_config(d, decoded)
     block_q, num_warps = block_q or default_q, num_warps or default_w
     q = query.contiguous()
     k = key.contiguous()
@@ -41,21 +45,28 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     rk = raw_key if raw_key.stride(-1) == 1 else raw_key.contiguous()
     rv = raw_value if raw_value.stride(-1) == 1 else raw_value.contiguous()
     dp = max(32, triton.next_power_of_2(d))
-    qr = torch.empty((t * hq, d), dtype=torch.float32, device=q.device)
-    u = torch.empty((t * hq, d), dtype=torch.float32, device=q.device) if qjl else qr
+    if decoded:  # no rotated queries: the kernel's decoded variant does not read them
+        qr = u = q
+    else:
+        qr = torch.empty((t * hq, d), dtype=torch.float32, device=q.device)
+        u = torch.empty((t * hq, d), dtype=torch.float32, device=q.device) if qjl else qr
     out = torch.empty((t, hq, d), dtype=query.dtype, device=q.device)
     kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)
     use_fast = q.device.type == "cuda" and kt[0] == 1 and vt[0] == 1
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
     kernel = prefill_kernel if raw else wrap_triton(prefill_kernel)
-    if t * hq > 0:
+    if decoded:
+        dk, dv, dstart = decoded_key, decoded_value, decoded_start
+    else:
+        dk, dv, dstart = k, v, prefix_lens  # not read by the kernel's compressed variant
+    if t * hq > 0 and not decoded:
         # no plane operands (the prefill kernel's decoders use qr, u): qr stands in for them
         prep[(triton.cdiv(t * hq, 16),)](q, rotation, projection, qr, u, qr, qr, t * hq,
                                          scale * LOG2E, qjl_scale(d), D=d, DP=dp, RB=16, JB=32,
                                          QJL=qjl, PLANES=False, KT0=0, KT1=0)
     kernel[(t // block_q + b, hkv)](
         q, qr, u, k, v, cu_seqlens_q, cache, block_table, prefix_lens, rk, rv, raw_index,
-        raw_lens, rotation, key_centroids, value_centroids, out,
+        raw_lens, rotation, key_centroids, value_centroids, out, dk, dv, dstart,
         kv_start, block_table.stride(0), cache.stride(0), scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         b, HKV=hkv, G=g,
@@ -65,14 +76,15 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
         OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
         OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
         SLOT=lay.slot_bytes, USE_FAST=use_fast, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
-        HOIST_Q=d <= HOIST_MAX_HEAD_DIM,
+        HOIST_Q=d <= HOIST_MAX_HEAD_DIM, DECODED=decoded,
         num_warps=num_warps)
     return out
 
 
 def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
                        raw_value, raw_index, raw_lens, rotation, key_centroids, value_centroids,
-                       key_bits, qjl, value_bits, kv_start) -> int:
+                       key_bits, qjl, value_bits, kv_start, decoded_key=None,
+                       decoded_value=None, decoded_start=None) -> int:
     """Static checks of paged_prefill_attention's arguments; returns head_dim."""
     d, hkv = check_paged_query(query, cache, rotation, key_centroids, value_centroids, key_bits,
                                qjl, value_bits)
@@ -96,6 +108,24 @@ def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, pref
                         raw_value=raw_value, raw_index=raw_index, raw_lens=raw_lens,
                         rotation=rotation, key_centroids=key_centroids,
                         value_centroids=value_centroids)
+    given = [x is not None for x in (decoded_key, decoded_value, decoded_start)]
+    if any(given) and not all(given):
+        _checks.fail("decoded_key, decoded_value and decoded_start go together: give all three "
+                     "or none")
+    if all(given):
+        for name, x in (("decoded_key", decoded_key), ("decoded_value", decoded_value)):
+            _checks.floats(name, x, rank=3)
+            if x.shape[1:] != (hkv, d) or x.shape != decoded_key.shape:
+                _checks.fail(f"{name} must be (N, {hkv}, {d}) like decoded_key, got "
+                             f"{tuple(x.shape)}")
+            if not x.is_contiguous():
+                _checks.fail(f"{name} must be contiguous (paged_dequantize's output is)")
+        _checks.ints("decoded_start", decoded_start, rank=1)
+        if decoded_start.shape[0] != b:
+            _checks.fail(f"decoded_start needs {b} entries (one per sequence), got "
+                         f"{decoded_start.shape[0]}")
+        _checks.same_device(query=query, decoded_key=decoded_key, decoded_value=decoded_value,
+                            decoded_start=decoded_start)
     return d
 
 
@@ -105,7 +135,10 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
                             raw_key: Tensor, raw_value: Tensor, raw_index: Tensor,
                             raw_lens: Tensor, rotation: Tensor, projection: Tensor,
                             key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
-                            qjl: bool, value_bits: int, scale: float, kv_start: int) -> Tensor:
+                            qjl: bool, value_bits: int, scale: float, kv_start: int,
+                            decoded_key: Tensor | None = None,
+                            decoded_value: Tensor | None = None,
+                            decoded_start: Tensor | None = None) -> Tensor:
     """Chunked (varlen) prefill attention: exact causal attention inside each chunk, plus the
     sequence's compressed prefix and raw pool tokens, merged exactly in one softmax.
 
@@ -130,19 +163,29 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
         rotation, projection: (D, D) fp32.  key_centroids, value_centroids: fp32 codebooks.
         key_bits, qjl, value_bits: the format.  scale: softmax scale.
         kv_start: first page position attended (e.g. the sink count when sinks are kept raw).
+        decoded_key, decoded_value: optional (N, Hkv, D) fp16/bf16/fp32, contiguous, the
+            compressed prefix already decoded by paged_dequantize (same kv_start).  Given,
+            compressed position p of sequence b is read from row decoded_start[b] + p - kv_start
+            of them instead of from the cache: the GPU body then runs a plain flash loop over
+            them (no decoding per query block), and the prefix is rounded to their dtype.
+            Sequences sharing a request (the flush groups of one chunk) share its rows, so the
+            prefix is decoded once per request rather than once per query block.
+        decoded_start: optional (B,) int32, with decoded_key / decoded_value.
     Returns:
         (T, Hq, D) in query.dtype.  Query head h reads KV head h // (Hq / Hkv).
     """
     d = check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens,
                            raw_key, raw_value, raw_index, raw_lens, rotation, key_centroids,
-                           value_centroids, key_bits, qjl, value_bits, kv_start)
+                           value_centroids, key_bits, qjl, value_bits, kv_start, decoded_key,
+                           decoded_value, decoded_start)
     _checks.projection(projection, d)
     _checks.same_device(query=query, projection=projection)
     if query.device.type == "cuda":
         return launch(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
                       raw_value, raw_index, raw_lens, rotation, projection, key_centroids,
-                      value_centroids, key_bits, qjl, value_bits, scale, kv_start)
+                      value_centroids, key_bits, qjl, value_bits, scale, kv_start, decoded_key,
+                      decoded_value, decoded_start)
     return reference.paged_prefill_attention(
         query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key, raw_value,
         raw_index, raw_lens, rotation, projection, key_centroids, value_centroids, key_bits, qjl,
-        value_bits, scale, kv_start)
+        value_bits, scale, kv_start, decoded_key, decoded_value, decoded_start)

@@ -16,6 +16,12 @@ After phase 1 the rotated accumulators are un-rotated once (dot with Pi) into th
 accumulator that phases 2 and 3 continue (so both sets never hold registers at the same time;
 heads wider than 128 un-rotate at the end instead); the rotated queries are loaded once per
 program as fp16 MMA operands.
+
+The decoded variant (DECODED, the op's decoded_key / decoded_value arguments) reads phase 1
+from K/V that tq_ops.triton.dequant wrote in the original domain: the same flash loop as phases
+2 and 3, no rotation, no decoders.  Phase 1 above decodes the whole prefix once per program, so
+a chunk of C queries decodes it C / BLOCK_Q times; the decoded variant has it decoded once per
+request and is what the vLLM backend runs when the scratch fits (perf/NOTES.md, session 16).
 """
 from __future__ import annotations
 
@@ -31,13 +37,16 @@ BLOCK_N = 64    # keys per tile (chunk and raw phases); compressed tiles use gcd
 HOIST_MAX_HEAD_DIM = 128  # widest head whose queries are kept across the prefix (see the kernel)
 
 
-def prefill_config(head_dim: int) -> tuple[int, int]:
+def prefill_config(head_dim: int, decoded: bool = False) -> tuple[int, int]:
     """(BLOCK_Q query tokens per program, num_warps).  Each program decodes the whole compressed
     prefix once for its BLOCK_Q x GP rows, so larger blocks divide the decode work: on an H100,
     seed format, 32/8 heads, D=128, a 2048-token chunk over a 30k prefix took 23.6 / 20.5 / 15.7 /
     11.5 ms at (16, 4) / (32, 4) / (32, 8) / (64, 8) (perf/tune_decode.py, 2026-11-28).  Heads
     wider than HOIST_MAX_HEAD_DIM keep the small block: its accumulators already fill the
-    registers."""
+    registers.  The decoded variant (no decoding, one (M, D) accumulator) takes the block of a
+    flash kernel: M = BLOCK_Q x GP rows of 64 per warpgroup at D <= 128."""
+    if decoded:
+        return (32, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
     return (64, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
 LOG2_MAX_SEQS = tl.constexpr(20)  # binary-search steps: batches up to 2^20 sequences
 
@@ -161,10 +170,11 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
 
 @triton.jit(do_not_specialize=['kv_start', 'n_seqs'],
             do_not_specialize_on_alignment=['cu_ptr', 'bt_ptr', 'prefix_ptr', 'raw_idx_ptr',
-                                            'raw_lens_ptr'])
+                                            'raw_lens_ptr', 'dstart_ptr'])
 def prefill_kernel(
         q_ptr, qr_ptr, u_ptr, k_ptr, v_ptr, cu_ptr, cache_ptr, bt_ptr, prefix_ptr,
         raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, rot_ptr, kc_ptr, vc_ptr, out_ptr,
+        dk_ptr, dv_ptr, dstart_ptr,
         kv_start, bt_stride, page_stride, q_scale,
         rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, n_seqs,
         HKV: tl.constexpr, G: tl.constexpr,
@@ -174,8 +184,11 @@ def prefill_kernel(
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
-        VT1: tl.constexpr, HOIST_Q: tl.constexpr):
-    """See the module docstring.  Output (T, Hq, D) in out_ptr's dtype."""
+        VT1: tl.constexpr, HOIST_Q: tl.constexpr, DECODED: tl.constexpr = False):
+    """See the module docstring.  Output (T, Hq, D) in out_ptr's dtype.  DECODED: phase 1 reads
+    the compressed positions from dk_ptr / dv_ptr ((rows, HKV, D), the original domain, rows
+    dstart[b] + position - kv_start: tq_ops.triton.dequant) with the raw phases' flash loop,
+    and nothing is rotated (qr_ptr, u_ptr, the cache and the codebooks are not read)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     # largest b with cu[b] // BQ + b <= pid (those block starts strictly increase with b)
@@ -209,55 +222,70 @@ def prefill_kernel(
         z = tl.zeros([M, DG], tl.float32)
         accs = (z, z, z, z, z, z, z, z)
         acc = tl.zeros([M, DP], tl.float32)
-        # 1. compressed prefix
         plen = tl.load(prefix_ptr + b)
-        head_off = h * (BS * SLOT)
-        bt_row = b.to(tl.int64) * bt_stride
-        ktabs = (0, 0, 0, 0)
-        vtabs = (0, 0, 0, 0)
-        fast = False
-        if USE_FAST:
-            fast = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
-            if KB == 3:
-                ktabs = byte_tables(kc_ptr, KB)
-            if VB == 3:
-                vtabs = byte_tables(vc_ptr, VB)
-        c_lo = (kv_start // CBN) * CBN
-        # the rotated queries are loaded once as fp16 MMA operands for the whole prefix (Triton
-        # keeps loop-invariant operands in shared memory: at head_dim 256 with QJL that overflows
-        # it, so wide heads reload them per tile)
-        if HOIST_Q:
-            qts = load_group_rows(qr_ptr, qrow, rmask, D, DG)
-            if QJL:
-                uts = load_group_rows(u_ptr, qrow, rmask, D, DG)
-            else:
-                uts = qts
-        else:
-            qts = (qr_ptr, qrow, rmask)
-            uts = (u_ptr, qrow, rmask)
-        if fast:
-            m_i, l_i, accs = _compressed_phase(
-                cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride, kc_ptr,
-                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
-                CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, True, KT0,
-                KT1, VT0, VT1, HOIST_Q)
-        else:
-            m_i, l_i, accs = _compressed_phase(
-                cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride, kc_ptr,
-                vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
-                CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, False, KT0,
-                KT1, VT0, VT1, HOIST_Q)
-        # un-rotate the compressed part, acc = sum_r accs[r] Pi[8m+r, :]: now, so the rotated
-        # accumulators are dead before the raw phases need registers for theirs; wide heads do it
-        # at the end instead (here Triton's shared-memory plan for it exceeds the SM's at D=256),
-        # carrying the later phases' rescaling in scale_rot
+        n = tl.arange(0, BN)
         scale_rot = tl.full([M], 1.0, tl.float32)
-        if HOIST_Q:
-            acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
+        if DECODED:
+            # 1. compressed prefix, decoded: the same flash loop as phases 2 and 3
+            drow0 = tl.load(dstart_ptr + b).to(tl.int64)
+            for r0 in tl.range(0, plen - kv_start, BN):
+                tv = r0 + n < plen - kv_start
+                km = tv[:, None] & dmask[None, :]
+                drow = (drow0 + r0 + n) * (HKV * D) + h * D
+                k = tl.load(dk_ptr + drow[:, None] + d[None, :], mask=km, other=0.0).to(
+                    k_ptr.dtype.element_ty)
+                s = tl.dot(qn, tl.trans(k))
+                p, alpha, m_i, l_i = _softmax_step(s, tv[None, :], m_i, l_i)
+                v = tl.load(dv_ptr + drow[:, None] + d[None, :], mask=km, other=0.0).to(
+                    v_ptr.dtype.element_ty)
+                acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
+        else:
+            # 1. compressed prefix
+            head_off = h * (BS * SLOT)
+            bt_row = b.to(tl.int64) * bt_stride
+            ktabs = (0, 0, 0, 0)
+            vtabs = (0, 0, 0, 0)
+            fast = False
+            if USE_FAST:
+                fast = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+                if KB == 3:
+                    ktabs = byte_tables(kc_ptr, KB)
+                if VB == 3:
+                    vtabs = byte_tables(vc_ptr, VB)
+            c_lo = (kv_start // CBN) * CBN
+            # the rotated queries are loaded once as fp16 MMA operands for the whole prefix
+            # (Triton keeps loop-invariant operands in shared memory: at head_dim 256 with QJL
+            # that overflows it, so wide heads reload them per tile)
+            if HOIST_Q:
+                qts = load_group_rows(qr_ptr, qrow, rmask, D, DG)
+                if QJL:
+                    uts = load_group_rows(u_ptr, qrow, rmask, D, DG)
+                else:
+                    uts = qts
+            else:
+                qts = (qr_ptr, qrow, rmask)
+                uts = (u_ptr, qrow, rmask)
+            if fast:
+                m_i, l_i, accs = _compressed_phase(
+                    cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride,
+                    kc_ptr, vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
+                    CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, True, KT0,
+                    KT1, VT0, VT1, HOIST_Q)
+            else:
+                m_i, l_i, accs = _compressed_phase(
+                    cache_ptr, bt_ptr, bt_row, c_lo, plen, kv_start, head_off, page_stride,
+                    kc_ptr, vc_ptr, qts, uts, ktabs, vtabs, m_i, l_i, accs, D, DG, M, BS,
+                    CBN, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, False, KT0,
+                    KT1, VT0, VT1, HOIST_Q)
+            # un-rotate the compressed part, acc = sum_r accs[r] Pi[8m+r, :]: now, so the
+            # rotated accumulators are dead before the raw phases need registers for theirs; wide
+            # heads do it at the end instead (here Triton's shared-memory plan for it exceeds the
+            # SM's at D=256), carrying the later phases' rescaling in scale_rot
+            if HOIST_Q:
+                acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
         # 2. raw pool tokens
         rl = tl.load(raw_lens_ptr + b)
         row = tl.load(raw_idx_ptr + b).to(tl.int64)
-        n = tl.arange(0, BN)
         for r0 in tl.range(0, rl, BN):
             tv = r0 + n < rl
             km = tv[:, None] & dmask[None, :]
@@ -283,7 +311,7 @@ def prefill_kernel(
             v = tl.load(v_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
             acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
             scale_rot = scale_rot * alpha
-        if not HOIST_Q:
+        if not HOIST_Q and not DECODED:
             acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
         inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
         out = acc * inv[:, None]
