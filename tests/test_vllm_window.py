@@ -160,7 +160,8 @@ def test_simulated_engine_matches_the_rule(w, schedule):
             segs = segments(w, 0, 0, pos, pos + n)
             attend.prefill_contiguous(codec, w, segs, q[sl], k[sl], v[sl], cache, table[None],
                                       raw_k, raw_v, [1], scale, out_c[sl])
-            plan = attend.segment_plan(segs, table[None], row.int(), q.device)
+            plan = attend.segment_plan(segs, table[None], row.int(), q.device, w.sink_tokens)
+            assert plan.decoded_rows == max(0, max(s.prefix_len for s in segs) - w.sink_tokens)
             attend.prefill_varlen(codec, w, plan, q[sl], k[sl], v[sl], cache, raw_k, raw_v,
                                   scale, out_v[sl])
             attend.write_raw(raw_k, raw_v, k[sl], v[sl], post, rslots, slots)
@@ -210,3 +211,48 @@ def test_boundary_layers_from_module_paths(monkeypatch):
     monkeypatch.setenv("TQ_BOUNDARY_LAYERS", "-1")
     with pytest.raises(ValueError, match="TQ_BOUNDARY_LAYERS='-1' is invalid"):
         is_boundary_layer(path.format(0), 30)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["decoded", "over-budget"])
+def test_varlen_plan_of_two_requests(budget, monkeypatch):
+    """Two requests' chunks in one batch (several flush groups each): the segment plan gives
+    each request one row range of the decoded prefix, and prefill_varlen (decoded, or reading
+    the pages when the prefix is over the budget) equals the per-segment contiguous path."""
+    monkeypatch.setattr(attend, "DECODED_PREFIX_BUDGET_BYTES", budget)
+    torch.manual_seed(1)
+    w = Window(16, 4)
+    cfg = TQConfig(head_dim=64, flush_interval=16, sink_tokens=4)
+    codec = TQCodec.build(cfg)
+    hq, hkv, d, bs = 4, 2, 64, 16
+    done, new = [40, 70], [35, 20]   # positions computed by earlier steps / in this step
+    nblk = [-(-(a + b) // bs) for a, b in zip(done, new)]
+    cache = torch.zeros(sum(nblk) + 2, hkv, bs * cfg.slot_bytes, dtype=torch.uint8)
+    perm = torch.randperm(sum(nblk) + 2).to(torch.int32)
+    table = torch.zeros(2, max(nblk), dtype=torch.int32)
+    table[0, :nblk[0]] = perm[:nblk[0]]
+    table[1, :nblk[1]] = perm[nblk[0]:nblk[0] + nblk[1]]
+    for b in range(2):
+        n = done[b] + new[b]
+        pos = torch.arange(n)
+        kv = torch.randn(n, hkv, d)
+        reference.write_cache(kv, torch.randn(n, hkv, d), cache,
+                              table[b, pos // bs].long() * bs + pos % bs, codec.rotation,
+                              codec.qjl_projection, codec.key_centroids, codec.value_centroids,
+                              cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    raw_k = torch.randn(3, w.row_slots, hkv, d)
+    raw_v = torch.randn(3, w.row_slots, hkv, d)
+    t = sum(new)
+    q, k, v = (torch.randn(t, h, d) for h in (hq, hkv, hkv))
+    segs = (segments(w, 0, 0, done[0], done[0] + new[0])
+            + segments(w, 1, new[0], done[1], done[1] + new[1]))
+    plan = attend.segment_plan(segs, table, torch.tensor([2, 0], dtype=torch.int32), q.device,
+                               w.sink_tokens)
+    longest = [max(s.prefix_len for s in segs if s.req == b) - w.sink_tokens for b in range(2)]
+    assert plan.decoded_rows == sum(longest)
+    assert plan.req_offsets.tolist() == [0, longest[0]]
+    assert plan.decoded_start.tolist() == [0 if s.req == 0 else longest[0] for s in segs]
+    out_c, out_v = torch.empty(t, hq, d), torch.empty(t, hq, d)
+    attend.prefill_contiguous(codec, w, segs, q, k, v, cache, table, raw_k, raw_v, [2, 0],
+                              d ** -0.5, out_c)
+    attend.prefill_varlen(codec, w, plan, q, k, v, cache, raw_k, raw_v, d ** -0.5, out_v)
+    torch.testing.assert_close(out_v, out_c, atol=2e-5, rtol=2e-5)

@@ -85,12 +85,25 @@ def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segmen
                                   scale, True)
 
 
+# The decoded prefix of one layer's prefill call (paged_dequantize's K and V in the query dtype)
+# may take at most this many bytes: 128k positions at 8 KV heads x 128 dims in bf16.  A step
+# whose prefixes need more reads them from the pages inside the prefill kernel instead, which
+# needs no scratch but decodes the prefix once per 32 query tokens (perf/NOTES.md, session 16).
+# The scratch is allocated and freed per layer (the caching allocator reuses it), outside the
+# memory vLLM profiles, so the bound is kept well inside gpu_memory_utilization's headroom.
+DECODED_PREFIX_BUDGET_BYTES = 512 << 20
+
+
 @dataclass(frozen=True)
 class SegmentPlan:
     """A batch's prefill segments as the device tensors of turboquant::paged_prefill_attention.
 
     Built once per engine step by the metadata builder and shared by every layer: a tensor made
-    from host data per layer would copy (and synchronise the stream) once per layer."""
+    from host data per layer would copy (and synchronise the stream) once per layer.
+
+    The decoded prefix: each request with compressed positions kv_start .. P-1 (P the longest
+    prefix among its segments) owns rows req_offsets[r] .. + P - kv_start of the
+    paged_dequantize outputs, and its segments read them from decoded_start."""
     first: int          # the segments tile tokens first .. last-1 of the batch, in order
     last: int
     cu: Tensor          # (S + 1,) int32: query offsets of the segments, from 0
@@ -98,13 +111,20 @@ class SegmentPlan:
     pool: Tensor        # (S,) int32: raw-pool tokens each segment attends
     block_table: Tensor  # (S, max_blocks) int32: each segment's request's block-table row
     raw_index: Tensor   # (S,) int32: each segment's request's raw-pool row
+    kv_start: int = 0      # host: the first compressed position (the window's sink count)
+    decoded_rows: int = 0  # host: rows of the decoded prefix (0: no compressed position)
+    req_block_table: Tensor | None = None  # (R, max_blocks) int32: the requests' rows
+    req_lens: Tensor | None = None       # (R,) int32: each request's longest prefix
+    req_offsets: Tensor | None = None    # (R,) int32: each request's first decoded row
+    decoded_start: Tensor | None = None  # (S,) int32: each segment's request's first row
 
 
 def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Tensor,
-                 device: torch.device) -> SegmentPlan:
+                 device: torch.device, kv_start: int = 0) -> SegmentPlan:
     """The SegmentPlan of non-empty `segments` of a batch whose requests have block-table rows
-    `block_table` (B, max_blocks) and raw-pool rows `raw_index` (B,): one host-to-device copy
-    (pinned, asynchronous on CUDA) and one gather of each per-request table."""
+    `block_table` (B, max_blocks) and raw-pool rows `raw_index` (B,), compressed positions from
+    kv_start (the sink count): one host-to-device copy (pinned, asynchronous on CUDA) and one
+    gather of each per-request table."""
     first = segments[0].tok_start
     cu = [0]
     for seg in segments:
@@ -112,15 +132,32 @@ def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Te
             raise ValueError("segments must tile the prefill tokens in order")
         cu.append(cu[-1] + seg.end - seg.start)
     n = len(segments)
+    longest: dict[int, int] = {}
+    for seg in segments:
+        longest[seg.req] = max(longest.get(seg.req, 0), seg.prefix_len)
+    reqs = list(longest)
+    offsets, rows = {}, 0
+    for r in reqs:
+        offsets[r] = rows
+        rows += max(0, longest[r] - kv_start)
+    m = len(reqs)
     host = torch.tensor([s.req for s in segments] + cu + [s.prefix_len for s in segments]
-                        + [s.pool_len for s in segments], dtype=torch.int32)
+                        + [s.pool_len for s in segments] + reqs + [longest[r] for r in reqs]
+                        + [offsets[r] for r in reqs] + [offsets[s.req] for s in segments],
+                        dtype=torch.int32)
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     dev = host.to(device, non_blocking=True)
     seg_req = dev[:n].long()
+    tail = 4 * n + 1
     return SegmentPlan(first=first, last=first + cu[-1], cu=dev[n:2 * n + 1],
-                       prefix=dev[2 * n + 1:3 * n + 1], pool=dev[3 * n + 1:],
-                       block_table=block_table[seg_req], raw_index=raw_index[seg_req])
+                       prefix=dev[2 * n + 1:3 * n + 1], pool=dev[3 * n + 1:4 * n + 1],
+                       block_table=block_table[seg_req], raw_index=raw_index[seg_req],
+                       kv_start=kv_start, decoded_rows=rows,
+                       req_block_table=block_table[dev[tail:tail + m].long()],
+                       req_lens=dev[tail + m:tail + 2 * m],
+                       req_offsets=dev[tail + 2 * m:tail + 3 * m],
+                       decoded_start=dev[tail + 3 * m:])
 
 
 def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Tensor,
@@ -129,14 +166,30 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
     """Prefill, all segments in one turboquant::paged_prefill_attention call (the GPU path).
 
     Same arguments as prefill_contiguous except the segments, block table and raw-pool rows,
-    given as their plan (segment_plan)."""
+    given as their plan (segment_plan).  The requests' compressed prefixes are first decoded
+    once (paged_dequantize, in the query dtype) when they fit DECODED_PREFIX_BUDGET_BYTES: the
+    prefill kernel then reads them as fp16/bf16 K/V instead of decoding the pages again for
+    every block of queries."""
     f = codec.config
+    if plan.kv_start != window.sink_tokens:
+        raise ValueError(f"segment plan built for kv_start={plan.kv_start}, the window keeps "
+                         f"{window.sink_tokens} sinks")
     first, last = plan.first, plan.last
+    q = query[first:last]
+    hkv, d = cache.shape[1], q.shape[2]
+    decoded = ()
+    if plan.decoded_rows and (plan.decoded_rows * hkv * d * 2 * q.element_size()
+                              <= DECODED_PREFIX_BUDGET_BYTES):
+        dk, dv = tq.paged_dequantize(
+            cache, plan.req_block_table, plan.req_lens, plan.req_offsets, plan.decoded_rows,
+            codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
+            f.key_mse_bits, f.use_qjl, f.value_bits, window.sink_tokens, q.dtype)
+        decoded = (dk, dv, plan.decoded_start)
     res = tq.paged_prefill_attention(
-        query[first:last], key[first:last], value[first:last], plan.cu, cache,
+        q, key[first:last], value[first:last], plan.cu, cache,
         plan.block_table, plan.prefix, raw_key, raw_value, plan.raw_index, plan.pool,
         codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
-        f.key_mse_bits, f.use_qjl, f.value_bits, scale, window.sink_tokens)
+        f.key_mse_bits, f.use_qjl, f.value_bits, scale, window.sink_tokens, *decoded)
     out[first:last] = res
 
 

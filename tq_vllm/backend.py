@@ -291,7 +291,7 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         for b in range(num_decodes, n):
             segs += split_segments(w, b, qsl_cpu[b], first_pos[b], seq_cpu[b])
         plan = (attend.segment_plan(segs, cam.block_table_tensor[:n], self.raw_index[:n],
-                                    self.device)
+                                    self.device, w.sink_tokens)
                 if segs and self.device.type == "cuda" else None)
         return TQMetadata(num_reqs=n, num_actual_tokens=t, num_decodes=num_decodes,
                           block_table=cam.block_table_tensor[:n],
@@ -434,7 +434,8 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             v = value[:t].view(t, hkv, d)
             if q.device.type == "cuda":
                 plan = md.segment_plan or attend.segment_plan(md.segments, md.block_table,
-                                                              md.raw_index, q.device)
+                                                              md.raw_index, q.device,
+                                                              self.window.sink_tokens)
                 attend.prefill_varlen(self.codec, self.window, plan, q, k, v, cache,
                                       self.raw_key, self.raw_value, self.scale, out)
             else:
