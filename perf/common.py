@@ -210,3 +210,77 @@ def encode_case(tokens: int = ENCODE_TOKENS, fmt: str = "seed",
                                          cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
 
     return run, 2 * k.numel() * k.element_size()
+
+
+@dataclass
+class PrefillCase:
+    args: tuple          # paged_prefill_attention's 20 positional arguments
+    dequant_args: tuple  # paged_dequantize's arguments for the same prefix, one row range
+    dstart: torch.Tensor  # (segments,) int32: each segment's first decoded row (all 0)
+
+
+def prefill_case(prefix: int, chunk: int, segment: int, page: int = 128, fmt: str = "seed",
+                 seed: int = 0) -> PrefillCase:
+    """One request whose `chunk` new tokens follow `prefix` compressed ones, cut into segments of
+    `segment` queries (tq_vllm's flush groups: segment i sees the compressed positions before its
+    own start, prefix + i * segment, and its own tokens exact).  segment == chunk: one sequence
+    over the prefix.  Random fp16 K/V written by write_cache for every position before the last
+    segment, pages in shuffled order."""
+    cfg = preset(fmt, head_dim=HEAD_DIM)
+    codec = TQCodec.build(cfg, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    total = prefix + chunk
+    pages = math.ceil(total / page)
+    cache = torch.empty((pages + 1, HKV, page * cfg.slot_bytes), dtype=torch.uint8,
+                        device="cuda")
+    row = (torch.randperm(pages, generator=gen, device="cuda") + 1).to(torch.int32)
+    n_seg = chunk // segment
+    written = prefix + (n_seg - 1) * segment
+    for t0 in range(0, written, 1 << 15):
+        pos = torch.arange(t0, min(written, t0 + (1 << 15)), device="cuda")
+        slots = row[pos // page].long() * page + pos % page
+        k = torch.randn((pos.numel(), HKV, HEAD_DIM), generator=gen, device="cuda",
+                        dtype=torch.float16)
+        v = torch.randn((pos.numel(), HKV, HEAD_DIM), generator=gen, device="cuda",
+                        dtype=torch.float16)
+        torch.ops.turboquant.write_cache(k, v, cache, slots, codec.rotation,
+                                         codec.qjl_projection, codec.key_centroids,
+                                         codec.value_centroids, cfg.key_mse_bits, cfg.use_qjl,
+                                         cfg.value_bits)
+    q = torch.randn((chunk, HQ, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    k = torch.randn((chunk, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    v = torch.randn((chunk, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    ints = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")  # noqa: E731
+    cu = ints(list(range(0, chunk + 1, segment)))
+    prefix_lens = ints([prefix + i * segment for i in range(n_seg)])
+    bt = row[None, :].expand(n_seg, pages).contiguous()
+    raw = torch.zeros((1, 1, HKV, HEAD_DIM), dtype=torch.float16, device="cuda")
+    zeros = ints([0] * n_seg)
+    fmt_args = (cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    mats = (codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids)
+    args = (q, k, v, cu, cache, bt, prefix_lens, raw, raw, zeros, zeros, *mats, *fmt_args,
+            HEAD_DIM ** -0.5, 0)
+    dequant_args = (cache, row[None, :].contiguous(), ints([written]), ints([0]), written, *mats,
+                    *fmt_args, 0, torch.float16)
+    return PrefillCase(args, dequant_args, zeros)
+
+
+def sdpa_prefill_case(prefix: int, chunk: int, seed: int = 0) -> Callable[[], object]:
+    """What the exact model's chunked prefill of the same request costs: flash SDPA (fp16) of
+    the chunk's queries over the prefix (no mask) and over the chunk itself (causal)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn((1, HQ, chunk, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    kp = torch.randn((1, HKV, prefix, HEAD_DIM), generator=gen, device="cuda",
+                     dtype=torch.float16)
+    kc = torch.randn((1, HKV, chunk, HEAD_DIM), generator=gen, device="cuda",
+                     dtype=torch.float16)
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            a = sdpa(q, kp, kp, enable_gqa=True)
+            b = sdpa(q, kc, kc, is_causal=True, enable_gqa=True)
+        return a, b
+    return run

@@ -273,6 +273,34 @@ def run_attention_case(c: dict) -> dict:
     res["prefill_rel_err"] = perr
     # bf16/fp16 inputs meet bf16/fp16 MMAs in the chunk and raw phases: one more rounding
     res["prefill_ok"] = perr <= ATT_RTOL + 2 * OUT_RTOL[dt]
+    # the decoded path: paged_dequantize of both prefixes (rows 0.. and then the second's),
+    # against the reference's, then the prefill's decoded variant against the compressed
+    # reference above: one more rounding (the decoded K/V in the query dtype)
+    kv0 = 2
+    n0 = max(0, prefix[0] - kv0)
+    dq = [cache_ref, pbt, torch.tensor(prefix, dtype=torch.int32),
+          torch.tensor([0, n0], dtype=torch.int32), n0 + max(0, prefix[1] - kv0),
+          codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids, kb,
+          qjl, vb, kv0, dt]
+    rk_, rv_ = R.paged_dequantize(*dq[:-1], torch.float32)
+    poison()
+    dk, dv = torch.ops.turboquant.paged_dequantize(
+        cache_g, pbt.cuda(), dq[2].cuda(), dq[3].cuda(), dq[4], cg.rotation, cg.qjl_projection,
+        cg.key_centroids, cg.value_centroids, kb, qjl, vb, kv0, dt)
+    derr = max(float((dk.float().cpu() - rk_).abs().max() / rk_.abs().max()),
+               float((dv.float().cpu() - rv_).abs().max() / rv_.abs().max()))
+    res["dequantize_rel_err"] = derr
+    poison()
+    got = torch.ops.turboquant.paged_prefill_attention(
+        *[a.cuda() if isinstance(a, torch.Tensor) and a is not cache_ref else a for a in pargs[:4]],
+        cache_g, *[a.cuda() for a in pargs[5:11]], cg.rotation, cg.qjl_projection,
+        cg.key_centroids, cg.value_centroids, kb, qjl, vb, d ** -0.5, kv0, dk, dv,
+        torch.tensor([0, n0], dtype=torch.int32, device="cuda")).float().cpu()
+    derr2 = float((got - ref).abs().max() / ref.abs().max()) if torch.isfinite(got).all() \
+        else float("inf")
+    res["prefill_decoded_rel_err"] = derr2
+    res["prefill_ok"] = bool(res["prefill_ok"] and derr <= F32_RTOL + OUT_RTOL[dt]
+                             and derr2 <= ATT_RTOL + 3 * OUT_RTOL[dt])
     res["ok"] = bool(res["write_ok"] and res["decode_ok"] and res["prefill_ok"])
     return res
 
@@ -413,18 +441,25 @@ def run_opcheck(c: dict) -> dict:
                                     cache, bt, lens, rk, rk, ridx, rl, cg.rotation,
                                     cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
                                     qjl, vb, 0.125, 0),
+        "paged_dequantize": (cache, bt, lens, torch.tensor([0, 5], dtype=torch.int32,
+                                                           device=dev), 45, cg.rotation,
+                             cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb, qjl,
+                             vb, 0, torch.float16),
         "attention": (torch.randn(2, 4, d, device=dev, dtype=torch.float16), rec[0, :3, None]
                       .expand(3, 2, -1).contiguous(), vrec[0, :3, None].expand(3, 2, -1)
                       .contiguous(), rk[0, :1], rk[0, :1], rk[0, :2], rk[0, :2], cg.rotation,
                       cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb, qjl, vb, 0.125,
                       True),
     }
+    dk, dv = torch.ops.turboquant.paged_dequantize(*samples["paged_dequantize"])
+    samples["paged_prefill_attention (decoded)"] = samples["paged_prefill_attention"] + (
+        dk, dv, torch.tensor([0, 5], dtype=torch.int32, device=dev))
     res = {"name": c["name"]}
     ok = True
     for name, args in samples.items():
         try:
-            r = torch.library.opcheck(getattr(torch.ops.turboquant, name).default, args,
-                                      raise_exception=False)
+            r = torch.library.opcheck(getattr(torch.ops.turboquant, name.split()[0]).default,
+                                      args, raise_exception=False)
             bad = {k: str(v)[:300] for k, v in r.items() if v != "SUCCESS"}
             res[name] = bad or "SUCCESS"
             ok &= not bad
@@ -443,12 +478,14 @@ def run_recompile_check(c: dict) -> dict:
     slices at 4- and 8-byte offsets, and the counts must not change."""
     from tq_ops import TQCodec, preset
     from tq_ops.triton import decode as KD
+    from tq_ops.triton import dequant as KQ
     from tq_ops.triton import encode as KE
     from tq_ops.triton import prefill as KP
 
     kernels = dict(prep=KD.query_prep_kernel, split=KD.decode_split_kernel,
                    merge=KD.decode_merge_kernel, prefill=KP.prefill_kernel,
-                   encode=KE.encode_kernel, encode_pair=KE.encode_pair_kernel)
+                   encode=KE.encode_kernel, encode_pair=KE.encode_pair_kernel,
+                   dequantize=KQ.dequantize_pages_kernel)
     dev = torch.cuda.current_device()
 
     def variants():
@@ -501,6 +538,13 @@ def run_recompile_check(c: dict) -> dict:
         cu_t, prefix, pool, idx = packed(cu, lens, [2] * seqs, list(range(seqs)), shift=shift)
         torch.ops.turboquant.paged_prefill_attention(qs, ks, ks, cu_t, cache, bt, prefix, raw,
                                                      raw, idx, pool, *mats, *fmt, d ** -0.5, 0)
+        # the decoded path: rows packed per sequence, offsets sliced like the plan's
+        (offs,) = packed([sum(lens[:i]) for i in range(seqs)], shift=shift)
+        dk, dv = torch.ops.turboquant.paged_dequantize(cache, bt, prefix, offs, sum(lens), *mats,
+                                                       *fmt, 0, torch.float16)
+        torch.ops.turboquant.paged_prefill_attention(qs, ks, ks, cu_t, cache, bt, prefix, raw,
+                                                     raw, idx, pool, *mats, *fmt, d ** -0.5, 0,
+                                                     dk, dv, offs)
         torch.cuda.synchronize()
 
     run(8, 1, 0)
@@ -688,6 +732,51 @@ def kernel_breakdown(fn, reps: int = 20) -> dict:
     return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
 
 
+# (prefix, chunk, segment): session 3's chunk of 2048 over a 30k prefix as one sequence, and
+# the second 16k chunk of a 32k prompt as tq_vllm runs it (128-token flush groups)
+PREFILL_SHAPES = [(30720, 2048, 2048), (16384, 16384, 128)]
+# decoded-variant launch configs timed beside the table's (BLOCK_Q, num_warps)
+PREFILL_DECODED_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 8)]
+
+
+def prefill_benchmarks() -> list[dict]:
+    """Prefill over a compressed prefix, ms: the op reading the pages (compressed), the decoded
+    path (paged_dequantize once + the op over its output, and the op alone at each of
+    PREFILL_DECODED_CONFIGS), and flash SDPA over fp16 K/V of the same request."""
+    import common as C
+    from tq_ops.ops.paged_prefill_attention import launch as prefill_launch
+    from tq_ops.triton.prefill import prefill_config
+
+    rows = []
+    for prefix, chunk, segment in PREFILL_SHAPES:
+        case = C.prefill_case(prefix, chunk, segment)
+        sd_ms = C.gpu_ms(C.sdpa_prefill_case(prefix, chunk), rep=100)
+        op = torch.ops.turboquant
+        comp = lambda: op.paged_prefill_attention(*case.args)  # noqa: E731
+
+        def decoded():
+            dk, dv = op.paged_dequantize(*case.dequant_args)
+            return op.paged_prefill_attention(*case.args, dk, dv, case.dstart)
+        dk, dv = op.paged_dequantize(*case.dequant_args)
+        want, got = comp().float(), decoded().float()
+        row = dict(kind="prefill", prefix=prefix, chunk=chunk, segment=segment, sdpa_ms=sd_ms,
+                   compressed_ms=C.gpu_ms(comp, rep=100), decoded_ms=C.gpu_ms(decoded, rep=100),
+                   dequantize_ms=C.gpu_ms(lambda: op.paged_dequantize(*case.dequant_args)),
+                   decoded_rel_err=float((got - want).abs().max() / want.abs().max()),
+                   table_config=list(prefill_config(C.HEAD_DIM, True)), configs={})
+        for bq, w in PREFILL_DECODED_CONFIGS:
+            try:
+                row["configs"][f"{bq}/{w}"] = C.gpu_ms(lambda: prefill_launch(
+                    *case.args, dk, dv, case.dstart, block_q=bq, num_warps=w), rep=100)
+            except Exception as e:  # a config that fails to compile is reported, not fatal
+                row["configs"][f"{bq}/{w}"] = f"{type(e).__name__}: {str(e)[:200]}"
+        del case, dk, dv
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print("BENCH " + json.dumps(row), flush=True)
+    return rows
+
+
 def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
     """The decode table, encode throughput and a decode step's write.  sustain_s > 0 runs each
     timed function back to back for that long before its timing (C.keep_busy), so ours and
@@ -744,6 +833,7 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
     rows.append(dict(kind="decode_raw", batch=8, ctx=32768, bs=64, raw_tokens=64, ms=ms,
                      kernels=kernels))
     print("BENCH " + json.dumps(rows[-1]), flush=True)
+    rows += prefill_benchmarks()
     run, nbytes = C.encode_case()
     ms = C.gpu_ms(run, rep=300)
     rows.append(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS))
@@ -767,6 +857,8 @@ def main() -> None:
     ap.add_argument("--out", type=str, default=os.environ.get("OUT"))
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--prefill-bench-only", action="store_true",
+                    help="bench: only the prefill rows")
     ap.add_argument("--sustain", type=float, default=0.0, metavar="SECONDS",
                     help="bench: keep the card busy with each timed function this long before "
                          "timing it (serving-like clocks; 0 = time a cool card at once)")
@@ -808,7 +900,13 @@ def main() -> None:
             if not r.get("ok"):
                 print("FAILED", json.dumps(r)[:3000])
     t_checks = time.time() - t0
-    rows = [] if a.skip_bench else benchmarks(a.out, a.sustain)
+    if a.skip_bench:
+        rows = []
+    elif a.prefill_bench_only:
+        import common as C
+        rows = [dict(kind="copy", bw=C.copy_bandwidth())] + prefill_benchmarks()
+    else:
+        rows = benchmarks(a.out, a.sustain)
     # -- the table, last
     dev = torch.cuda.get_device_name()
     print()
@@ -820,12 +918,14 @@ def main() -> None:
         for r in results:
             print(f"  {'ok  ' if r.get('ok') else 'FAIL'} {r['name']}"
                   + (f"  decode {r['decode_rel_err']:.1e} prefill {r['prefill_rel_err']:.1e}"
+                     f" dequantize {r['dequantize_rel_err']:.1e} prefill decoded "
+                     f"{r['prefill_decoded_rel_err']:.1e}"
                      if "decode_rel_err" in r else ""))
     if rows:
         bw = rows[0]["bw"]
         print(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s")
         print(f"decode, seed format (K 2+1 bit, V 3 bit), 32/8 heads, D=128; "
-              f"baseline {next(r['sdpa'] for r in rows if r['kind'] == 'decode')}")
+              f"baseline {next((r['sdpa'] for r in rows if r['kind'] == 'decode'), '-')}")
         print(f"(each timing after {a.sustain:g} s of back-to-back runs of the same function; "
               f"SM MHz read right after it)" if a.sustain else
               "(timed at once, no sustained load before: a cool card's clocks; SM MHz read "
@@ -850,6 +950,17 @@ def main() -> None:
             elif r["kind"] == "encode_small":
                 print(f"encode+write of {r['tokens']} tokens x 8 heads (a decode step's write): "
                       f"{r['ms'] * 1e3:.1f} us")
+            elif r["kind"] == "prefill":
+                cfgs = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} failed"
+                                 for k, v in r["configs"].items())
+                print(f"prefill, {r['chunk']} queries in segments of {r['segment']} over "
+                      f"{r['prefix']} compressed: sdpa {r['sdpa_ms']:.3f} ms, compressed "
+                      f"{r['compressed_ms']:.3f} ms ({r['compressed_ms'] / r['sdpa_ms']:.2f}x "
+                      f"sdpa), decoded {r['decoded_ms']:.3f} ms "
+                      f"({r['decoded_ms'] / r['sdpa_ms']:.2f}x sdpa; dequantize "
+                      f"{r['dequantize_ms']:.3f}; rel. diff {r['decoded_rel_err']:.1e})")
+                print(f"  decoded op alone by (BLOCK_Q/warps), table {r['table_config']}: "
+                      + cfgs)
             elif r["kind"] == "decode_page32":
                 print(f"decode ({r['batch']}, {r['ctx']}), page 32 (16-token tiles): "
                       f"{r['ms']:.4f} ms")

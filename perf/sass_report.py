@@ -10,6 +10,7 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
     PYTHONPATH=. python perf/sass_report.py --kernel prep|merge [--format seed] [--head-dim 128]
         [--splits 24]
     PYTHONPATH=. python perf/sass_report.py --kernel prefill [--format seed] [--head-dim 128]
+        [--decoded] [--block-q N] [--warps N]
 
 The split kernel's constexprs are the launcher's (tq_ops.ops.paged_decode_attention.
 split_constants); pointer arguments (and strides) are declared 16-byte aligned, as Triton
@@ -113,9 +114,10 @@ def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, ma
 
 
 def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_q: int,
-                    warps: int, maxnreg: int):
+                    warps: int, maxnreg: int, decoded: bool = False, stages: int = 2):
     """prefill_kernel with the launcher's constexprs (tq_ops.ops.paged_prefill_attention),
-    fp16 queries and chunk K/V, bf16 raw pool."""
+    fp16 queries and chunk K/V, bf16 raw pool; `decoded`: the variant over an fp16 decoded
+    prefix (paged_dequantize's output)."""
     import math
 
     from tq_ops.triton.prefill import BLOCK_N, HOIST_MAX_HEAD_DIM, prefill_kernel
@@ -133,15 +135,17 @@ def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_
         OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
         OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
         SLOT=lay.slot_bytes, USE_FAST=kt[0] == 1 and vt[0] == 1, KT0=kt[1], KT1=kt[2],
-        VT0=vt[1], VT1=vt[2], HOIST_Q=head_dim <= HOIST_MAX_HEAD_DIM)
+        VT0=vt[1], VT1=vt[2], HOIST_Q=head_dim <= HOIST_MAX_HEAD_DIM, DECODED=decoded)
     types = {n: "*fp32" for n in ("qr_ptr", "u_ptr", "rot_ptr", "kc_ptr", "vc_ptr")}
-    types.update({n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")})
+    types.update({n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "dk_ptr",
+                                       "dv_ptr")})
     types.update({n: "*bf16" for n in ("raw_k_ptr", "raw_v_ptr")})
     types.update({"cache_ptr": "*u8"})
     types.update({n: "*i32" for n in ("cu_ptr", "bt_ptr", "prefix_ptr", "raw_idx_ptr",
-                                      "raw_lens_ptr")})
+                                      "raw_lens_ptr", "dstart_ptr")})
     return compile_sm90(prefill_kernel, consts, types, aligned=("page_stride",),
-                        floats=("q_scale",), num_warps=warps, maxnreg=maxnreg)
+                        floats=("q_scale",), num_warps=warps, num_stages=stages,
+                        maxnreg=maxnreg)
 
 
 def compile_small(kernel: str, warps: int, consts: dict):
@@ -215,6 +219,10 @@ def main() -> int:
     ap.add_argument("--slow", action="store_true", help="the slow (any-codebook) instance")
     ap.add_argument("--table-keys", action="store_true",
                     help="split: the PRMT-table key decoders instead of the bit planes")
+    ap.add_argument("--decoded", action="store_true",
+                    help="prefill: the variant over a decoded prefix (paged_dequantize)")
+    ap.add_argument("--block-q", type=int, default=0,
+                    help="prefill: query tokens per program (default: prefill_config)")
     ap.add_argument("--smem-values", action="store_true",
                     help="split: the 3-bit value decoder whose fp16 result goes through shared "
                          "memory instead of the one over value words")
@@ -254,10 +262,11 @@ def main() -> int:
     if a.kernel == "prefill":
         from tq_ops.triton.prefill import prefill_config
 
-        bq, w = prefill_config(a.head_dim)
+        bq, w = prefill_config(a.head_dim, a.decoded)
+        bq = a.block_q or bq
         a.warps = a.warps or w
         k = compile_prefill(a.format, a.head_dim, a.group, a.block_size, bq, a.warps,
-                            a.maxnreg)
+                            a.maxnreg, a.decoded, a.stages)
         for line in ptxas_summary(k.asm["ptx"]):
             print(line)
         print(f"shared memory: {k.metadata.shared} bytes")
