@@ -85,8 +85,8 @@ def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segmen
                                   scale, True)
 
 
-# The decoded prefix of one layer's prefill call (paged_dequantize's K and V in the query dtype)
-# may take at most this many bytes: 128k positions at 8 KV heads x 128 dims in bf16.  A step
+# The decoded prefix of one layer's prefill call (paged_dequantize's K and V, fp16) may take at
+# most this many bytes: 128k positions at 8 KV heads x 128 dims.  A step
 # whose prefixes need more reads them from the pages inside the prefill kernel instead, which
 # needs no scratch but decodes the prefix once per 32 query tokens (perf/NOTES.md, session 16).
 # The scratch is allocated and freed per layer (the caching allocator reuses it), outside the
@@ -167,9 +167,9 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
 
     Same arguments as prefill_contiguous except the segments, block table and raw-pool rows,
     given as their plan (segment_plan).  The requests' compressed prefixes are first decoded
-    once (paged_dequantize, in the query dtype) when they fit DECODED_PREFIX_BUDGET_BYTES: the
-    prefill kernel then reads them as fp16/bf16 K/V instead of decoding the pages again for
-    every block of queries."""
+    once (paged_dequantize, fp16; fp32 for fp32 queries) when they fit
+    DECODED_PREFIX_BUDGET_BYTES: the prefill kernel then reads them as K/V instead of decoding
+    the pages again for every block of queries."""
     f = codec.config
     if plan.kv_start != window.sink_tokens:
         raise ValueError(f"segment plan built for kv_start={plan.kv_start}, the window keeps "
@@ -177,13 +177,16 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
     first, last = plan.first, plan.last
     q = query[first:last]
     hkv, d = cache.shape[1], q.shape[2]
+    # fp16 for bf16 models too: finer on the compressed part, and in range (every decoded
+    # coordinate is at most its token's norm, which the format stores in fp16)
+    dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
     decoded = ()
-    if plan.decoded_rows and (plan.decoded_rows * hkv * d * 2 * q.element_size()
+    if plan.decoded_rows and (plan.decoded_rows * hkv * d * 2 * dtype.itemsize
                               <= DECODED_PREFIX_BUDGET_BYTES):
         dk, dv = tq.paged_dequantize(
             cache, plan.req_block_table, plan.req_lens, plan.req_offsets, plan.decoded_rows,
             codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
-            f.key_mse_bits, f.use_qjl, f.value_bits, window.sink_tokens, q.dtype)
+            f.key_mse_bits, f.use_qjl, f.value_bits, window.sink_tokens, dtype)
         decoded = (dk, dv, plan.decoded_start)
     res = tq.paged_prefill_attention(
         q, key[first:last], value[first:last], plan.cu, cache,

@@ -214,9 +214,7 @@ def prefill_kernel(
         d = tl.arange(0, DP)
         dmask = d < D
         qs = tl.cast(q_scale, tl.float32)
-        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
-                    other=0.0)
-        qn = (q.to(tl.float32) * qs).to(k_ptr.dtype.element_ty)
+        qmask = rmask[:, None] & dmask[None, :]
         m_i = tl.full([M], NEG_BIG, tl.float32)
         l_i = tl.zeros([M], tl.float32)
         z = tl.zeros([M, DG], tl.float32)
@@ -226,19 +224,22 @@ def prefill_kernel(
         n = tl.arange(0, BN)
         scale_rot = tl.full([M], 1.0, tl.float32)
         if DECODED:
-            # 1. compressed prefix, decoded: the same flash loop as phases 2 and 3
+            # 1. compressed prefix, decoded: the same flash loop as phases 2 and 3, with the
+            # MMA operands in the decoded K/V's dtype (fp16 for bf16 models too: the tq_vllm
+            # scratch, 8x finer than bf16 on the compressed part)
+            dt = dk_ptr.dtype.element_ty
+            qd = (tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=qmask, other=0.0).to(
+                tl.float32) * qs).to(dt)
             drow0 = tl.load(dstart_ptr + b).to(tl.int64)
             for r0 in tl.range(0, plen - kv_start, BN):
                 tv = r0 + n < plen - kv_start
                 km = tv[:, None] & dmask[None, :]
                 drow = (drow0 + r0 + n) * (HKV * D) + h * D
-                k = tl.load(dk_ptr + drow[:, None] + d[None, :], mask=km, other=0.0).to(
-                    k_ptr.dtype.element_ty)
-                s = tl.dot(qn, tl.trans(k))
+                k = tl.load(dk_ptr + drow[:, None] + d[None, :], mask=km, other=0.0)
+                s = tl.dot(qd, tl.trans(k))
                 p, alpha, m_i, l_i = _softmax_step(s, tv[None, :], m_i, l_i)
-                v = tl.load(dv_ptr + drow[:, None] + d[None, :], mask=km, other=0.0).to(
-                    v_ptr.dtype.element_ty)
-                acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
+                v = tl.load(dv_ptr + drow[:, None] + d[None, :], mask=km, other=0.0)
+                acc = tl.dot(p.to(dt), v, acc * alpha[:, None])
         else:
             # 1. compressed prefix
             head_off = h * (BS * SLOT)
@@ -283,6 +284,10 @@ def prefill_kernel(
             # SM's at D=256), carrying the later phases' rescaling in scale_rot
             if HOIST_Q:
                 acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
+        # the queries of the exact phases, in the chunk K/V's dtype (loaded here, after phase 1,
+        # so that they hold no registers during it)
+        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=qmask, other=0.0)
+        qn = (q.to(tl.float32) * qs).to(k_ptr.dtype.element_ty)
         # 2. raw pool tokens
         rl = tl.load(raw_lens_ptr + b)
         row = tl.load(raw_idx_ptr + b).to(tl.int64)
