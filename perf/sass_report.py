@@ -143,7 +143,10 @@ def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_
     types.update({"cache_ptr": "*u8"})
     types.update({n: "*i32" for n in ("cu_ptr", "bt_ptr", "prefix_ptr", "raw_idx_ptr",
                                       "raw_lens_ptr", "dstart_ptr")})
-    return compile_sm90(prefill_kernel, consts, types, aligned=("page_stride",),
+    # the raw pool strides are multiples of 16 at a real launch (contiguous (N, R, Hkv, D) pools)
+    return compile_sm90(prefill_kernel, consts, types,
+                        aligned=("page_stride", "rk_s0", "rk_s1", "rk_s2", "rv_s0", "rv_s1",
+                                 "rv_s2"),
                         floats=("q_scale",), num_warps=warps, num_stages=stages,
                         maxnreg=maxnreg)
 
