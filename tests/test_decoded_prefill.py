@@ -60,6 +60,9 @@ def test_decoded_arguments_go_together():
         tq.paged_prefill_attention(*base, dk, None, start)
     with pytest.raises(TQInputError, match="decoded_value"):
         tq.paged_prefill_attention(*base, dk, dv[:, :, :-1], start)
+    assert dk.dtype == torch.float32
+    with pytest.raises(TQInputError, match="decoded_value is torch.float16.*one dtype"):
+        tq.paged_prefill_attention(*base, dk, dv.half(), start)
     with pytest.raises(TQInputError, match="decoded_start"):
         tq.paged_prefill_attention(*base, dk, dv, start[:-1])
     with pytest.raises(TQInputError, match="decoded_key.*contiguous"):

@@ -86,9 +86,9 @@ def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segmen
 
 
 # The decoded prefix of one layer's prefill call (paged_dequantize's K and V, fp16) may take at
-# most this many bytes: 128k positions at 8 KV heads x 128 dims.  A step
-# whose prefixes need more reads them from the pages inside the prefill kernel instead, which
-# needs no scratch but decodes the prefix once per 32 query tokens (perf/NOTES.md, session 16).
+# most this many bytes: 128k positions at 8 KV heads x 128 dims.  A step whose prefixes need
+# more reads them from the pages inside the prefill kernel instead, which needs no scratch but
+# decodes the prefix once per 64 query tokens (perf/NOTES.md, session 16).
 # The scratch is allocated and freed per layer (the caching allocator reuses it), outside the
 # memory vLLM profiles, so the bound is kept well inside gpu_memory_utilization's headroom.
 DECODED_PREFIX_BUDGET_BYTES = 512 << 20

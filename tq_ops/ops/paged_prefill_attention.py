@@ -120,6 +120,9 @@ def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, pref
                              f"{tuple(x.shape)}")
             if not x.is_contiguous():
                 _checks.fail(f"{name} must be contiguous (paged_dequantize's output is)")
+        if decoded_value.dtype != decoded_key.dtype:
+            _checks.fail(f"decoded_value is {decoded_value.dtype}, decoded_key "
+                         f"{decoded_key.dtype}: one dtype")
         _checks.ints("decoded_start", decoded_start, rank=1)
         if decoded_start.shape[0] != b:
             _checks.fail(f"decoded_start needs {b} entries (one per sequence), got "
@@ -163,8 +166,8 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
         rotation, projection: (D, D) fp32.  key_centroids, value_centroids: fp32 codebooks.
         key_bits, qjl, value_bits: the format.  scale: softmax scale.
         kv_start: first page position attended (e.g. the sink count when sinks are kept raw).
-        decoded_key, decoded_value: optional (N, Hkv, D) fp16/bf16/fp32, contiguous, the
-            compressed prefix already decoded by paged_dequantize (same kv_start).  Given,
+        decoded_key, decoded_value: optional (N, Hkv, D) fp16/bf16/fp32 (one dtype), contiguous,
+            the compressed prefix already decoded by paged_dequantize (same kv_start).  Given,
             compressed position p of sequence b is read from row decoded_start[b] + p - kv_start
             of them instead of from the cache: the GPU body then runs a plain flash loop over
             them (no decoding per query block), and the prefix is rounded to their dtype.
