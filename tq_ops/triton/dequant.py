@@ -22,33 +22,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tq_ops.triton.unpack import lookup, tile_rows
+from tq_ops.triton.unpack import lookup, slow_code, slow_sign, tile_rows
 
 BLOCK_N = 64   # positions per tile (the launcher takes gcd with the block size)
 COLUMN_BLOCK = 64
-
-
-@triton.jit
-def _codes(ptr, row2, d2, D: tl.constexpr, BITS: tl.constexpr):
-    """int32 code of coordinate d2 (any BITS in 1..4) of the records at byte offsets row2; d2 and
-    row2 broadcast.  Same packing as tq_ops.layout (coordinate d = 8 m + r: group r, index m)."""
-    m = d2 // 8
-    r = d2 % 8
-    real = d2 < D
-    base = ptr + row2
-    if BITS == 4:
-        b = tl.load(base + 4 * m + r // 2, mask=real, other=0).to(tl.int32)
-        c = (b >> (4 * (r % 2))) & 15
-    elif BITS == 1:
-        b = tl.load(base + m, mask=real, other=0).to(tl.int32)
-        c = (b >> r) & 1
-    else:
-        b = tl.load(base + 2 * m + r // 4, mask=real, other=0).to(tl.int32)
-        c = (b >> (2 * (r % 4))) & 3
-        if BITS == 3:
-            h = tl.load(base + D // 4 + m, mask=real, other=0).to(tl.int32)
-            c = c | (((h >> r) & 1) << 2)
-    return c
 
 
 @triton.jit
@@ -94,18 +71,19 @@ def dequantize_pages_kernel(
         row = tl.load(offsets_ptr + r).to(tl.int64) + pos - kv_start
         d = tl.arange(0, DP)
         dmask = d < D
-        kc = lookup(_codes(cache_ptr, (base + BS * OFF_KC + tin * (D * KB // 8))[:, None],
-                           d[None, :], D, KB), kc_ptr, KB)
+        # coordinate d is group d % 8, index d // 8 of tq_ops.layout's packing
+        m2 = (d // 8)[None, :]
+        r2 = (d % 8)[None, :]
+        kc = lookup(slow_code(cache_ptr, (base + BS * OFF_KC + tin * (D * KB // 8))[:, None],
+                              m2, r2, D, KB), kc_ptr, KB)
         kc = tl.where(dmask[None, :], kc, 0.0)
         kn = _tile_scalar(cache_ptr, base, tin, OFF_KN, BS)
         if QJL:
-            sb = tl.load(cache_ptr + (base + BS * OFF_KS + tin * (D // 8))[:, None]
-                         + (d // 8)[None, :], mask=dmask[None, :], other=0).to(tl.int32)
-            z = tl.where(dmask[None, :], tl.where(((sb >> (d % 8)[None, :]) & 1) != 0, 1.0,
-                                                  -1.0), 0.0)
+            z = tl.where(dmask[None, :], slow_sign(
+                cache_ptr, (base + BS * OFF_KS + tin * (D // 8))[:, None], m2, r2, D), 0.0)
             kg = _tile_scalar(cache_ptr, base, tin, OFF_KG, BS) * qjl_scale
-        vc = lookup(_codes(cache_ptr, (base + BS * OFF_VC + tin * (D * VB // 8))[:, None],
-                           d[None, :], D, VB), vc_ptr, VB)
+        vc = lookup(slow_code(cache_ptr, (base + BS * OFF_VC + tin * (D * VB // 8))[:, None],
+                              m2, r2, D, VB), vc_ptr, VB)
         vc = tl.where(dmask[None, :], vc, 0.0)
         vn = _tile_scalar(cache_ptr, base, tin, OFF_VN, BS)
         kc_hi, kc_lo = _split(kc)

@@ -442,8 +442,9 @@ def load_group_words(rows, m2, D: tl.constexpr, DG: tl.constexpr):
 
 
 @triton.jit
-def slow_code(ptr, row2, m2, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """int32 codes of group R, read byte by byte (any BITS in 1..4); shapes as in load_fast."""
+def slow_code(ptr, row2, m2, R, D: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes of group R, read byte by byte (any BITS in 1..4); shapes as in load_fast.
+    R is a constant group or a tensor of groups broadcasting with m2 (coordinate 8 m2 + R)."""
     real = m2 < D // 8
     base = ptr + row2
     if BITS == 4:
@@ -471,8 +472,8 @@ def lookup(code, c_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def slow_sign(ptr, row2, m2, R: tl.constexpr, D: tl.constexpr):
-    """fp32 +-1 of the QJL sign bits of group R (bit 1 = +1); shapes as in load_fast."""
+def slow_sign(ptr, row2, m2, R, D: tl.constexpr):
+    """fp32 +-1 of the QJL sign bits of group R (bit 1 = +1); shapes and R as in slow_code."""
     b = tl.load(ptr + row2 + m2, mask=m2 < D // 8, other=0)
     return tl.where(((b >> R) & 1) != 0, 1.0, -1.0)
 
