@@ -736,8 +736,10 @@ def kernel_breakdown(fn, reps: int = 20) -> dict:
 # (prefix, chunk, segment): session 3's chunk of 2048 over a 30k prefix as one sequence, and
 # the second 16k chunk of a 32k prompt as tq_vllm runs it (128-token flush groups)
 PREFILL_SHAPES = [(30720, 2048, 2048), (16384, 16384, 128)]
-# decoded-variant launch configs timed beside the table's (BLOCK_Q, num_warps)
-PREFILL_DECODED_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 8)]
+# decoded-variant launch configs (BLOCK_Q, num_warps, key tile, stages) timed beside the
+# table's; 0 = the launcher's default
+PREFILL_DECODED_CONFIGS = [(16, 4, 0, 2), (16, 4, 0, 3), (32, 8, 0, 2), (32, 8, 0, 0),
+                           (32, 8, 0, 4), (32, 8, 128, 2), (64, 8, 0, 0)]
 
 
 def prefill_benchmarks() -> list[dict]:
@@ -765,12 +767,14 @@ def prefill_benchmarks() -> list[dict]:
                    dequantize_ms=C.gpu_ms(lambda: op.paged_dequantize(*case.dequant_args)),
                    decoded_rel_err=float((got - want).abs().max() / want.abs().max()),
                    table_config=list(prefill_config(C.HEAD_DIM, True)), configs={})
-        for bq, w in PREFILL_DECODED_CONFIGS:
+        for bq, w, bn, st in PREFILL_DECODED_CONFIGS:
+            name = f"{bq}/{w}" + (f"/n{bn}" if bn else "") + (f"/s{st}" if st else "")
             try:
-                row["configs"][f"{bq}/{w}"] = C.gpu_ms(lambda: prefill_launch(
-                    *case.args, dk, dv, case.dstart, block_q=bq, num_warps=w), rep=100)
+                row["configs"][name] = C.gpu_ms(lambda: prefill_launch(
+                    *case.args, dk, dv, case.dstart, block_q=bq, num_warps=w,
+                    block_n=bn or None, num_stages=st or None), rep=100)
             except Exception as e:  # a config that fails to compile is reported, not fatal
-                row["configs"][f"{bq}/{w}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                row["configs"][name] = f"{type(e).__name__}: {str(e)[:200]}"
         del case, dk, dv
         torch.cuda.empty_cache()
         rows.append(row)
@@ -960,7 +964,7 @@ def main() -> None:
                       f"sdpa), decoded {r['decoded_ms']:.3f} ms "
                       f"({r['decoded_ms'] / r['sdpa_ms']:.2f}x sdpa; dequantize "
                       f"{r['dequantize_ms']:.3f}; rel. diff {r['decoded_rel_err']:.1e})")
-                print(f"  decoded op alone by (BLOCK_Q/warps), table {r['table_config']}: "
+                print(f"  decoded op alone by BLOCK_Q/warps[/key tile][/stages], table {r['table_config']}: "
                       + cfgs)
             elif r["kind"] == "decode_page32":
                 print(f"decode ({r['batch']}, {r['ctx']}), page 32 (16-token tiles): "

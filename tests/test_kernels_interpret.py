@@ -56,6 +56,7 @@ def _child() -> dict:
 
     from tq_ops import TQCodec, preset
     from tq_ops import reference as R
+    from tq_ops.triton.prefill import BLOCK_N as PREFILL_BLOCK_N
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -173,10 +174,11 @@ def _child() -> dict:
                                      scale=float(ref.float().abs().max()))
         # -- the decoded prefix: paged_dequantize, then the prefill kernel's decoded variant.
         # Sequences 1 and 2 share request 2's pages and rows (as a chunk's flush groups do),
-        # with different prefix lengths; sequence 0 has its own.
+        # with different prefix lengths; sequence 0 has its own.  Decoded rows: none, exactly
+        # one whole key tile (no partial tile), and whole tiles and a partial one.
         kv0 = 2
         sbt = bt[[0, 2, 2]].contiguous()
-        spref = torch.tensor([lens[0], 2 * bs, lens[2]], dtype=torch.int32)
+        spref = torch.tensor([lens[0], kv0 + PREFILL_BLOCK_N, lens[2]], dtype=torch.int32)
         req_bt = bt[[0, 2]].contiguous()
         req_lens = torch.tensor([lens[0], lens[2]], dtype=torch.int32)
         n0 = max(0, lens[0] - kv0)

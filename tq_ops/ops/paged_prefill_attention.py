@@ -24,11 +24,13 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
            value_bits: int, scale: float, kv_start: int,
            decoded_key: Tensor | None = None, decoded_value: Tensor | None = None,
            decoded_start: Tensor | None = None, raw: bool = False,
-           block_q: int | None = None, num_warps: int | None = None) -> Tensor:
+           block_q: int | None = None, num_warps: int | None = None,
+           block_n: int | None = None, num_stages: int | None = None) -> Tensor:
     """The Triton body: query prep (q_rot, u), then tq_ops.triton.prefill.prefill_kernel; with
     decoded K/V no prep, and the kernel's decoded variant.  raw=True launches the bare kernels
-    (interpreter tests on CPU tensors); block_q / num_warps replace the fixed launch config
-    (perf/gpu_check.py and perf/tune_decode.py explore them; the op never does)."""
+    (interpreter tests on CPU tensors); block_q / num_warps / block_n (the flash loops' key
+    tile) / num_stages replace the fixed launch config (perf/gpu_check.py and
+    perf/tune_decode.py explore them; the op never does)."""
     t, hq, d = query.shape
     b = block_table.shape[0]
     # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
@@ -71,13 +73,13 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         b, HKV=hkv, G=g,
         GP=triton.next_power_of_2(g), D=d, DP=dp, DG=group_width(d), BS=bs, BQ=block_q,
-        BN=BLOCK_N, CBN=math.gcd(bs, BLOCK_N), KB=key_bits, QJL=qjl, VB=value_bits,
+        BN=block_n or BLOCK_N, CBN=math.gcd(bs, BLOCK_N), KB=key_bits, QJL=qjl, VB=value_bits,
         OFF_KC=lay.slot_offset("k_codes"), OFF_KS=lay.slot_offset("k_signs") if qjl else 0,
         OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
         OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
         SLOT=lay.slot_bytes, USE_FAST=use_fast, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
         HOIST_Q=d <= HOIST_MAX_HEAD_DIM, DECODED=decoded,
-        num_warps=num_warps)
+        num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
     return out
 
 

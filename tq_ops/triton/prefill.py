@@ -61,6 +61,35 @@ def _softmax_step(s, valid, m_i, l_i):
 
 
 @triton.jit
+def _decoded_tile(qd, dk_ptr, dv_ptr, drow0, r0, rows, h, d, m_i, l_i, acc,
+                  HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One flash step over decoded rows drow0 + r0 .. + BN of (rows, HKV, D) K/V; MASKED: the
+    rows at or past `rows` (and coordinates past D) are not read and take no weight."""
+    n = tl.arange(0, BN)
+    drow = (drow0 + r0 + n) * (HKV * D) + h * D
+    if MASKED or DP != D:
+        tv = r0 + n < rows
+        km = tv[:, None] & (d < D)[None, :]
+        k = tl.load(dk_ptr + drow[:, None] + d[None, :], mask=km, other=0.0)
+        v = tl.load(dv_ptr + drow[:, None] + d[None, :], mask=km, other=0.0)
+    else:
+        k = tl.load(dk_ptr + drow[:, None] + d[None, :])
+        v = tl.load(dv_ptr + drow[:, None] + d[None, :])
+    s = tl.dot(qd, tl.trans(k))
+    if MASKED:
+        p, alpha, m_i, l_i = _softmax_step(s, tv[None, :], m_i, l_i)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        m_i = m_new
+        l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(dk_ptr.dtype.element_ty), v, acc * alpha[:, None])
+    return m_i, l_i, acc
+
+
+@triton.jit
 def group_rows(ptr, row, rmask, R: tl.constexpr, D: tl.constexpr, DG: tl.constexpr):
     """Coordinate group R of fp32 rows `row` (M,) of a (rows, D) buffer, as (M, DG) fp16."""
     m = tl.arange(0, DG)
@@ -231,15 +260,16 @@ def prefill_kernel(
             qd = (tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=qmask, other=0.0).to(
                 tl.float32) * qs).to(dt)
             drow0 = tl.load(dstart_ptr + b).to(tl.int64)
-            for r0 in tl.range(0, plen - kv_start, BN):
-                tv = r0 + n < plen - kv_start
-                km = tv[:, None] & dmask[None, :]
-                drow = (drow0 + r0 + n) * (HKV * D) + h * D
-                k = tl.load(dk_ptr + drow[:, None] + d[None, :], mask=km, other=0.0)
-                s = tl.dot(qd, tl.trans(k))
-                p, alpha, m_i, l_i = _softmax_step(s, tv[None, :], m_i, l_i)
-                v = tl.load(dv_ptr + drow[:, None] + d[None, :], mask=km, other=0.0)
-                acc = tl.dot(p.to(dt), v, acc * alpha[:, None])
+            rows = plen - kv_start
+            full = rows // BN * BN
+            # whole tiles without masks (no per-element select, unpredicated copies), then the
+            # partial last tile
+            for r0 in tl.range(0, full, BN):
+                m_i, l_i, acc = _decoded_tile(qd, dk_ptr, dv_ptr, drow0, r0, rows, h, d, m_i,
+                                              l_i, acc, HKV, D, DP, BN, False)
+            if full < rows:
+                m_i, l_i, acc = _decoded_tile(qd, dk_ptr, dv_ptr, drow0, full, rows, h, d, m_i,
+                                              l_i, acc, HKV, D, DP, BN, True)
         else:
             # 1. compressed prefix
             head_off = h * (BS * SLOT)
