@@ -213,12 +213,20 @@ def test_boundary_layers_from_module_paths(monkeypatch):
         is_boundary_layer(path.format(0), 30)
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["decoded", "over-budget"])
+# budget in rows of the decoded prefix -> the request groups prefill_varlen makes (first
+# request, end request, decoded); request 0 has the shorter prefix
+BUDGETS = {"decoded": (lambda rows: 1 << 20, [(0, 2, True)]),
+           "each-request": (lambda rows: max(rows), [(0, 1, True), (1, 2, True)]),
+           "first-request": (lambda rows: min(rows), [(0, 1, True), (1, 2, False)]),
+           "over-budget": (lambda rows: 0, [(0, 1, False), (1, 2, False)])}
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
 def test_varlen_plan_of_two_requests(budget, monkeypatch):
     """Two requests' chunks in one batch (several flush groups each): the segment plan gives
-    each request one row range of the decoded prefix, and prefill_varlen (decoded, or reading
-    the pages when the prefix is over the budget) equals the per-segment contiguous path."""
-    monkeypatch.setattr(attend, "DECODED_PREFIX_BUDGET_BYTES", budget)
+    each request one row range of the decoded prefix, and prefill_varlen equals the
+    per-segment contiguous path whether it decodes both prefixes in one call, cuts the batch
+    into one call per request, or reads a prefix over the budget from the pages."""
     torch.manual_seed(1)
     w = Window(16, 4)
     cfg = TQConfig(head_dim=64, flush_interval=16, sink_tokens=4)
@@ -251,8 +259,46 @@ def test_varlen_plan_of_two_requests(budget, monkeypatch):
     assert plan.decoded_rows == sum(longest)
     assert plan.req_offsets.tolist() == [0, longest[0]]
     assert plan.decoded_start.tolist() == [0 if s.req == 0 else longest[0] for s in segs]
+    assert longest[0] < longest[1]
+    rows_for, groups = BUDGETS[budget]
+    budget_rows = rows_for(longest)
+    assert attend.request_groups(plan, budget_rows) == groups
+    # fp32 queries decode into fp32: 2 x 4 bytes per (row, KV head, coordinate)
+    monkeypatch.setattr(attend, "DECODED_PREFIX_BUDGET_BYTES", budget_rows * hkv * d * 8)
+    calls = []
+    monkeypatch.setattr(attend, "tq", _Recorder(attend.tq, calls))
     out_c, out_v = torch.empty(t, hq, d), torch.empty(t, hq, d)
     attend.prefill_contiguous(codec, w, segs, q, k, v, cache, table, raw_k, raw_v, [2, 0],
                               d ** -0.5, out_c)
+    out_v.fill_(float("nan"))
     attend.prefill_varlen(codec, w, plan, q, k, v, cache, raw_k, raw_v, d ** -0.5, out_v)
     torch.testing.assert_close(out_v, out_c, atol=2e-5, rtol=2e-5)
+    assert calls.count("paged_prefill_attention") == len(groups)
+    assert calls.count("paged_dequantize") == sum(dec for _, _, dec in groups)
+
+
+class _Recorder:
+    """torch.ops.turboquant, recording the names of the ops called through it."""
+
+    def __init__(self, ops, calls):
+        self._ops, self._calls = ops, calls
+
+    def __getattr__(self, name):
+        op = getattr(self._ops, name)
+
+        def call(*args, **kwargs):
+            self._calls.append(name)
+            return op(*args, **kwargs)
+        return call
+
+
+@pytest.mark.parametrize("rows, budget, groups", [
+    ([5, 0, 200, 3, 3], 10, [(0, 2, True), (2, 3, False), (3, 5, True)]),
+    ([4, 4, 4], 8, [(0, 2, True), (2, 3, True)]),
+    ([0, 0], 0, [(0, 2, False)]),
+    ([9, 1], 8, [(0, 1, False), (1, 2, True)]),
+], ids=["mixed", "pairs", "no-rows", "first-over"])
+def test_request_groups_fill_the_budget_in_order(rows, budget, groups):
+    from types import SimpleNamespace
+
+    assert attend.request_groups(SimpleNamespace(req_rows=tuple(rows)), budget) == groups

@@ -6,6 +6,7 @@ tested on its own).  Shapes: T tokens, Hq / Hkv query / KV heads, D head_dim; `c
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -85,12 +86,14 @@ def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segmen
                                   scale, True)
 
 
-# The decoded prefix of one layer's prefill call (paged_dequantize's K and V, fp16) may take at
-# most this many bytes: 128k positions at 8 KV heads x 128 dims.  A step whose prefixes need
-# more reads them from the pages inside the prefill kernel instead, which needs no scratch but
-# decodes the prefix once per 64 query tokens (perf/NOTES.md, session 16).
-# The scratch is allocated and freed per layer (the caching allocator reuses it), outside the
-# memory vLLM profiles, so the bound is kept well inside gpu_memory_utilization's headroom.
+# The decoded prefix of one prefill call (paged_dequantize's K and V, fp16) may take at most
+# this many bytes: 128k positions at 8 KV heads x 128 dims.  A step whose requests need more
+# is cut into groups of consecutive requests that fit, one call each; a single request over
+# the budget reads its prefix from the pages inside the prefill kernel instead, which needs no
+# scratch but decodes the prefix once per 64 query tokens, about 3x slower (perf/NOTES.md,
+# sessions 16-17).  The scratch is allocated and freed per call (the caching allocator reuses
+# it), outside the memory vLLM profiles, so the bound is kept well inside
+# gpu_memory_utilization's headroom.
 DECODED_PREFIX_BUDGET_BYTES = 512 << 20
 
 
@@ -117,6 +120,10 @@ class SegmentPlan:
     req_lens: Tensor | None = None       # (R,) int32: each request's longest prefix
     req_offsets: Tensor | None = None    # (R,) int32: each request's first decoded row
     decoded_start: Tensor | None = None  # (S,) int32: each segment's request's first row
+    # host copies, to cut the plan into groups of requests without a device sync
+    cu_host: tuple[int, ...] = ()       # (S + 1,): cu
+    req_rows: tuple[int, ...] = ()      # (R,): each request's decoded rows
+    req_segments: tuple[int, ...] = ()  # (R,): each request's segment count (consecutive)
 
 
 def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Tensor,
@@ -141,6 +148,7 @@ def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Te
         offsets[r] = rows
         rows += max(0, longest[r] - kv_start)
     m = len(reqs)
+    counts = Counter(seg.req for seg in segments)
     host = torch.tensor([s.req for s in segments] + cu + [s.prefix_len for s in segments]
                         + [s.pool_len for s in segments] + reqs + [longest[r] for r in reqs]
                         + [offsets[r] for r in reqs] + [offsets[s.req] for s in segments],
@@ -157,32 +165,91 @@ def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Te
                        req_block_table=block_table[dev[tail:tail + m].long()],
                        req_lens=dev[tail + m:tail + 2 * m],
                        req_offsets=dev[tail + 2 * m:tail + 3 * m],
-                       decoded_start=dev[tail + 3 * m:])
+                       decoded_start=dev[tail + 3 * m:], cu_host=tuple(cu),
+                       req_rows=tuple(max(0, longest[r] - kv_start) for r in reqs),
+                       req_segments=tuple(counts[r] for r in reqs))
+
+
+def request_groups(plan: SegmentPlan, budget_rows: int) -> list[tuple[int, int, bool]]:
+    """Consecutive requests of `plan` cut into groups whose decoded rows fit `budget_rows`:
+    (first request, end request, decoded) per group, in order.  A request over the budget on
+    its own is a group that is not decoded (its prefix is read from the pages)."""
+    groups: list[tuple[int, int, bool]] = []
+    start, rows = 0, 0
+    for r, n in enumerate(plan.req_rows):
+        if n > budget_rows:
+            if start < r:
+                groups.append((start, r, rows > 0))
+            groups.append((r, r + 1, False))
+            start, rows = r + 1, 0
+        elif rows + n > budget_rows:
+            groups.append((start, r, rows > 0))
+            start, rows = r, n
+        else:
+            rows += n
+    if start < len(plan.req_rows):
+        groups.append((start, len(plan.req_rows), rows > 0))
+    return groups
+
+
+def sub_plan(plan: SegmentPlan, r0: int, r1: int) -> SegmentPlan:
+    """The plan of requests r0 .. r1-1 of `plan` alone: its segments, tokens and decoded rows,
+    offsets rebased to start at 0 (three small device subtractions, no sync)."""
+    s0 = sum(plan.req_segments[:r0])
+    s1 = s0 + sum(plan.req_segments[r0:r1])
+    t0, row0 = plan.cu_host[s0], sum(plan.req_rows[:r0])
+    return SegmentPlan(
+        first=plan.first + t0, last=plan.first + plan.cu_host[s1],
+        cu=plan.cu[s0:s1 + 1] - t0, prefix=plan.prefix[s0:s1], pool=plan.pool[s0:s1],
+        block_table=plan.block_table[s0:s1], raw_index=plan.raw_index[s0:s1],
+        kv_start=plan.kv_start, decoded_rows=sum(plan.req_rows[r0:r1]),
+        req_block_table=plan.req_block_table[r0:r1], req_lens=plan.req_lens[r0:r1],
+        req_offsets=plan.req_offsets[r0:r1] - row0,
+        decoded_start=plan.decoded_start[s0:s1] - row0,
+        cu_host=tuple(c - t0 for c in plan.cu_host[s0:s1 + 1]),
+        req_rows=plan.req_rows[r0:r1], req_segments=plan.req_segments[r0:r1])
 
 
 def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Tensor,
                    key: Tensor, value: Tensor, cache: Tensor, raw_key: Tensor,
                    raw_value: Tensor, scale: float, out: Tensor) -> None:
-    """Prefill, all segments in one turboquant::paged_prefill_attention call (the GPU path).
+    """Prefill of the plan's segments by turboquant::paged_prefill_attention (the GPU path): one
+    call, or one per group of requests when their decoded prefixes are over the budget.
 
     Same arguments as prefill_contiguous except the segments, block table and raw-pool rows,
     given as their plan (segment_plan).  The requests' compressed prefixes are first decoded
     once (paged_dequantize, fp16; fp32 for fp32 queries) when they fit
     DECODED_PREFIX_BUDGET_BYTES: the prefill kernel then reads them as K/V instead of decoding
-    the pages again for every block of queries."""
-    f = codec.config
+    the pages again for every block of queries.  A step over the budget is cut into groups of
+    requests that fit (request_groups), one call each."""
     if plan.kv_start != window.sink_tokens:
         raise ValueError(f"segment plan built for kv_start={plan.kv_start}, the window keeps "
                          f"{window.sink_tokens} sinks")
-    first, last = plan.first, plan.last
-    q = query[first:last]
-    hkv, d = cache.shape[1], q.shape[2]
+    hkv, d = cache.shape[1], query.shape[2]
     # fp16 for bf16 models too: finer on the compressed part, and in range (every decoded
     # coordinate is at most its token's norm, which the format stores in fp16)
-    dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
+    dtype = torch.float32 if query.dtype == torch.float32 else torch.float16
+    budget_rows = DECODED_PREFIX_BUDGET_BYTES // (hkv * d * 2 * dtype.itemsize)
+    if plan.decoded_rows <= budget_rows:
+        groups = [(plan, plan.decoded_rows > 0)]
+    else:
+        groups = [(sub_plan(plan, r0, r1), decode)
+                  for r0, r1, decode in request_groups(plan, budget_rows)]
+    for part, decode in groups:
+        _prefill_call(codec, window, part, decode, dtype, query, key, value, cache, raw_key,
+                      raw_value, scale, out)
+
+
+def _prefill_call(codec: TQCodec, window: Window, plan: SegmentPlan, decode: bool,
+                  dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor, cache: Tensor,
+                  raw_key: Tensor, raw_value: Tensor, scale: float, out: Tensor) -> None:
+    """One paged_prefill_attention call over the plan's segments; decode: its requests'
+    prefixes first go through paged_dequantize (into `dtype`)."""
+    f = codec.config
+    first, last = plan.first, plan.last
+    q = query[first:last]
     decoded = ()
-    if plan.decoded_rows and (plan.decoded_rows * hkv * d * 2 * dtype.itemsize
-                              <= DECODED_PREFIX_BUDGET_BYTES):
+    if decode:
         dk, dv = tq.paged_dequantize(
             cache, plan.req_block_table, plan.req_lens, plan.req_offsets, plan.decoded_rows,
             codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
