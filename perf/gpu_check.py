@@ -300,8 +300,34 @@ def run_attention_case(c: dict) -> dict:
     derr2 = float((got - ref).abs().max() / ref.abs().max()) if torch.isfinite(got).all() \
         else float("inf")
     res["prefill_decoded_rel_err"] = derr2
+    # slabs: compressed positions from `cut` on through paged_prefill_prefix, the rest through
+    # paged_prefill_attention with that prior; from the pages and from the decoded rows
+    # (entered at the slab's first position); the same tolerances as the whole prefix
+    cut = kv0 + max(1, (min(prefix) - kv0) // 2)
+    pre = torch.tensor(prefix, dtype=torch.int32, device="cuda")
+    hi_lens, lo_lens = pre.clamp(min=cut), pre.clamp(max=cut)
+    qg, cug, btg = pq.cuda(), cu.cuda(), pbt.cuda()
+    mats = (cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb, qjl, vb)
+    rest = [a.cuda() for a in pargs[7:11]]
+    starts = torch.tensor([0, n0], dtype=torch.int32, device="cuda")
+    serr = []
+    for dec in (False, True):
+        poison()
+        extra = (dk, dv, starts + (cut - kv0)) if dec else (None, None, None)
+        po, pl = torch.ops.turboquant.paged_prefill_prefix(qg, cug, cache_g, btg, hi_lens, *mats,
+                                                           d ** -0.5, cut, *extra)
+        extra = (dk, dv, starts) if dec else (None, None, None)
+        got = torch.ops.turboquant.paged_prefill_attention(
+            qg, pargs[1].cuda(), pargs[2].cuda(), cug, cache_g, btg, lo_lens, *rest, *mats,
+            d ** -0.5, kv0, *extra, po, pl).float().cpu()
+        serr.append(float((got - ref).abs().max() / ref.abs().max())
+                    if torch.isfinite(got).all() else float("inf"))
+    res["prefill_slabs_rel_err"] = serr
     res["prefill_ok"] = bool(res["prefill_ok"] and derr <= F32_RTOL + OUT_RTOL[torch.float16]
-                             and derr2 <= ATT_RTOL + 2 * OUT_RTOL[dt] + OUT_RTOL[torch.float16])
+                             and derr2 <= ATT_RTOL + 2 * OUT_RTOL[dt] + OUT_RTOL[torch.float16]
+                             and serr[0] <= ATT_RTOL + 2 * OUT_RTOL[dt]
+                             and serr[1] <= ATT_RTOL + 2 * OUT_RTOL[dt]
+                             + OUT_RTOL[torch.float16])
     res["ok"] = bool(res["write_ok"] and res["decode_ok"] and res["prefill_ok"])
     return res
 
@@ -455,6 +481,13 @@ def run_opcheck(c: dict) -> dict:
     dk, dv = torch.ops.turboquant.paged_dequantize(*samples["paged_dequantize"])
     samples["paged_prefill_attention (decoded)"] = samples["paged_prefill_attention"] + (
         dk, dv, torch.tensor([0, 5], dtype=torch.int32, device=dev))
+    pre = samples["paged_prefill_attention"]
+    samples["paged_prefill_prefix"] = (pre[0], pre[3], cache, bt, lens, *pre[11:20])
+    po, pl = torch.ops.turboquant.paged_prefill_prefix(*samples["paged_prefill_prefix"])
+    samples["paged_prefill_prefix (decoded, prior)"] = samples["paged_prefill_prefix"] + (
+        dk, dv, torch.tensor([0, 5], dtype=torch.int32, device=dev), po, pl)
+    samples["paged_prefill_attention (decoded, prior)"] = samples[
+        "paged_prefill_attention (decoded)"] + (po, pl)
     res = {"name": c["name"]}
     ok = True
     for name, args in samples.items():
@@ -924,7 +957,8 @@ def main() -> None:
             print(f"  {'ok  ' if r.get('ok') else 'FAIL'} {r['name']}"
                   + (f"  decode {r['decode_rel_err']:.1e} prefill {r['prefill_rel_err']:.1e}"
                      f" dequantize {r['dequantize_rel_err']:.1e} prefill decoded "
-                     f"{r['prefill_decoded_rel_err']:.1e}"
+                     f"{r['prefill_decoded_rel_err']:.1e} slabs "
+                     + "/".join(f"{e:.1e}" for e in r.get("prefill_slabs_rel_err", []))
                      if "decode_rel_err" in r else ""))
     if rows:
         bw = rows[0]["bw"]

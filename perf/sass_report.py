@@ -114,7 +114,8 @@ def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, ma
 
 
 def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_q: int,
-                    warps: int, maxnreg: int, decoded: bool = False, stages: int = 2):
+                    warps: int, maxnreg: int, decoded: bool = False, stages: int = 2,
+                    prior: bool = False, partial: bool = False):
     """prefill_kernel with the launcher's constexprs (tq_ops.ops.paged_prefill_attention),
     fp16 queries and chunk K/V, bf16 raw pool; `decoded`: the variant over an fp16 decoded
     prefix (paged_dequantize's output)."""
@@ -135,7 +136,8 @@ def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_
         OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
         OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
         SLOT=lay.slot_bytes, USE_FAST=kt[0] == 1 and vt[0] == 1, KT0=kt[1], KT1=kt[2],
-        VT0=vt[1], VT1=vt[2], HOIST_Q=head_dim <= HOIST_MAX_HEAD_DIM, DECODED=decoded)
+        VT0=vt[1], VT1=vt[2], HOIST_Q=head_dim <= HOIST_MAX_HEAD_DIM, DECODED=decoded,
+        PRIOR=prior, PARTIAL=partial)
     types = {n: "*fp32" for n in ("qr_ptr", "u_ptr", "rot_ptr", "kc_ptr", "vc_ptr")}
     types.update({n: "*fp16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "dk_ptr",
                                        "dv_ptr")})

@@ -86,6 +86,24 @@ def samples(op: str):
                                          dtype=torch.int32), 6, rot, proj, kc, vc, kb, qjl, vb,
                                          1, dtype)
             out.append(out[-1][:20] + (dk, dv, torch.tensor([0, 4, 4], dtype=torch.int32)))
+            # a prior partial over further keys (paged_prefill_prefix's output)
+            po = torch.randn(t, hq, d, generator=g)
+            pl = torch.randn(t, hq, generator=g)
+            pl[0, 0] = float("-inf")  # a query with no prior key
+            out.append(out[-1] + (po, pl))
+        elif op == "paged_prefill_prefix":
+            _, cache, table, lens, _, _, _, _, _ = _paged(fmt, d, hkv, dtype=dtype)
+            t = 4
+            base = (torch.randn(t, hq, d, generator=g).to(dtype),
+                    torch.tensor([0, 2, 2, 4], dtype=torch.int32), cache, table, lens, rot, proj,
+                    kc, vc, kb, qjl, vb, d ** -0.5, 1)
+            out.append(base)
+            dk, dv = tq.paged_dequantize(cache, table, lens, torch.tensor([0, 4, 4],
+                                         dtype=torch.int32), 6, rot, proj, kc, vc, kb, qjl, vb,
+                                         1, dtype)
+            po = torch.randn(t, hq, d, generator=g)
+            pl = torch.randn(t, hq, generator=g)
+            out.append(base + (dk, dv, torch.tensor([0, 4, 4], dtype=torch.int32), po, pl))
         elif op == "paged_dequantize":
             _, cache, table, lens, _, _, _, _, _ = _paged(fmt, d, hkv, dtype=dtype)
             out.append((cache, table, lens, torch.tensor([0, 4, 4], dtype=torch.int32), 6, rot,

@@ -30,6 +30,7 @@ VALID = {
     for n in ("x", "y", "key@encode_keys", "value@encode_values", "residual")
 } | {("last-1", "block_table@paged_decode_attention"): "a narrower block table is valid",
      ("last-1", "block_table@paged_prefill_attention"): "a narrower block table is valid",
+     ("last-1", "block_table@paged_prefill_prefix"): "a narrower block table is valid",
      ("last-1", "block_table@paged_dequantize"): "a narrower block table is valid"}
 
 

@@ -204,6 +204,24 @@ def _child() -> dict:
             err=float((got.float() - same.float()).abs().max()),
             err_vs_compressed=float((got.float() - ref.float()).abs().max()),
             scale=float(ref.float().abs().max()))
+        # -- slabs: compressed positions from `cut` on through the kernel's partial variant
+        # (paged_prefill_prefix), then the prefill kernel over the rest with that prior; from
+        # the pages and from the decoded rows (entered at the slab's first position)
+        pp = mod("paged_prefill_attention")
+        cut = kv0 + 40
+        hi_lens, lo_lens = spref.clamp(min=cut), spref.clamp(max=cut)
+        slab = (pq, pq, pq, cu, cache, sbt, hi_lens, pq, pq, hi_lens, hi_lens, c.rotation,
+                c.qjl_projection, c.key_centroids, c.value_centroids, kb, qjl, vb, d ** -0.5,
+                cut)
+        lo_args = sargs[:6] + (lo_lens,) + sargs[7:]
+        po, pl = pp.launch(*slab, partial=True, raw=True)
+        got_pages = pp.launch(*lo_args, prior_out=po, prior_lse=pl, raw=True)
+        po, pl = pp.launch(*slab, hk, hv, dstart + (cut - kv0), partial=True, raw=True)
+        got_dec = pp.launch(*lo_args, hk, hv, dstart, po, pl, raw=True)
+        out[f"prefill-slabs/{fid}"] = dict(
+            pages_err=float((got_pages.float() - ref.float()).abs().max()),
+            decoded_err=float((got_dec.float() - same.float()).abs().max()),
+            scale=float(ref.float().abs().max()))
         # -- codec ops
         ro = mod("rotate")
         e_rot = float((ro.launch_rotate(x, c.rotation, False, raw=True)
@@ -488,6 +506,15 @@ def test_prefill_kernel_decoded(report, fmt):
     # half an ulp, 2^-12 relative), which moves a logit by at most 2^-12 |q| |k| and an output
     # by 2^-12 of the largest value
     assert r["err_vs_compressed"] <= (ATT_RTOL + 2 * 2.0 ** -11) * r["scale"], r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_prefill_kernel_slabs(report, fmt):
+    r = report[f"prefill-slabs/{_fmt_id(fmt)}"]
+    # the prefix cut in two slabs, merged through the kernel's prior: as test_prefill_kernel and
+    # test_prefill_kernel_decoded against the same references (the partial is fp32)
+    assert r["pages_err"] <= (ATT_RTOL + 2.0 ** -11) * r["scale"], r
+    assert r["decoded_err"] <= (ATT_RTOL + 2.0 ** -11) * r["scale"], r
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)

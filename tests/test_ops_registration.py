@@ -43,7 +43,16 @@ GOLDEN_SCHEMAS = {
                                "Tensor value_centroids, SymInt key_bits, bool qjl, "
                                "SymInt value_bits, float scale, SymInt kv_start, "
                                "Tensor? decoded_key=None, Tensor? decoded_value=None, "
-                               "Tensor? decoded_start=None) -> Tensor",
+                               "Tensor? decoded_start=None, Tensor? prior_out=None, "
+                               "Tensor? prior_lse=None) -> Tensor",
+    "paged_prefill_prefix": "turboquant::paged_prefill_prefix(Tensor query, Tensor cu_seqlens_q, "
+                            "Tensor cache, Tensor block_table, Tensor prefix_lens, "
+                            "Tensor rotation, Tensor projection, Tensor key_centroids, "
+                            "Tensor value_centroids, SymInt key_bits, bool qjl, "
+                            "SymInt value_bits, float scale, SymInt kv_start, "
+                            "Tensor? decoded_key=None, Tensor? decoded_value=None, "
+                            "Tensor? decoded_start=None, Tensor? prior_out=None, "
+                            "Tensor? prior_lse=None) -> (Tensor, Tensor)",
     "paged_dequantize": "turboquant::paged_dequantize(Tensor cache, Tensor block_table, "
                         "Tensor lens, Tensor offsets, SymInt num_tokens, Tensor rotation, "
                         "Tensor projection, Tensor key_centroids, Tensor value_centroids, "

@@ -214,11 +214,13 @@ def test_boundary_layers_from_module_paths(monkeypatch):
 
 
 # budget in rows of the decoded prefix -> the request groups prefill_varlen makes (first
-# request, end request, decoded); request 0 has the shorter prefix
-BUDGETS = {"decoded": (lambda rows: 1 << 20, [(0, 2, True)]),
-           "each-request": (lambda rows: max(rows), [(0, 1, True), (1, 2, True)]),
-           "first-request": (lambda rows: min(rows), [(0, 1, True), (1, 2, False)]),
-           "over-budget": (lambda rows: 0, [(0, 1, False), (1, 2, False)])}
+# request, end request, decoded whole), and whether the slab path runs; request 0 has the
+# shorter prefix
+BUDGETS = {"decoded": (lambda rows: 1 << 20, [(0, 2, True)], False),
+           "each-request": (lambda rows: max(rows), [(0, 1, True), (1, 2, True)], False),
+           "first-request": (lambda rows: min(rows), [(0, 1, True), (1, 2, False)], True),
+           "many-slabs": (lambda rows: 8, [(0, 1, False), (1, 2, False)], True),
+           "over-budget": (lambda rows: 0, [(0, 1, False), (1, 2, False)], False)}
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
@@ -226,7 +228,9 @@ def test_varlen_plan_of_two_requests(budget, monkeypatch):
     """Two requests' chunks in one batch (several flush groups each): the segment plan gives
     each request one row range of the decoded prefix, and prefill_varlen equals the
     per-segment contiguous path whether it decodes both prefixes in one call, cuts the batch
-    into one call per request, or reads a prefix over the budget from the pages."""
+    into one call per request, attends a request over the budget in decoded slabs (fp32
+    partials merged through paged_prefill_prefix's prior), or, with no budget at all, reads
+    the prefixes from the pages."""
     torch.manual_seed(1)
     w = Window(16, 4)
     cfg = TQConfig(head_dim=64, flush_interval=16, sink_tokens=4)
@@ -260,11 +264,15 @@ def test_varlen_plan_of_two_requests(budget, monkeypatch):
     assert plan.req_offsets.tolist() == [0, longest[0]]
     assert plan.decoded_start.tolist() == [0 if s.req == 0 else longest[0] for s in segs]
     assert longest[0] < longest[1]
-    rows_for, groups = BUDGETS[budget]
+    rows_for, groups, slabs = BUDGETS[budget]
     budget_rows = rows_for(longest)
     assert attend.request_groups(plan, budget_rows) == groups
     # fp32 queries decode into fp32: 2 x 4 bytes per (row, KV head, coordinate)
-    monkeypatch.setattr(attend, "DECODED_PREFIX_BUDGET_BYTES", budget_rows * hkv * d * 8)
+    budget_bytes = budget_rows * hkv * d * 8
+    monkeypatch.setattr(attend, "DECODED_PREFIX_BUDGET_BYTES", budget_bytes)
+    if budget == "many-slabs":  # several query groups, slabs of a few positions
+        group, rows = attend.slab_shape(new[0], hq, d, hkv, torch.float32, budget_bytes)
+        assert group < 16 and 0 < rows < 8, (group, rows)
     calls = []
     monkeypatch.setattr(attend, "tq", _Recorder(attend.tq, calls))
     out_c, out_v = torch.empty(t, hq, d), torch.empty(t, hq, d)
@@ -273,12 +281,19 @@ def test_varlen_plan_of_two_requests(budget, monkeypatch):
     out_v.fill_(float("nan"))
     attend.prefill_varlen(codec, w, plan, q, k, v, cache, raw_k, raw_v, d ** -0.5, out_v)
     torch.testing.assert_close(out_v, out_c, atol=2e-5, rtol=2e-5)
-    assert calls.count("paged_prefill_attention") == len(groups)
-    assert calls.count("paged_dequantize") == sum(dec for _, _, dec in groups)
+    attention = [dec for name, dec in calls if name == "paged_prefill_attention"]
+    prefix = [dec for name, dec in calls if name == "paged_prefill_prefix"]
+    if slabs:  # every call over decoded rows, some through the prefix op
+        assert prefix and all(prefix) and all(attention), calls
+    else:
+        assert not prefix and len(attention) == len(groups)
+        assert attention == [dec for _, _, dec in groups], calls
 
 
 class _Recorder:
     """torch.ops.turboquant, recording the names of the ops called through it."""
+
+    DECODED_KEY_AT = {"paged_prefill_attention": 20, "paged_prefill_prefix": 14}
 
     def __init__(self, ops, calls):
         self._ops, self._calls = ops, calls
@@ -287,7 +302,10 @@ class _Recorder:
         op = getattr(self._ops, name)
 
         def call(*args, **kwargs):
-            self._calls.append(name)
+            # (name, whether decoded rows were passed as decoded_key)
+            at = self.DECODED_KEY_AT.get(name)
+            self._calls.append((name, at is not None and len(args) > at
+                                and args[at] is not None))
             return op(*args, **kwargs)
         return call
 

@@ -383,7 +383,9 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
                             qjl: bool, value_bits: int, scale: float, kv_start: int,
                             decoded_key: Tensor | None = None,
                             decoded_value: Tensor | None = None,
-                            decoded_start: Tensor | None = None) -> Tensor:
+                            decoded_start: Tensor | None = None,
+                            prior_out: Tensor | None = None,
+                            prior_lse: Tensor | None = None) -> Tensor:
     """Varlen chunked prefill: each sequence's chunk attends to its compressed prefix, its raw pool
     tokens and, causally, to itself, in one softmax.
 
@@ -399,9 +401,48 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     of sequence b is row decoded_start[b] + p - kv_start of them (original domain, as
     paged_dequantize writes it) instead of the decoded page.
 
+    With prior_out (T, Hq, D) fp32 and prior_lse (T, Hq) fp32, a softmax partial of each query
+    over other keys (paged_prefill_prefix's output), the result is the softmax over both key
+    sets: the prior enters as one more key of logit prior_lse and value prior_out.
+
     Every query is scored against every sequence's keys and masked to its own, with the queries
     taken in static tiles: static shapes (it traces) at the price of B-fold work.
     """
+    out, _ = _prefill(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
+                      raw_value, raw_index, raw_lens, rotation, projection, key_centroids,
+                      value_centroids, key_bits, qjl, value_bits, scale, kv_start, decoded_key,
+                      decoded_value, decoded_start, prior_out, prior_lse, prefix_only=False)
+    return out.to(query.dtype)
+
+
+def paged_prefill_prefix(query: Tensor, cu_seqlens_q: Tensor, cache: Tensor, block_table: Tensor,
+                         prefix_lens: Tensor, rotation: Tensor, projection: Tensor,
+                         key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
+                         qjl: bool, value_bits: int, scale: float, kv_start: int,
+                         decoded_key: Tensor | None = None, decoded_value: Tensor | None = None,
+                         decoded_start: Tensor | None = None, prior_out: Tensor | None = None,
+                         prior_lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The compressed-prefix part of paged_prefill_attention alone, as a softmax partial: each
+    query of sequence b over compressed positions kv_start .. prefix_lens[b]-1 (from the pages,
+    or from the decoded rows), merged with the prior if given.  Returns (out (T, Hq, D) fp32,
+    the softmax-weighted values; lse (T, Hq) fp32, log-sum-exp of scale * q . k over those keys);
+    a query with no key has out 0 and lse -inf."""
+    t, hq, d = query.shape
+    hkv = cache.shape[1]
+    none = torch.zeros((t, hkv, d), dtype=query.dtype, device=query.device)
+    no_raw = torch.zeros((1, 1, hkv, d), dtype=query.dtype, device=query.device)
+    zeros = torch.zeros_like(prefix_lens)
+    return _prefill(query, none, none, cu_seqlens_q, cache, block_table, prefix_lens, no_raw,
+                    no_raw, zeros, zeros, rotation, projection, key_centroids, value_centroids,
+                    key_bits, qjl, value_bits, scale, kv_start, decoded_key, decoded_value,
+                    decoded_start, prior_out, prior_lse, prefix_only=True)
+
+
+def _prefill(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key, raw_value,
+             raw_index, raw_lens, rotation, projection, key_centroids, value_centroids, key_bits,
+             qjl, value_bits, scale, kv_start, decoded_key, decoded_value, decoded_start,
+             prior_out, prior_lse, prefix_only: bool) -> tuple[Tensor, Tensor]:
+    """paged_prefill_attention (prefix_only: paged_prefill_prefix): (out fp32, lse fp32)."""
     t, hq, d = query.shape
     hkv = cache.shape[1]
     g = hq // hkv
@@ -447,7 +488,7 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     # the decoded prefix is in the original domain: nothing to rotate
     q_rot = rotate(q32, rotation) if decoded_key is None else q32
     tile = max(1, _PREFILL_LOGIT_ELEMENTS // max(1, hq * (b * n + b * r + t)))
-    outs = []
+    outs, lses = [], []
     for t0 in range(0, t, tile):
         sl = slice(t0, min(t, t0 + tile))
         s_q = seq[sl]
@@ -457,19 +498,33 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
         ok_c = (comp_seq[None, :] == s_q[:, None]) & comp_ok_key[None, :]
         ok_r = (raw_seq[None, :] == s_q[:, None]) & raw_ok_key[None, :]
         ok_k = (seq[None, :] == s_q[:, None]) & (tok[None, :] <= tok[sl][:, None])
-        logits = torch.cat([lc.masked_fill(~ok_c[:, None, None, :], float("-inf")),
-                            lr.masked_fill(~ok_r[:, None, None, :], float("-inf")),
-                            lk.masked_fill(~ok_k[:, None, None, :], float("-inf"))], -1) * scale
-        p = torch.softmax(logits, dim=-1)
+        parts = [lc.masked_fill(~ok_c[:, None, None, :], float("-inf"))]
+        if not prefix_only:
+            parts += [lr.masked_fill(~ok_r[:, None, None, :], float("-inf")),
+                      lk.masked_fill(~ok_k[:, None, None, :], float("-inf"))]
+        logits = torch.cat(parts, -1) * scale
+        if prior_lse is not None:
+            # the prior as one more key: logit prior_lse, value prior_out
+            logits = torch.cat([logits, prior_lse[sl].to(torch.float32).reshape(-1, hkv, g, 1)],
+                               -1)
+        lse = torch.logsumexp(logits, -1)
+        seen = torch.isfinite(lse)
+        p = torch.where(seen[..., None], torch.exp(logits - torch.where(seen, lse, 0.0)[..., None]),
+                        0.0)
         o = torch.einsum("thgk,khd->thgd", p[..., :b * n], v_rot)
         if decoded_key is None:
             o = unrotate(o, rotation)
-        o = o + torch.einsum("thgk,khd->thgd", p[..., b * n:b * n + b * r], rv)
-        o = o + torch.einsum("thgk,khd->thgd", p[..., b * n + b * r:], vv)
+        if not prefix_only:
+            o = o + torch.einsum("thgk,khd->thgd", p[..., b * n:b * n + b * r], rv)
+            o = o + torch.einsum("thgk,khd->thgd", p[..., b * n + b * r:b * n + b * r + t], vv)
+        if prior_out is not None:
+            o = o + p[..., -1:] * prior_out[sl].to(torch.float32).reshape(-1, hkv, g, d)
         outs.append(o.reshape(-1, hq, d))
+        lses.append(lse.reshape(-1, hq))
     if not outs:
-        return query.new_empty((0, hq, d))
-    return torch.cat(outs, 0).to(query.dtype)
+        return query.new_empty((0, hq, d), dtype=torch.float32), query.new_empty(
+            (0, hq), dtype=torch.float32)
+    return torch.cat(outs, 0), torch.cat(lses, 0)
 
 
 def scale_default(head_dim: int) -> float:

@@ -86,14 +86,15 @@ def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segmen
                                   scale, True)
 
 
-# The decoded prefix of one prefill call (paged_dequantize's K and V, fp16) may take at most
-# this many bytes: 128k positions at 8 KV heads x 128 dims.  A step whose requests need more
-# is cut into groups of consecutive requests that fit, one call each; a single request over
-# the budget reads its prefix from the pages inside the prefill kernel instead, which needs no
-# scratch but decodes the prefix once per 64 query tokens, about 3x slower (perf/NOTES.md,
-# sessions 16-17).  The scratch is allocated and freed per call (the caching allocator reuses
-# it), outside the memory vLLM profiles, so the bound is kept well inside
-# gpu_memory_utilization's headroom.
+# The scratch of one prefill call (paged_dequantize's K and V, fp16, and for a prefix attended
+# in slabs the fp32 partials) may take at most this many bytes: 128k decoded positions at 8 KV
+# heads x 128 dims.  A step whose requests need more is cut into groups of consecutive
+# requests that fit, one call each; a single request over the budget is attended in slabs
+# (_prefill_long).  Reading the pages inside the prefill kernel needs no scratch but decodes
+# the prefix once per 64 query tokens, about 3x slower (perf/NOTES.md, sessions 16-17): only a
+# budget too small for one query's partials falls back to it.  The scratch is allocated and
+# freed per call (the caching allocator reuses it), outside the memory vLLM profiles, so the
+# bound is kept well inside gpu_memory_utilization's headroom.
 DECODED_PREFIX_BUDGET_BYTES = 512 << 20
 
 
@@ -124,6 +125,7 @@ class SegmentPlan:
     cu_host: tuple[int, ...] = ()       # (S + 1,): cu
     req_rows: tuple[int, ...] = ()      # (R,): each request's decoded rows
     req_segments: tuple[int, ...] = ()  # (R,): each request's segment count (consecutive)
+    prefix_host: tuple[int, ...] = ()   # (S,): prefix
 
 
 def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Tensor,
@@ -167,13 +169,15 @@ def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Te
                        req_offsets=dev[tail + 2 * m:tail + 3 * m],
                        decoded_start=dev[tail + 3 * m:], cu_host=tuple(cu),
                        req_rows=tuple(max(0, longest[r] - kv_start) for r in reqs),
-                       req_segments=tuple(counts[r] for r in reqs))
+                       req_segments=tuple(counts[r] for r in reqs),
+                       prefix_host=tuple(s.prefix_len for s in segments))
 
 
 def request_groups(plan: SegmentPlan, budget_rows: int) -> list[tuple[int, int, bool]]:
     """Consecutive requests of `plan` cut into groups whose decoded rows fit `budget_rows`:
-    (first request, end request, decoded) per group, in order.  A request over the budget on
-    its own is a group that is not decoded (its prefix is read from the pages)."""
+    (first request, end request, whole) per group, in order.  A request over the budget on its
+    own is a group that is not decoded whole (prefill_varlen attends it in slabs).  A group
+    without compressed positions has whole False too (nothing to decode)."""
     groups: list[tuple[int, int, bool]] = []
     start, rows = 0, 0
     for r, n in enumerate(plan.req_rows):
@@ -207,7 +211,24 @@ def sub_plan(plan: SegmentPlan, r0: int, r1: int) -> SegmentPlan:
         req_offsets=plan.req_offsets[r0:r1] - row0,
         decoded_start=plan.decoded_start[s0:s1] - row0,
         cu_host=tuple(c - t0 for c in plan.cu_host[s0:s1 + 1]),
-        req_rows=plan.req_rows[r0:r1], req_segments=plan.req_segments[r0:r1])
+        req_rows=plan.req_rows[r0:r1], req_segments=plan.req_segments[r0:r1],
+        prefix_host=plan.prefix_host[s0:s1])
+
+
+def segment_range(plan: SegmentPlan, s0: int, s1: int) -> SegmentPlan:
+    """Segments s0 .. s1-1 of a one-request plan as a plan of their own (the request's decoded
+    rows cut to their longest prefix)."""
+    t0 = plan.cu_host[s0]
+    rows = max(0, max(plan.prefix_host[s0:s1]) - plan.kv_start)
+    return SegmentPlan(
+        first=plan.first + t0, last=plan.first + plan.cu_host[s1],
+        cu=plan.cu[s0:s1 + 1] - t0, prefix=plan.prefix[s0:s1], pool=plan.pool[s0:s1],
+        block_table=plan.block_table[s0:s1], raw_index=plan.raw_index[s0:s1],
+        kv_start=plan.kv_start, decoded_rows=rows, req_block_table=plan.req_block_table,
+        req_lens=plan.req_lens, req_offsets=plan.req_offsets,
+        decoded_start=plan.decoded_start[s0:s1],
+        cu_host=tuple(c - t0 for c in plan.cu_host[s0:s1 + 1]), req_rows=(rows,),
+        req_segments=(s1 - s0,), prefix_host=plan.prefix_host[s0:s1])
 
 
 def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Tensor,
@@ -221,7 +242,8 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
     once (paged_dequantize, fp16; fp32 for fp32 queries) when they fit
     DECODED_PREFIX_BUDGET_BYTES: the prefill kernel then reads them as K/V instead of decoding
     the pages again for every block of queries.  A step over the budget is cut into groups of
-    requests that fit (request_groups), one call each."""
+    requests that fit (request_groups), one call each, and a request over it alone is attended
+    in slabs (_prefill_long)."""
     if plan.kv_start != window.sink_tokens:
         raise ValueError(f"segment plan built for kv_start={plan.kv_start}, the window keeps "
                          f"{window.sink_tokens} sinks")
@@ -231,13 +253,96 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
     dtype = torch.float32 if query.dtype == torch.float32 else torch.float16
     budget_rows = DECODED_PREFIX_BUDGET_BYTES // (hkv * d * 2 * dtype.itemsize)
     if plan.decoded_rows <= budget_rows:
-        groups = [(plan, plan.decoded_rows > 0)]
-    else:
-        groups = [(sub_plan(plan, r0, r1), decode)
-                  for r0, r1, decode in request_groups(plan, budget_rows)]
-    for part, decode in groups:
-        _prefill_call(codec, window, part, decode, dtype, query, key, value, cache, raw_key,
+        _prefill_call(codec, window, plan, plan.decoded_rows > 0, dtype, query, key, value,
+                      cache, raw_key, raw_value, scale, out)
+        return
+    for r0, r1, whole in request_groups(plan, budget_rows):
+        part = sub_plan(plan, r0, r1)
+        if whole or part.decoded_rows == 0:
+            _prefill_call(codec, window, part, whole, dtype, query, key, value, cache, raw_key,
+                          raw_value, scale, out)
+        else:
+            _prefill_long(codec, window, part, dtype, query, key, value, cache, raw_key,
+                          raw_value, scale, out)
+
+
+def slab_shape(tokens: int, heads: int, head_dim: int, kv_heads: int, dtype: torch.dtype,
+               budget: int) -> tuple[int, int]:
+    """(query tokens per group, decoded rows per slab) of a prefix attended in slabs within
+    `budget` bytes: a group's two fp32 partials (the prior read and the one written:
+    2 x heads x (head_dim + 1) x 4 bytes per token) take at most half of it, one slab's decoded
+    K and V the rest.  (0, 0) when the budget holds no token's partials."""
+    per_token = 2 * heads * (head_dim + 1) * 4
+    group = min(tokens, budget // 2 // per_token)
+    if group == 0:
+        return 0, 0
+    return group, (budget - group * per_token) // (kv_heads * head_dim * 2 * dtype.itemsize)
+
+
+def _prefill_long(codec: TQCodec, window: Window, plan: SegmentPlan, dtype: torch.dtype,
+                  query: Tensor, key: Tensor, value: Tensor, cache: Tensor, raw_key: Tensor,
+                  raw_value: Tensor, scale: float, out: Tensor) -> None:
+    """One request whose decoded prefix alone is over the budget: its segments in groups of
+    queries, and each group's compressed positions in slabs decoded one at a time
+    (slab_shape).  The slabs past the first go through paged_prefill_prefix, each one the prior
+    of the slab before it; the first slab, the raw pool and the chunk then go through
+    paged_prefill_attention with that prior: the same softmax, merged in fp32.  A budget too
+    small for that reads the pages in the prefill kernel (no scratch, about 3x slower)."""
+    group, rows = slab_shape(plan.last - plan.first, query.shape[1], query.shape[2],
+                             cache.shape[1], dtype, DECODED_PREFIX_BUDGET_BYTES)
+    if rows == 0:
+        _prefill_call(codec, window, plan, False, dtype, query, key, value, cache, raw_key,
                       raw_value, scale, out)
+        return
+    s0 = 0
+    while s0 < len(plan.prefix_host):
+        s1 = s0 + 1
+        while (s1 < len(plan.prefix_host)
+               and plan.cu_host[s1 + 1] - plan.cu_host[s0] <= group):
+            s1 += 1
+        part = segment_range(plan, s0, s1)
+        if part.decoded_rows <= rows:
+            _prefill_call(codec, window, part, part.decoded_rows > 0, dtype, query, key, value,
+                          cache, raw_key, raw_value, scale, out)
+        else:
+            _prefill_slabs(codec, window, part, rows, dtype, query, key, value, cache, raw_key,
+                           raw_value, scale, out)
+        s0 = s1
+
+
+def _prefill_slabs(codec: TQCodec, window: Window, plan: SegmentPlan, rows: int,
+                   dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor,
+                   cache: Tensor, raw_key: Tensor, raw_value: Tensor, scale: float,
+                   out: Tensor) -> None:
+    """_prefill_long's slabs of `rows` positions for one request's segments (its decoded rows
+    start at 0: decoded_start is 0 for every segment)."""
+    f = codec.config
+    mats = (codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
+            f.key_mse_bits, f.use_qjl, f.value_bits)
+    kv0 = window.sink_tokens
+    edges = list(range(kv0, kv0 + plan.decoded_rows, rows)) + [kv0 + plan.decoded_rows]
+    first, last = plan.first, plan.last
+    q = query[first:last]
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+
+    def decode(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        # positions lo .. hi-1 of the request as rows 0 .. hi-lo-1
+        return tq.paged_dequantize(cache, plan.req_block_table,
+                                   torch.full((1,), hi, dtype=torch.int32, device=q.device),
+                                   zero, hi - lo, *mats, lo, dtype)
+
+    prior: tuple[Tensor, ...] = ()
+    for lo, hi in reversed(list(zip(edges[1:-1], edges[2:]))):
+        dk, dv = decode(lo, hi)
+        prior = tq.paged_prefill_prefix(q, plan.cu, cache, plan.block_table,
+                                        plan.prefix.clamp(min=lo, max=hi), *mats, scale, lo,
+                                        dk, dv, plan.decoded_start, *prior)
+        del dk, dv  # the next slab's scratch may reuse the memory
+    dk, dv = decode(edges[0], edges[1])
+    out[first:last] = tq.paged_prefill_attention(
+        q, key[first:last], value[first:last], plan.cu, cache, plan.block_table,
+        plan.prefix.clamp(max=edges[1]), raw_key, raw_value, plan.raw_index, plan.pool, *mats,
+        scale, kv0, dk, dv, plan.decoded_start, *prior)
 
 
 def _prefill_call(codec: TQCodec, window: Window, plan: SegmentPlan, decode: bool,

@@ -23,11 +23,14 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
            key_centroids: Tensor, value_centroids: Tensor, key_bits: int, qjl: bool,
            value_bits: int, scale: float, kv_start: int,
            decoded_key: Tensor | None = None, decoded_value: Tensor | None = None,
-           decoded_start: Tensor | None = None, raw: bool = False,
+           decoded_start: Tensor | None = None, prior_out: Tensor | None = None,
+           prior_lse: Tensor | None = None, partial: bool = False, raw: bool = False,
            block_q: int | None = None, num_warps: int | None = None,
-           block_n: int | None = None, num_stages: int | None = None) -> Tensor:
+           block_n: int | None = None, num_stages: int | None = None):
     """The Triton body: query prep (q_rot, u), then tq_ops.triton.prefill.prefill_kernel; with
-    decoded K/V no prep, and the kernel's decoded variant.  raw=True launches the bare kernels
+    decoded K/V no prep, and the kernel's decoded variant.  partial: phase 1 alone, returns
+    (out fp32, lse fp32) (paged_prefill_prefix; key, value and the raw pool are not read).
+    raw=True launches the bare kernels
     (interpreter tests on CPU tensors); block_q / num_warps / block_n (the flash loops' key
     tile) / num_stages replace the fixed launch config (perf/gpu_check.py and
     perf/tune_decode.py explore them; the op never does)."""
@@ -52,7 +55,12 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     else:
         qr = torch.empty((t * hq, d), dtype=torch.float32, device=q.device)
         u = torch.empty((t * hq, d), dtype=torch.float32, device=q.device) if qjl else qr
-    out = torch.empty((t, hq, d), dtype=query.dtype, device=q.device)
+    out = torch.empty((t, hq, d), dtype=torch.float32 if partial else query.dtype,
+                      device=q.device)
+    lse = torch.empty((t, hq), dtype=torch.float32, device=q.device) if partial else out
+    prior = prior_out is not None
+    po = prior_out.contiguous() if prior else out
+    pl = prior_lse.contiguous() if prior else out
     kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)
     use_fast = q.device.type == "cuda" and kt[0] == 1 and vt[0] == 1
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
@@ -68,7 +76,7 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
                                          QJL=qjl, PLANES=False, KT0=0, KT1=0)
     kernel[(t // block_q + b, hkv)](
         q, qr, u, k, v, cu_seqlens_q, cache, block_table, prefix_lens, rk, rv, raw_index,
-        raw_lens, rotation, key_centroids, value_centroids, out, dk, dv, dstart,
+        raw_lens, rotation, key_centroids, value_centroids, out, dk, dv, dstart, po, pl, lse,
         kv_start, block_table.stride(0), cache.stride(0), scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         b, HKV=hkv, G=g,
@@ -78,38 +86,55 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
         OFF_KN=lay.slot_offset("k_norm"), OFF_KG=lay.slot_offset("k_gamma") if qjl else 0,
         OFF_VC=lay.slot_offset("v_codes"), OFF_VN=lay.slot_offset("v_norm"),
         SLOT=lay.slot_bytes, USE_FAST=use_fast, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
-        HOIST_Q=d <= HOIST_MAX_HEAD_DIM, DECODED=decoded,
+        HOIST_Q=d <= HOIST_MAX_HEAD_DIM, DECODED=decoded, PRIOR=prior, PARTIAL=partial,
         num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
-    return out
+    return (out, lse) if partial else out
 
 
 def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
                        raw_value, raw_index, raw_lens, rotation, key_centroids, value_centroids,
                        key_bits, qjl, value_bits, kv_start, decoded_key=None,
-                       decoded_value=None, decoded_start=None) -> int:
+                       decoded_value=None, decoded_start=None, prior_out=None,
+                       prior_lse=None) -> int:
     """Static checks of paged_prefill_attention's arguments; returns head_dim."""
-    d, hkv = check_paged_query(query, cache, rotation, key_centroids, value_centroids, key_bits,
-                               qjl, value_bits)
+    d = check_prefix_args(query, cu_seqlens_q, cache, block_table, prefix_lens, rotation,
+                          key_centroids, value_centroids, key_bits, qjl, value_bits,
+                          decoded_key, decoded_value, decoded_start, prior_out, prior_lse)
+    hkv = cache.shape[1]
     for name, t in (("key", key), ("value", value)):
         _checks.floats(name, t, rank=3)
         if tuple(t.shape) != (query.shape[0], hkv, d):
             _checks.fail(f"{name} must be (T={query.shape[0]}, {hkv}, {d}), got {tuple(t.shape)}")
-    _checks.ints("cu_seqlens_q", cu_seqlens_q, rank=1)
-    _checks.ints("block_table", block_table, rank=2)
-    _checks.ints("prefix_lens", prefix_lens, rank=1)
     _checks.ints("raw_index", raw_index, rank=1)
     _checks.ints("raw_lens", raw_lens, rank=1)
     b = block_table.shape[0]
+    if raw_index.shape[0] != b or raw_lens.shape[0] != b:
+        _checks.fail(f"raw_index and raw_lens need {b} rows (one per sequence)")
+    check_raw_pool(raw_key, raw_value, hkv, d, kv_start)
+    _checks.same_device(query=query, key=key, value=value, raw_key=raw_key, raw_value=raw_value,
+                        raw_index=raw_index, raw_lens=raw_lens)
+    return d
+
+
+def check_prefix_args(query, cu_seqlens_q, cache, block_table, prefix_lens, rotation,
+                      key_centroids, value_centroids, key_bits, qjl, value_bits,
+                      decoded_key=None, decoded_value=None, decoded_start=None, prior_out=None,
+                      prior_lse=None) -> int:
+    """The checks paged_prefill_attention and paged_prefill_prefix share: the queries, the
+    segments, the compressed prefix (pages or decoded rows) and the prior; returns head_dim."""
+    d, hkv = check_paged_query(query, cache, rotation, key_centroids, value_centroids, key_bits,
+                               qjl, value_bits)
+    _checks.ints("cu_seqlens_q", cu_seqlens_q, rank=1)
+    _checks.ints("block_table", block_table, rank=2)
+    _checks.ints("prefix_lens", prefix_lens, rank=1)
+    b = block_table.shape[0]
     if cu_seqlens_q.shape[0] != b + 1:
         _checks.fail(f"cu_seqlens_q needs B+1 = {b + 1} entries, got {cu_seqlens_q.shape[0]}")
-    if prefix_lens.shape[0] != b or raw_index.shape[0] != b or raw_lens.shape[0] != b:
-        _checks.fail(f"prefix_lens, raw_index and raw_lens need {b} rows (one per sequence)")
-    check_raw_pool(raw_key, raw_value, hkv, d, kv_start)
-    _checks.same_device(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cache=cache,
-                        block_table=block_table, prefix_lens=prefix_lens, raw_key=raw_key,
-                        raw_value=raw_value, raw_index=raw_index, raw_lens=raw_lens,
-                        rotation=rotation, key_centroids=key_centroids,
-                        value_centroids=value_centroids)
+    if prefix_lens.shape[0] != b:
+        _checks.fail(f"prefix_lens needs {b} rows (one per sequence), got {prefix_lens.shape[0]}")
+    _checks.same_device(query=query, cu_seqlens_q=cu_seqlens_q, cache=cache,
+                        block_table=block_table, prefix_lens=prefix_lens, rotation=rotation,
+                        key_centroids=key_centroids, value_centroids=value_centroids)
     given = [x is not None for x in (decoded_key, decoded_value, decoded_start)]
     if any(given) and not all(given):
         _checks.fail("decoded_key, decoded_value and decoded_start go together: give all three "
@@ -131,6 +156,16 @@ def check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, pref
                          f"{decoded_start.shape[0]}")
         _checks.same_device(query=query, decoded_key=decoded_key, decoded_value=decoded_value,
                             decoded_start=decoded_start)
+    if (prior_out is None) != (prior_lse is None):
+        _checks.fail("prior_out and prior_lse go together: give both or neither")
+    if prior_out is not None:
+        t, hq = query.shape[0], query.shape[1]
+        for name, x, shape in (("prior_out", prior_out, (t, hq, d)),
+                               ("prior_lse", prior_lse, (t, hq))):
+            if x.dtype != torch.float32 or tuple(x.shape) != shape:
+                _checks.fail(f"{name} must be {shape} float32 (paged_prefill_prefix's output), "
+                             f"got {tuple(x.shape)} {x.dtype}")
+        _checks.same_device(query=query, prior_out=prior_out, prior_lse=prior_lse)
     return d
 
 
@@ -143,7 +178,9 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
                             qjl: bool, value_bits: int, scale: float, kv_start: int,
                             decoded_key: Tensor | None = None,
                             decoded_value: Tensor | None = None,
-                            decoded_start: Tensor | None = None) -> Tensor:
+                            decoded_start: Tensor | None = None,
+                            prior_out: Tensor | None = None,
+                            prior_lse: Tensor | None = None) -> Tensor:
     """Chunked (varlen) prefill attention: exact causal attention inside each chunk, plus the
     sequence's compressed prefix and raw pool tokens, merged exactly in one softmax.
 
@@ -176,21 +213,25 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
             Sequences sharing a request (the flush groups of one chunk) share its rows, so the
             prefix is decoded once per request rather than once per query block.
         decoded_start: optional (B,) int32, with decoded_key / decoded_value.
+        prior_out, prior_lse: optional (T, Hq, D) and (T, Hq) fp32, both or neither: a softmax
+            partial of each query over further keys (paged_prefill_prefix's output, e.g. of
+            compressed positions past prefix_lens decoded in another slab), merged exactly.
     Returns:
         (T, Hq, D) in query.dtype.  Query head h reads KV head h // (Hq / Hkv).
     """
     d = check_prefill_args(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens,
                            raw_key, raw_value, raw_index, raw_lens, rotation, key_centroids,
                            value_centroids, key_bits, qjl, value_bits, kv_start, decoded_key,
-                           decoded_value, decoded_start)
+                           decoded_value, decoded_start, prior_out, prior_lse)
     _checks.projection(projection, d)
     _checks.same_device(query=query, projection=projection)
     if query.device.type == "cuda":
         return launch(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key,
                       raw_value, raw_index, raw_lens, rotation, projection, key_centroids,
                       value_centroids, key_bits, qjl, value_bits, scale, kv_start, decoded_key,
-                      decoded_value, decoded_start)
+                      decoded_value, decoded_start, prior_out, prior_lse)
     return reference.paged_prefill_attention(
         query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, raw_key, raw_value,
         raw_index, raw_lens, rotation, projection, key_centroids, value_centroids, key_bits, qjl,
-        value_bits, scale, kv_start, decoded_key, decoded_value, decoded_start)
+        value_bits, scale, kv_start, decoded_key, decoded_value, decoded_start, prior_out,
+        prior_lse)

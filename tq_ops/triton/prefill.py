@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from tq_ops.triton.decode import LOG2E as _LOG2E
 from tq_ops.triton.decode import NEG_BIG
 from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, load_fast,
                                   lookup, slow_code, slow_sign, table_matches, tile_rows,
@@ -49,6 +50,7 @@ def prefill_config(head_dim: int, decoded: bool = False) -> tuple[int, int]:
         return (32, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
     return (64, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
 LOG2_MAX_SEQS = tl.constexpr(20)  # binary-search steps: batches up to 2^20 sequences
+LOG2E = tl.constexpr(_LOG2E)  # natural-log lse <-> the kernel's log2 units
 
 
 @triton.jit
@@ -199,11 +201,12 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
 
 @triton.jit(do_not_specialize=['kv_start', 'n_seqs'],
             do_not_specialize_on_alignment=['cu_ptr', 'bt_ptr', 'prefix_ptr', 'raw_idx_ptr',
-                                            'raw_lens_ptr', 'dstart_ptr'])
+                                            'raw_lens_ptr', 'dstart_ptr', 'po_ptr', 'pl_ptr',
+                                            'lse_ptr'])
 def prefill_kernel(
         q_ptr, qr_ptr, u_ptr, k_ptr, v_ptr, cu_ptr, cache_ptr, bt_ptr, prefix_ptr,
         raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, rot_ptr, kc_ptr, vc_ptr, out_ptr,
-        dk_ptr, dv_ptr, dstart_ptr,
+        dk_ptr, dv_ptr, dstart_ptr, po_ptr, pl_ptr, lse_ptr,
         kv_start, bt_stride, page_stride, q_scale,
         rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, n_seqs,
         HKV: tl.constexpr, G: tl.constexpr,
@@ -213,11 +216,15 @@ def prefill_kernel(
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
-        VT1: tl.constexpr, HOIST_Q: tl.constexpr, DECODED: tl.constexpr = False):
+        VT1: tl.constexpr, HOIST_Q: tl.constexpr, DECODED: tl.constexpr = False,
+        PRIOR: tl.constexpr = False, PARTIAL: tl.constexpr = False):
     """See the module docstring.  Output (T, Hq, D) in out_ptr's dtype.  DECODED: phase 1 reads
     the compressed positions from dk_ptr / dv_ptr ((rows, HKV, D), the original domain, rows
     dstart[b] + position - kv_start: tq_ops.triton.dequant) with the raw phases' flash loop,
-    and nothing is rotated (qr_ptr, u_ptr, the cache and the codebooks are not read)."""
+    and nothing is rotated (qr_ptr, u_ptr, the cache and the codebooks are not read).
+    PRIOR: po_ptr (T, Hq, D) fp32 and pl_ptr (T, Hq) fp32 (natural log) are a softmax partial
+    of each query over other keys, merged in.  PARTIAL: phase 1 only; out_ptr gets the
+    normalised fp32 partial and lse_ptr (T, Hq) fp32 its log-sum-exp (-inf without keys)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     # largest b with cu[b] // BQ + b <= pid (those block starts strictly increase with b)
@@ -246,6 +253,14 @@ def prefill_kernel(
         qmask = rmask[:, None] & dmask[None, :]
         m_i = tl.full([M], NEG_BIG, tl.float32)
         l_i = tl.zeros([M], tl.float32)
+        if PRIOR:
+            # the prior as the running state's start: max lse (log2 units), sum 1, its values
+            # added below at the weight the phase-1 rescaling leaves it
+            plse = tl.load(pl_ptr + qrow, mask=rmask, other=float("-inf")) * LOG2E
+            has_prior = plse > NEG_BIG
+            m_i = tl.where(has_prior, plse, NEG_BIG)
+            l_i = tl.where(has_prior, 1.0, 0.0)
+            m_prior = m_i
         z = tl.zeros([M, DG], tl.float32)
         accs = (z, z, z, z, z, z, z, z)
         acc = tl.zeros([M, DP], tl.float32)
@@ -314,41 +329,71 @@ def prefill_kernel(
             # SM's at D=256), carrying the later phases' rescaling in scale_rot
             if HOIST_Q:
                 acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
-        # the queries of the exact phases, in the chunk K/V's dtype (loaded here, after phase 1,
-        # so that they hold no registers during it)
-        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=qmask, other=0.0)
-        qn = (q.to(tl.float32) * qs).to(k_ptr.dtype.element_ty)
-        # 2. raw pool tokens
-        rl = tl.load(raw_lens_ptr + b)
-        row = tl.load(raw_idx_ptr + b).to(tl.int64)
-        for r0 in tl.range(0, rl, BN):
-            tv = r0 + n < rl
-            km = tv[:, None] & dmask[None, :]
-            k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + n)[:, None] * rk_s1 + h * rk_s2 + d[None, :],
-                        mask=km, other=0.0).to(k_ptr.dtype.element_ty)
-            s = tl.dot(qn, tl.trans(k))
-            p, alpha, m_i, l_i = _softmax_step(s, tv[None, :], m_i, l_i)
-            v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + n)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
-                        mask=km, other=0.0).to(v_ptr.dtype.element_ty)
-            acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
-            scale_rot = scale_rot * alpha
-        # 3. the chunk, causal
-        kv_hi = tl.minimum(q0 + BQ, seq_end)
-        for k0 in tl.range(seq_start, kv_hi, BN):
-            kt = k0 + n
-            kvld = kt < kv_hi
-            km = kvld[:, None] & dmask[None, :]
-            krow = kt.to(tl.int64) * HKV + h
-            k = tl.load(k_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
-            s = tl.dot(qn, tl.trans(k))
-            vis = kvld[None, :] & (kt[None, :] <= tok[:, None])
-            p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
-            v = tl.load(v_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
-            acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
-            scale_rot = scale_rot * alpha
-        if not HOIST_Q and not DECODED:
-            acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
-        inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
-        out = acc * inv[:, None]
-        tl.store(out_ptr + qrow[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & dmask[None, :])
+        if PRIOR:
+            po = tl.load(po_ptr + qrow[:, None] * D + d[None, :], mask=qmask, other=0.0)
+            acc += po * tl.where(has_prior, tl.exp2(m_prior - m_i), 0.0)[:, None]
+        if PARTIAL:
+            if not HOIST_Q and not DECODED:
+                acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
+            seen = l_i > 0
+            inv = tl.where(seen, 1.0 / l_i, 0.0)
+            tl.store(out_ptr + qrow[:, None] * D + d[None, :], acc * inv[:, None], mask=qmask)
+            lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / LOG2E,
+                           float("-inf"))
+            tl.store(lse_ptr + qrow, lse, mask=rmask)
+        else:
+            _exact_phases(q_ptr, k_ptr, v_ptr, raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr,
+                          rot_ptr, out_ptr, qrow, qmask, rmask, tok, q0, b, h, seq_start,
+                          seq_end, qs, m_i, l_i, acc, accs, scale_rot, rk_s0, rk_s1, rk_s2,
+                          rv_s0, rv_s1, rv_s2, HKV, D, DP, DG, BQ, BN, HOIST_Q, DECODED)
+
+
+@triton.jit
+def _exact_phases(q_ptr, k_ptr, v_ptr, raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, rot_ptr,
+                  out_ptr, qrow, qmask, rmask, tok, q0, b, h, seq_start, seq_end, qs, m_i, l_i,
+                  acc, accs, scale_rot, rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2,
+                  HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
+                  BQ: tl.constexpr, BN: tl.constexpr, HOIST_Q: tl.constexpr,
+                  DECODED: tl.constexpr):
+    """Phases 2 and 3 (raw pool, the chunk causally) after phase 1's state, and the output."""
+    d = tl.arange(0, DP)
+    dmask = d < D
+    n = tl.arange(0, BN)
+    # the queries of the exact phases, in the chunk K/V's dtype (loaded here, after phase 1,
+    # so that they hold no registers during it)
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=qmask, other=0.0)
+    qn = (q.to(tl.float32) * qs).to(k_ptr.dtype.element_ty)
+    # 2. raw pool tokens
+    rl = tl.load(raw_lens_ptr + b)
+    row = tl.load(raw_idx_ptr + b).to(tl.int64)
+    for r0 in tl.range(0, rl, BN):
+        tv = r0 + n < rl
+        km = tv[:, None] & dmask[None, :]
+        k = tl.load(raw_k_ptr + row * rk_s0 + (r0 + n)[:, None] * rk_s1 + h * rk_s2 + d[None, :],
+                    mask=km, other=0.0).to(k_ptr.dtype.element_ty)
+        s = tl.dot(qn, tl.trans(k))
+        p, alpha, m_i, l_i = _softmax_step(s, tv[None, :], m_i, l_i)
+        v = tl.load(raw_v_ptr + row * rv_s0 + (r0 + n)[:, None] * rv_s1 + h * rv_s2 + d[None, :],
+                    mask=km, other=0.0).to(v_ptr.dtype.element_ty)
+        acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
+        scale_rot = scale_rot * alpha
+    # 3. the chunk, causal
+    kv_hi = tl.minimum(q0 + BQ, seq_end)
+    for k0 in tl.range(seq_start, kv_hi, BN):
+        kt = k0 + n
+        kvld = kt < kv_hi
+        km = kvld[:, None] & dmask[None, :]
+        krow = kt.to(tl.int64) * HKV + h
+        k = tl.load(k_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
+        s = tl.dot(qn, tl.trans(k))
+        vis = kvld[None, :] & (kt[None, :] <= tok[:, None])
+        p, alpha, m_i, l_i = _softmax_step(s, vis, m_i, l_i)
+        v = tl.load(v_ptr + krow[:, None] * D + d[None, :], mask=km, other=0.0)
+        acc = tl.dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None])
+        scale_rot = scale_rot * alpha
+    if not HOIST_Q and not DECODED:
+        acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
+    inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    out = acc * inv[:, None]
+    tl.store(out_ptr + qrow[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
