@@ -198,37 +198,38 @@ def request_groups(plan: SegmentPlan, budget_rows: int) -> list[tuple[int, int, 
 
 def sub_plan(plan: SegmentPlan, r0: int, r1: int) -> SegmentPlan:
     """The plan of requests r0 .. r1-1 of `plan` alone: its segments, tokens and decoded rows,
-    offsets rebased to start at 0 (three small device subtractions, no sync)."""
+    offsets rebased to start at 0 (small device subtractions, no sync)."""
     s0 = sum(plan.req_segments[:r0])
-    s1 = s0 + sum(plan.req_segments[r0:r1])
-    t0, row0 = plan.cu_host[s0], sum(plan.req_rows[:r0])
-    return SegmentPlan(
-        first=plan.first + t0, last=plan.first + plan.cu_host[s1],
-        cu=plan.cu[s0:s1 + 1] - t0, prefix=plan.prefix[s0:s1], pool=plan.pool[s0:s1],
-        block_table=plan.block_table[s0:s1], raw_index=plan.raw_index[s0:s1],
-        kv_start=plan.kv_start, decoded_rows=sum(plan.req_rows[r0:r1]),
-        req_block_table=plan.req_block_table[r0:r1], req_lens=plan.req_lens[r0:r1],
-        req_offsets=plan.req_offsets[r0:r1] - row0,
-        decoded_start=plan.decoded_start[s0:s1] - row0,
-        cu_host=tuple(c - t0 for c in plan.cu_host[s0:s1 + 1]),
-        req_rows=plan.req_rows[r0:r1], req_segments=plan.req_segments[r0:r1],
-        prefix_host=plan.prefix_host[s0:s1])
+    return _cut(plan, s0, s0 + sum(plan.req_segments[r0:r1]), r0, r1, plan.req_rows[r0:r1],
+                plan.req_segments[r0:r1])
 
 
 def segment_range(plan: SegmentPlan, s0: int, s1: int) -> SegmentPlan:
     """Segments s0 .. s1-1 of a one-request plan as a plan of their own (the request's decoded
     rows cut to their longest prefix)."""
-    t0 = plan.cu_host[s0]
     rows = max(0, max(plan.prefix_host[s0:s1]) - plan.kv_start)
+    return _cut(plan, s0, s1, 0, 1, (rows,), (s1 - s0,))
+
+
+def _cut(plan: SegmentPlan, s0: int, s1: int, r0: int, r1: int, req_rows: tuple[int, ...],
+         req_segments: tuple[int, ...]) -> SegmentPlan:
+    """Segments s0 .. s1-1 and requests r0 .. r1-1 of `plan` (the requests of those segments),
+    with their token and decoded-row offsets rebased to 0."""
+    t0, row0 = plan.cu_host[s0], sum(plan.req_rows[:r0])
+
+    def rebase(x: Tensor, by: int) -> Tensor:
+        return x - by if by else x
+
     return SegmentPlan(
         first=plan.first + t0, last=plan.first + plan.cu_host[s1],
-        cu=plan.cu[s0:s1 + 1] - t0, prefix=plan.prefix[s0:s1], pool=plan.pool[s0:s1],
+        cu=rebase(plan.cu[s0:s1 + 1], t0), prefix=plan.prefix[s0:s1], pool=plan.pool[s0:s1],
         block_table=plan.block_table[s0:s1], raw_index=plan.raw_index[s0:s1],
-        kv_start=plan.kv_start, decoded_rows=rows, req_block_table=plan.req_block_table,
-        req_lens=plan.req_lens, req_offsets=plan.req_offsets,
-        decoded_start=plan.decoded_start[s0:s1],
-        cu_host=tuple(c - t0 for c in plan.cu_host[s0:s1 + 1]), req_rows=(rows,),
-        req_segments=(s1 - s0,), prefix_host=plan.prefix_host[s0:s1])
+        kv_start=plan.kv_start, decoded_rows=sum(req_rows),
+        req_block_table=plan.req_block_table[r0:r1], req_lens=plan.req_lens[r0:r1],
+        req_offsets=rebase(plan.req_offsets[r0:r1], row0),
+        decoded_start=rebase(plan.decoded_start[s0:s1], row0),
+        cu_host=tuple(c - t0 for c in plan.cu_host[s0:s1 + 1]), req_rows=req_rows,
+        req_segments=req_segments, prefix_host=plan.prefix_host[s0:s1])
 
 
 def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Tensor,

@@ -28,12 +28,12 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
            block_q: int | None = None, num_warps: int | None = None,
            block_n: int | None = None, num_stages: int | None = None):
     """The Triton body: query prep (q_rot, u), then tq_ops.triton.prefill.prefill_kernel; with
-    decoded K/V no prep, and the kernel's decoded variant.  partial: phase 1 alone, returns
-    (out fp32, lse fp32) (paged_prefill_prefix; key, value and the raw pool are not read).
-    raw=True launches the bare kernels
-    (interpreter tests on CPU tensors); block_q / num_warps / block_n (the flash loops' key
-    tile) / num_stages replace the fixed launch config (perf/gpu_check.py and
-    perf/tune_decode.py explore them; the op never does)."""
+    decoded K/V no prep, and the kernel's decoded variant.  prior_out / prior_lse: the kernel's
+    prior variant.  partial: phase 1 alone, returns (out fp32, lse fp32) (paged_prefill_prefix;
+    key, value and the raw pool are not read).  raw=True launches the bare kernels (interpreter
+    tests on CPU tensors); block_q / num_warps / block_n (the flash loops' key tile) /
+    num_stages replace the fixed launch config (perf/gpu_check.py and perf/tune_decode.py
+    explore them; the op never does)."""
     t, hq, d = query.shape
     b = block_table.shape[0]
     # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)

@@ -278,7 +278,8 @@ def prefill_kernel(
             rows = plen - kv_start
             full = rows // BN * BN
             # whole tiles without masks (no per-element select, unpredicated copies), then the
-            # partial last tile
+            # partial last tile.  rows < 0 (prefix_lens below kv_start): Triton's integer
+            # division truncates, so full is 0 and neither runs
             for r0 in tl.range(0, full, BN):
                 m_i, l_i, acc = _decoded_tile(qd, dk_ptr, dv_ptr, drow0, r0, rows, h, d, m_i,
                                               l_i, acc, HKV, D, DP, BN, False)
