@@ -60,3 +60,15 @@ def vectors(rng: np.random.Generator, shape: tuple[int, ...], kind: str,
 def random_unit(gen: torch.Generator, n: int, d: int) -> torch.Tensor:
     x = torch.randn(n, d, generator=gen, dtype=torch.float64)
     return (x / x.norm(dim=-1, keepdim=True)).float()
+
+
+def decoded_prefix(args, dtype: torch.dtype):
+    """paged_dequantize of a paged_prefill_attention sample's prefixes (its first 20 arguments),
+    one row range per sequence: (decoded_key, decoded_value, decoded_start)."""
+    (_, _, _, _, cache, table, prefix, _, _, _, _, rot, proj, kc, vc, kb, qjl, vb, _, kv0) = args
+    counts = (prefix.to(torch.int64) - kv0).clamp(min=0)
+    offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    dk, dv = torch.ops.turboquant.paged_dequantize(cache, table, prefix, offsets,
+                                                   int(counts.sum()), rot, proj, kc, vc, kb, qjl,
+                                                   vb, kv0, dtype)
+    return dk, dv, offsets

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import decoded_prefix
 from op_samples import samples
 from tq_ops import reference as R
 from tq_ops._checks import TQInputError
@@ -15,23 +16,13 @@ tq = torch.ops.turboquant
 KV_START = 1  # the samples' kv_start
 
 
-def _decoded(args, dtype):
-    """paged_dequantize of a prefill sample's prefixes, one row range per sequence."""
-    (_, _, _, _, cache, table, prefix, _, _, _, _, rot, proj, kc, vc, kb, qjl, vb, _, kv0) = args
-    counts = (prefix.to(torch.int64) - kv0).clamp(min=0)
-    offsets = torch.cumsum(counts, 0) - counts
-    dk, dv = tq.paged_dequantize(cache, table, prefix, offsets.to(torch.int32),
-                                 int(counts.sum()), rot, proj, kc, vc, kb, qjl, vb, kv0, dtype)
-    return dk, dv, offsets.to(torch.int32)
-
-
 @pytest.mark.parametrize("i", [0, 3], ids=["d64-k2q1v3-fp32", "d96-k3v2-fp16"])
 def test_decoded_prefix_is_the_compressed_prefix(i):
     # fp32 decoded K/V: the same logits and values as the pages give, up to fp32 reordering;
     # an fp16 output's final rounding may then land one ulp (2^-10 relative) apart
     args = samples("paged_prefill_attention")[i][:20]
     want = tq.paged_prefill_attention(*args).float()
-    got = tq.paged_prefill_attention(*args, *_decoded(args, torch.float32)).float()
+    got = tq.paged_prefill_attention(*args, *decoded_prefix(args, torch.float32)).float()
     ulp = 2.0 ** -10 if args[0].dtype == torch.float16 else 0.0
     assert (got - want).abs().max() <= (1e-5 + ulp) * want.abs().max()
 

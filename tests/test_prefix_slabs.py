@@ -7,21 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import decoded_prefix
 from op_samples import samples
 from tq_ops._checks import TQInputError
 
 tq = torch.ops.turboquant
-
-
-def _decoded(args, dtype):
-    """paged_dequantize of a prefill sample's prefixes, one row range per sequence, and its
-    (offsets, kv_start)."""
-    (_, _, _, _, cache, table, prefix, _, _, _, _, rot, proj, kc, vc, kb, qjl, vb, _, kv0) = args
-    counts = (prefix.to(torch.int64) - kv0).clamp(min=0)
-    offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
-    dk, dv = tq.paged_dequantize(cache, table, prefix, offsets, int(counts.sum()), rot, proj, kc,
-                                 vc, kb, qjl, vb, kv0, dtype)
-    return dk, dv, offsets
 
 
 def _in_slabs(args, bounds, decoded):
@@ -30,7 +20,7 @@ def _in_slabs(args, bounds, decoded):
     then the first slab, raw pool and chunk through paged_prefill_attention."""
     (q, k, v, cu, cache, table, prefix, rk, rv, ridx, rl, rot, proj, kc, vc, kb, qjl, vb, scale,
      kv0) = args
-    dec = _decoded(args, torch.float32) if decoded else None
+    dec = decoded_prefix(args, torch.float32) if decoded else None
     prior = ()
     edges = [kv0, *bounds, int(prefix.max()) + 1]
     for lo, hi in reversed(list(zip(edges[1:-1], edges[2:]))):
@@ -52,7 +42,7 @@ def test_slabs_are_the_whole_prefix(i, bounds, decoded):
     # the samples' prefixes are 5, 0 and 3 positions from kv_start 1: cuts inside both, at a
     # sequence's end, and past one (an empty slab for it)
     args = samples("paged_prefill_attention")[i][:20]
-    whole = args if not decoded else args + _decoded(args, torch.float32)
+    whole = args if not decoded else args + decoded_prefix(args, torch.float32)
     want = tq.paged_prefill_attention(*whole).float()
     got = _in_slabs(args, bounds, decoded).float()
     # fp32 partials merged in fp32; an fp16 output's final rounding may land one ulp apart

@@ -493,13 +493,13 @@ def _prefill(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, r
         sl = slice(t0, min(t, t0 + tile))
         s_q = seq[sl]
         lc = torch.einsum("thgd,khd->thgk", q_rot[sl], k_rot)
-        lr = torch.einsum("thgd,khd->thgk", q32[sl], rk)
-        lk = torch.einsum("thgd,khd->thgk", q32[sl], kk)
         ok_c = (comp_seq[None, :] == s_q[:, None]) & comp_ok_key[None, :]
-        ok_r = (raw_seq[None, :] == s_q[:, None]) & raw_ok_key[None, :]
-        ok_k = (seq[None, :] == s_q[:, None]) & (tok[None, :] <= tok[sl][:, None])
         parts = [lc.masked_fill(~ok_c[:, None, None, :], float("-inf"))]
         if not prefix_only:
+            lr = torch.einsum("thgd,khd->thgk", q32[sl], rk)
+            lk = torch.einsum("thgd,khd->thgk", q32[sl], kk)
+            ok_r = (raw_seq[None, :] == s_q[:, None]) & raw_ok_key[None, :]
+            ok_k = (seq[None, :] == s_q[:, None]) & (tok[None, :] <= tok[sl][:, None])
             parts += [lr.masked_fill(~ok_r[:, None, None, :], float("-inf")),
                       lk.masked_fill(~ok_k[:, None, None, :], float("-inf"))]
         logits = torch.cat(parts, -1) * scale
