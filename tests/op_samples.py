@@ -86,10 +86,12 @@ def samples(op: str):
                                          dtype=torch.int32), 6, rot, proj, kc, vc, kb, qjl, vb,
                                          1, dtype)
             out.append(out[-1][:20] + (dk, dv, torch.tensor([0, 4, 4], dtype=torch.int32)))
-            # a prior partial over further keys (paged_prefill_prefix's output)
-            po = torch.randn(t, hq, d, generator=g)
+            # a prior partial over further keys (paged_prefill_prefix's output); in 16 bits for
+            # 16-bit queries, as tq_vllm passes FlashAttention's
+            po = torch.randn(t, hq, d, generator=g).to(dtype)
             pl = torch.randn(t, hq, generator=g)
-            pl[0, 0] = float("-inf")  # a query with no prior key
+            pl[0, 0] = float("-inf")  # a query with no prior key: its values are ignored
+            po[0, 0] = float("nan")
             out.append(out[-1] + (po, pl))
         elif op == "paged_prefill_prefix":
             _, cache, table, lens, _, _, _, _, _ = _paged(fmt, d, hkv, dtype=dtype)

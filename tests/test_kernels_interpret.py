@@ -222,6 +222,22 @@ def _child() -> dict:
             pages_err=float((got_pages.float() - ref.float()).abs().max()),
             decoded_err=float((got_dec.float() - same.float()).abs().max()),
             scale=float(ref.float().abs().max()))
+        # -- tq_vllm's FlashAttention route: the whole decoded prefix as an fp16 prior, the
+        # kernel over the raw pool and the chunk only.  Sequence 1 has no compressed position
+        # here: its prior is lse -inf with NaN values, which the kernel must ignore
+        fpref = spref.clone()
+        fpref[1] = kv0
+        po, pl = R.paged_prefill_prefix(pq, cu, cache, sbt, fpref, c.rotation, c.qjl_projection,
+                                        c.key_centroids, c.value_centroids, kb, qjl, vb,
+                                        d ** -0.5, kv0, hk, hv, dstart)
+        po = po.half()
+        po[5] = float("nan")
+        fargs = sargs[:6] + (fpref.clamp(max=kv0),) + sargs[7:]
+        got = pp.launch(*fargs, hk, hv, dstart, po, pl, raw=True)
+        want = R.paged_prefill_attention(*(sargs[:6] + (fpref,) + sargs[7:]), hk, hv, dstart)
+        out[f"prefill-flash/{fid}"] = dict(
+            err=float((got.float() - want.float()).abs().max()),
+            scale=float(want.float().abs().max()), lse_row1=float(pl[5].max()))
         # -- codec ops
         ro = mod("rotate")
         e_rot = float((ro.launch_rotate(x, c.rotation, False, raw=True)
@@ -515,6 +531,16 @@ def test_prefill_kernel_slabs(report, fmt):
     # test_prefill_kernel_decoded against the same references (the partial is fp32)
     assert r["pages_err"] <= (ATT_RTOL + 2.0 ** -11) * r["scale"], r
     assert r["decoded_err"] <= (ATT_RTOL + 2.0 ** -11) * r["scale"], r
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_prefill_kernel_fp16_prior(report, fmt):
+    r = report[f"prefill-flash/{_fmt_id(fmt)}"]
+    # the prefix as an fp16 prior (tq_vllm's FlashAttention route): test_prefill_kernel_decoded's
+    # bound plus the prior's fp16 rounding (half an ulp of values at most the largest output);
+    # a NaN from the row without a prior would fail it
+    assert r["lse_row1"] == float("-inf"), r
+    assert r["err"] <= (ATT_RTOL + 2.0 ** -11 + 2.0 ** -12) * r["scale"], r
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)

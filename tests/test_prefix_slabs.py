@@ -86,8 +86,18 @@ def test_prior_arguments_go_together():
         tq.paged_prefill_attention(*base, dk, dv, start, po, None)
     with pytest.raises(TQInputError, match="prior_lse must be"):
         tq.paged_prefill_attention(*base, dk, dv, start, po, pl[:, :-1])
-    with pytest.raises(TQInputError, match="prior_out must be.*float32"):
-        tq.paged_prefill_attention(*base, dk, dv, start, po.half(), pl)
+    with pytest.raises(TQInputError, match="prior_out must be.*float16 or bfloat16"):
+        tq.paged_prefill_attention(*base, dk, dv, start, po.double(), pl)
+    with pytest.raises(TQInputError, match="prior_out must be"):
+        tq.paged_prefill_attention(*base, dk, dv, start, po[:, :-1], pl)
+    with pytest.raises(TQInputError, match="prior_lse must be.*float32"):
+        tq.paged_prefill_attention(*base, dk, dv, start, po, pl.half())
+    # 16-bit values are valid (FlashAttention's partial, tq_vllm), and give the fp32 result
+    # up to their rounding
+    p16 = tq.paged_prefill_attention(*base, dk, dv, start, po.half(), pl)
+    p32 = tq.paged_prefill_attention(*base, dk, dv, start, po.float(), pl)
+    torch.testing.assert_close(p16.float(), p32.float(), rtol=0,
+                               atol=2.0 ** -11 * float(po.float().nan_to_num().abs().max()))
     pargs = samples("paged_prefill_prefix")[1]
     with pytest.raises(TQInputError, match="prior_out and prior_lse go together"):
         tq.paged_prefill_prefix(*pargs[:17], None, pargs[18])

@@ -401,9 +401,10 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
     of sequence b is row decoded_start[b] + p - kv_start of them (original domain, as
     paged_dequantize writes it) instead of the decoded page.
 
-    With prior_out (T, Hq, D) fp32 and prior_lse (T, Hq) fp32, a softmax partial of each query
-    over other keys (paged_prefill_prefix's output), the result is the softmax over both key
-    sets: the prior enters as one more key of logit prior_lse and value prior_out.
+    With prior_out (T, Hq, D) (fp32, fp16 or bf16) and prior_lse (T, Hq) fp32, a softmax partial
+    of each query over other keys (paged_prefill_prefix's output), the result is the softmax
+    over both key sets: the prior enters as one more key of logit prior_lse and value prior_out
+    (ignored where prior_lse is -inf).
 
     Every query is scored against every sequence's keys and masked to its own, with the queries
     taken in static tiles: static shapes (it traces) at the price of B-fold work.
@@ -518,7 +519,10 @@ def _prefill(query, key, value, cu_seqlens_q, cache, block_table, prefix_lens, r
             o = o + torch.einsum("thgk,khd->thgd", p[..., b * n:b * n + b * r], rv)
             o = o + torch.einsum("thgk,khd->thgd", p[..., b * n + b * r:b * n + b * r + t], vv)
         if prior_out is not None:
-            o = o + p[..., -1:] * prior_out[sl].to(torch.float32).reshape(-1, hkv, g, d)
+            # a row without a prior (lse -inf, weight 0) ignores its prior_out, NaN included
+            w = p[..., -1:]
+            o = o + torch.where(w > 0, w * prior_out[sl].to(torch.float32).reshape(-1, hkv, g, d),
+                                0.0)
         outs.append(o.reshape(-1, hq, d))
         lses.append(lse.reshape(-1, hq))
     if not outs:

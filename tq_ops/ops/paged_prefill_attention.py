@@ -160,11 +160,16 @@ def check_prefix_args(query, cu_seqlens_q, cache, block_table, prefix_lens, rota
         _checks.fail("prior_out and prior_lse go together: give both or neither")
     if prior_out is not None:
         t, hq = query.shape[0], query.shape[1]
-        for name, x, shape in (("prior_out", prior_out, (t, hq, d)),
-                               ("prior_lse", prior_lse, (t, hq))):
-            if x.dtype != torch.float32 or tuple(x.shape) != shape:
-                _checks.fail(f"{name} must be {shape} float32 (paged_prefill_prefix's output), "
-                             f"got {tuple(x.shape)} {x.dtype}")
+        # prior_out in 16 bits too: FlashAttention's output over the decoded prefix (tq_vllm)
+        # is merged as it comes, without an fp32 copy of (T, Hq, D)
+        if (prior_out.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                or tuple(prior_out.shape) != (t, hq, d)):
+            _checks.fail(f"prior_out must be {(t, hq, d)} float32, float16 or bfloat16 "
+                         f"(paged_prefill_prefix's output is float32), got "
+                         f"{tuple(prior_out.shape)} {prior_out.dtype}")
+        if prior_lse.dtype != torch.float32 or tuple(prior_lse.shape) != (t, hq):
+            _checks.fail(f"prior_lse must be {(t, hq)} float32 (paged_prefill_prefix's output), "
+                         f"got {tuple(prior_lse.shape)} {prior_lse.dtype}")
         _checks.same_device(query=query, prior_out=prior_out, prior_lse=prior_lse)
     return d
 
@@ -213,9 +218,12 @@ def paged_prefill_attention(query: Tensor, key: Tensor, value: Tensor, cu_seqlen
             Sequences sharing a request (the flush groups of one chunk) share its rows, so the
             prefix is decoded once per request rather than once per query block.
         decoded_start: optional (B,) int32, with decoded_key / decoded_value.
-        prior_out, prior_lse: optional (T, Hq, D) and (T, Hq) fp32, both or neither: a softmax
-            partial of each query over further keys (paged_prefill_prefix's output, e.g. of
-            compressed positions past prefix_lens decoded in another slab), merged exactly.
+        prior_out, prior_lse: optional, both or neither: a softmax partial of each query over
+            further keys (paged_prefill_prefix's output, e.g. of compressed positions past
+            prefix_lens decoded in another slab, or FlashAttention's over the decoded prefix),
+            merged exactly.  prior_out (T, Hq, D) fp32/fp16/bf16, the normalised partial;
+            prior_lse (T, Hq) fp32, its natural-log log-sum-exp of scale * q . k, finite or
+            -inf (no keys: that row's prior_out is then ignored, whatever it holds).
     Returns:
         (T, Hq, D) in query.dtype.  Query head h reads KV head h // (Hq / Hkv).
     """

@@ -24,7 +24,8 @@ def paged_prefill_prefix(query: Tensor, cu_seqlens_q: Tensor, cache: Tensor, blo
     """Each query of sequence b over compressed positions kv_start .. prefix_lens[b]-1 only (no
     raw pool, no chunk tokens), merged with an optional prior partial.
 
-    Args: as paged_prefill_attention's, without key, value and the raw pool.  kv_start here is
+    Args: as paged_prefill_attention's, without key, value and the raw pool (prior_out in
+        fp32, fp16 or bf16).  kv_start here is
         the first position of the slab attended (sinks are paged_prefill_attention's business),
         and decoded rows, when given, map as there: position p of sequence b is row
         decoded_start[b] + p - kv_start.

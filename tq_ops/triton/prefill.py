@@ -222,9 +222,10 @@ def prefill_kernel(
     the compressed positions from dk_ptr / dv_ptr ((rows, HKV, D), the original domain, rows
     dstart[b] + position - kv_start: tq_ops.triton.dequant) with the raw phases' flash loop,
     and nothing is rotated (qr_ptr, u_ptr, the cache and the codebooks are not read).
-    PRIOR: po_ptr (T, Hq, D) fp32 and pl_ptr (T, Hq) fp32 (natural log) are a softmax partial
-    of each query over other keys, merged in.  PARTIAL: phase 1 only; out_ptr gets the
-    normalised fp32 partial and lse_ptr (T, Hq) fp32 its log-sum-exp (-inf without keys)."""
+    PRIOR: po_ptr (T, Hq, D) fp32/fp16/bf16 and pl_ptr (T, Hq) fp32 (natural log) are a
+    softmax partial of each query over other keys, merged in.  PARTIAL: phase 1 only; out_ptr
+    gets the normalised fp32 partial and lse_ptr (T, Hq) fp32 its log-sum-exp (-inf without
+    keys)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     # largest b with cu[b] // BQ + b <= pid (those block starts strictly increase with b)
@@ -332,7 +333,9 @@ def prefill_kernel(
                 acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
         if PRIOR:
             po = tl.load(po_ptr + qrow[:, None] * D + d[None, :], mask=qmask, other=0.0)
-            acc += po * tl.where(has_prior, tl.exp2(m_prior - m_i), 0.0)[:, None]
+            # a row without a prior ignores its values (tq_vllm's FlashAttention partial may
+            # hold anything there)
+            acc += tl.where(has_prior[:, None], po * tl.exp2(m_prior - m_i)[:, None], 0.0)
         if PARTIAL:
             if not HOIST_Q and not DECODED:
                 acc = _add_unrotated(acc, accs, scale_rot, rot_ptr, D, DG, DP)
