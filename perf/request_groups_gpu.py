@@ -21,9 +21,9 @@ DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
 
 
-def build(done, new, flush, bs, seed=1):
+def build(done, new, flush, bs, seed=1, dtype=torch.float16, row_align=1):
     """A cache holding positions 0 .. done+new-1 of each request (random fp16 K/V), the chunk's
-    queries and exact K/V, and the segment plan."""
+    queries and exact K/V in `dtype`, and the segment plan (its rows aligned to row_align)."""
     torch.manual_seed(seed)
     w = Window(flush, 4)
     cfg = TQConfig(head_dim=D, flush_interval=flush, sink_tokens=4)
@@ -46,16 +46,16 @@ def build(done, new, flush, bs, seed=1):
                 *kv, cache, table[b, pos // bs].long() * bs + pos % bs, codec.rotation,
                 codec.qjl_projection, codec.key_centroids, codec.value_centroids,
                 cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
-    raw_k = torch.randn(len(done) + 1, w.row_slots, HKV, D, device=DEV, dtype=torch.float16)
+    raw_k = torch.randn(len(done) + 1, w.row_slots, HKV, D, device=DEV, dtype=dtype)
     raw_v = torch.randn_like(raw_k)
     t = sum(new)
-    q, k, v = (torch.randn(t, h, D, device=DEV, dtype=torch.float16) for h in (HQ, HKV, HKV))
+    q, k, v = (torch.randn(t, h, D, device=DEV, dtype=dtype) for h in (HQ, HKV, HKV))
     segs, tok = [], 0
     for b in range(len(done)):
         segs += segments(w, b, tok, done[b], done[b] + new[b])
         tok += new[b]
     rows = torch.arange(len(done), dtype=torch.int32, device=DEV)
-    plan = attend.segment_plan(segs, table, rows, q.device, w.sink_tokens)
+    plan = attend.segment_plan(segs, table, rows, q.device, w.sink_tokens, row_align)
     return codec, w, plan, q, k, v, cache, raw_k, raw_v
 
 

@@ -34,14 +34,18 @@ ROOT = vllm_gpu_bench.ROOT
 
 
 def run_build(build: Path, config: str, ctx: int, batch: int, timeout: int,
-              profile_steps: int = 0) -> dict | None:
+              profile_steps: int = 0, prefill_profile_steps: int = 0) -> dict | None:
     """`vllm_gpu_bench.py one CONFIG` from the build's own copy, its code first on the path;
     its RESULT, or None.  profile_steps: that many decode steps under torch.profiler after the
-    timed ones (the per-kernel times in the RESULT; the TPOT is not affected)."""
+    timed ones (the per-kernel times in the RESULT; the TPOT is not affected);
+    prefill_profile_steps: the first that many prefill steps under torch.profiler (kernels and
+    host runtime calls in prefill_steps.profile; those steps' times include the profiler)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(build)] + [p for p in env.get("PYTHONPATH", "")
                                                         .split(os.pathsep) if p not in ("", ".")])
     extra = ["--profile-steps", str(profile_steps)] if profile_steps else []
+    if prefill_profile_steps:
+        extra += ["--prefill-profile-steps", str(prefill_profile_steps)]
     return vllm_gpu_bench._spawn(["one", config, str(ctx), str(batch), "--runner", "v1"] + extra,
                                  timeout, root=build, env=env)
 
@@ -71,6 +75,10 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many decode steps of every run of ours (after the timed "
                          "ones) for per-kernel times")
+    ap.add_argument("--prefill-profile-steps", type=int, default=0,
+                    help="profile this many first prefill steps of every run of ours")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="skip the bf16 run of each round (no ratio is printed then)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     a = ap.parse_args()
     builds = [Path(b).resolve() for b in a.builds]
@@ -83,12 +91,14 @@ def main() -> int:
     raw = []
     for r in range(a.rounds):
         for name, build in zip(names, builds):
-            res = run_build(build, "tq", a.ctx, a.batch, a.timeout, a.profile_steps)
+            res = run_build(build, "tq", a.ctx, a.batch, a.timeout, a.profile_steps,
+                            a.prefill_profile_steps)
             tpots[name].append(res["tpot_ms"] if res else None)
             raw.append(dict(round=r, build=name, config="tq", result=res))
-        res = run_build(ROOT, "auto", a.ctx, a.batch, a.timeout)
-        bf16.append(res["tpot_ms"] if res else None)
-        raw.append(dict(round=r, build=".", config="auto", result=res))
+        if not a.no_bf16:
+            res = run_build(ROOT, "auto", a.ctx, a.batch, a.timeout)
+            bf16.append(res["tpot_ms"] if res else None)
+            raw.append(dict(round=r, build=".", config="auto", result=res))
         if a.out:
             Path(a.out).mkdir(parents=True, exist_ok=True)
             (Path(a.out) / "vllm_ab.json").write_text(json.dumps(raw))
@@ -100,6 +110,13 @@ def main() -> int:
         med = f"{row['median_ms']:.3f}" if row["median_ms"] is not None else "-"
         ratio = f"{row['vs_bf16']:.4f}x" if row["vs_bf16"] is not None else "-"
         print(f"{row['build']:>32} {str(row['tpot_ms']):>28} {med:>8} {ratio:>8}")
+    print("\nprefill of the batch, s, and its steps' seconds by run (chunks of max_num_batched_"
+          "tokens in turn; decodes of finished requests ride along)")
+    for row in raw:
+        res = row["result"] or {}
+        steps = (res.get("prefill_steps") or {}).get("step_s")
+        print(f"{row['build']:>32} {row['config']:>5} round {row['round']}: "
+              f"{res.get('prefill_s', '-')} s  steps {steps}")
     return 0
 
 

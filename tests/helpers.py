@@ -72,3 +72,32 @@ def decoded_prefix(args, dtype: torch.dtype):
                                                    int(counts.sum()), rot, proj, kc, vc, kb, qjl,
                                                    vb, kv0, dtype)
     return dk, dv, offsets
+
+
+def reference_flash(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, max_seqlen_q: int, seqused_k: torch.Tensor,
+                    max_seqlen_k: int, block_table: torch.Tensor, softmax_scale: float):
+    """FlashAttention's varlen forward over paged K/V without a causal mask, written out in
+    float64 with tq_vllm.attend.Flash's arguments (vLLM's flash_attn_varlen_func).
+
+    Sequence s: queries cu[s] .. cu[s+1]-1, keys = the first seqused_k[s] rows of its pages
+    block_table[s] (each k_pages[page] holds page_rows consecutive rows).  A sequence without
+    keys gets what FA2 gives it (+inf lse) and NaN values, the worst a caller must survive."""
+    t, hq, d = q.shape
+    hkv = k_pages.shape[2]
+    g = hq // hkv
+    out = torch.full((t, hq, d), float("nan"), dtype=torch.float64)
+    lse = torch.full((hq, t), float("inf"), dtype=torch.float64)
+    cu = cu_seqlens_q.tolist()
+    for s in range(len(cu) - 1):
+        n = int(seqused_k[s])
+        assert n <= max_seqlen_k and cu[s + 1] - cu[s] <= max_seqlen_q
+        if n == 0 or cu[s + 1] == cu[s]:
+            continue
+        pages = block_table[s, :-(-n // k_pages.shape[1])].long()
+        k = k_pages[pages].reshape(-1, hkv, d)[:n].double().repeat_interleave(g, dim=1)
+        v = v_pages[pages].reshape(-1, hkv, d)[:n].double().repeat_interleave(g, dim=1)
+        logits = torch.einsum("thd,khd->thk", q[cu[s]:cu[s + 1]].double(), k) * softmax_scale
+        out[cu[s]:cu[s + 1]] = torch.einsum("thk,khd->thd", torch.softmax(logits, -1), v)
+        lse[:, cu[s]:cu[s + 1]] = torch.logsumexp(logits, -1).t()
+    return out.to(q.dtype), lse.float()

@@ -117,3 +117,11 @@ def test_only_env_module_reads_tq_variables():
     offenders = [str(p.relative_to(root.parent)) for p in root.rglob("*.py")
                  if p.name != "_env.py" and pattern.search(p.read_text())]
     assert not offenders, offenders
+
+
+def test_prefill_flash_switch():
+    assert _env.prefill_flash_enabled({}) is True
+    assert _env.prefill_flash_enabled({"TQ_PREFILL_FLASH": "0"}) is False
+    assert _env.prefill_flash_enabled({"TQ_PREFILL_FLASH": " 1 "}) is True
+    with pytest.raises(TQConfigError, match="TQ_PREFILL_FLASH='on' is invalid: expected 0 or 1"):
+        _env.prefill_flash_enabled({"TQ_PREFILL_FLASH": "on"})

@@ -290,6 +290,74 @@ def test_varlen_plan_of_two_requests(budget, monkeypatch):
         assert attention == [dec for _, _, dec in groups], calls
 
 
+@pytest.mark.parametrize("budget", ["decoded", "each-request", "first-request"])
+def test_flash_prefix_matches_the_triton_path(budget, monkeypatch):
+    """tq_vllm's FlashAttention route for the decoded prefix (here a float64 stand-in with FA's
+    arguments, tests/helpers.reference_flash): requests on FLASH_PAGE_ROWS pages, one request
+    with no compressed position in its first segment, fp16 queries.  The output equals the
+    Triton path's (the same decoded rows, the prefix through the op's own loop) within the
+    fp16 rounding of the two outputs and of the flash partial; a page, row or lse slip fails."""
+    from helpers import reference_flash
+
+    torch.manual_seed(2)
+    w = Window(16, 4)
+    cfg = TQConfig(head_dim=64, flush_interval=16, sink_tokens=4)
+    codec = TQCodec.build(cfg)
+    hq, hkv, d, bs = 4, 2, 64, 16
+    done, new = [0, 90], [45, 20]   # request 0 is a fresh prompt: its first group has no prefix
+    nblk = [-(-(a + b) // bs) for a, b in zip(done, new)]
+    cache = torch.zeros(sum(nblk) + 2, hkv, bs * cfg.slot_bytes, dtype=torch.uint8)
+    perm = torch.randperm(sum(nblk) + 2).to(torch.int32)
+    table = torch.zeros(2, max(nblk), dtype=torch.int32)
+    table[0, :nblk[0]] = perm[:nblk[0]]
+    table[1, :nblk[1]] = perm[nblk[0]:nblk[0] + nblk[1]]
+    for b in range(2):
+        n = done[b] + new[b]
+        pos = torch.arange(n)
+        reference.write_cache(torch.randn(n, hkv, d), torch.randn(n, hkv, d), cache,
+                              table[b, pos // bs].long() * bs + pos % bs, codec.rotation,
+                              codec.qjl_projection, codec.key_centroids, codec.value_centroids,
+                              cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    raw_k = torch.randn(3, w.row_slots, hkv, d).half()
+    raw_v = torch.randn(3, w.row_slots, hkv, d).half()
+    t = sum(new)
+    q, k, v = (torch.randn(t, h, d).half() for h in (hq, hkv, hkv))
+    segs = (segments(w, 0, 0, done[0], done[0] + new[0])
+            + segments(w, 1, new[0], done[1], done[1] + new[1]))
+    assert segs[0].prefix_len <= w.sink_tokens < max(s.prefix_len for s in segs if s.req == 0)
+    raw_index = torch.tensor([2, 0], dtype=torch.int32)
+    plan = attend.segment_plan(segs, table, raw_index, q.device, w.sink_tokens,
+                               attend.FLASH_PAGE_ROWS)
+    assert all(o % attend.FLASH_PAGE_ROWS == 0 for o in plan.req_offsets.tolist())
+    # longest prefixes 32 and 96, less 4 sinks: 28 and 92 rows, each rounded up to a page
+    assert plan.req_rows == (64, 128) and plan.decoded_rows == 192
+    rows = {"decoded": 1 << 20, "each-request": 128, "first-request": 100}[budget]
+    monkeypatch.setattr(attend, "DECODED_PREFIX_BUDGET_BYTES", rows * hkv * d * 4)
+    used = []
+
+    def flash(*args):
+        used.append(args[5].tolist())  # seqused_k
+        return reference_flash(*args)
+
+    out_f = torch.full((t, hq, d), float("nan"), dtype=torch.float16)
+    attend.prefill_varlen(codec, w, plan, q, k, v, cache, raw_k, raw_v, d ** -0.5, out_f,
+                          flash)
+    plain = attend.segment_plan(segs, table, raw_index, q.device, w.sink_tokens)
+    out_t = torch.full((t, hq, d), float("nan"), dtype=torch.float16)
+    attend.prefill_varlen(codec, w, plain, q, k, v, cache, raw_k, raw_v, d ** -0.5, out_t)
+    # whole calls use flash; the slabs of a request over the budget do not
+    calls = {"decoded": 1, "each-request": 2, "first-request": 1}[budget]
+    assert len(used) == calls and used[0][0] == 0, used
+    scale = float(out_t.float().abs().max())
+    # both outputs rounded to fp16 (half an ulp each, 2^-12 relative: 2^-11 together) and the
+    # fp16 partial (another 2^-12 of the largest value), on a float64 / float32 difference
+    torch.testing.assert_close(out_f.float(), out_t.float(), rtol=0,
+                               atol=(2.0 ** -11 + 2.0 ** -12) * scale + 1e-5)
+    with pytest.raises(ValueError, match="row_align a multiple of"):
+        attend.prefill_varlen(codec, w, plain, q, k, v, cache, raw_k, raw_v, d ** -0.5, out_t,
+                              flash)
+
+
 class _Recorder:
     """torch.ops.turboquant, recording the names of the ops called through it."""
 

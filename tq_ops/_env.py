@@ -5,8 +5,10 @@
 and our additions: TQ_PRESET (unset; a preset name whose bits replace TQ_B_MSE/TQ_B_QJL defaults),
 TQ_VALUE_BITS (3), TQ_SINK_TOKENS (0), TQ_SEED (0), TQ_BOUNDARY_LAYERS (0: the first and last N
 layers kept exact, "boundary protection").
-The vLLM plugin's opt-in switch TQ_VLLM_ENABLE (0) is read by `vllm_enabled` (it is not a format
-field, so `read_env` leaves it out).
+The vLLM plugin's opt-in switch TQ_VLLM_ENABLE (0) is read by `vllm_enabled`, and its
+TQ_PREFILL_FLASH (1: vLLM's FlashAttention attends the decoded prefix of a chunked prefill; 0:
+our Triton kernel does) by `prefill_flash_enabled` (neither is a format field, so `read_env`
+leaves them out).
 
 A bad value raises TQConfigError naming the variable, the value and the allowed range.
 """
@@ -110,3 +112,15 @@ def vllm_enabled(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     raw = env.get(VLLM_ENABLE.name)
     return raw is not None and bool(_parse(VLLM_ENABLE, raw))
+
+
+PREFILL_FLASH = EnvVar("TQ_PREFILL_FLASH", "prefill_flash", 1, "0 or 1", 0, 1)
+
+
+def prefill_flash_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """TQ_PREFILL_FLASH (default 1): whether tq_vllm hands the decoded prefix of a chunked
+    prefill to vLLM's FlashAttention when it has one (CUDA), rather than to the Triton prefill
+    kernel.  0 is for comparisons and for a FlashAttention build that misbehaves."""
+    env = os.environ if environ is None else environ
+    raw = env.get(PREFILL_FLASH.name)
+    return raw is None or bool(_parse(PREFILL_FLASH, raw))

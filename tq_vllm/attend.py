@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,8 +94,24 @@ def prefill_contiguous(codec: TQCodec, window: Window, segments: Sequence[Segmen
 # the prefix once per 64 query tokens, about 3x slower (perf/NOTES.md, sessions 16-17): only a
 # budget too small for one query's partials falls back to it.  The scratch is allocated and
 # freed per call (the caching allocator reuses it), outside the memory vLLM profiles, so the
-# bound is kept well inside gpu_memory_utilization's headroom.
+# bound is kept well inside gpu_memory_utilization's headroom.  With FlashAttention (flash
+# below) a call also holds its fp16 partial over the prefix and, for bf16 queries, their fp16
+# copy: 2 x T x Hq x D x 2 bytes, 256 MiB for a 16k-token chunk at 32 x 128, the size of the
+# step's own query and output tensors.
 DECODED_PREFIX_BUDGET_BYTES = 512 << 20
+
+# Rows per page of the decoded prefix as FlashAttention reads it: every request's decoded rows
+# start on such a page (segment_plan's row_align), so the prefix of a flush group is its
+# request's pages cut by seqused_k.  A multiple of 16, the page unit of vLLM's FA2 and FA3.
+FLASH_PAGE_ROWS = 64
+
+# flash(q, k_pages, v_pages, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k,
+# block_table, softmax_scale) -> (out, lse): FlashAttention's varlen forward over paged K/V
+# without a causal mask (tq_vllm.compat.flash_varlen binds vLLM's).  q (T, Hq, D), k_pages /
+# v_pages (pages, page_rows, Hkv, D), all one 16-bit dtype; cu_seqlens_q (S+1,), seqused_k
+# (S,), block_table (S, max_pages) int32.  out (T, Hq, D) in q's dtype, normalised (0 for a
+# sequence without keys); lse (Hq, T) fp32, natural log (+-inf or NaN without keys, by version).
+Flash = Callable[..., tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -126,14 +142,23 @@ class SegmentPlan:
     req_rows: tuple[int, ...] = ()      # (R,): each request's decoded rows
     req_segments: tuple[int, ...] = ()  # (R,): each request's segment count (consecutive)
     prefix_host: tuple[int, ...] = ()   # (S,): prefix
+    row_align: int = 1  # host: every request's decoded rows start at a multiple of this
+
+
+def _align(rows: int, align: int) -> int:
+    return -(-rows // align) * align
 
 
 def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Tensor,
-                 device: torch.device, kv_start: int = 0) -> SegmentPlan:
+                 device: torch.device, kv_start: int = 0, row_align: int = 1) -> SegmentPlan:
     """The SegmentPlan of non-empty `segments` of a batch whose requests have block-table rows
     `block_table` (B, max_blocks) and raw-pool rows `raw_index` (B,), compressed positions from
     kv_start (the sink count): one host-to-device copy (pinned, asynchronous on CUDA) and one
-    gather of each per-request table."""
+    gather of each per-request table.  row_align: each request's decoded rows are rounded up
+    to a multiple of it (FLASH_PAGE_ROWS for FlashAttention's pages; the rows past a request's
+    prefix stay zero and unread)."""
+    if row_align < 1:
+        raise ValueError(f"row_align={row_align} must be >= 1")
     first = segments[0].tok_start
     cu = [0]
     for seg in segments:
@@ -148,7 +173,7 @@ def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Te
     offsets, rows = {}, 0
     for r in reqs:
         offsets[r] = rows
-        rows += max(0, longest[r] - kv_start)
+        rows += _align(max(0, longest[r] - kv_start), row_align)
     m = len(reqs)
     counts = Counter(seg.req for seg in segments)
     host = torch.tensor([s.req for s in segments] + cu + [s.prefix_len for s in segments]
@@ -168,9 +193,10 @@ def segment_plan(segments: Sequence[Segment], block_table: Tensor, raw_index: Te
                        req_lens=dev[tail + m:tail + 2 * m],
                        req_offsets=dev[tail + 2 * m:tail + 3 * m],
                        decoded_start=dev[tail + 3 * m:], cu_host=tuple(cu),
-                       req_rows=tuple(max(0, longest[r] - kv_start) for r in reqs),
+                       req_rows=tuple(_align(max(0, longest[r] - kv_start), row_align)
+                                      for r in reqs),
                        req_segments=tuple(counts[r] for r in reqs),
-                       prefix_host=tuple(s.prefix_len for s in segments))
+                       prefix_host=tuple(s.prefix_len for s in segments), row_align=row_align)
 
 
 def request_groups(plan: SegmentPlan, budget_rows: int) -> list[tuple[int, int, bool]]:
@@ -207,7 +233,7 @@ def sub_plan(plan: SegmentPlan, r0: int, r1: int) -> SegmentPlan:
 def segment_range(plan: SegmentPlan, s0: int, s1: int) -> SegmentPlan:
     """Segments s0 .. s1-1 of a one-request plan as a plan of their own (the request's decoded
     rows cut to their longest prefix)."""
-    rows = max(0, max(plan.prefix_host[s0:s1]) - plan.kv_start)
+    rows = _align(max(0, max(plan.prefix_host[s0:s1]) - plan.kv_start), plan.row_align)
     return _cut(plan, s0, s1, 0, 1, (rows,), (s1 - s0,))
 
 
@@ -229,12 +255,14 @@ def _cut(plan: SegmentPlan, s0: int, s1: int, r0: int, r1: int, req_rows: tuple[
         req_offsets=rebase(plan.req_offsets[r0:r1], row0),
         decoded_start=rebase(plan.decoded_start[s0:s1], row0),
         cu_host=tuple(c - t0 for c in plan.cu_host[s0:s1 + 1]), req_rows=req_rows,
-        req_segments=req_segments, prefix_host=plan.prefix_host[s0:s1])
+        req_segments=req_segments, prefix_host=plan.prefix_host[s0:s1],
+        row_align=plan.row_align)
 
 
 def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Tensor,
                    key: Tensor, value: Tensor, cache: Tensor, raw_key: Tensor,
-                   raw_value: Tensor, scale: float, out: Tensor) -> None:
+                   raw_value: Tensor, scale: float, out: Tensor,
+                   flash: Flash | None = None) -> None:
     """Prefill of the plan's segments by turboquant::paged_prefill_attention (the GPU path): one
     call, or one per group of requests when their decoded prefixes are over the budget.
 
@@ -244,7 +272,15 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
     DECODED_PREFIX_BUDGET_BYTES: the prefill kernel then reads them as K/V instead of decoding
     the pages again for every block of queries.  A step over the budget is cut into groups of
     requests that fit (request_groups), one call each, and a request over it alone is attended
-    in slabs (_prefill_long)."""
+    in slabs (_prefill_long).
+
+    flash: FlashAttention (see Flash), used for the decoded prefix of every call that decodes
+    it whole into fp16: it attends the prefix, and paged_prefill_attention the raw pool and the
+    chunk with that partial as its prior.  Needs plan.row_align a multiple of FLASH_PAGE_ROWS.
+    The slabs of a request over the budget stay with the Triton kernels."""
+    if flash is not None and plan.row_align % FLASH_PAGE_ROWS:
+        raise ValueError(f"flash needs a segment plan with row_align a multiple of "
+                         f"{FLASH_PAGE_ROWS}, got {plan.row_align}")
     if plan.kv_start != window.sink_tokens:
         raise ValueError(f"segment plan built for kv_start={plan.kv_start}, the window keeps "
                          f"{window.sink_tokens} sinks")
@@ -255,16 +291,16 @@ def prefill_varlen(codec: TQCodec, window: Window, plan: SegmentPlan, query: Ten
     budget_rows = DECODED_PREFIX_BUDGET_BYTES // (hkv * d * 2 * dtype.itemsize)
     if plan.decoded_rows <= budget_rows:
         _prefill_call(codec, window, plan, plan.decoded_rows > 0, dtype, query, key, value,
-                      cache, raw_key, raw_value, scale, out)
+                      cache, raw_key, raw_value, scale, out, flash)
         return
     for r0, r1, whole in request_groups(plan, budget_rows):
         part = sub_plan(plan, r0, r1)
         if whole or part.decoded_rows == 0:
             _prefill_call(codec, window, part, whole, dtype, query, key, value, cache, raw_key,
-                          raw_value, scale, out)
+                          raw_value, scale, out, flash)
         else:
             _prefill_long(codec, window, part, dtype, query, key, value, cache, raw_key,
-                          raw_value, scale, out)
+                          raw_value, scale, out, flash)
 
 
 def slab_shape(tokens: int, heads: int, head_dim: int, kv_heads: int, dtype: torch.dtype,
@@ -282,7 +318,7 @@ def slab_shape(tokens: int, heads: int, head_dim: int, kv_heads: int, dtype: tor
 
 def _prefill_long(codec: TQCodec, window: Window, plan: SegmentPlan, dtype: torch.dtype,
                   query: Tensor, key: Tensor, value: Tensor, cache: Tensor, raw_key: Tensor,
-                  raw_value: Tensor, scale: float, out: Tensor) -> None:
+                  raw_value: Tensor, scale: float, out: Tensor, flash: Flash | None) -> None:
     """One request whose decoded prefix alone is over the budget: its segments in groups of
     queries, and each group's compressed positions in slabs decoded one at a time
     (slab_shape).  The slabs past the first go through paged_prefill_prefix, each one the prior
@@ -304,7 +340,7 @@ def _prefill_long(codec: TQCodec, window: Window, plan: SegmentPlan, dtype: torc
         part = segment_range(plan, s0, s1)
         if part.decoded_rows <= rows:
             _prefill_call(codec, window, part, part.decoded_rows > 0, dtype, query, key, value,
-                          cache, raw_key, raw_value, scale, out)
+                          cache, raw_key, raw_value, scale, out, flash)
         else:
             _prefill_slabs(codec, window, part, rows, dtype, query, key, value, cache, raw_key,
                            raw_value, scale, out)
@@ -321,7 +357,9 @@ def _prefill_slabs(codec: TQCodec, window: Window, plan: SegmentPlan, rows: int,
     mats = (codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
             f.key_mse_bits, f.use_qjl, f.value_bits)
     kv0 = window.sink_tokens
-    edges = list(range(kv0, kv0 + plan.decoded_rows, rows)) + [kv0 + plan.decoded_rows]
+    # the request's own positions, not its decoded rows (rounded up to row_align)
+    end = max(plan.prefix_host)
+    edges = list(range(kv0, end, rows)) + [end]
     first, last = plan.first, plan.last
     q = query[first:last]
     zero = torch.zeros(1, dtype=torch.int32, device=q.device)
@@ -348,25 +386,55 @@ def _prefill_slabs(codec: TQCodec, window: Window, plan: SegmentPlan, rows: int,
 
 def _prefill_call(codec: TQCodec, window: Window, plan: SegmentPlan, decode: bool,
                   dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor, cache: Tensor,
-                  raw_key: Tensor, raw_value: Tensor, scale: float, out: Tensor) -> None:
+                  raw_key: Tensor, raw_value: Tensor, scale: float, out: Tensor,
+                  flash: Flash | None = None) -> None:
     """One paged_prefill_attention call over the plan's segments; decode: its requests'
-    prefixes first go through paged_dequantize (into `dtype`)."""
+    prefixes first go through paged_dequantize (into `dtype`), and with `flash` (fp16 rows)
+    FlashAttention attends them, the op then the raw pool and the chunk with that prior."""
     f = codec.config
     first, last = plan.first, plan.last
     q = query[first:last]
-    decoded = ()
+    decoded, prefix, prior = (), plan.prefix, ()
     if decode:
         dk, dv = tq.paged_dequantize(
             cache, plan.req_block_table, plan.req_lens, plan.req_offsets, plan.decoded_rows,
             codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
             f.key_mse_bits, f.use_qjl, f.value_bits, window.sink_tokens, dtype)
         decoded = (dk, dv, plan.decoded_start)
+        if flash is not None and dtype != torch.float32:
+            prior = _flash_prefix(flash, plan, q, dk, dv, scale)
+            # no compressed position left for the op: the prior holds them all
+            prefix = plan.prefix.clamp(max=plan.kv_start)
     res = tq.paged_prefill_attention(
         q, key[first:last], value[first:last], plan.cu, cache,
-        plan.block_table, plan.prefix, raw_key, raw_value, plan.raw_index, plan.pool,
+        plan.block_table, prefix, raw_key, raw_value, plan.raw_index, plan.pool,
         codec.rotation, codec.qjl_projection, codec.key_centroids, codec.value_centroids,
-        f.key_mse_bits, f.use_qjl, f.value_bits, scale, window.sink_tokens, *decoded)
+        f.key_mse_bits, f.use_qjl, f.value_bits, scale, window.sink_tokens, *decoded, *prior)
     out[first:last] = res
+
+
+def _flash_prefix(flash: Flash, plan: SegmentPlan, q: Tensor, dk: Tensor, dv: Tensor,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """FlashAttention of the plan's queries q (T, Hq, D) over their decoded prefixes: dk / dv
+    (rows, Hkv, D) fp16 seen as pages of FLASH_PAGE_ROWS rows, segment s reading
+    prefix[s] - kv_start rows from its request's first row.  Returns (out (T, Hq, D) fp16,
+    lse (T, Hq) fp32 with -inf where a segment has no compressed position), the prior of
+    paged_prefill_attention."""
+    rows_of = [max(0, p - plan.kv_start) for p in plan.prefix_host]
+    page = FLASH_PAGE_ROWS
+    pages = dk.shape[0] // page
+    hkv, d = dk.shape[1], dk.shape[2]
+    span = max(1, -(-max(rows_of) // page))
+    table = (plan.decoded_start[:, None] // page
+             + torch.arange(span, dtype=torch.int32, device=dk.device)[None, :])
+    table = table.clamp(max=max(pages - 1, 0)).to(torch.int32)
+    seqused = (plan.prefix - plan.kv_start).clamp(min=0).to(torch.int32)
+    max_q = max(b - a for a, b in zip(plan.cu_host, plan.cu_host[1:]))
+    o, lse = flash(q.to(dk.dtype), dk.view(pages, page, hkv, d), dv.view(pages, page, hkv, d),
+                   plan.cu, max_q, seqused, max(rows_of), table, scale)
+    # a segment without keys: FA3 writes -inf, FA2 +inf; the op's convention is -inf
+    lse = lse.t().nan_to_num(nan=float("-inf"), posinf=float("-inf")).contiguous()
+    return o, lse
 
 
 def raw_write_plan(window: Window, query_start_loc: Tensor, seq_lens: Tensor, rows: Tensor,

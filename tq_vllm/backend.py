@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from tq_ops import _env
 from tq_ops.codec import TQCodec
 from tq_vllm import attend, compat
 from tq_vllm import config as tq_config
@@ -290,8 +291,10 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         segs: list[Segment] = []
         for b in range(num_decodes, n):
             segs += split_segments(w, b, qsl_cpu[b], first_pos[b], seq_cpu[b])
+        # rows on FlashAttention's pages whether or not a layer uses it (<= 63 rows of scratch
+        # per request): the plan is shared by every layer of the step
         plan = (attend.segment_plan(segs, cam.block_table_tensor[:n], self.raw_index[:n],
-                                    self.device, w.sink_tokens)
+                                    self.device, w.sink_tokens, attend.FLASH_PAGE_ROWS)
                 if segs and self.device.type == "cuda" else None)
         return TQMetadata(num_reqs=n, num_actual_tokens=t, num_decodes=num_decodes,
                           block_table=cam.block_table_tensor[:n],
@@ -349,6 +352,10 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         self.raw_key: Tensor | None = None
         self.raw_value: Tensor | None = None
         self.side = attend.SideStream()
+        # vLLM's FlashAttention for the decoded prefix of chunked prefills (attend.Flash),
+        # looked up on the first CUDA call
+        self.flash: attend.Flash | None = None
+        self._flash_looked_up = False
 
     def _ensure(self, device: torch.device, dtype: torch.dtype) -> None:
         """Codec tensors and the raw pool, allocated on the first (profiling) call so that the
@@ -358,6 +365,15 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             self.builtin_codebooks = attend.has_builtin_codebooks(self.codec)
         if device.type == "cuda":
             self.side.prepare(device)
+            if not self._flash_looked_up:
+                self._flash_looked_up = True
+                if _env.prefill_flash_enabled():
+                    self.flash, which = compat.flash_varlen(self.head_size)
+                else:
+                    which = "TQ_PREFILL_FLASH=0"
+                logger.info("tq_vllm: the decoded prefix of chunked prefills goes to %s",
+                            which if self.flash is not None
+                            else f"the Triton prefill kernel ({which})")
         if self.raw_key is None or self.raw_key.device != device or self.raw_key.dtype != dtype:
             shape = (self.num_rows, self.window.row_slots, self.num_kv_heads, self.head_size)
             self.raw_key = torch.zeros(shape, dtype=dtype, device=device)
@@ -433,11 +449,12 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             k = key[:t].view(t, hkv, d)
             v = value[:t].view(t, hkv, d)
             if q.device.type == "cuda":
-                plan = md.segment_plan or attend.segment_plan(md.segments, md.block_table,
-                                                              md.raw_index, q.device,
-                                                              self.window.sink_tokens)
+                plan = md.segment_plan or attend.segment_plan(
+                    md.segments, md.block_table, md.raw_index, q.device,
+                    self.window.sink_tokens, attend.FLASH_PAGE_ROWS)
                 attend.prefill_varlen(self.codec, self.window, plan, q, k, v, cache,
-                                      self.raw_key, self.raw_value, self.scale, out)
+                                      self.raw_key, self.raw_value, self.scale, out,
+                                      self.flash)
             else:
                 attend.prefill_contiguous(self.codec, self.window, md.segments, q, k, v, cache,
                                           md.block_table, self.raw_key, self.raw_value,

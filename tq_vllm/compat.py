@@ -303,6 +303,42 @@ def platform_is_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def flash_varlen(head_size: int) -> tuple[Any | None, str]:
+    """vLLM's FlashAttention as tq_vllm.attend's `flash` argument, or None, with a line saying
+    which (for the log).
+
+    The callable takes (q, k_pages, v_pages, cu_seqlens_q, max_seqlen_q, seqused_k,
+    max_seqlen_k, block_table, softmax_scale) and returns (out, lse): flash_attn_varlen_func
+    with paged K/V, no causal mask and the log-sum-exp, at the FlashAttention version vLLM
+    itself would pick for this head size (FA3 on Hopper).  CUDA only: vLLM's CPU and ROCm
+    builds have no such kernel here (ROCm's takes other arguments)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None, "no vLLM FlashAttention on this platform"
+    try:
+        from vllm.v1.attention.backends import fa_utils
+    except ImportError as e:
+        return None, f"vLLM's FlashAttention did not import ({e})"
+    available = getattr(fa_utils, "is_flash_attn_varlen_func_available", lambda: True)
+    if not available():
+        return None, "vLLM reports no FlashAttention varlen kernel"
+    try:
+        version = fa_utils.get_flash_attn_version(head_size=head_size)
+    except TypeError:  # releases whose get_flash_attn_version takes no head size
+        version = fa_utils.get_flash_attn_version()
+    func = fa_utils.flash_attn_varlen_func
+    extra = {} if version is None else {"fa_version": version}
+
+    def flash(q, k, v, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table,
+              softmax_scale):
+        return func(q, k, v, max_seqlen_q=max_seqlen_q, cu_seqlens_q=cu_seqlens_q,
+                    max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, block_table=block_table,
+                    softmax_scale=softmax_scale, causal=False, return_softmax_lse=True, **extra)
+
+    return flash, f"vLLM FlashAttention {version if version is not None else '(default)'}"
+
+
 # -- per-request identity inside the metadata builder ------------------------------------------
 
 def find_model_runner(max_depth: int = 40) -> Any | None:
