@@ -213,6 +213,37 @@ def test_boundary_layers_from_module_paths(monkeypatch):
         is_boundary_layer(path.format(0), 30)
 
 
+def _two_requests(done: list[int], new: list[int], dtype: torch.dtype):
+    """Two requests with `done` positions in the cache and `new` in this step, 16-token flush
+    groups and 4 sinks, 4/2 heads of 64, 16-token pages in shuffled order: (window, codec,
+    cache, block table, raw pool K and V (3 rows), the step's q, k, v in `dtype`, its
+    segments)."""
+    w = Window(16, 4)
+    cfg = TQConfig(head_dim=64, flush_interval=16, sink_tokens=4)
+    codec = TQCodec.build(cfg)
+    hq, hkv, d, bs = 4, 2, 64, 16
+    nblk = [-(-(a + b) // bs) for a, b in zip(done, new)]
+    cache = torch.zeros(sum(nblk) + 2, hkv, bs * cfg.slot_bytes, dtype=torch.uint8)
+    perm = torch.randperm(sum(nblk) + 2).to(torch.int32)
+    table = torch.zeros(2, max(nblk), dtype=torch.int32)
+    table[0, :nblk[0]] = perm[:nblk[0]]
+    table[1, :nblk[1]] = perm[nblk[0]:nblk[0] + nblk[1]]
+    for b in range(2):
+        n = done[b] + new[b]
+        pos = torch.arange(n)
+        reference.write_cache(torch.randn(n, hkv, d), torch.randn(n, hkv, d), cache,
+                              table[b, pos // bs].long() * bs + pos % bs, codec.rotation,
+                              codec.qjl_projection, codec.key_centroids, codec.value_centroids,
+                              cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    raw_k = torch.randn(3, w.row_slots, hkv, d).to(dtype)
+    raw_v = torch.randn(3, w.row_slots, hkv, d).to(dtype)
+    t = sum(new)
+    q, k, v = (torch.randn(t, h, d).to(dtype) for h in (hq, hkv, hkv))
+    segs = (segments(w, 0, 0, done[0], done[0] + new[0])
+            + segments(w, 1, new[0], done[1], done[1] + new[1]))
+    return w, codec, cache, table, raw_k, raw_v, q, k, v, segs
+
+
 # budget in rows of the decoded prefix -> the request groups prefill_varlen makes (first
 # request, end request, decoded whole), and whether the slab path runs; request 0 has the
 # shorter prefix
@@ -232,31 +263,11 @@ def test_varlen_plan_of_two_requests(budget, monkeypatch):
     partials merged through paged_prefill_prefix's prior), or, with no budget at all, reads
     the prefixes from the pages."""
     torch.manual_seed(1)
-    w = Window(16, 4)
-    cfg = TQConfig(head_dim=64, flush_interval=16, sink_tokens=4)
-    codec = TQCodec.build(cfg)
-    hq, hkv, d, bs = 4, 2, 64, 16
     done, new = [40, 70], [35, 20]   # positions computed by earlier steps / in this step
-    nblk = [-(-(a + b) // bs) for a, b in zip(done, new)]
-    cache = torch.zeros(sum(nblk) + 2, hkv, bs * cfg.slot_bytes, dtype=torch.uint8)
-    perm = torch.randperm(sum(nblk) + 2).to(torch.int32)
-    table = torch.zeros(2, max(nblk), dtype=torch.int32)
-    table[0, :nblk[0]] = perm[:nblk[0]]
-    table[1, :nblk[1]] = perm[nblk[0]:nblk[0] + nblk[1]]
-    for b in range(2):
-        n = done[b] + new[b]
-        pos = torch.arange(n)
-        kv = torch.randn(n, hkv, d)
-        reference.write_cache(kv, torch.randn(n, hkv, d), cache,
-                              table[b, pos // bs].long() * bs + pos % bs, codec.rotation,
-                              codec.qjl_projection, codec.key_centroids, codec.value_centroids,
-                              cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
-    raw_k = torch.randn(3, w.row_slots, hkv, d)
-    raw_v = torch.randn(3, w.row_slots, hkv, d)
+    w, codec, cache, table, raw_k, raw_v, q, k, v, segs = _two_requests(
+        done, new, torch.float32)
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     t = sum(new)
-    q, k, v = (torch.randn(t, h, d) for h in (hq, hkv, hkv))
-    segs = (segments(w, 0, 0, done[0], done[0] + new[0])
-            + segments(w, 1, new[0], done[1], done[1] + new[1]))
     plan = attend.segment_plan(segs, table, torch.tensor([2, 0], dtype=torch.int32), q.device,
                                w.sink_tokens)
     longest = [max(s.prefix_len for s in segs if s.req == b) - w.sink_tokens for b in range(2)]
@@ -300,30 +311,11 @@ def test_flash_prefix_matches_the_triton_path(budget, monkeypatch):
     from helpers import reference_flash
 
     torch.manual_seed(2)
-    w = Window(16, 4)
-    cfg = TQConfig(head_dim=64, flush_interval=16, sink_tokens=4)
-    codec = TQCodec.build(cfg)
-    hq, hkv, d, bs = 4, 2, 64, 16
     done, new = [0, 90], [45, 20]   # request 0 is a fresh prompt: its first group has no prefix
-    nblk = [-(-(a + b) // bs) for a, b in zip(done, new)]
-    cache = torch.zeros(sum(nblk) + 2, hkv, bs * cfg.slot_bytes, dtype=torch.uint8)
-    perm = torch.randperm(sum(nblk) + 2).to(torch.int32)
-    table = torch.zeros(2, max(nblk), dtype=torch.int32)
-    table[0, :nblk[0]] = perm[:nblk[0]]
-    table[1, :nblk[1]] = perm[nblk[0]:nblk[0] + nblk[1]]
-    for b in range(2):
-        n = done[b] + new[b]
-        pos = torch.arange(n)
-        reference.write_cache(torch.randn(n, hkv, d), torch.randn(n, hkv, d), cache,
-                              table[b, pos // bs].long() * bs + pos % bs, codec.rotation,
-                              codec.qjl_projection, codec.key_centroids, codec.value_centroids,
-                              cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
-    raw_k = torch.randn(3, w.row_slots, hkv, d).half()
-    raw_v = torch.randn(3, w.row_slots, hkv, d).half()
+    w, codec, cache, table, raw_k, raw_v, q, k, v, segs = _two_requests(
+        done, new, torch.float16)
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     t = sum(new)
-    q, k, v = (torch.randn(t, h, d).half() for h in (hq, hkv, hkv))
-    segs = (segments(w, 0, 0, done[0], done[0] + new[0])
-            + segments(w, 1, new[0], done[1], done[1] + new[1]))
     assert segs[0].prefix_len <= w.sink_tokens < max(s.prefix_len for s in segs if s.req == 0)
     raw_index = torch.tensor([2, 0], dtype=torch.int32)
     plan = attend.segment_plan(segs, table, raw_index, q.device, w.sink_tokens,
