@@ -366,3 +366,43 @@ def test_register_twice_is_harmless(backend):
     assert res["paths"]["CUSTOM"] == tq_vllm.BACKEND_PATH
     if backend != "CUSTOM":
         assert res["paths"][backend] == tq_vllm.NAMED_BACKEND_PATH
+
+
+def test_flash_prefix_route_is_off_without_cuda():
+    """On vLLM's CPU platform the decoded prefix has no FlashAttention: the backend keeps the
+    Triton route, and says why in its log line."""
+    from tq_vllm import compat
+
+    flash, why = compat.flash_varlen(64)
+    assert flash is None and "platform" in why
+
+
+@pytest.mark.parametrize("version,used", [(3, True), (2, False), (4, False)],
+                         ids=["fa3", "fa2", "fa4"])
+def test_flash_prefix_route_takes_only_the_checked_version(monkeypatch, version, used):
+    """The binding of vLLM's flash_attn_varlen_func (with vLLM's FA layer stubbed, as on a
+    CUDA machine picking `version`): FA3 is bound with paged, non-causal, lse-returning
+    arguments; the versions never run with the decoded rows are refused with a reason."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends import fa_utils
+
+    from tq_vllm import compat
+
+    calls = []
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(fa_utils, "get_flash_attn_version", lambda head_size=None: version)
+    monkeypatch.setattr(fa_utils, "is_flash_attn_varlen_func_available", lambda: True,
+                        raising=False)
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func",
+                        lambda *args, **kw: calls.append((args, kw)) or ("out", "lse"),
+                        raising=False)
+    flash, why = compat.flash_varlen(128)
+    assert (flash is not None) == used, why
+    if not used:
+        assert f"FlashAttention {version}" in why
+        return
+    assert flash("q", "k", "v", "cu", 5, "used", 7, "table", 0.1) == ("out", "lse")
+    assert calls == [(("q", "k", "v"), dict(
+        max_seqlen_q=5, cu_seqlens_q="cu", max_seqlen_k=7, seqused_k="used",
+        block_table="table", softmax_scale=0.1, causal=False, return_softmax_lse=True,
+        fa_version=3))]

@@ -303,6 +303,13 @@ def platform_is_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+# The FlashAttention version tq_vllm hands the decoded prefix to: FA3 is the one checked
+# against our reference on a GPU (an H200, session 18); vLLM's FA2 (pre-Hopper) and FA4
+# (Blackwell) take the same arguments but have not run this use, so there the Triton prefill
+# kernel keeps the prefix.
+FLASH_VERSION_CHECKED = 3
+
+
 def flash_varlen(head_size: int) -> tuple[Any | None, str]:
     """vLLM's FlashAttention as tq_vllm.attend's `flash` argument, or None, with a line saying
     which (for the log).
@@ -310,8 +317,8 @@ def flash_varlen(head_size: int) -> tuple[Any | None, str]:
     The callable takes (q, k_pages, v_pages, cu_seqlens_q, max_seqlen_q, seqused_k,
     max_seqlen_k, block_table, softmax_scale) and returns (out, lse): flash_attn_varlen_func
     with paged K/V, no causal mask and the log-sum-exp, at the FlashAttention version vLLM
-    itself would pick for this head size (FA3 on Hopper).  CUDA only: vLLM's CPU and ROCm
-    builds have no such kernel here (ROCm's takes other arguments)."""
+    itself would pick for this head size, when that is FLASH_VERSION_CHECKED.  CUDA only:
+    vLLM's CPU and ROCm builds have no such kernel here (ROCm's takes other arguments)."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
@@ -327,8 +334,12 @@ def flash_varlen(head_size: int) -> tuple[Any | None, str]:
         version = fa_utils.get_flash_attn_version(head_size=head_size)
     except TypeError:  # releases whose get_flash_attn_version takes no head size
         version = fa_utils.get_flash_attn_version()
+    if version != FLASH_VERSION_CHECKED:
+        return None, (f"vLLM picks FlashAttention {version} here; only FA"
+                      f"{FLASH_VERSION_CHECKED} (Hopper) has been checked with the paged "
+                      f"decoded rows (perf/flash_prefix_gpu.py)")
     func = fa_utils.flash_attn_varlen_func
-    extra = {} if version is None else {"fa_version": version}
+    extra = {"fa_version": version}
 
     def flash(q, k, v, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table,
               softmax_scale):
@@ -336,7 +347,7 @@ def flash_varlen(head_size: int) -> tuple[Any | None, str]:
                     max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, block_table=block_table,
                     softmax_scale=softmax_scale, causal=False, return_softmax_lse=True, **extra)
 
-    return flash, f"vLLM FlashAttention {version if version is not None else '(default)'}"
+    return flash, f"vLLM FlashAttention {version}"
 
 
 # -- per-request identity inside the metadata builder ------------------------------------------
