@@ -20,11 +20,11 @@ IDS = [f"b{b}-ctx{c // 1024}k" for b, c in common.DECODE_SHAPES]
 
 
 @pytest.mark.parametrize("shape", common.DECODE_SHAPES, ids=IDS)
-def test_decode_turboquant(benchmark, shape, copy_bw):
+def test_decode_turboquant(benchmark, timed_rounds, shape, copy_bw):
     batch, ctx = shape
     case = common.decode_case(batch, ctx)
     g = graph_of(case.run, REPLAYS)
-    benchmark.pedantic(g.replay, rounds=15, iterations=1, warmup_rounds=2)
+    timed_rounds(g)
     per_call = benchmark.stats.stats.median / REPLAYS
     benchmark.extra_info.update(
         bytes=case.bytes_read, gbps=case.bytes_read / per_call * 1e-9,
@@ -33,11 +33,11 @@ def test_decode_turboquant(benchmark, shape, copy_bw):
 
 
 @pytest.mark.parametrize("shape", common.DECODE_SHAPES, ids=IDS)
-def test_decode_sdpa_flash_fp16(benchmark, shape, copy_bw):
+def test_decode_sdpa_flash_fp16(benchmark, timed_rounds, shape, copy_bw):
     batch, ctx = shape
     fn, name = common.sdpa_case(batch, ctx)
     g = graph_of(fn, REPLAYS)
-    benchmark.pedantic(g.replay, rounds=15, iterations=1, warmup_rounds=2)
+    timed_rounds(g)
     per_call = benchmark.stats.stats.median / REPLAYS
     nbytes = batch * ctx * common.HKV * common.HEAD_DIM * 4
     benchmark.extra_info.update(

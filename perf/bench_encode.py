@@ -17,10 +17,10 @@ REPLAYS = 10
 
 
 @pytest.mark.parametrize("tokens", [4096, common.ENCODE_TOKENS], ids=lambda t: f"tok{t}")
-def test_encode_write_cache(benchmark, tokens, copy_bw):
+def test_encode_write_cache(benchmark, timed_rounds, tokens, copy_bw):
     run, nbytes = common.encode_case(tokens)
     g = graph_of(run, REPLAYS)
-    benchmark.pedantic(g.replay, rounds=15, iterations=1, warmup_rounds=2)
+    timed_rounds(g)
     per_call = benchmark.stats.stats.median / REPLAYS
     benchmark.extra_info.update(
         bytes=nbytes, tbps=nbytes / per_call * 1e-12, pct_copy=nbytes / per_call / copy_bw * 100,

@@ -4,11 +4,23 @@ The recorded time is GPU time: `--benchmark-timer=perf.common.cuda_timer` (perf/
 commands) records a CUDA event and returns the GPU time elapsed since the first event, so a
 round's (t1 - t0) is the GPU time of the round's work.  Each round replays a captured
 CUDA graph of the op several times, so launch overhead is out of the numbers.
+
+Before its rounds, each benchmark keeps the card busy with its own graph for `--bench-sustain`
+seconds.  Our kernels are compute-bound and follow the SM clock, which depends on what ran just
+before (a compile pause lets the card cool; the H200 falls from 1980 MHz towards its power cap
+under load): without the sustain, the first run on a fresh machine timed the encode at 4096
+tokens 8-11% faster than two runs right after it (perf/NOTES.md, session 20).
 """
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-sustain", type=float, default=2.0, metavar="SECONDS",
+                     help="back-to-back replays of each benchmark's graph before its timed rounds "
+                          "(default 2; 0 times a card in whatever state the last test left it)")
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +49,20 @@ def graph_of(fn, replays: int):
         for _ in range(replays):
             fn()
     return g
+
+
+@pytest.fixture
+def timed_rounds(benchmark, request):
+    """Times a captured graph's replays as the benchmark's rounds, after the sustain period;
+    records the sustain and the SM clock read right after the rounds in extra_info."""
+    import common
+
+    sustain = request.config.getoption("--bench-sustain")
+
+    def run(graph) -> None:
+        if sustain > 0:
+            common.keep_busy(graph.replay, sustain)
+        benchmark.pedantic(graph.replay, rounds=15, iterations=1, warmup_rounds=2)
+        benchmark.extra_info.update(sustain_s=sustain, clock=common.sm_clock())
+
+    return run
