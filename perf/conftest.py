@@ -6,10 +6,11 @@ round's (t1 - t0) is the GPU time of the round's work.  Each round replays a cap
 CUDA graph of the op several times, so launch overhead is out of the numbers.
 
 Before its rounds, each benchmark keeps the card busy with its own graph for `--bench-sustain`
-seconds.  Our kernels are compute-bound and follow the SM clock, which depends on what ran just
-before (a compile pause lets the card cool; the H200 falls from 1980 MHz towards its power cap
-under load): without the sustain, the first run on a fresh machine timed the encode at 4096
-tokens 8-11% faster than two runs right after it (perf/NOTES.md, session 20).
+seconds, so that it is timed in the state its own load puts the card in rather than whatever
+the previous test (or a compile pause) left.  Without it, the first of three runs on an H200
+timed the encode at 4096 tokens 8-11% faster than the two right after it (the clock was not
+recorded then, so the cause is not known); with 2 s, three runs moved no median by more than
+3.8% (perf/NOTES.md, session 20).
 """
 from __future__ import annotations
 
