@@ -16,8 +16,12 @@ mode=${1:-}
 # Why 10: 2.6x the largest change of a median between runs of unchanged code (3.8%, H200,
 # three runs with the default sustain; perf/README.md and NOTES.md, session 20)
 fail_pct=10
+usage="usage: perf/bench_suites.sh save NAME | compare [ID] [--fail-pct N]  (extra args go to pytest)"
+if [[ $mode != save && $mode != compare ]]; then echo "$usage" >&2; exit 2; fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-card=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+card=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_')
+                                      if torch.cuda.is_available() else '')")
+if [[ -z $card ]]; then echo "perf/bench_suites.sh: no CUDA GPU here (the suites time GPU work)" >&2; exit 2; fi
 storage="$here/results/$card"
 common=(-p no:cacheprovider -o addopts= --benchmark-timer=perf.common.cuda_timer
         "--benchmark-storage=file://$storage" --benchmark-columns=median,iqr,rounds
@@ -35,16 +39,18 @@ case "$mode" in
         baseline=()
         if [[ $# -gt 0 && $1 != -* ]]; then baseline=("--benchmark-compare=$1"); shift
         else baseline=(--benchmark-compare); fi
-        if [[ ${1:-} == --fail-pct ]]; then fail_pct=${2:?--fail-pct needs a number}; shift 2; fi
+        if [[ ${1:-} == --fail-pct ]]; then
+            fail_pct=${2:-}
+            if ! [[ $fail_pct =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+                echo "--fail-pct needs a number of percent, got '${fail_pct}'" >&2; exit 2
+            fi
+            shift 2
+        fi
         if ! ls "$storage"/*/*.json >/dev/null 2>&1; then
             echo "no saved run for $card under $storage: record one with 'save NAME' first" >&2
             exit 2
         fi
         python -m pytest "${suites[@]}" "${common[@]}" "${baseline[@]}" \
             "--benchmark-compare-fail=median:${fail_pct}%" "$@"
-        ;;
-    *)
-        echo "usage: perf/bench_suites.sh save NAME | compare [ID] [--fail-pct N]  (extra args go to pytest)" >&2
-        exit 2
         ;;
 esac
