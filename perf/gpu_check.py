@@ -853,8 +853,8 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
                              clock=clock, sdpa_clock=sd_clock, sustain_s=sustain_s,
                              declared_ms=declared_ms))
             print("BENCH " + json.dumps(rows[-1]), flush=True)
-    # 32-token pages (vLLM's block size when TQ_FLUSH_INTERVAL is 32): 16-token tiles at
-    # head_dim 128 (tq_ops.triton.decode.page_tile), the page-64 row of the same shape above
+    # 32-token pages (vLLM's block size when TQ_FLUSH_INTERVAL is 32): 64-token tiles of two
+    # pages (tq_ops.triton.decode.page_tile), the page-64 row of the same shape above
     case = C.decode_case(8, 32768, block_size=32)
     if sustain_s:
         C.keep_busy(case.run, sustain_s)
@@ -1001,7 +1001,7 @@ def main() -> None:
                 print(f"  decoded op alone by BLOCK_Q/warps[/key tile][/stages], table {r['table_config']}: "
                       + cfgs)
             elif r["kind"] == "decode_page32":
-                print(f"decode ({r['batch']}, {r['ctx']}), page 32 (16-token tiles): "
+                print(f"decode ({r['batch']}, {r['ctx']}), page 32 (64-token tiles of 2 pages): "
                       f"{r['ms']:.4f} ms")
             elif r["kind"] == "decode_raw":
                 print(f"decode ({r['batch']}, {r['ctx']}), page {r['bs']}, with {r['raw_tokens']} "

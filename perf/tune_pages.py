@@ -10,8 +10,9 @@ random K/V (common.decode_case draws the page order apart), in interleaved round
 process.  Shapes: vLLM's (8, 32k) bench (a
 33,024-position block table, sequences of 32,896 compressed positions, 64 raw tokens each)
 and the issue's (1, 128k) and (32, 16k).  Pages of 64 tokens and more share the 64-token
-tile, so their outputs must agree bit for bit (same splits, same sums); 32-token pages use
-16-token tiles at head_dim 128 (page_tile) and agree to fp32 rounding.
+tile, so their outputs must agree bit for bit (same splits, same sums).  Since session 20
+32-token pages take 64-token tiles of two pages (page_tile), the same arithmetic, so they
+should agree bit for bit too (not yet run; before, 16-token tiles agreed to fp32 rounding).
 
 Session 11 (perf/NOTES.md): pages of 128 and 256 timed 6-10% slower than 64 here, but the
 vLLM backend laid out as 64-token pages was no faster inside vLLM (TPOT 9.681 against 9.656 ms

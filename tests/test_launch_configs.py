@@ -64,15 +64,22 @@ def test_split_counts_at_the_issue_shapes():
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
-def test_page_tile_divides_the_page_and_avoids_32_at_head_dim_128(cfg):
+def test_page_tile_is_inside_a_page_or_whole_pages_and_avoids_32_at_head_dim_128(cfg):
+    """A tile lies inside one page (the tile divides the page) or holds whole pages (the page
+    divides the tile, which is then cfg.block_n: attend_pages' MULTI_PAGE)."""
     from tq_ops.triton.decode import page_tile
 
     for head_dim in (64, 96, 128, 256):
-        for block_size in (16, 32, 48, 64, 128, 256):
+        for block_size in (16, 32, 48, 64, 96, 128, 256):
             tile = page_tile(block_size, cfg, head_dim)
-            assert block_size % tile == 0 and cfg.block_n % tile == 0
+            inside = block_size % tile == 0 and cfg.block_n % tile == 0
+            whole_pages = tile == cfg.block_n and tile % block_size == 0
+            assert inside or whole_pages, (head_dim, block_size, tile)
             assert tile != 32 or head_dim != 128
-    assert page_tile(32, cfg, 128) == 16 and page_tile(32, cfg, 64) == 32
+    if cfg.block_n == 64:
+        # pages of 16 and 32 tokens: 64-token tiles of 4 and 2 pages; 48 and 96: 16 inside
+        assert [page_tile(bs, cfg, 128) for bs in (16, 32, 48, 96)] == [64, 64, 16, 16]
+        assert page_tile(96, cfg, 64) == 32
     assert page_tile(128, cfg, 128) == cfg.block_n
 
 

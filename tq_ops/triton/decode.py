@@ -38,10 +38,11 @@ import triton.language as tl
 from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3,
                                   fast_values3_words, key_plane,
                                   key_plane_gamma_sum, key_plane_offset, key_plane_scale,
-                                  load_fast, load_group_words, load_tile_scalars, lookup,
+                                  load_fast, load_group_words, load_row_scalars,
+                                  load_tile_scalars, lookup,
                                   planes_apply, sign_plane, sign_plane_offset, sign_plane_scale,
-                                  slow_code, slow_sign, table_matches, tile_rows, tuple_set,
-                                  value_words)
+                                  slow_code, slow_sign, table_matches, tile_rows,
+                                  tile_rows_paged, tuple_set, value_words)
 
 LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
@@ -98,14 +99,19 @@ def decode_config(arch: str, head_dim: int, key_bits: int) -> DecodeConfig:
 
 
 def page_tile(block_size: int, cfg: DecodeConfig, head_dim: int) -> int:
-    """Tokens per tile of the split kernel: the largest divisor of both the page and
-    cfg.block_n (a tile never crosses a page), except 32 at head_dim 128, which becomes 16.
+    """Tokens per tile of the split kernel.  Pages smaller than cfg.block_n that divide it: a
+    tile of several whole pages (attend_pages' MULTI_PAGE; offline sm_90 at page 16, 31.7
+    instructions per token-head against 36.1 for 16-token tiles and 30.8 for 64-token tiles at
+    page 64, perf/NOTES.md, session 20).  Otherwise the largest divisor of both the page and
+    cfg.block_n (a tile inside one page), except 32 at head_dim 128, which becomes 16.
     There Triton routes the decoded operands of a 32-token tile through shared memory (offline
     sm_90 compile, perf/sass_report.py --block-size 32 --block-n 32: 391-519 shared stores per
     tile, 58-68 instructions per token-head for the seed format with any of its decoders and 53
     for k3v3, against 36.5 and 42 with 16-token tiles in the same 32-token page, 31 with
     64-token tiles); head_dims 64, 96 and 256 compile 32-token tiles well.  Offline counts
     only: not yet timed on a GPU."""
+    if block_size < cfg.block_n and cfg.block_n % block_size == 0:
+        return cfg.block_n
     tile = math.gcd(block_size, cfg.block_n)
     return 16 if tile == 32 and head_dim == 128 else tile
 
@@ -355,10 +361,18 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     values, baked table) the value decoder over value_words, in the MMA operand layout.
     """
     m = tl.arange(0, DG)
+    # a tile of several whole pages (page_tile)
+    MULTI_PAGE: tl.constexpr = BS < BLOCK_N
+    if MULTI_PAGE:
+        tl.static_assert(BLOCK_N % BS == 0, "a multi-page tile holds whole pages")
     for start in tl.range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         valid = (pos < hi) & (pos >= kv_start)
-        base, tin = tile_rows(bt_ptr, bt_row, start, page_stride, head_off, BS, BLOCK_N)
+        if MULTI_PAGE:
+            base, tin = tile_rows_paged(bt_ptr, bt_row, start, hi, page_stride, head_off, BS,
+                                        BLOCK_N)
+        else:
+            base, tin = tile_rows(bt_ptr, bt_row, start, page_stride, head_off, BS, BLOCK_N)
         krow = tl.multiple_of(base + BS * OFF_KC + tin * (D * KB // 8), AL_K)
         srow = tl.multiple_of(base + BS * OFF_KS + tin * (D // 8), AL_S)
         vrow = tl.multiple_of(base + BS * OFF_VC + tin * (D * VB // 8), AL_V)
@@ -391,10 +405,16 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                     else:
                         z = slow_sign(cache_ptr, srow[:, None], m[None, :], r, D).to(tl.float16)
                     acc_z = tl.dot(z, uts[r], acc_z)
-        kn = load_tile_scalars(cache_ptr, base, start, OFF_KN, BS, BLOCK_N, AL_N)
+        if MULTI_PAGE:
+            kn = load_row_scalars(cache_ptr, base, tin, OFF_KN, BS)
+        else:
+            kn = load_tile_scalars(cache_ptr, base, start, OFF_KN, BS, BLOCK_N, AL_N)
         if QJL:
-            kg = load_tile_scalars(cache_ptr, base, start, OFF_KG, BS, BLOCK_N, AL_N).to(
-                tl.float32)
+            if MULTI_PAGE:
+                kg = load_row_scalars(cache_ptr, base, tin, OFF_KG, BS).to(tl.float32)
+            else:
+                kg = load_tile_scalars(cache_ptr, base, start, OFF_KG, BS, BLOCK_N, AL_N).to(
+                    tl.float32)
             acc_s = acc_s + kg[:, None] * acc_z
         logits = tl.where(valid[:, None], acc_s * kn.to(tl.float32)[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 0))
@@ -402,7 +422,10 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         p = tl.exp2(logits - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-        vn = load_tile_scalars(cache_ptr, base, start, OFF_VN, BS, BLOCK_N, AL_N)
+        if MULTI_PAGE:
+            vn = load_row_scalars(cache_ptr, base, tin, OFF_VN, BS)
+        else:
+            vn = load_tile_scalars(cache_ptr, base, start, OFF_VN, BS, BLOCK_N, AL_N)
         # page 0 backs the rows past `hi`: its norms may be anything, inf included
         vn = tl.where(valid, vn.to(tl.float32), 0.0)
         pw = (p * vn[:, None]).to(tl.float16)
@@ -618,8 +641,8 @@ def split_partial(
     part = bh * (num_splits + 1) + split
     orow = part * GP + g
     kv_len = tl.load(kv_lens_ptr + b)
-    # splits cover positions 0..kv_len-1 in whole tiles (so tiles never cross a page);
-    # positions below kv_start are masked
+    # splits cover positions 0..kv_len-1 in whole tiles (a tile is inside one page or holds
+    # whole pages); positions below kv_start are masked
     per = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per
     hi = tl.minimum(lo + per, kv_len)

@@ -533,6 +533,37 @@ def load_tile_scalars(ptr, base, start, OFF: tl.constexpr, BS: tl.constexpr,
 
 
 @triton.jit
+def tile_rows_paged(bt_ptr, bt_row, start, hi, page_stride, head_off, BS: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """tile_rows for a tile of BLOCK_N // BS whole pages (BS divides BLOCK_N): each row's
+    page+head byte offset (a (BLOCK_N,) int64 vector) and in-page index.
+
+    The tile's page ids are scalar loads, spread over the rows by selects on the row index: a
+    vector load of the block table gave a tensor that every user (key rows, transposed value
+    rows, scalars) needed in its own layout, and Triton moved it between them through shared
+    memory (perf/NOTES.md, session 20); the selects are recomputed in each layout like the
+    row index.  Pages at or past `hi` are not read (their entries may lie past the sequence's
+    row): their rows read page 0, and the caller masks their scores."""
+    pos = start + tl.arange(0, BLOCK_N)
+    sub = (pos - start) // BS
+    first = bt_ptr + bt_row + start // BS
+    page = tl.load(first)
+    for j in tl.static_range(1, BLOCK_N // BS):
+        pj = tl.load(first + j, mask=start + j * BS < hi, other=0)
+        page = tl.where(sub == j, pj, page)
+    return page.to(tl.int64) * page_stride + head_off, pos % BS
+
+
+@triton.jit
+def load_row_scalars(ptr, base, tin, OFF: tl.constexpr, BS: tl.constexpr):
+    """(BLOCK_N,) fp16 scalar component at slot offset OFF of rows at page offsets `base` (a
+    vector from tile_rows_paged) and in-page indices `tin`: one 2-byte load per row, since the
+    tile's rows are not one contiguous run."""
+    row = tl.multiple_of(base + BS * OFF + tin * 2, 2)
+    return tl.load((ptr + row).to(tl.pointer_type(tl.float16)))
+
+
+@triton.jit
 def tuple_set(t, R: tl.constexpr, v):
     """t with t[R] replaced by v (8-tuples; Triton tuples are immutable)."""
     if R == 0:
