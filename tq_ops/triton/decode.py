@@ -38,8 +38,7 @@ import triton.language as tl
 from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3,
                                   fast_values3_words, key_plane,
                                   key_plane_gamma_sum, key_plane_offset, key_plane_scale,
-                                  load_fast, load_group_words, load_row_scalars,
-                                  load_tile_scalars, lookup,
+                                  load_fast, load_group_words, load_scalars, lookup,
                                   planes_apply, sign_plane, sign_plane_offset, sign_plane_scale,
                                   slow_code, slow_sign, table_matches, tile_rows,
                                   tile_rows_paged, tuple_set, value_words)
@@ -405,16 +404,10 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                     else:
                         z = slow_sign(cache_ptr, srow[:, None], m[None, :], r, D).to(tl.float16)
                     acc_z = tl.dot(z, uts[r], acc_z)
-        if MULTI_PAGE:
-            kn = load_row_scalars(cache_ptr, base, tin, OFF_KN, BS)
-        else:
-            kn = load_tile_scalars(cache_ptr, base, start, OFF_KN, BS, BLOCK_N, AL_N)
+        kn = load_scalars(cache_ptr, base, tin, start, OFF_KN, BS, BLOCK_N, AL_N)
         if QJL:
-            if MULTI_PAGE:
-                kg = load_row_scalars(cache_ptr, base, tin, OFF_KG, BS).to(tl.float32)
-            else:
-                kg = load_tile_scalars(cache_ptr, base, start, OFF_KG, BS, BLOCK_N, AL_N).to(
-                    tl.float32)
+            kg = load_scalars(cache_ptr, base, tin, start, OFF_KG, BS, BLOCK_N, AL_N).to(
+                tl.float32)
             acc_s = acc_s + kg[:, None] * acc_z
         logits = tl.where(valid[:, None], acc_s * kn.to(tl.float32)[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 0))
@@ -422,10 +415,7 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         p = tl.exp2(logits - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-        if MULTI_PAGE:
-            vn = load_row_scalars(cache_ptr, base, tin, OFF_VN, BS)
-        else:
-            vn = load_tile_scalars(cache_ptr, base, start, OFF_VN, BS, BLOCK_N, AL_N)
+        vn = load_scalars(cache_ptr, base, tin, start, OFF_VN, BS, BLOCK_N, AL_N)
         # page 0 backs the rows past `hi`: its norms may be anything, inf included
         vn = tl.where(valid, vn.to(tl.float32), 0.0)
         pw = (p * vn[:, None]).to(tl.float16)

@@ -555,12 +555,16 @@ def tile_rows_paged(bt_ptr, bt_row, start, hi, page_stride, head_off, BS: tl.con
 
 
 @triton.jit
-def load_row_scalars(ptr, base, tin, OFF: tl.constexpr, BS: tl.constexpr):
-    """(BLOCK_N,) fp16 scalar component at slot offset OFF of rows at page offsets `base` (a
-    vector from tile_rows_paged) and in-page indices `tin`: one 2-byte load per row, since the
-    tile's rows are not one contiguous run."""
-    row = tl.multiple_of(base + BS * OFF + tin * 2, 2)
-    return tl.load((ptr + row).to(tl.pointer_type(tl.float16)))
+def load_scalars(ptr, base, tin, start, OFF: tl.constexpr, BS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, AL: tl.constexpr):
+    """(BLOCK_N,) fp16 scalar component at slot offset OFF of the tile's rows, from tile_rows
+    (one page: load_tile_scalars' contiguous row) or tile_rows_paged (`base` a vector: one 2-byte
+    load per row, since the tile's rows are not one contiguous run)."""
+    if BS < BLOCK_N:
+        row = tl.multiple_of(base + BS * OFF + tin * 2, 2)
+        return tl.load((ptr + row).to(tl.pointer_type(tl.float16)))
+    else:
+        return load_tile_scalars(ptr, base, start, OFF, BS, BLOCK_N, AL)
 
 
 @triton.jit
