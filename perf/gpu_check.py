@@ -6,7 +6,8 @@
    against the CPU reference on fresh random inputs, outputs poisoned first (the caching
    allocator hands the ops memory just filled with NaN / 0xFF); Llama-3-8B (32/8, D=128) and
    SmolLM2 (9/3, D=64) geometries, head dims 64/96/128/256, block sizes 16/32/64, ragged lengths
-   1/7/129/4097, fp16 and bf16, every preset format, the slow decoders (perturbed codebook);
+   1/7/129/4097, fp16 and bf16, every preset format, the slow decoders (perturbed codebook:
+   the fallback merge);
    torch.library.opcheck on CUDA samples of every op;
 2. compile and graphs, each in a fresh process: torch.compile(fullgraph=True,
    mode="reduce-overhead") of a decode step with a static cache (no graph break, no cudagraph
@@ -72,8 +73,9 @@ def cases() -> list[dict]:
     # steps of its widest width (tq_ops.ops.paged_decode_attention.merge_step)
     out.append(dict(name="d128 seed fp16 bs64 long (157 splits)", hq=8, hkv=2, d=128, fmt="seed",
                     dtype="fp16", bs=64, lens=[1, 7, 20000]))
-    out.append(dict(name="d128 seed perturbed codebook (slow decoders)", hq=8, hkv=2, d=128,
-                    fmt="seed", dtype="fp16", bs=16, lens=[7, 129, 700], perturb=True))
+    out.append(dict(name="d128 seed perturbed codebook (fallback merge, slow decoders)", hq=8,
+                    hkv=2, d=128, fmt="seed", dtype="fp16", bs=16, lens=[7, 129, 700],
+                    perturb=True))
     for d in (64, 96, 128, 256):
         out.append(dict(name=f"codec ops d{d}", codec_ops=True, d=d))
     out.append(dict(name="opcheck cuda", opcheck=True))
@@ -235,8 +237,8 @@ def run_attention_case(c: dict) -> dict:
             worst = float("inf")
             break
         worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
-    # builtin_codebooks=True: the fast instance alone, bit for bit the pair's output with the
-    # built-in codebooks; NaN everywhere (not a silent wrong answer) with others
+    # builtin_codebooks=True: the plain merge instead of the fallback one, bit for bit the same
+    # output with the built-in codebooks; NaN everywhere (not a silent wrong answer) with others
     declared = torch.ops.turboquant.paged_decode_attention(
         q.cuda(), cache_g, bt.cuda(), kv_lens.cuda(), pk.cuda(), pv.cuda(), ridx.cuda(),
         rl.cuda(), cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
@@ -245,7 +247,7 @@ def run_attention_case(c: dict) -> dict:
     if (codebooks.is_builtin(codec.key_centroids, d, kb)
             and codebooks.is_builtin(codec.value_centroids, d, vb)):
         res["declared_builtin_equal"] = bool(torch.equal(declared, got))
-    else:  # the perturbed case: the seed format, whose decoders are paired
+    else:  # the perturbed case: the seed format, whose fast decoders have baked tables
         # rows with compressed tokens to read are NaN (a row with none has nothing to decode)
         res["declared_builtin_nan"] = bool(torch.isnan(declared[kv_lens > 4]).all())
     res["decode_rel_err"] = worst
@@ -517,7 +519,8 @@ def run_recompile_check(c: dict) -> dict:
     from tq_ops.triton import prefill as KP
 
     kernels = dict(prep=KD.query_prep_kernel, split=KD.decode_split_kernel,
-                   merge=KD.decode_merge_kernel, prefill=KP.prefill_kernel,
+                   merge=KD.decode_merge_kernel, merge_fallback=KD.decode_merge_fallback_kernel,
+                   prefill=KP.prefill_kernel,
                    encode=KE.encode_kernel, encode_pair=KE.encode_pair_kernel,
                    dequantize=KQ.dequantize_pages_kernel)
     dev = torch.cuda.current_device()
@@ -839,8 +842,8 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
                 C.keep_busy(case.run, sustain_s)
             ms = C.gpu_ms(case.run)
             clock = C.sm_clock()
-            # the op as the vLLM backend calls it: built-in codebooks declared, so the split
-            # instance for other codebooks is not launched (timed right after the default)
+            # the op as the vLLM backend calls it: built-in codebooks declared, so the merge
+            # skips its codebook check (timed right after the default)
             declared_ms = C.gpu_ms(lambda: torch.ops.turboquant.paged_decode_attention(
                 *case.args, True))
             del case.run

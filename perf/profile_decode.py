@@ -3,8 +3,9 @@
     ncu --clock-control none --kernel-name regex:decode_split --launch-skip 2 --launch-count 2 \
         --section SpeedOfLight --section WarpStateStats ... python perf/profile_decode.py 8 32768 [page [raw tokens]]
 
-Each op call launches the query prep, the fast and the slow instance of the split kernel (one of
-them returns at once) and the merge; the first call compiles.  perf/NOTES.md has the readings.
+Each op call launches the query prep, the split kernel and the merge (the fallback merge, with
+its codebook check, since the op's default does not declare the built-in codebooks); the first
+call compiles.  perf/NOTES.md has the readings.
 """
 from __future__ import annotations
 

@@ -158,6 +158,23 @@ def _child() -> dict:
         ref = R.paged_decode_attention(*dargs)
         out[f"decode/{fid}"] = dict(err=float((got - ref).abs().max()),
                                     scale=float(ref.abs().max()))
+        # the fallback merge (the op's path on CUDA when the caller does not declare the
+        # built-in codebooks), for formats with baked tables: with the true tables it merges
+        # the split partials; with a wrong one it attends the compressed tokens itself.  With
+        # `poison` the split partials of compressed tokens are NaN before the merge, so each
+        # case shows which of the two it did
+        tabs = baked_tables(f)
+        if tabs:
+            k0, k1, v0, v1 = tabs
+            for name, tables, poison in (
+                    ("match", tabs, False),
+                    ("match-poisoned", tabs, True),
+                    ("key-mismatch-poisoned", (k0 ^ 1, k1, v0, v1), True),
+                    ("value-mismatch-poisoned", (k0, k1, v0 ^ 1, v1), True)):
+                got = decode_with_fallback(dargs, tables, poison)
+                out[f"decode-fallback/{fid}/{name}"] = dict(
+                    err=float((got - ref).abs().max()), scale=float(ref.abs().max()),
+                    nan_rows=int(got.isnan().any(-1).any(-1).sum()), rows=b)
         # -- paged prefill attention
         chunk, pref, rawl = [5, 1, 19], [lens[0], 0, lens[2]], [3, 0, 2]
         tt = sum(chunk)
@@ -364,6 +381,33 @@ def _child() -> dict:
     return out
 
 
+def decode_with_fallback(dargs: tuple, tables: tuple, poison: bool):
+    """paged_decode_attention's launch with the fallback merge checking `tables`; with
+    `poison`, the split launch's compressed partials (every slot but the raw pool's) are set to
+    NaN after it ran."""
+    import importlib
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")  # the module, not the op
+    split = P.decode_split_kernel
+
+    class Poisoned:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                split[grid](*args, **kwargs)
+                o_part, m_part, l_part, ns = args[9], args[10], args[11], args[15]
+                rows = grid[0]
+                for t in (o_part, m_part, l_part):
+                    t.view(rows, ns + 1, -1)[:, :ns] = float("nan")
+            return run
+
+    if poison:
+        P.decode_split_kernel = Poisoned()
+    try:
+        return P.launch(*dargs, raw=True, fallback_tables=tables)
+    finally:
+        P.decode_split_kernel = split
+
+
 def prep_planes_check(d: int, rows: int = 5, rb: int | None = None) -> dict:
     """query_prep_kernel with PLANES on random queries, rb rows per program (default the op's
     PREP_ROWS); then for random 2-bit codes and sign bits per coordinate, the plane products
@@ -478,6 +522,41 @@ def test_record_kernels(report, fmt):
 def test_decode_kernel(report, fmt):
     r = report[f"decode/{_fmt_id(fmt)}"]
     assert r["err"] <= ATT_RTOL * r["scale"], r
+
+
+def baked_tables(fmt) -> tuple | None:
+    """(KT0, KT1, VT0, VT1) of the fast decoders' baked codebooks, or None where a format has
+    none (those take the portable decoders on GPUs too)."""
+    from tq_ops.triton.unpack import asm_tables
+
+    kb, _, vb, d, _, _ = fmt
+    kt, vt = asm_tables(d, kb), asm_tables(d, vb)
+    if kt[0] and vt[0] and (kt[1] or kt[2]) and (vt[1] or vt[2]):
+        return kt[1], kt[2], vt[1], vt[2]
+    return None
+
+
+FALLBACK_FORMATS = [f for f in FORMATS if baked_tables(f)]
+assert FALLBACK_FORMATS
+
+
+@pytest.mark.parametrize("fmt", FALLBACK_FORMATS, ids=_fmt_id)
+def test_decode_fallback_merge(report, fmt):
+    """decode_merge_fallback_kernel: the merge of the split partials when the codebooks match
+    its tables (poisoned partials then poison the output), the compressed tokens attended by
+    itself when either table differs (poisoned partials unused)."""
+    fid = _fmt_id(fmt)
+    cases = {k.rsplit("/", 1)[1]: v for k, v in report.items()
+             if k.startswith(f"decode-fallback/{fid}/")}
+    assert set(cases) == {"match", "match-poisoned", "key-mismatch-poisoned",
+                          "value-mismatch-poisoned"}, cases
+    assert cases["match"]["nan_rows"] == 0 and \
+        cases["match"]["err"] <= ATT_RTOL * cases["match"]["scale"], cases
+    # every sequence's split slots were poisoned, the empty ones' too
+    assert cases["match-poisoned"]["nan_rows"] == cases["match-poisoned"]["rows"] > 0, cases
+    for name in ("key-mismatch-poisoned", "value-mismatch-poisoned"):
+        r = cases[name]
+        assert r["nan_rows"] == 0 and r["err"] <= ATT_RTOL * r["scale"], (name, r)
 
 
 @pytest.mark.parametrize("case", ["d64-h3", "d96-h2"])

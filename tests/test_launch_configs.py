@@ -161,6 +161,8 @@ def _kernels():
         "decode_split_kernel": (decode.decode_split_kernel, ["kv_start", "num_splits"],
                                 ["bt_ptr", "kv_lens_ptr", "raw_idx_ptr", "raw_lens_ptr"]),
         "decode_merge_kernel": (decode.decode_merge_kernel, ["num_splits"], []),
+        "decode_merge_fallback_kernel": (decode.decode_merge_fallback_kernel,
+                                         ["kv_start", "num_splits"], ["bt_ptr", "kv_lens_ptr"]),
         "prefill_kernel": (prefill.prefill_kernel, ["kv_start", "n_seqs"],
                            ["cu_ptr", "bt_ptr", "prefix_ptr", "raw_idx_ptr", "raw_lens_ptr"]),
         "encode_kernel": (encode.encode_kernel, ["n_rows"], ["slot_ptr"]),

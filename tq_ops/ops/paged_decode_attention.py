@@ -13,7 +13,8 @@ from torch.library import triton_op, wrap_triton
 from tq_ops import _checks, codebooks, layout, reference
 from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
-from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config, decode_merge_kernel,
+from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config,
+                                  decode_merge_fallback_kernel, decode_merge_kernel,
                                   decode_split_kernel, num_splits, page_tile, query_prep_kernel)
 from tq_ops.triton.launch import arch, register_cap, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width, symmetric_table
@@ -54,14 +55,19 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
            projection: Tensor, key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
            qjl: bool, value_bits: int, scale: float, kv_start: int, raw: bool = False,
            builtin_codebooks: bool = False, config: DecodeConfig | None = None,
-           splits: int | None = None) -> Tensor:
+           splits: int | None = None, fallback_tables: tuple[int, ...] | None = None) -> Tensor:
     """The Triton body: prep, split and merge launches (tq_ops.triton.decode).
 
     raw=True launches the bare @triton.jit kernels instead of wrap_triton ones: the interpreter
     tests run this on CPU tensors under TRITON_INTERPRET=1.  config / splits replace the table's
     launch config and split count (perf/tune_decode.py and perf/tune_splits.py explore them;
     the op never passes them).
-    builtin_codebooks: the op's argument; with the fast decoders it drops the slow instance.
+    builtin_codebooks: the op's argument; with the fast decoders it swaps the fallback merge
+    (a codebook check) for the plain one.
+    fallback_tables: (KT0, KT1, VT0, VT1), for the interpreter tests: the fallback merge runs
+    after the split kernel's portable decoders, checking the codebooks against these table
+    words (asm_tables) instead of the baked ones; words that do not match make it attend the
+    compressed tokens itself.
     """
     b, hq, d = query.shape
     # these become tl.constexpr values: concrete ints (a guard under dynamic shapes)
@@ -105,26 +111,45 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         q, rotation, projection, qr, u, qp, qo, b * hq, scale * LOG2E, qjl_scale(d),
         D=d, DP=dp, RB=rb, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
         KT0=consts["KT0"], KT1=consts["KT1"], num_warps=PREP_WARPS)
-    # with the asm decoders, a fast and a slow instance, each doing the work or not depending on
-    # the codebooks (decode_split_kernel), or the fast one alone for declared built-in
-    # codebooks; without, the slow instance alone
+    # the asm decoders (use_fast) do nothing for codebooks other than their baked ones; then
+    # the fallback merge attends the compressed tokens, unless the caller declared the built-in
+    # codebooks (decode_split_kernel, decode_merge_fallback_kernel).  Off CUDA the decoders
+    # that read any codebook run in the split programs.  One program past the splits per row
+    # attends the raw pool.
     alone = use_fast and builtin_codebooks
-    for fast in ((True,) if alone else (True, False)) if use_fast else (False,):
-        # the fast (or only) instance has one program past the splits per row: the raw pool
-        grid = (b * hkv, 1) if use_fast and not fast else (b * hkv, ns + 1)
-        split[grid](
-            qr, u, qp, qo, cache, block_table, kv_lens, key_centroids, value_centroids, o_part,
-            m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns,
-            q, rk, rv, raw_index, raw_lens, scale * LOG2E,
-            rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-            FAST=fast, KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
+    split[(b * hkv, ns + 1)](
+        qr, u, qp, qo, cache, block_table, kv_lens, key_centroids, value_centroids, o_part,
+        m_part, l_part, kv_start, block_table.stride(0), cache.stride(0), ns,
+        q, rk, rv, raw_index, raw_lens, scale * LOG2E,
+        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+        FAST=use_fast, KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
     step = merge_step(ns)
-    merge[(b * hq,)](
-        o_part, m_part, l_part, rotation, out, ns,
-        HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
-        PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP, num_warps=MERGE_WARPS)
+    merge_consts = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
+                        PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP)
+    if (use_fast and not alone) or fallback_tables is not None:
+        fallback = decode_merge_fallback_kernel if raw else wrap_triton(
+            decode_merge_fallback_kernel)
+        fconsts = fallback_constants(consts)
+        if fallback_tables is not None:
+            fconsts.update(zip(("KT0", "KT1", "VT0", "VT1"), fallback_tables))
+        fallback[(b * hq,)](
+            o_part, m_part, l_part, rotation, out, ns, qr, u, cache, block_table, kv_lens,
+            key_centroids, value_centroids, kv_start, block_table.stride(0), cache.stride(0),
+            num_warps=MERGE_WARPS, **merge_consts, **fconsts)
+    else:
+        merge[(b * hq,)](o_part, m_part, l_part, rotation, out, ns, num_warps=MERGE_WARPS,
+                         **merge_consts)
     return out
+
+
+def fallback_constants(split_consts: dict) -> dict:
+    """decode_merge_fallback_kernel's constexprs beyond the merge's: the split kernel's layout
+    and table constants (split_constants) that its slow decoders use."""
+    keep = ("DG", "BS", "BLOCK_N", "KB", "QJL", "VB", "OFF_KC", "OFF_KS", "OFF_KN", "OFF_KG",
+            "OFF_VC", "OFF_VN", "SLOT", "AL_K", "AL_S", "AL_V", "AL_N", "KT0", "KT1", "VT0",
+            "VT1")
+    return {k: split_consts[k] for k in keep}
 
 
 def merge_step(num_splits: int) -> int:
@@ -209,8 +234,8 @@ def paged_decode_attention(query: Tensor, cache: Tensor, block_table: Tensor, kv
         kv_start: first page position attended (e.g. the sink count when sinks are kept raw).
         builtin_codebooks: the caller declares that key_centroids and value_centroids are
             tq_ops.codebooks.centroids(D, bits), as TQCodec.build makes them (the vLLM backend
-            checks its codec once and declares it).  On CUDA the launch then skips the kernel
-            instance that serves other codebooks (one launch fewer per call).  There a false
+            checks its codec once and declares it).  On CUDA the merge launch then skips its
+            codebook check and the fallback that serves other codebooks.  There a false
             declaration cannot be checked without a host sync: the outputs of sequences with
             compressed tokens are NaN, unless the codebooks round to the built-in ones in fp16
             (what the fast decoders use either way).  Off CUDA it is checked, and a false one

@@ -13,16 +13,15 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    cores, and the values are accumulated in the rotated domain with dot(P^T, values_r).
    Nothing dequantized is written to memory.  Each writes a partial (max, sum, accumulator).
    Program (b, h, NUM_SPLITS) attends the exact raw-pool tokens instead (raw_partial, original
-   domain), a short program that runs beside the splits.  On CUDA the kernel is launched
-   twice, a fast instance (inline-asm decoders with baked codebooks) and a slow one (decoders
-   that read any codebook, one program per (b, h), no raw-pool program); each program checks
-   the codebooks and one of the two returns at once (decode_split_kernel says why they are
-   separate kernels).  A caller that declares the built-in codebooks gets the fast instance
-   alone.
+   domain), a short program that runs beside the splits.  On CUDA the decoders are inline asm
+   with the built-in codebooks baked in; a program whose codebooks differ does nothing.
 3. `decode_merge_kernel`, grid (B*Hq,), one program per query row: log-sum-exp merges the
    compressed partials of its KV head, un-rotates them once (Pi^T times a vector), adds the
    raw-pool partial and divides by the softmax sum.  (The raw tokens were attended here until
-   session 12; the merge's dependent chain was twice as long for it.)
+   session 12; the merge's dependent chain was twice as long for it.)  Unless the caller
+   declared the built-in codebooks, `decode_merge_fallback_kernel` takes its place on CUDA:
+   the same merge after a codebook check, with the compressed tokens attended by decoders
+   that read any codebook when the check fails.
 
 NUM_SPLITS (a run-time argument) is a function of (batch, kv heads, block-table width, tile, SM
 count) only: at most one whole wave of resident programs, in equal shares of tiles (num_splits).
@@ -463,47 +462,32 @@ def decode_split_kernel(
     or, for split == num_splits (a program past the last split), the raw-pool partial of that
     (sequence, KV head) (raw_partial).
 
-    FAST selects the decoders (tq_ops.triton.unpack).  With PAIRED, two instances are launched
-    and each program of the pair checks the codebooks: the fast instance does the work when
-    they equal its baked tables, the slow one otherwise.  (One kernel holding both paths is sized
-    for the heavier: its fast loop ran at 255 registers, 8 one-warp programs per SM; alone it
-    needs 168.)  Without PAIRED the slow path always runs (off CUDA).  ALONE (with PAIRED and
-    FAST): no slow instance is launched, the caller having declared the built-in codebooks; a
-    program that finds other codebooks writes a NaN partial rather than leave it unwritten.
-    The raw-pool programs need no codebook: the slow instance (one program per row) has none,
-    and the fast one's do the raw tokens whatever the codebooks."""
+    FAST selects the decoders (tq_ops.triton.unpack).  With PAIRED (on CUDA, FAST) each program
+    first checks that the codebooks equal its baked tables and does nothing otherwise: then
+    decode_merge_fallback_kernel attends the compressed tokens with the decoders that read any
+    codebook.  (Those decoders are a kernel of their own because a kernel holding both paths is
+    sized for the heavier: its fast loop ran at 255 registers, 8 one-warp programs per SM; alone
+    it needs 168.)  Without PAIRED, or with FAST off, the decoders that read any codebook run
+    here (off CUDA; perf/sass_report.py --slow).  ALONE (with PAIRED): the caller declared the
+    built-in codebooks and the plain merge follows, so a program that finds other codebooks
+    writes a NaN partial rather than leave it unwritten.  The raw-pool programs need no
+    codebook and run whatever the codebooks."""
     if tl.program_id(1) == num_splits:
         raw_partial(q_ptr, raw_k_ptr, raw_v_ptr, raw_idx_ptr, raw_lens_ptr, q_scale, rk_s0,
                     rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, o_ptr, m_ptr, l_ptr, tl.program_id(0),
                     num_splits, HKV, G, GP, D, DP, RAW_N, RAW_DC)
     else:
-        if PAIRED:
-            matches = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
-            if FAST:
-                run = matches
-            else:
-                run = matches == 0
+        if PAIRED and FAST:
+            run = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
         else:
             run = True
         if run:
-            if PAIRED and not FAST:
-                # one program per (sequence, KV head) walks all the splits: while the fast instance
-                # does the work (always, with the built-in codebooks) this instance then costs ~64
-                # empty programs, not one per split
-                for split in tl.range(0, num_splits):
-                    split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
-                                  kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                                  page_stride, num_splits, tl.program_id(0), split, HKV, G, GP, D,
-                                  DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
-                                  OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST, KEY_PLANES,
-                                  VALUE_WORDS, KT0, KT1, VT0, VT1)
-            else:
-                split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
-                              kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
-                              page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
-                              GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
-                              OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
-                              KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
+            split_partial(qr_ptr, u_ptr, qp_ptr, qo_ptr, cache_ptr, bt_ptr, kv_lens_ptr,
+                          kc_ptr, vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride,
+                          page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
+                          GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
+                          OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
+                          KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
         else:
             if ALONE:
                 nan_partial(o_ptr, m_ptr, l_ptr, tl.program_id(0), tl.program_id(1), num_splits,
@@ -621,21 +605,32 @@ def split_partial(
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, KEY_PLANES: tl.constexpr, VALUE_WORDS: tl.constexpr,
-        KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
-    """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h."""
+        KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr,
+        WHOLE: tl.constexpr = False, col=0):
+    """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h.
+    WHOLE (the merge's fallback): the one range 0..kv_len-1 into slot `split`, only query
+    column `col` stored (the G programs of the KV head each store their own)."""
     b = bh // HKV
     h = bh % HKV
     g = tl.arange(0, GP)
     gmask = g < G
+    if WHOLE:
+        smask = g == col
+    else:
+        smask = gmask
     qrow = b * (HKV * G) + h * G + g
     part = bh * (num_splits + 1) + split
     orow = part * GP + g
     kv_len = tl.load(kv_lens_ptr + b)
     # splits cover positions 0..kv_len-1 in whole tiles (a tile is inside one page or holds
     # whole pages); positions below kv_start are masked
-    per = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * per
-    hi = tl.minimum(lo + per, kv_len)
+    if WHOLE:
+        lo = kv_len * 0
+        hi = kv_len
+    else:
+        per = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per
+        hi = tl.minimum(lo + per, kv_len)
     PLANES: tl.constexpr = FAST and KEY_PLANES and KB == 2 and planes_apply(KT0, KT1)
     WORDS: tl.constexpr = FAST and VALUE_WORDS and VB == 3 and (VT0 != 0 or VT1 != 0)
     if PLANES:
@@ -669,9 +664,9 @@ def split_partial(
     m = tl.arange(0, DG)
     for r in tl.static_range(8):
         tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],
-                 mask=gmask[None, :] & (8 * m + r < D)[:, None])
-    tl.store(m_ptr + orow, m_i, mask=gmask)
-    tl.store(l_ptr + orow, l_i, mask=gmask)
+                 mask=smask[None, :] & (8 * m + r < D)[:, None])
+    tl.store(m_ptr + orow, m_i, mask=smask)
+    tl.store(l_ptr + orow, l_i, mask=smask)
 
 
 @triton.jit(do_not_specialize=['num_splits'])
@@ -694,6 +689,59 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     partials per step, Pi (128 registers per thread at D = 128, 4 warps) held across the loop
     spilled (offline sm_90: 255 registers and 128 bytes of spills, against 168 and none)."""
     pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi
+    merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, num_splits, pid, HKV, G, GP, D,
+              DP, JB, SC, PI_FIRST)
+
+
+@triton.jit(do_not_specialize=['kv_start', 'num_splits'],
+            do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr'])
+def decode_merge_fallback_kernel(
+        o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
+        qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, kv_start, bt_stride,
+        page_stride,
+        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr, PI_FIRST: tl.constexpr,
+        DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+        KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
+        OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
+        OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
+        AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
+        KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
+    """decode_merge_kernel for a caller that did not declare the built-in codebooks: the split
+    launch then ran the fast decoders alone, whose programs do nothing when the codebooks are
+    not the ones baked into them.  Each program checks the codebooks; on a mismatch it attends
+    its KV head's whole compressed range with the decoders that read any codebook (every G
+    program of the KV head computes the G columns and stores its own, in split slot 0) and
+    merges that one partial with the raw-pool one.
+
+    The check used to be a second split instance (one program per (sequence, KV head) returning
+    at once with the built-in codebooks), a launch of its own: ~1.2 us per call on an H200
+    ((1, 4k): 0.0167 against 0.0155 ms declared, perf/NOTES.md, session 20).  Here it is a few
+    loads beside the merge's own.  The fallback is slow (one program walks a whole sequence)
+    but only other codebooks take it."""
+    pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi
+    matches = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
+    n_used = num_splits
+    if matches == 0:
+        bh = (pid // (HKV * G)) * HKV + (pid % (HKV * G)) // G
+        split_partial(qr_ptr, u_ptr, qr_ptr, qr_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr,
+                      vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
+                      bh, 0, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS,
+                      OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, False, False,
+                      False, KT0, KT1, VT0, VT1, True, pid % G)
+        # the stores above are read back by other threads of this program
+        tl.debug_barrier()
+        n_used = num_splits * 0 + 1
+    merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid, HKV, G, GP, D,
+              DP, JB, SC, PI_FIRST)
+
+
+@triton.jit
+def merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid,
+              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+              DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr, PI_FIRST: tl.constexpr):
+    """decode_merge_kernel's body for query row pid, over compressed partial slots
+    0 .. n_used-1 of a layout of num_splits + 1 slots per (sequence, KV head)."""
     b = pid // (HKV * G)
     h = (pid % (HKV * G)) // G
     gi = pid % G
@@ -713,8 +761,8 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     m_c = tl.full([1], NEG_BIG, tl.float32)
     l_c = tl.zeros([1], tl.float32)
     acc = tl.zeros([DP], tl.float32)
-    for s0 in tl.range(0, num_splits, SC):
-        sm = (s0 + sc) < num_splits
+    for s0 in tl.range(0, n_used, SC):
+        sm = (s0 + sc) < n_used
         part = (base + s0 + sc) * GP + gi
         mv = tl.load(m_ptr + part, mask=sm, other=NEG_BIG)
         lv = tl.load(l_ptr + part, mask=sm, other=0.0)
