@@ -9,11 +9,13 @@ machine and carried to the GPU machine as untracked files, as for perf/vllm_ab.p
 Then on the GPU machine:
 
     PYTHONPATH=. python perf/ab_decode.py . perf/scratch/old [--rounds 2] [--pages 64,16]
+        [--default-args]
 
 Each round times every build in its own process (its own code first on sys.path), the order
 reversed every other round, so that the card's drift shows in the spread between rounds.  A
 process times torch SDPA (flash, fp16 K/V) once per shape and the op as the vLLM backend calls it
-(built-in codebooks declared) at the issue's decode shapes and the given page sizes, CUDA-graph
+(built-in codebooks declared; with --default-args, with the op's defaults, as gpu_check's "ours"
+column) at the issue's decode shapes and the given page sizes, CUDA-graph
 replays (common.gpu_ms), and hashes each output.  Prints, last, the medians per build, the
 ratio of each build to the first, the speedup against SDPA, and whether every build and round
 gave the same output bytes (they do where the two builds launch the same arithmetic; a changed
@@ -39,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (32, 16384), (64, 8192)]
 
 
-def time_build(build: str, pages: list[int]) -> dict:
+def time_build(build: str, pages: list[int], declared: bool = True) -> dict:
     """Run in the child: time the op of `build` (its tq_ops and perf first on sys.path)."""
     sys.path[:0] = [build, os.path.join(build, "perf")]
     import torch
@@ -57,7 +59,9 @@ def time_build(build: str, pages: list[int]) -> dict:
             case = C.decode_case(batch, ctx, block_size=page)
 
             def run():
-                return torch.ops.turboquant.paged_decode_attention(*case.args, True)
+                if declared:
+                    return torch.ops.turboquant.paged_decode_attention(*case.args, True)
+                return torch.ops.turboquant.paged_decode_attention(*case.args)
 
             o = run()
             torch.cuda.synchronize()
@@ -98,18 +102,22 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pages", default="64,16")
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--default-args", action="store_true",
+                    help="time the op with its defaults (builtin_codebooks=False)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     pages = [int(p) for p in a.pages.split(",")]
     if a.child:
-        print("RESULT " + json.dumps(time_build(a.builds[0], pages)), flush=True)
+        print("RESULT " + json.dumps(time_build(a.builds[0], pages, not a.default_args)),
+              flush=True)
         return 0
     builds = [os.path.abspath(b) for b in a.builds]
     results: dict[str, list[dict]] = {b: [] for b in builds}
     for rnd in range(a.rounds):
         for build in builds if rnd % 2 == 0 else builds[::-1]:
             p = subprocess.run([sys.executable, os.path.abspath(__file__), build, "--child",
-                                "--pages", a.pages], capture_output=True, text=True, cwd=build)
+                                "--pages", a.pages] + (["--default-args"] if a.default_args else []),
+                               capture_output=True, text=True, cwd=build)
             got = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode != 0 or not got:
                 print(f"{build} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
@@ -120,8 +128,10 @@ def main() -> int:
                 with open(os.path.join(a.out, "ab_decode.json"), "w") as f:
                     json.dump(results, f, indent=1)
     print()
-    print("ms: median over rounds of CUDA-graph replays; vs first: a build's median over the "
-          "first build's; speedup: SDPA flash on fp16 K/V over the build")
+    print("ms: median over rounds of CUDA-graph replays of the op "
+          + ("with its default arguments" if a.default_args else "with built-in codebooks declared")
+          + "; vs first: a build's median over the first build's; speedup: SDPA flash on fp16 "
+          "K/V over the build")
     for line in summary(builds, results):
         print(line)
     return 0
