@@ -724,16 +724,35 @@ def decode_merge_fallback_kernel(
     n_used = num_splits
     if matches == 0:
         bh = (pid // (HKV * G)) * HKV + (pid % (HKV * G)) // G
-        split_partial(qr_ptr, u_ptr, qr_ptr, qr_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr,
-                      vc_ptr, o_ptr, m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
-                      bh, 0, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS,
-                      OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, False, False,
-                      False, KT0, KT1, VT0, VT1, True, pid % G)
+        _whole_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
+                       m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, pid % G,
+                       HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
+                       OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, KT0, KT1, VT0, VT1)
         # the stores above are read back by other threads of this program
         tl.debug_barrier()
         n_used = num_splits * 0 + 1
     merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid, HKV, G, GP, D,
               DP, JB, SC, PI_FIRST)
+
+
+@triton.jit(noinline=True)
+def _whole_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr, m_ptr,
+                   l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, col,
+                   HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   DP: tl.constexpr, DG: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   KB: tl.constexpr, QJL: tl.constexpr, VB: tl.constexpr,
+                   OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
+                   OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
+                   SLOT: tl.constexpr, AL_K: tl.constexpr, AL_S: tl.constexpr,
+                   AL_V: tl.constexpr, AL_N: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
+                   VT0: tl.constexpr, VT1: tl.constexpr):
+    """The fallback merge's partial (split_partial with WHOLE, the portable decoders), as a
+    call of its own."""
+    split_partial(qr_ptr, u_ptr, qr_ptr, qr_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr,
+                  o_ptr, m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, 0, HKV,
+                  G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
+                  OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, False, False, False, KT0, KT1,
+                  VT0, VT1, True, col)
 
 
 @triton.jit
