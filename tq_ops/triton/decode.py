@@ -747,7 +747,10 @@ def _whole_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr
                    AL_V: tl.constexpr, AL_N: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
                    VT0: tl.constexpr, VT1: tl.constexpr):
     """The fallback merge's partial (split_partial with WHOLE, the portable decoders), as a
-    call of its own."""
+    call of its own: inlined, its code (the multi-page tiles at small pages) shaped the merge's
+    registers, and the fallback merge ran 0.6 us slower than the plain one at page 16 with the
+    built-in codebooks (H200, 3.82 against 3.24 us); as a call, within 0.1 us at pages 16
+    and 64 (perf/NOTES.md, session 21)."""
     split_partial(qr_ptr, u_ptr, qr_ptr, qr_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr,
                   o_ptr, m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, 0, HKV,
                   G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
