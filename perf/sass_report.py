@@ -221,7 +221,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, help="default: 1 (split), 4 (encode)")
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--maxnreg", type=int, default=0)
-    ap.add_argument("--slow", action="store_true", help="the slow (any-codebook) instance")
+    ap.add_argument("--slow", action="store_true", help="the portable (any-codebook) decoders in a split program")
     ap.add_argument("--table-keys", action="store_true",
                     help="split: the PRMT-table key decoders instead of the bit planes")
     ap.add_argument("--decoded", action="store_true",
