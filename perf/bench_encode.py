@@ -16,12 +16,24 @@ from conftest import graph_of  # noqa: E402
 REPLAYS = 10
 
 
-@pytest.mark.parametrize("tokens", [4096, common.ENCODE_TOKENS], ids=lambda t: f"tok{t}")
-def test_encode_write_cache(benchmark, timed_rounds, tokens, copy_bw):
-    run, nbytes = common.encode_case(tokens)
+def _encode(benchmark, timed_rounds, tokens, copy_bw, declared):
+    run, nbytes = common.encode_case(tokens, declared=declared)
     g = graph_of(run, REPLAYS)
     timed_rounds(g)
     per_call = benchmark.stats.stats.median / REPLAYS
     benchmark.extra_info.update(
         bytes=nbytes, tbps=nbytes / per_call * 1e-12, pct_copy=nbytes / per_call / copy_bw * 100,
-        ms_per_call=per_call * 1e3, replays_per_round=REPLAYS, format="seed")
+        ms_per_call=per_call * 1e3, replays_per_round=REPLAYS, format="seed",
+        exact16_matrices=declared)
+
+
+@pytest.mark.parametrize("tokens", [4096, common.ENCODE_TOKENS], ids=lambda t: f"tok{t}")
+def test_encode_write_cache(benchmark, timed_rounds, tokens, copy_bw):
+    """The op with its default arguments."""
+    _encode(benchmark, timed_rounds, tokens, copy_bw, declared=False)
+
+
+@pytest.mark.parametrize("tokens", [4096, common.ENCODE_TOKENS], ids=lambda t: f"tok{t}")
+def test_encode_write_cache_declared(benchmark, timed_rounds, tokens, copy_bw):
+    """exact16_matrices=True, as the vLLM backend calls it."""
+    _encode(benchmark, timed_rounds, tokens, copy_bw, declared=True)

@@ -191,9 +191,11 @@ def sdpa_case(batch: int, ctx: int, seed: int = 0) -> tuple[Callable[[], torch.T
         return grouped, "sdpa flash, GQA group as query positions"
 
 
-def encode_case(tokens: int = ENCODE_TOKENS, fmt: str = "seed",
-                seed: int = 0) -> tuple[Callable[[], None], int]:
-    """write_cache of `tokens` tokens x 8 KV heads of fp16 K and V; returns (run, input bytes)."""
+def encode_case(tokens: int = ENCODE_TOKENS, fmt: str = "seed", seed: int = 0,
+                declared: bool = False) -> tuple[Callable[[], None], int]:
+    """write_cache of `tokens` tokens x 8 KV heads of fp16 K and V; returns (run, input bytes).
+    declared: the op with exact16_matrices=True, as the vLLM backend calls it for TQCodec's
+    matrices (the default is the op's default, False)."""
     cfg = preset(fmt, head_dim=HEAD_DIM)
     codec = TQCodec.build(cfg, "cuda")
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -207,7 +209,7 @@ def encode_case(tokens: int = ENCODE_TOKENS, fmt: str = "seed",
     def run():
         torch.ops.turboquant.write_cache(k, v, cache, slots, codec.rotation, codec.qjl_projection,
                                          codec.key_centroids, codec.value_centroids,
-                                         cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+                                         cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits, declared)
 
     return run, 2 * k.numel() * k.element_size()
 

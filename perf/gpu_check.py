@@ -132,6 +132,9 @@ def _codes_check(cache_gpu, cache_ref, block_ids, positions, k, v, codec, cfg, b
 def run_attention_case(c: dict) -> dict:
     from tq_ops import TQCodec, preset
     from tq_ops import reference as R
+    from tq_ops.codec import exact16_matrices
+    from tq_ops.ops.write_cache import triton_encode_supported
+    from tq_ops.triton.encode import LATENCY_ROWS
 
     torch.manual_seed(hash(c["name"]) % (1 << 31))
     dt = _dt(c["dtype"])
@@ -164,56 +167,73 @@ def run_attention_case(c: dict) -> dict:
     cache_ref = cache0.clone()
     R.write_cache(k_pad, v_pad, cache_ref, sl_pad, codec.rotation, codec.qjl_projection,
                   codec.key_centroids, codec.value_centroids, kb, qjl, vb)
-    cache_gpu = cache0.cuda()
-    torch.ops.turboquant.write_cache(k_pad.cuda(), v_pad.cuda(), cache_gpu, sl_pad.cuda(),
-                                     cg.rotation, cg.qjl_projection, cg.key_centroids,
-                                     cg.value_centroids, kb, qjl, vb)
-    cache_gpu = cache_gpu.cpu()
-    written = torch.zeros(nblocks * bs, dtype=torch.bool)
-    written[sl.long()] = True
-    per_slot = cache_gpu.permute(0, 2, 1).reshape(nblocks, bs * lay.slot_bytes, hkv)
-    untouched_ok = True
-    for blk in range(nblocks):
-        if not written[blk * bs:(blk + 1) * bs].any():
-            untouched_ok &= bool(torch.equal(cache_gpu[blk], cache0[blk]))
-    del per_slot
-    order = torch.argsort(sl.long())
-    res.update(_codes_check(cache_gpu, cache_ref, list(range(nblocks)), sl.long()[order].tolist(),
-                            k[order].float(), v[order].float(), codec, cfg, bs))
-    res["untouched_pages_equal"] = untouched_ok
-    ok = (res["key_code_worst_tie"] <= TIE and res["value_code_worst_tie"] <= TIE
-          and res["key_norm_ulps"] <= 1 and res["value_norm_ulps"] <= 1 and untouched_ok)
-    if qjl:
-        ok &= res["sign_worst_rel"] <= SIGN_TIE and res["gamma_ulps"] <= 1
-    # a decode-sized write (at most LATENCY_ROWS rows: one launch of encode_pair_kernel), the
-    # last tokens and the padding one, into a fresh copy of the poisoned cache
-    from tq_ops.triton.encode import LATENCY_ROWS
-
-    n_small = min(k_pad.shape[0], max(1, LATENCY_ROWS // hkv))
-    ks_, vs_, ss_ = k_pad[-n_small:], v_pad[-n_small:], sl_pad[-n_small:]
-    small_ref = cache0.clone()
-    R.write_cache(ks_, vs_, small_ref, ss_, codec.rotation, codec.qjl_projection,
-                  codec.key_centroids, codec.value_centroids, kb, qjl, vb)
-    small_gpu = cache0.cuda()
-    torch.ops.turboquant.write_cache(ks_.cuda(), vs_.cuda(), small_gpu, ss_.cuda(), cg.rotation,
-                                     cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
-                                     qjl, vb)
-    small_gpu = small_gpu.cpu()
-    keep = ss_ >= 0
-    sorder = torch.argsort(ss_[keep].long())
-    small = _codes_check(small_gpu, small_ref, list(range(nblocks)),
-                         ss_[keep].long()[sorder].tolist(), ks_[keep][sorder].float(),
-                         vs_[keep][sorder].float(), codec, cfg, bs)
-    small_written = torch.zeros(nblocks * bs, dtype=torch.bool)
-    small_written[ss_[keep].long()] = True
-    small_ok = all(torch.equal(small_gpu[blk], cache0[blk]) for blk in range(nblocks)
-                   if not small_written[blk * bs:(blk + 1) * bs].any())
-    small_ok &= (small["key_code_worst_tie"] <= TIE and small["value_code_worst_tie"] <= TIE
-                 and small["key_norm_ulps"] <= 1 and small["value_norm_ulps"] <= 1)
-    if qjl:
-        small_ok &= small["sign_worst_rel"] <= SIGN_TIE and small["gamma_ulps"] <= 1
-    res["small_write_rows"] = n_small * hkv
-    ok &= small_ok
+    # the op's default, then (where TQCodec's matrices qualify: power-of-two head dims) with
+    # exact16_matrices=True, as the vLLM backend calls it; the same reference bytes for both
+    ok = True
+    for declared in ([False, True] if exact16_matrices(codec.rotation, codec.qjl_projection)
+                     else [False]):
+        tag = "_exact16" if declared else ""
+        cache_gpu = cache0.cuda()
+        torch.ops.turboquant.write_cache(k_pad.cuda(), v_pad.cuda(), cache_gpu, sl_pad.cuda(),
+                                         cg.rotation, cg.qjl_projection, cg.key_centroids,
+                                         cg.value_centroids, kb, qjl, vb, declared)
+        cache_gpu = cache_gpu.cpu()
+        written = torch.zeros(nblocks * bs, dtype=torch.bool)
+        written[sl.long()] = True
+        untouched_ok = True
+        for blk in range(nblocks):
+            if not written[blk * bs:(blk + 1) * bs].any():
+                untouched_ok &= bool(torch.equal(cache_gpu[blk], cache0[blk]))
+        order = torch.argsort(sl.long())
+        bulk = _codes_check(cache_gpu, cache_ref, list(range(nblocks)), sl.long()[order].tolist(),
+                            k[order].float(), v[order].float(), codec, cfg, bs)
+        res.update({f"{name}{tag}": val for name, val in bulk.items()})
+        res[f"untouched_pages_equal{tag}"] = untouched_ok
+        ok &= (bulk["key_code_worst_tie"] <= TIE and bulk["value_code_worst_tie"] <= TIE
+               and bulk["key_norm_ulps"] <= 1 and bulk["value_norm_ulps"] <= 1 and untouched_ok)
+        if qjl:
+            ok &= bulk["sign_worst_rel"] <= SIGN_TIE and bulk["gamma_ulps"] <= 1
+        # a decode-sized write (at most LATENCY_ROWS rows: one launch of encode_pair_kernel), the
+        # last tokens and the padding one, into a fresh copy of the poisoned cache
+        n_small = min(k_pad.shape[0], max(1, LATENCY_ROWS // hkv))
+        ks_, vs_, ss_ = k_pad[-n_small:], v_pad[-n_small:], sl_pad[-n_small:]
+        small_ref = cache0.clone()
+        R.write_cache(ks_, vs_, small_ref, ss_, codec.rotation, codec.qjl_projection,
+                      codec.key_centroids, codec.value_centroids, kb, qjl, vb)
+        small_gpu = cache0.cuda()
+        torch.ops.turboquant.write_cache(ks_.cuda(), vs_.cuda(), small_gpu, ss_.cuda(), cg.rotation,
+                                         cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
+                                         qjl, vb, declared)
+        small_gpu = small_gpu.cpu()
+        keep = ss_ >= 0
+        sorder = torch.argsort(ss_[keep].long())
+        small = _codes_check(small_gpu, small_ref, list(range(nblocks)),
+                             ss_[keep].long()[sorder].tolist(), ks_[keep][sorder].float(),
+                             vs_[keep][sorder].float(), codec, cfg, bs)
+        small_written = torch.zeros(nblocks * bs, dtype=torch.bool)
+        small_written[ss_[keep].long()] = True
+        small_ok = all(torch.equal(small_gpu[blk], cache0[blk]) for blk in range(nblocks)
+                       if not small_written[blk * bs:(blk + 1) * bs].any())
+        small_ok &= (small["key_code_worst_tie"] <= TIE and small["value_code_worst_tie"] <= TIE
+                     and small["key_norm_ulps"] <= 1 and small["value_norm_ulps"] <= 1)
+        if qjl:
+            small_ok &= small["sign_worst_rel"] <= SIGN_TIE and small["gamma_ulps"] <= 1
+        res["small_write_rows"] = n_small * hkv
+        res[f"small_write_ok{tag}"] = bool(small_ok)
+        ok &= small_ok
+    if qjl and triton_encode_supported(d) and exact16_matrices(codec.rotation,
+                                                              codec.qjl_projection):
+        # a false declaration (a projection off the fp16 grid) must poison every written key's
+        # norm, not write codes of a matrix other than the one passed
+        false_gpu = cache0.cuda()
+        torch.ops.turboquant.write_cache(k_pad.cuda(), v_pad.cuda(), false_gpu, sl_pad.cuda(),
+                                         cg.rotation, cg.qjl_projection * (1 + 2 ** -12),
+                                         cg.key_centroids, cg.value_centroids, kb, qjl, vb, True)
+        fk, _ = R.gather_pages(false_gpu.cpu(), torch.arange(nblocks).reshape(1, -1), d, kb,
+                               qjl, vb)
+        norms = R.parse_key_records(fk[0, sl.long()], d, kb, qjl)[2]
+        res["false_declaration_norms_nan"] = bool(norms.isnan().all())
+        ok &= res["false_declaration_norms_nan"]
     res["write_ok"] = bool(ok)
     # decode: exact same cache contents for both (the reference's)
     cache_g = cache_ref.cuda()
@@ -875,15 +895,19 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
                      kernels=kernels))
     print("BENCH " + json.dumps(rows[-1]), flush=True)
     rows += prefill_benchmarks()
-    run, nbytes = C.encode_case()
-    ms = C.gpu_ms(run, rep=300)
-    rows.append(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS))
-    print("BENCH " + json.dumps(rows[-1]), flush=True)
-    # a decode step's write at batch 8: latency, not throughput
-    run, _ = C.encode_case(tokens=8)
-    ms = C.gpu_ms(run, rep=300)
-    rows.append(dict(kind="encode_small", ms=ms, tokens=8))
-    print("BENCH " + json.dumps(rows[-1]), flush=True)
+    # the op's default, then exact16_matrices=True (the vLLM backend's call)
+    for declared in (False, True):
+        run, nbytes = C.encode_case(declared=declared)
+        ms = C.gpu_ms(run, rep=300)
+        rows.append(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS,
+                         declared=declared))
+        print("BENCH " + json.dumps(rows[-1]), flush=True)
+        del run
+        # a decode step's write at batch 8: latency, not throughput
+        run, _ = C.encode_case(tokens=8, declared=declared)
+        ms = C.gpu_ms(run, rep=300)
+        rows.append(dict(kind="encode_small", ms=ms, tokens=8, declared=declared))
+        print("BENCH " + json.dumps(rows[-1]), flush=True)
     if out_dir:
         with open(os.path.join(out_dir, "bench.json"), "w") as f:
             json.dump(rows, f, indent=1)
@@ -915,6 +939,8 @@ def main() -> None:
         return
     t0 = time.time()
     env = dict(os.environ)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
     results = []
     if not a.skip_checks:
         # no more workers than cases: a worker that reports nothing counts as crashed
@@ -986,12 +1012,13 @@ def main() -> None:
                       f"{r['floor_ms']:>8.4f} {r['pct_copy']:>5.1f}% "
                       f"{r['sdpa_pct_copy']:>9.1f}% {mhz:>6} {sd_mhz:>8}")
         for r in rows:
+            how = "declared exact16_matrices" if r.get("declared") else "default args"
             if r["kind"] == "encode":
-                print(f"encode+write (seed, {r['tokens']} tokens x 8 heads, fp16 in): "
+                print(f"encode+write (seed, {r['tokens']} tokens x 8 heads, fp16 in, {how}): "
                       f"{r['ms']:.3f} ms, {r['tbps']:.2f} TB/s of fp16 input")
             elif r["kind"] == "encode_small":
-                print(f"encode+write of {r['tokens']} tokens x 8 heads (a decode step's write): "
-                      f"{r['ms'] * 1e3:.1f} us")
+                print(f"encode+write of {r['tokens']} tokens x 8 heads (a decode step's write, "
+                      f"{how}): {r['ms'] * 1e3:.1f} us")
             elif r["kind"] == "prefill":
                 cfgs = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} failed"
                                  for k, v in r["configs"].items())

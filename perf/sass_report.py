@@ -6,7 +6,7 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
         [--block-size 128] [--block-n 64] [--warps 1] [--stages 2] [--maxnreg N] [--slow]
         [--table-keys] [--smem-values]
     PYTHONPATH=. python perf/sass_report.py --kernel encode-keys|encode-values [--format seed]
-        [--rows 64] [--warps 4]
+        [--rows 64] [--warps 4] [--exact16]
     PYTHONPATH=. python perf/sass_report.py --kernel prep|merge [--format seed] [--head-dim 128]
         [--splits 24]
     PYTHONPATH=. python perf/sass_report.py --kernel prefill [--format seed] [--head-dim 128]
@@ -90,8 +90,10 @@ def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n:
                         num_stages=stages, maxnreg=maxnreg)
 
 
-def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, maxnreg: int):
-    """encode_kernel in cache-write mode for the key or value half of write_cache."""
+def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, maxnreg: int,
+                   exact16: bool = False):
+    """encode_kernel in cache-write mode for the key or value half of write_cache; `exact16`:
+    the variant for declared exact fp16 matrices (one MMA operand per matrix)."""
     from tq_ops.triton.encode import MODE_CACHE, encode_kernel
     from tq_ops.triton.unpack import group_width
 
@@ -106,7 +108,7 @@ def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, ma
                   OFF_C=lay.slot_offset(f"{pre}_codes"), OFF_N=lay.slot_offset(f"{pre}_norm"),
                   OFF_S=lay.slot_offset("k_signs") if qjl else 0,
                   OFF_G=lay.slot_offset("k_gamma") if qjl else 0,
-                  MODE=MODE_CACHE, NORM_F32=False, X_F32=False)
+                  MODE=MODE_CACHE, NORM_F32=False, X_F32=False, EXACT16=exact16)
     types = {"x_ptr": "*fp16", "out_ptr": "*u8", "slot_ptr": "*i32", "norm_ptr": "*u8"}
     return compile_sm90(encode_kernel, consts, types,
                         aligned=("x_st", "x_sh", "page_stride", "head_stride"),
@@ -231,6 +233,8 @@ def main() -> int:
     ap.add_argument("--smem-values", action="store_true",
                     help="split: the 3-bit value decoder whose fp16 result goes through shared "
                          "memory instead of the one over value words")
+    ap.add_argument("--exact16", action="store_true",
+                    help="encode: the variant for declared exact fp16 matrices")
     a = ap.parse_args()
     if a.kernel in ("prep", "merge"):
         import importlib
@@ -294,7 +298,7 @@ def main() -> int:
                           a.stages, a.maxnreg, not a.slow, not a.table_keys, not a.smem_values)
     else:
         k = compile_encode(a.format, a.head_dim, a.kernel.split("-")[1], a.rows, a.warps,
-                           a.maxnreg)
+                           a.maxnreg, a.exact16)
     for line in ptxas_summary(k.asm["ptx"]):
         print(line)
     print(f"shared memory: {k.metadata.shared} bytes")

@@ -64,6 +64,8 @@ def samples(op: str):
         elif op == "write_cache":
             c_, cache, _, _, slots, k, v, _, _ = _paged(fmt, d, hkv, dtype=dtype)
             out.append((k, v, cache, slots, rot, proj, kc, vc, kb, qjl, vb))
+            if d & (d - 1) == 0:   # TQCodec's matrices qualify: the vLLM backend's declaration
+                out.append((k, v, cache.clone(), slots, rot, proj, kc, vc, kb, qjl, vb, True))
         elif op == "paged_decode_attention":
             _, cache, table, lens, _, _, _, raw_k, raw_v = _paged(fmt, d, hkv, dtype=dtype)
             q = torch.randn(3, hq, d, generator=g).to(dtype)

@@ -138,6 +138,41 @@ def test_declared_builtin_codebooks():
         tq.paged_decode_attention(*other, True)
 
 
+def test_declared_exact16_matrices():
+    """exact16_matrices=True changes nothing with TQCodec's matrices (power-of-two head_dim) and
+    is refused off CUDA with others (on CUDA it cannot be checked without a sync:
+    perf/gpu_check.py and the interpreter tests check that the key norms are NaN there)."""
+    args = list(samples("write_cache")[0])     # head_dim 64, TQCodec's matrices
+    fresh = args[2].clone()
+    tq.write_cache(*args)
+    declared = list(args)
+    declared[2] = fresh.clone()
+    tq.write_cache(*declared, True)
+    assert torch.equal(declared[2], args[2])
+    off_grid = list(args)
+    off_grid[2] = fresh.clone()
+    off_grid[5] = args[5] * (1 + 2 ** -12)   # projection entries off the fp16 grid
+    tq.write_cache(*off_grid)                # undeclared: any matrix is served
+    with pytest.raises(TQInputError, match="exact16_matrices=True"):
+        tq.write_cache(*off_grid, True)
+
+
+def test_exact16_matrix_check():
+    from tq_ops.codec import exact16_matrices, qjl_matrix, rotation_matrix
+
+    for d in (16, 32, 64, 128, 256):
+        for seed in (0, 1, 12345):
+            rot, proj = rotation_matrix(d, seed), qjl_matrix(d, seed)
+            assert exact16_matrices(rot, proj), (d, seed)
+            assert not exact16_matrices(rot * (1 + 2 ** -18), proj), (d, seed)
+            assert not exact16_matrices(rot, proj * (1 + 2 ** -12)), (d, seed)
+    # a Haar rotation (head dims that are not powers of two) never qualifies
+    assert not exact16_matrices(rotation_matrix(96, 0), qjl_matrix(96, 0))
+    # integers above 2048 are not all fp16 values
+    big = torch.eye(4) * 4097 / 4 ** 1.5
+    assert not exact16_matrices(big, torch.zeros(4, 4))
+
+
 def test_builtin_codebook_check():
     from tq_ops import codebooks
 

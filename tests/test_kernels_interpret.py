@@ -44,6 +44,10 @@ FORMATS = [(2, True, 3, 64, 4, 16), (3, False, 3, 64, 3, 32), (4, False, 4, 96, 
 # the format whose bulk-write tile is checked (the seed format at head_dim 128, as on GPUs)
 BULK_FORMAT = FORMATS[4]
 
+# formats whose TQCodec matrices qualify for write_cache's exact16_matrices declaration
+# (power-of-two head dims; it changes the key encode of QJL formats only)
+EXACT16_FORMATS = [f for f in FORMATS if f[3] & (f[3] - 1) == 0 and f[1]]
+
 
 def _fmt_id(f):
     kb, qjl, vb, d, g, bs = f
@@ -57,6 +61,7 @@ def _child() -> dict:
 
     from tq_ops import TQCodec, preset
     from tq_ops import reference as R
+    from tq_ops.codec import exact16_matrices
     from tq_ops.triton.prefill import BLOCK_N as PREFILL_BLOCK_N
 
     torch.manual_seed(0)
@@ -75,9 +80,10 @@ def _child() -> dict:
         dist = (y_ref.unsqueeze(-1) - mids).abs().amin(-1)
         return float(dist[bad].max())
 
-    def write_check(c, kb, qjl, vb, d, bs, t, hkv=2):
+    def write_check(c, kb, qjl, vb, d, bs, t, hkv=2, exact16=False):
         """write_cache's kernel against the reference: t tokens into 6 pages of a poisoned cache,
-        shuffled slots, one token dropped (slot -1) and one all-zero key."""
+        shuffled slots, one token dropped (slot -1) and one all-zero key.  exact16: with the
+        op's exact16_matrices declaration."""
         lay = c.config.layout
         k = torch.randn(t, hkv, d, dtype=torch.float16)
         v = torch.randn(t, hkv, d, dtype=torch.bfloat16)
@@ -89,7 +95,7 @@ def _child() -> dict:
         c2 = c1.clone()
         args = (slots, c.rotation, c.qjl_projection, c.key_centroids, c.value_centroids, kb, qjl,
                 vb)
-        mod("write_cache").launch_write_cache(k, v, c1, *args, raw=True)
+        mod("write_cache").launch_write_cache(k, v, c1, *args, raw=True, exact16=exact16)
         R.write_cache(k, v, c2, *args)
         keys1, vals1 = R.gather_pages(c1, torch.arange(nb).reshape(1, nb), d, kb, qjl, vb)
         keys2, vals2 = R.gather_pages(c2, torch.arange(nb).reshape(1, nb), d, kb, qjl, vb)
@@ -121,6 +127,10 @@ def _child() -> dict:
         hkv = 2
         # -- write_cache: bytes of the paged cache
         out[f"write_cache/{fid}"] = write_check(c, kb, qjl, vb, d, bs, t=29, hkv=hkv)
+        if f in EXACT16_FORMATS:
+            out[f"write_cache_exact16/{fid}"] = dict(
+                write_check(c, kb, qjl, vb, d, bs, t=29, hkv=hkv, exact16=True),
+                qualifies=exact16_matrices(c.rotation, c.qjl_projection))
         # -- encode_keys / encode_values / mse_quantize records
         x = torch.randn(3, 5, d)
         rk = mod("encode_keys").launch_encode_keys(x, c.rotation, c.qjl_projection,
@@ -290,9 +300,39 @@ def _child() -> dict:
                                                          value_bits=vb))
     tile = E.EncodeConfig(128, 8, 1)
     t = E.LATENCY_ROWS // 2 + 6  # x 2 heads: more rows than LATENCY_ROWS, two 128-row tiles
-    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb): tile, ("cpu", d, vb): tile}):
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile,
+                                            ("cpu", d, vb, False): tile}):
         assert E.encode_config("cpu", d, kb, 2 * t) == tile
         out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
+    # the bulk key launch with EXACT16: several 64-row tiles per persistent program
+    exact_tile = E.EncodeConfig(64, 4, 1)
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, True): exact_tile}):
+        assert E.encode_config("cpu", d, kb, 2 * t, exact16=True) == exact_tile
+        out["write_cache_exact16/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t,
+                                                           exact16=True)
+    # a false declaration: a projection off the fp16 grid poisons every key norm a bulk write
+    # stores (values untouched by it); a decode-sized write does not use the declaration
+    lay = c.config.layout
+    false_decl = {}
+    for t_ in (5, t):
+        kx = torch.randn(t_, 2, d, dtype=torch.float16)
+        nb = math.ceil(t_ / bs) + 1
+        slots = torch.randperm(nb * bs)[:t_].to(torch.int32)
+        cache = torch.randint(0, 256, (nb, 2, bs * lay.slot_bytes), dtype=torch.uint8)
+        undeclared = cache.clone()
+        for dst, declared in ((cache, True), (undeclared, False)):
+            mod("write_cache").launch_write_cache(
+                kx, kx, dst, slots, c.rotation, c.qjl_projection * (1 + 2 ** -12),
+                c.key_centroids, c.value_centroids, kb, qjl, vb, raw=True, exact16=declared)
+        keys_, vals_ = R.gather_pages(cache, torch.arange(nb).reshape(1, nb), d, kb, qjl, vb)
+        false_decl[t_] = dict(
+            bulk=2 * t_ > E.LATENCY_ROWS,
+            key_norms_nan=bool(R.parse_key_records(keys_[0, slots.long()], d, kb, qjl)[2]
+                               .isnan().all()),
+            value_norms_finite=bool(R.parse_value_records(vals_[0, slots.long()], d, vb)[1]
+                                    .isfinite().all()),
+            same_as_undeclared=bool(torch.equal(cache, undeclared)))
+    out["write_cache_exact16/false-declaration"] = false_decl
     # decode with raw-pool runs longer than the raw-pool program's tile (several online-softmax
     # steps over the exact tokens: vLLM's flush buffer holds up to S + F of them)
     kb, qjl, vb, d, g, bs = FORMATS[0]
@@ -509,6 +549,29 @@ def test_write_cache_kernel_bulk_tile(report):
     assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
     assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
     assert r["other_slots_untouched"], r
+
+
+@pytest.mark.parametrize("case", [_fmt_id(f) for f in EXACT16_FORMATS] + ["bulk-tile"])
+def test_write_cache_kernel_exact16(report, case):
+    """The declared exact16_matrices path (one fp16 operand per matrix) writes the reference's
+    bytes, up to ties, as the split-precision path does."""
+    r = report[f"write_cache_exact16/{case}"]
+    assert r.get("qualifies", True), "TQCodec's matrices must qualify at power-of-two head dims"
+    assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
+    assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
+    assert r["other_slots_untouched"], r
+
+
+def test_write_cache_kernel_false_exact16(report):
+    """A false exact16_matrices declaration makes a bulk write store NaN key norms rather than
+    codes of another matrix; a decode-sized write (encode_pair_kernel) does not use it."""
+    cases = report["write_cache_exact16/false-declaration"]
+    assert sorted(r["bulk"] for r in cases.values()) == [False, True]
+    for t, r in cases.items():
+        if r["bulk"]:
+            assert r["key_norms_nan"] and r["value_norms_finite"], (t, r)
+        else:
+            assert r["same_as_undeclared"] and not r["key_norms_nan"], (t, r)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)

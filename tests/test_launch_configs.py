@@ -88,36 +88,48 @@ def test_page_tile_is_inside_a_page_or_whole_pages_and_avoids_32_at_head_dim_128
 ENCODE_KEYS = list(ENCODE_CONFIGS)
 
 
-@pytest.mark.parametrize("key", ENCODE_KEYS, ids=[f"{a}-d{d}-b{b}" for a, d, b in ENCODE_KEYS])
+def _encode_id(key):
+    a, d, b, exact16 = key
+    return f"{a}-d{d}-b{b}" + ("-exact16" if exact16 else "")
+
+
+@pytest.mark.parametrize("key", ENCODE_KEYS, ids=[_encode_id(k) for k in ENCODE_KEYS])
 def test_encode_config_by_write_size(key):
-    arch, head_dim, bits = key
+    arch, head_dim, bits, exact16 = key
     # a decode step's write (at most LATENCY_ROWS tokens x heads) takes the low-latency tile ...
     for rows in (1, 8, LATENCY_ROWS):
-        assert encode_config(arch, head_dim, bits, rows) == DEFAULT_ENCODE
+        assert encode_config(arch, head_dim, bits, rows, exact16=exact16) == DEFAULT_ENCODE
     # ... a prefill's write the table's bulk config
-    assert encode_config(arch, head_dim, bits, LATENCY_ROWS + 1) == ENCODE_CONFIGS[key]
-    assert encode_config(arch, head_dim, bits, 32768 * 8) == ENCODE_CONFIGS[key]
+    assert encode_config(arch, head_dim, bits, LATENCY_ROWS + 1,
+                         exact16=exact16) == ENCODE_CONFIGS[key]
+    assert encode_config(arch, head_dim, bits, 32768 * 8, exact16=exact16) == ENCODE_CONFIGS[key]
 
 
 def test_encode_config_default_for_unknown_shapes():
     assert encode_config("sm80", 128, 2, 1 << 20) == DEFAULT_ENCODE
     assert encode_config("sm90", 96, 2, 1 << 20) == DEFAULT_ENCODE
+    assert encode_config("sm90", 96, 2, 1 << 20, exact16=True) == DEFAULT_ENCODE
 
 
 # An H100/H200 SM gives one program at most this much shared memory (the limit Triton reports
-# when a launch asks for more: "Hardware limit: 232448").
+# when a launch asks for more: "Hardware limit: 232448"); all resident programs together get
+# SM90_SM_SHARED, less 1 KB the hardware reserves per program (CUDA guide, H100 compute data).
 SM90_MAX_SHARED = 232448
-ENCODE_CASES = [(a, d, b, x) for a, d, b in ENCODE_KEYS if a == "sm90"
-                for x in ("fp16", "fp32")] + [("sm90", 128, 2, "fp32-default"),
-                                              ("sm90", 128, 3, "fp32-default")]
+SM90_SM_SHARED = 233472
+ENCODE_CASES = [(a, d, b, e, x) for a, d, b, e in ENCODE_KEYS if a == "sm90"
+                for x in ("fp16", "fp32")] + [("sm90", 128, 2, False, "fp32-default"),
+                                              ("sm90", 128, 3, False, "fp32-default")]
 
 
-@pytest.mark.parametrize("arch,head_dim,bits,x_type", ENCODE_CASES,
-                         ids=[f"{a}-d{d}-b{b}-{x}" for a, d, b, x in ENCODE_CASES])
-def test_encode_config_fits_shared_memory(arch, head_dim, bits, x_type):
+@pytest.mark.parametrize("arch,head_dim,bits,exact16,x_type", ENCODE_CASES,
+                         ids=[f"{a}-d{d}-b{b}{'-exact16' if e else ''}-{x}"
+                              for a, d, b, e, x in ENCODE_CASES])
+def test_encode_config_fits_shared_memory(arch, head_dim, bits, exact16, x_type):
     """Compiles the encode kernel for sm_90 offline (Triton ships ptxas) as a bulk write of that
-    input type launches it, and checks the shared memory it asks for.  The 128-row key tile with
-    fp32 input once asked for 320 KB and failed at launch on an H200 (encode_keys on fp32 keys)."""
+    input type launches it, and checks the shared memory it asks for: within one program's
+    limit, and programs_per_sm of them within an SM's (else the persistent grid's programs
+    would run in more than one wave).  The 128-row key tile with fp32 input once asked for
+    320 KB and failed at launch on an H200 (encode_keys on fp32 keys)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -130,12 +142,13 @@ def test_encode_config_fits_shared_memory(arch, head_dim, bits, x_type):
         pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
     fp32 = x_type.startswith("fp32")
     cfg = (DEFAULT_ENCODE if x_type == "fp32-default"
-           else encode_config(arch, head_dim, bits, 1 << 20, fp32))
+           else encode_config(arch, head_dim, bits, 1 << 20, fp32, exact16))
     fmt = preset("seed", head_dim=head_dim)
     qjl = bits == fmt.key_mse_bits and fmt.use_qjl
     consts = dict(H=8, D=head_dim, DP=max(16, triton.next_power_of_2(head_dim)),
                   DG=group_width(head_dim), TB=cfg.rows, BITS=bits, QJL=qjl, BS=128, OFF_C=0,
-                  OFF_S=0, OFF_N=0, OFF_G=0, MODE=MODE_CACHE, NORM_F32=False, X_F32=fp32)
+                  OFF_S=0, OFF_N=0, OFF_G=0, MODE=MODE_CACHE, NORM_F32=False, X_F32=fp32,
+                  EXACT16=exact16)
     names = encode_kernel.arg_names
     sig = {n: "constexpr" if n in consts else
            ("*fp32" if fp32 else "*fp16") if n == "x_ptr" else
@@ -147,6 +160,9 @@ def test_encode_config_fits_shared_memory(arch, head_dim, bits, x_type):
                             options=dict(num_warps=cfg.num_warps))
     assert kernel.metadata.shared <= SM90_MAX_SHARED, (
         f"{cfg} asks for {kernel.metadata.shared} bytes of shared memory")
+    if x_type != "fp32-default":   # a decode-sized write: at most two programs in all
+        assert cfg.programs_per_sm * (kernel.metadata.shared + 1024) <= SM90_SM_SHARED, (
+            f"{cfg.programs_per_sm} programs of {kernel.metadata.shared} bytes do not fit one SM")
 
 
 # -- no specialisation on run-time values (tq_ops.triton.launch) -------------------------------

@@ -64,7 +64,7 @@ GOLDEN_SCHEMAS = {
     "write_cache": "turboquant::write_cache(Tensor key, Tensor value, Tensor(a2!) cache, "
                    "Tensor slot_mapping, Tensor rotation, Tensor projection, "
                    "Tensor key_centroids, Tensor value_centroids, SymInt key_bits, bool qjl, "
-                   "SymInt value_bits) -> ()",
+                   "SymInt value_bits, bool exact16_matrices=False) -> ()",
     "write_raw": "turboquant::write_raw(Tensor key, Tensor value, Tensor(a2!) raw_key, "
                  "Tensor(a3!) raw_value, Tensor rows, Tensor slots, Tensor slot_mapping) -> ()",
 }

@@ -53,14 +53,45 @@ def rotation_matrix(dim: int, seed: int) -> torch.Tensor:
 
 
 def qjl_matrix(dim: int, seed: int) -> torch.Tensor:
-    """(dim, dim) fp32 S' with i.i.d. N(0, 1) entries, applied in the rotated domain.
+    """(dim, dim) fp32 S' with i.i.d. N(0, 1) entries rounded to fp16 values, applied in the
+    rotated domain.
 
     The paper sketches the residual r with S; here the residual lives in the rotated domain, so we
     draw S' = S Pi^T directly (again i.i.d. Gaussian) and project the rotated query with it.
-    Gaussian rows are what makes the estimator exactly unbiased (algorithm.md 2.2, 8.3).
+    Gaussian rows are what makes the estimator exactly unbiased (algorithm.md 2.2, 8.3).  Each
+    entry is rounded to the nearest fp16 value (a relative change of at most 2^-11, far below
+    the sketch's own noise; tests/stats.py measures the estimator on these matrices) so that one
+    fp16 tensor-core operand holds S' exactly: the encode kernel then needs no hi + lo split of
+    it (exact16_matrices).
     """
     gen = torch.Generator().manual_seed(seed ^ _QJL_STREAM)
-    return torch.randn(dim, dim, generator=gen, dtype=torch.float32)
+    s = torch.randn(dim, dim, generator=gen, dtype=torch.float32)
+    return s.to(torch.float16).to(torch.float32)
+
+
+# exact16_matrices' bound on |dim^1.5 Pi|: integers up to 2048 are fp16 values
+EXACT16_MAX_INT = 2048
+
+
+def exact16_matrices(rotation: torch.Tensor, projection: torch.Tensor) -> bool:
+    """True when one fp16 operand each holds the rotation and the QJL matrix exactly, up to one
+    scale: dim^1.5 * rotation is an integer matrix with entries of magnitude at most 2048 (to
+    within fp32 rounding, 2^-20 relative) and every projection entry is an fp16 value.
+
+    rotation_matrix and qjl_matrix give such a pair for every power-of-two dim up to 256 (the
+    three Hadamard passes make dim^1.5 Pi an integer matrix; its largest entry is 1336 at dim 256
+    over seeds 0..49).  A caller that knows this declares it to write_cache (exact16_matrices=
+    True), whose encode kernel then rotates with one MMA instead of a split-precision pair and
+    fits twice the programs per SM.  Reads the tensors' values: call it once per codec, not per
+    step (a host sync on CUDA).
+    """
+    d = rotation.shape[-1]
+    scaled = rotation.detach().to("cpu", torch.float64) * float(d) ** 1.5
+    whole = scaled.round()
+    proj = projection.detach().to("cpu", torch.float32)
+    return bool(((scaled - whole).abs() <= whole.abs() * 2.0 ** -20).all()
+                and whole.abs().max() <= EXACT16_MAX_INT
+                and torch.equal(proj.to(torch.float16).to(torch.float32), proj))
 
 
 def qjl_scale(dim: int) -> float:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from tq_ops import _env
-from tq_ops.codec import TQCodec
+from tq_ops.codec import TQCodec, exact16_matrices
 from tq_vllm import attend, compat
 from tq_vllm import config as tq_config
 from tq_vllm.rows import RawRows
@@ -349,6 +349,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         self.num_rows = int(get_current_vllm_config().scheduler_config.max_num_seqs) + 1
         self.codec: TQCodec | None = None
         self.builtin_codebooks = False
+        self.exact16_matrices = False
         self.raw_key: Tensor | None = None
         self.raw_value: Tensor | None = None
         self.side = attend.SideStream()
@@ -363,6 +364,9 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         if self.codec is None or self.codec.device != device:
             self.codec = TQCodec.build(self.fmt, device)
             self.builtin_codebooks = attend.has_builtin_codebooks(self.codec)
+            # a host check of the matrices, once per codec and before any graph capture
+            self.exact16_matrices = exact16_matrices(self.codec.rotation,
+                                                     self.codec.qjl_projection)
         if device.type == "cuda":
             self.side.prepare(device)
             if not self._flash_looked_up:
@@ -405,7 +409,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         c, f = self.codec, self.fmt
         torch.ops.turboquant.write_cache(k, v, pages, slot_mapping, c.rotation, c.qjl_projection,
                                          c.key_centroids, c.value_centroids, f.key_mse_bits,
-                                         f.use_qjl, f.value_bits)
+                                         f.use_qjl, f.value_bits, self.exact16_matrices)
 
     def forward(self, layer, query: Tensor, key: Tensor, value: Tensor, kv_cache: Tensor,
                 attn_metadata: TQMetadata, output: Tensor | None = None, output_scale=None,

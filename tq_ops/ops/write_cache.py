@@ -6,9 +6,11 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from tq_ops import _checks, layout, reference
+from torch._subclasses.fake_tensor import is_fake
+
+from tq_ops import _checks, codec, layout, reference
 from tq_ops.triton.encode import (DEFAULT_ENCODE, LATENCY_ROWS, MODE_CACHE, MODE_RECORDS,
-                                  encode_config, encode_kernel, encode_pair_kernel)
+                                  EncodeConfig, encode_config, encode_kernel, encode_pair_kernel)
 from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import group_width
 
@@ -23,20 +25,24 @@ def triton_encode_supported(head_dim: int) -> bool:
 def launch_encode(x: Tensor, rotation: Tensor, projection: Tensor, centroids: Tensor, bits: int,
                   qjl: bool, out: Tensor, offsets: dict[str, int], block_size: int,
                   page_stride: int, head_stride: int, slot_mapping: Tensor | None = None,
-                  norms: Tensor | None = None, raw: bool = False) -> None:
+                  norms: Tensor | None = None, raw: bool = False, exact16: bool = False,
+                  config: EncodeConfig | None = None) -> None:
     """Launch tq_ops.triton.encode.encode_kernel over the rows of x.
 
     x: (T, H, D) for a cache write (token t to slot_mapping[t]) or (R, 1, D) for records (row r
     to bytes r*page_stride of `out`).  offsets: OFF_C/OFF_S/OFF_N/OFF_G component offsets (in
     slots; OFF_N < 0 sends fp32 norms to `norms`).  raw=True launches the bare kernel (the
-    interpreter tests run it on CPU tensors).
+    interpreter tests run it on CPU tensors).  exact16: the matrices are declared
+    tq_ops.codec.exact16_matrices (encode_kernel's EXACT16).  config: overrides encode_config's
+    choice (perf/ scripts).
     """
     t, h, d = x.shape
     h, d = int(h), int(d)  # tl.constexpr values: concrete ints (a guard under dynamic shapes)
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows = t * h
-    cfg = encode_config(arch(x.device), d, bits, rows, x.dtype == torch.float32)
+    cfg = config or encode_config(arch(x.device), d, bits, rows, x.dtype == torch.float32,
+                                  exact16)
     dp = max(16, triton.next_power_of_2(d))
     mode = MODE_RECORDS if slot_mapping is None else MODE_CACHE
     slots = slot_mapping if slot_mapping is not None else out
@@ -49,15 +55,18 @@ def launch_encode(x: Tensor, rotation: Tensor, projection: Tensor, centroids: Te
         H=h, D=d, DP=dp, DG=group_width(d), TB=cfg.rows, BITS=bits, QJL=qjl, BS=block_size,
         OFF_C=offsets["OFF_C"], OFF_S=offsets.get("OFF_S", 0), OFF_N=offsets.get("OFF_N", -1),
         OFF_G=offsets.get("OFF_G", 0), MODE=mode, NORM_F32=norms is not None,
-        X_F32=x.dtype == torch.float32, num_warps=cfg.num_warps)
+        X_F32=x.dtype == torch.float32, EXACT16=exact16, num_warps=cfg.num_warps)
 
 
 def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
                        rotation: Tensor, projection: Tensor, key_centroids: Tensor,
                        value_centroids: Tensor, key_bits: int, qjl: bool, value_bits: int,
-                       raw: bool = False) -> None:
+                       raw: bool = False, exact16: bool = False) -> None:
     """The Triton body of write_cache: one encode launch for keys, one for values; a write of
-    at most LATENCY_ROWS rows (a decode step's) is one launch of encode_pair_kernel."""
+    at most LATENCY_ROWS rows (a decode step's) is one launch of encode_pair_kernel.  exact16:
+    write_cache's exact16_matrices declaration, used by the bulk key launch only.  H200, seed
+    format (perf/NOTES.md, session 22): the value launch with it took 118 us against 114 split
+    (32768 tokens x 8 heads), and a decode step's write (8 tokens) 11.9 us against 10.5."""
     d = int(key.shape[-1])
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
@@ -81,7 +90,8 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
             V_F32=v.dtype == torch.float32, num_warps=DEFAULT_ENCODE.num_warps)
         return
     launch_encode(key, rotation, projection, key_centroids, key_bits, qjl, cache, koffs, bs,
-                  page_stride, head_stride, slot_mapping=slot_mapping, raw=raw)
+                  page_stride, head_stride, slot_mapping=slot_mapping, raw=raw,
+                  exact16=exact16 and qjl)
     voffs = dict(OFF_C=lay.slot_offset("v_codes"), OFF_N=lay.slot_offset("v_norm"))
     launch_encode(value, rotation, projection, value_centroids, value_bits, False, cache, voffs,
                   bs, page_stride, head_stride, slot_mapping=slot_mapping, raw=raw)
@@ -131,7 +141,7 @@ def check_raw_pool(raw_key: Tensor, raw_value: Tensor, num_kv_heads: int, d: int
 @triton_op("turboquant::write_cache", mutates_args={"cache"})
 def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor, rotation: Tensor,
                 projection: Tensor, key_centroids: Tensor, value_centroids: Tensor, key_bits: int,
-                qjl: bool, value_bits: int) -> None:
+                qjl: bool, value_bits: int, exact16_matrices: bool = False) -> None:
     """Encode new tokens and write them into their slots of the paged cache, in place.
 
     Args:
@@ -141,6 +151,15 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
             are skipped.  Two tokens must not share a slot.
         rotation, projection: (D, D) fp32.  key_centroids, value_centroids: fp32 codebooks.
         key_bits, qjl, value_bits: the format.
+        exact16_matrices: the caller declares tq_ops.codec.exact16_matrices(rotation,
+            projection), which holds for TQCodec.build's matrices at power-of-two head dims (the
+            vLLM backend checks its codec once and declares it).  On CUDA a bulk write's key
+            encode then holds each matrix in one fp16 operand (fewer MMAs, twice the programs
+            per SM; the codes are the same up to ties at cell boundaries).  There a false
+            declaration cannot be checked without a host sync: the kernel checks the matrices
+            it loads and stores NaN key norms when they do not qualify.  Head dims above 128
+            (the reference body on CUDA) ignore it.  Off CUDA it is checked, and a false one
+            raises ValueError.
     Returns:
         None.  NaN/Inf or norms above 65504 are stored as in encode_keys / encode_values (NaN or
         +inf norms, not checked here).
@@ -164,7 +183,14 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
                         value_centroids=value_centroids)
     if key.device.type == "cuda" and triton_encode_supported(d):
         launch_write_cache(key, value, cache, slot_mapping, rotation, projection, key_centroids,
-                           value_centroids, key_bits, qjl, value_bits)
+                           value_centroids, key_bits, qjl, value_bits, exact16=exact16_matrices)
         return
+    # the reference body is exact for any matrices; the declaration is checked off CUDA only (a
+    # check on CUDA would be a host sync, which a captured step must not have)
+    if (exact16_matrices and key.device.type != "cuda" and not is_fake(rotation)
+            and not codec.exact16_matrices(rotation, projection)):
+        _checks.fail("exact16_matrices=True, but D^1.5 * rotation is not an integer matrix "
+                     "within 2048 or the projection has entries that are not fp16 values "
+                     "(tq_ops.codec.exact16_matrices)")
     reference.write_cache(key, value, cache, slot_mapping, rotation, projection, key_centroids,
                           value_centroids, key_bits, qjl, value_bits)

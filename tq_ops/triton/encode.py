@@ -10,6 +10,12 @@ same split on both operands (r scaled by 2^8 first, so its low part stays normal
 differ from the reference's where |S' r| is at that rounding level.  fp32 inputs are split into
 hi + lo as well (one more MMA).
 
+EXACT16 (declared by the caller: tq_ops.codec.exact16_matrices) skips both splits: D^1.5 Pi^T is
+an integer matrix within 2048 and S' has fp16 entries, so one fp16 operand holds each exactly
+and y = x (D^1.5 Pi^T) / (n s D^1.5) is as close to the fp32 product as the split one.  Two
+fewer MMAs per key tile, and the key program's shared memory drops from 164 KB to 98 KB at
+head_dim 128 (two programs per SM).
+
 A persistent program splits Pi^T and S'^T once, then encodes tiles of TB rows (row = token * H +
 head).  MMA output columns come in grouped order (column q*DG + m is coordinate 8m + q, the groups
 of tq_ops.triton.unpack), so each bit-plane word is a sum of shifted codes over q.
@@ -28,18 +34,21 @@ from tq_ops.triton.unpack import lookup
 class EncodeConfig:
     rows: int       # TB, rows per tile (the M of every MMA)
     num_warps: int
-    programs_per_sm: int  # persistent grid: the split matrices are prepared once per program
+    programs_per_sm: int  # persistent grid: the matrices are prepared once per program
 
 
 DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
-# (arch, head_dim, bits) -> config for bulk writes (prefill); absent keys use DEFAULT_ENCODE.
-# perf/tune_encode.py, H200, 32768 tokens x 8 heads, seed format: keys (128, 8, 1) 0.456 TB/s of
-# fp16 input against 0.400 for (64, 4, 2) (the key launch holds 164 KB of split matrices in
-# shared memory, so one program per SM either way: 8 warps hide more latency than 4); values
-# (64, 4, 2) beat (128, 8, 1).
-ENCODE_CONFIGS: dict[tuple[str, int, int], EncodeConfig] = {
-    ("sm90", 128, 2): EncodeConfig(128, 8, 1),
-    ("sm90", 128, 3): EncodeConfig(64, 4, 2),
+# (arch, head_dim, bits, exact16) -> config for bulk writes (prefill); absent keys use
+# DEFAULT_ENCODE.  perf/tune_encode.py, H200, 32768 tokens x 8 heads, seed format: split keys
+# (128, 8, 1) 0.456 TB/s of fp16 input against 0.400 for (64, 4, 2) (the key launch holds 164 KB
+# of split matrices in shared memory, so one program per SM either way: 8 warps hide more latency
+# than 4); values (64, 4, 2) beat (128, 8, 1).  EXACT16 keys (98 KB at (64, 4)): (64, 4, 2)
+# 126 us against 149 for (128, 8, 1) and 174 for split (128, 8, 1) (perf/scratch/
+# exact16_encode.py, session 22).
+ENCODE_CONFIGS: dict[tuple[str, int, int, bool], EncodeConfig] = {
+    ("sm90", 128, 2, False): EncodeConfig(128, 8, 1),
+    ("sm90", 128, 3, False): EncodeConfig(64, 4, 2),
+    ("sm90", 128, 2, True): EncodeConfig(64, 4, 2),
 }
 # Writes of at most this many rows (tokens x heads: a decode step's write) are one program in
 # any config, and there the smaller tile has the lower latency (H200, 8 tokens x 8 heads:
@@ -47,16 +56,25 @@ ENCODE_CONFIGS: dict[tuple[str, int, int], EncodeConfig] = {
 LATENCY_ROWS = 128
 
 
-def encode_config(arch: str, head_dim: int, bits: int, rows: int,
-                  fp32_input: bool = False) -> EncodeConfig:
-    """The launch config of a write of `rows` (token, head) rows.  ENCODE_CONFIGS holds for
-    fp16/bf16 input; fp32 input adds its low part as one more MMA operand in shared memory, which
-    the 128-row key tile cannot hold (262 KB against an SM's 227 KB at head_dim 128), so it takes
-    DEFAULT_ENCODE (197 KB)."""
-    if rows <= LATENCY_ROWS or fp32_input:
-        return DEFAULT_ENCODE
-    return ENCODE_CONFIGS.get((arch, head_dim, bits), DEFAULT_ENCODE)
+# fp32 input adds its low part as one more MMA operand in shared memory: 160-224 KB per 64-row
+# program at head_dim 128 (sm_90 compile, tests/test_launch_configs.py), one program per SM
+FP32_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=1)
 
+
+def encode_config(arch: str, head_dim: int, bits: int, rows: int,
+                  fp32_input: bool = False, exact16: bool = False) -> EncodeConfig:
+    """The launch config of a write of `rows` (token, head) rows.  ENCODE_CONFIGS holds for
+    fp16/bf16 input; fp32 input takes FP32_ENCODE (the 128-row key tile cannot hold its extra
+    operand: 262 KB against an SM's 227 KB).  exact16: encode_kernel's EXACT16."""
+    if rows <= LATENCY_ROWS:
+        return DEFAULT_ENCODE
+    if fp32_input:
+        return FP32_ENCODE
+    return ENCODE_CONFIGS.get((arch, head_dim, bits, exact16), DEFAULT_ENCODE)
+
+
+# EXACT16's check: D^1.5 Pi is an integer matrix to within fp32 rounding (a few ulp of |M|)
+EXACT_RTOL = tl.constexpr(2.0 ** -20)
 
 MODE_CACHE = 0    # rows go to slot_mapping[token] of a paged cache
 MODE_RECORDS = 1  # row r goes to bytes r*record_bytes.. of a flat record tensor
@@ -76,7 +94,7 @@ def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, hea
                   TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
                   OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
                   OFF_G: tl.constexpr, MODE: tl.constexpr, NORM_F32: tl.constexpr,
-                  X_F32: tl.constexpr):
+                  X_F32: tl.constexpr, EXACT16: tl.constexpr = False):
     """Encode rows pid*TB .. of x (T, H, D) (element strides x_st, x_sh; last dim contiguous).
 
     MODE_CACHE: token t goes to slot s = slot_ptr[t] (s < 0: skipped) of a paged cache,
@@ -86,11 +104,14 @@ def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, hea
 
     Coordinates are handled in the 8 groups of tq_ops.triton.unpack (group q = coordinates
     8m + q), so every bit-plane word is an OR of shifted group codes: no reshapes.
+
+    EXACT16: rot_ptr and proj_ptr are declared tq_ops.codec.exact16_matrices (module docstring);
+    each program checks the matrices it loads and, if they do not qualify, stores NaN norms.
     """
     _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
                  norm_ptr, rot_ptr, proj_ptr, c_ptr, tl.program_id(0), tl.num_programs(0),
                  H, D, DP, DG, TB, BITS, QJL, BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32,
-                 X_F32)
+                 X_F32, EXACT16)
 
 
 @triton.jit(do_not_specialize=['n_rows'],
@@ -104,17 +125,17 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
                        V_OFF_C: tl.constexpr, V_OFF_N: tl.constexpr, K_F32: tl.constexpr,
                        V_F32: tl.constexpr):
     """A small cache write (a decode step's tokens) in one launch of two programs: program 0
-    encodes the keys, program 1 the values, each as encode_kernel's MODE_CACHE does.  Such a
-    write is latency-bound (one program per launch either way), so two launches cost about
-    twice one."""
+    encodes the keys, program 1 the values, each as encode_kernel's MODE_CACHE does (without
+    EXACT16, which measured slower here: tq_ops.ops.write_cache.launch_write_cache).  Such a write is latency-bound (one program per
+    launch either way), so two launches cost about twice one."""
     if tl.program_id(0) == 0:
         _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
                      out_ptr, rot_ptr, proj_ptr, kc_ptr, 0, 1, H, D, DP, DG, TB, K_BITS, QJL,
-                     BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False, K_F32)  # MODE_CACHE
+                     BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False, K_F32, False)  # MODE_CACHE
     else:
         _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride, head_stride,
                      out_ptr, rot_ptr, proj_ptr, vc_ptr, 0, 1, H, D, DP, DG, TB, V_BITS, False,
-                     BS, V_OFF_C, 0, V_OFF_N, 0, 0, False, V_F32)  # MODE_CACHE
+                     BS, V_OFF_C, 0, V_OFF_N, 0, 0, False, V_F32, False)  # MODE_CACHE
 
 
 @triton.jit
@@ -124,7 +145,7 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
                  TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
                  OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
                  OFF_G: tl.constexpr, MODE: tl.constexpr, NORM_F32: tl.constexpr,
-                 X_F32: tl.constexpr):
+                 X_F32: tl.constexpr, EXACT16: tl.constexpr):
     """encode_kernel's body for tiles first_tile, first_tile + tile_step, ..."""
     d = tl.arange(0, DP)
     dmask = d < D
@@ -134,32 +155,52 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
     cm = c % DG
     coord = 8 * cm + cq
     cmask = cm < D // 8
-    # split-precision matrices, once per program: PiT[i, c] = Pi[coord(c), i] and
-    # ST[c', c] = S'[coord(c), coord(c')]
     pit = tl.load(rot_ptr + coord[None, :] * D + d[:, None], mask=dmask[:, None] & cmask[None, :],
                   other=0.0)
-    p_hi, p_lo = _split16(pit)
     if QJL:
+        # ST[c', c] = S'[coord(c), coord(c')]
         st = tl.load(proj_ptr + coord[None, :] * D + coord[:, None],
                      mask=cmask[:, None] & cmask[None, :], other=0.0)
-        s_hi, s_lo = _split16(st)
     else:
-        s_hi = p_hi
-        s_lo = p_lo
+        st = pit
+    if EXACT16:
+        # declared exact16_matrices(): PiT = M / D^1.5 with an integer M (|M| <= 2048) and S'
+        # of fp16 values, so one fp16 operand each holds them exactly.  A false declaration
+        # sets `poison` to NaN, which goes into every stored norm (never silently wrong codes).
+        rot_scale = D * tl.sqrt_rn(D * 1.0)  # D^1.5 (tq_ops.codec.rotation_matrix)
+        scaled = pit * rot_scale
+        m_int = tl.floor(scaled + 0.5)
+        ok = (tl.abs(scaled - m_int) <= tl.abs(m_int) * EXACT_RTOL) & (tl.abs(m_int) <= 2048.0)
+        bad = tl.sum(tl.sum((~ok).to(tl.int32), 1), 0)
+        if QJL:
+            bad += tl.sum(tl.sum((st.to(tl.float16).to(tl.float32) != st).to(tl.int32), 1), 0)
+        poison = tl.where(bad == 0, 0.0, float("nan"))
+        p_hi = m_int.to(tl.float16)
+        p_lo = p_hi
+        s_hi = st.to(tl.float16)
+        s_lo = s_hi
+        rot_inv = 1.0 / rot_scale
+    else:
+        # split-precision matrices, once per program: PiT[i, c] = Pi[coord(c), i]
+        poison = 0.0
+        p_hi, p_lo = _split16(pit)
+        s_hi, s_lo = _split16(st)
+        rot_inv = 1.0
     for tile in tl.range(first_tile, tl.cdiv(n_rows, TB), tile_step):
         _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, H, D, DP, DG, TB, BITS, QJL,
-                     BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32, X_F32)
+                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, H, D, DP,
+                     DG, TB, BITS, QJL, BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32, X_F32,
+                     EXACT16)
 
 
 @triton.jit
 def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                 norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo,
+                 norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison,
                  H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
                  TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
                  OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
                  OFF_G: tl.constexpr, MODE: tl.constexpr, NORM_F32: tl.constexpr,
-                 X_F32: tl.constexpr):
+                 X_F32: tl.constexpr, EXACT16: tl.constexpr):
     d = tl.arange(0, DP)
     dmask = d < D
     m = tl.arange(0, DG)
@@ -189,9 +230,10 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
     e = tl.minimum(tl.maximum(e, -100), 100)
     s = ((127 + 14 - e) << 23).to(tl.float32, bitcast=True)
     x_hi, x_lo = _split16(x * s[:, None])
-    inv = tl.where(n > 0, 1.0 / (n * s), 0.0)
+    inv = tl.where(n > 0, rot_inv / (n * s), 0.0)
     ys = tl.dot(x_hi, p_hi)
-    ys = tl.dot(x_hi, p_lo, ys)
+    if not EXACT16:
+        ys = tl.dot(x_hi, p_lo, ys)
     if X_F32:
         ys = tl.dot(x_lo, p_hi, ys)
     y = ys * inv[:, None]
@@ -223,13 +265,15 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         gam2 = tl.sum(res * res, 1)
         r_hi, r_lo = _split16(res * 256.0)  # scaled so the low part stays normal; same signs
         proj = tl.dot(r_hi, s_hi)
-        proj = tl.dot(r_hi, s_lo, proj)
+        if not EXACT16:
+            proj = tl.dot(r_hi, s_lo, proj)
         proj = tl.dot(r_lo, s_hi, proj)
         sb = tl.sum(tl.reshape((proj >= 0).to(tl.int32) << cq[None, :], (TB, 8, DG)), 1)
         tl.store(out_ptr + (base + BS * OFF_S + tin * (D // 8))[:, None] + m[None, :],
                  sb.to(tl.uint8), mask=smask)
         gptr = (out_ptr + base + BS * OFF_G + tin * 2).to(tl.pointer_type(tl.float16))
         tl.store(gptr, tl.sqrt(gam2).to(tl.float16), mask=rmask)
+    n = n + poison
     if NORM_F32:
         tl.store(norm_ptr + r, n, mask=rmask)
     else:
