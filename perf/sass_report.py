@@ -110,9 +110,11 @@ def compile_encode(fmt: str, head_dim: int, part: str, rows: int, warps: int, ma
                   OFF_G=lay.slot_offset("k_gamma") if qjl else 0,
                   MODE=MODE_CACHE, NORM_F32=False, X_F32=False, EXACT16=exact16)
     types = {"x_ptr": "*fp16", "out_ptr": "*u8", "slot_ptr": "*i32", "norm_ptr": "*u8"}
+    # num_stages 3: Triton's default, which launch_encode does not override (with 2 the x loads
+    # pipeline one stage less and the shared memory reads 16 KB under the launched kernel's)
     return compile_sm90(encode_kernel, consts, types,
                         aligned=("x_st", "x_sh", "page_stride", "head_stride"),
-                        num_warps=warps, maxnreg=maxnreg)
+                        num_warps=warps, num_stages=3, maxnreg=maxnreg)
 
 
 def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_q: int,

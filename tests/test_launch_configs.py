@@ -154,8 +154,14 @@ def test_encode_config_fits_shared_memory(arch, head_dim, bits, exact16, x_type)
            ("*fp32" if fp32 else "*fp16") if n == "x_ptr" else
            "*u8" if n == "out_ptr" else "*i32" if n == "slot_ptr" else
            "*fp32" if n.endswith("_ptr") else "i32" for n in names}
+    # specialised as a real launch is (16-byte aligned tensors, strides divisible by 16): the
+    # loads then pipeline through shared memory, 32-64 KB more than an unspecialised compile
+    # (H200, session 22: these compiles gave the launched variants' sizes to the byte)
+    aligned = [n for n in names if n not in consts and n != "slot_ptr"
+               and (n.endswith("_ptr") or n in ("x_st", "x_sh", "page_stride", "head_stride"))]
     src = ASTSource(encode_kernel, sig,
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
+                    constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=cfg.num_warps))
     assert kernel.metadata.shared <= SM90_MAX_SHARED, (

@@ -13,8 +13,8 @@ hi + lo as well (one more MMA).
 EXACT16 (declared by the caller: tq_ops.codec.exact16_matrices) skips both splits: D^1.5 Pi^T is
 an integer matrix within 2048 and S' has fp16 entries, so one fp16 operand holds each exactly
 and y = x (D^1.5 Pi^T) / (n s D^1.5) is as close to the fp32 product as the split one.  Two
-fewer MMAs per key tile, and the key program's shared memory drops from 164 KB to 98 KB at
-head_dim 128 (two programs per SM).
+fewer MMAs per key tile, and a 64-row key program's shared memory drops from 176 KB to 112 KB at
+head_dim 128 (two programs per SM instead of one).
 
 A persistent program splits Pi^T and S'^T once, then encodes tiles of TB rows (row = token * H +
 head).  MMA output columns come in grouped order (column q*DG + m is coordinate 8m + q, the groups
@@ -40,11 +40,11 @@ class EncodeConfig:
 DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
 # (arch, head_dim, bits, exact16) -> config for bulk writes (prefill); absent keys use
 # DEFAULT_ENCODE.  perf/tune_encode.py, H200, 32768 tokens x 8 heads, seed format: split keys
-# (128, 8, 1) 0.456 TB/s of fp16 input against 0.400 for (64, 4, 2) (the key launch holds 164 KB
-# of split matrices in shared memory, so one program per SM either way: 8 warps hide more latency
-# than 4); values (64, 4, 2) beat (128, 8, 1).  EXACT16 keys (98 KB at (64, 4)): (64, 4, 2)
-# 126 us against 149 for (128, 8, 1) and 174 for split (128, 8, 1) (perf/scratch/
-# exact16_encode.py, session 22).
+# (128, 8, 1) 0.456 TB/s of fp16 input against 0.400 for (64, 4, 2) (a split key program takes
+# 176 KB of shared memory at (64, 4), 224 KB at (128, 8): one program per SM either way, and
+# 8 warps hide more latency than 4); values (64, 4, 2) beat (128, 8, 1).  EXACT16 keys (112 KB
+# at (64, 4), two per SM): (64, 4, 2) 126 us against 149 for (128, 8, 1) and 174 for split
+# (128, 8, 1) (perf/scratch/exact16_encode.py, session 22).
 ENCODE_CONFIGS: dict[tuple[str, int, int, bool], EncodeConfig] = {
     ("sm90", 128, 2, False): EncodeConfig(128, 8, 1),
     ("sm90", 128, 3, False): EncodeConfig(64, 4, 2),
@@ -57,7 +57,8 @@ LATENCY_ROWS = 128
 
 
 # fp32 input adds its low part as one more MMA operand in shared memory: 160-224 KB per 64-row
-# program at head_dim 128 (sm_90 compile, tests/test_launch_configs.py), one program per SM
+# program at head_dim 128 (sm_90 compiles as launched, tests/test_launch_configs.py), one
+# program per SM
 FP32_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=1)
 
 
@@ -65,7 +66,7 @@ def encode_config(arch: str, head_dim: int, bits: int, rows: int,
                   fp32_input: bool = False, exact16: bool = False) -> EncodeConfig:
     """The launch config of a write of `rows` (token, head) rows.  ENCODE_CONFIGS holds for
     fp16/bf16 input; fp32 input takes FP32_ENCODE (the 128-row key tile cannot hold its extra
-    operand: 262 KB against an SM's 227 KB).  exact16: encode_kernel's EXACT16."""
+    operand: 320 KB against an SM's 227 KB).  exact16: encode_kernel's EXACT16."""
     if rows <= LATENCY_ROWS:
         return DEFAULT_ENCODE
     if fp32_input:
