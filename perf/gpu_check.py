@@ -201,9 +201,9 @@ def run_attention_case(c: dict) -> dict:
         R.write_cache(ks_, vs_, small_ref, ss_, codec.rotation, codec.qjl_projection,
                       codec.key_centroids, codec.value_centroids, kb, qjl, vb)
         small_gpu = cache0.cuda()
-        torch.ops.turboquant.write_cache(ks_.cuda(), vs_.cuda(), small_gpu, ss_.cuda(), cg.rotation,
-                                         cg.qjl_projection, cg.key_centroids, cg.value_centroids, kb,
-                                         qjl, vb, declared)
+        torch.ops.turboquant.write_cache(ks_.cuda(), vs_.cuda(), small_gpu, ss_.cuda(),
+                                         cg.rotation, cg.qjl_projection, cg.key_centroids,
+                                         cg.value_centroids, kb, qjl, vb, declared)
         small_gpu = small_gpu.cpu()
         keep = ss_ >= 0
         sorder = torch.argsort(ss_[keep].long())

@@ -16,7 +16,7 @@ and y = x (D^1.5 Pi^T) / (n s D^1.5) is as close to the fp32 product as the spli
 fewer MMAs per key tile, and a 64-row key program's shared memory drops from 176 KB to 112 KB at
 head_dim 128 (two programs per SM instead of one).
 
-A persistent program splits Pi^T and S'^T once, then encodes tiles of TB rows (row = token * H +
+A persistent program prepares Pi^T and S'^T once, then encodes tiles of TB rows (row = token * H +
 head).  MMA output columns come in grouped order (column q*DG + m is coordinate 8m + q, the groups
 of tq_ops.triton.unpack), so each bit-plane word is a sum of shifted codes over q.
 """
@@ -127,8 +127,9 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
                        V_F32: tl.constexpr):
     """A small cache write (a decode step's tokens) in one launch of two programs: program 0
     encodes the keys, program 1 the values, each as encode_kernel's MODE_CACHE does (without
-    EXACT16, which measured slower here: tq_ops.ops.write_cache.launch_write_cache).  Such a write is latency-bound (one program per
-    launch either way), so two launches cost about twice one."""
+    EXACT16, which measured slower here: tq_ops.ops.write_cache.launch_write_cache).  Such a
+    write is latency-bound (one program per launch either way), so two launches cost about
+    twice one."""
     if tl.program_id(0) == 0:
         _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
                      out_ptr, rot_ptr, proj_ptr, kc_ptr, 0, 1, H, D, DP, DG, TB, K_BITS, QJL,
@@ -163,7 +164,7 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         st = tl.load(proj_ptr + coord[None, :] * D + coord[:, None],
                      mask=cmask[:, None] & cmask[None, :], other=0.0)
     else:
-        st = pit
+        st = pit  # unused without QJL
     if EXACT16:
         # declared exact16_matrices(): PiT = M / D^1.5 with an integer M (|M| <= 2048) and S'
         # of fp16 values, so one fp16 operand each holds them exactly.  A false declaration
@@ -177,15 +178,19 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
             bad += tl.sum(tl.sum((st.to(tl.float16).to(tl.float32) != st).to(tl.int32), 1), 0)
         poison = tl.where(bad == 0, 0.0, float("nan"))
         p_hi = m_int.to(tl.float16)
-        p_lo = p_hi
         s_hi = st.to(tl.float16)
+        p_lo = p_hi  # the low parts are never read under EXACT16
         s_lo = s_hi
         rot_inv = 1.0 / rot_scale
     else:
         # split-precision matrices, once per program: PiT[i, c] = Pi[coord(c), i]
         poison = 0.0
         p_hi, p_lo = _split16(pit)
-        s_hi, s_lo = _split16(st)
+        if QJL:
+            s_hi, s_lo = _split16(st)
+        else:
+            s_hi = p_hi
+            s_lo = p_lo
         rot_inv = 1.0
     for tile in tl.range(first_tile, tl.cdiv(n_rows, TB), tile_step):
         _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
