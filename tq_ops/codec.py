@@ -69,8 +69,11 @@ def qjl_matrix(dim: int, seed: int) -> torch.Tensor:
     return s.to(torch.float16).to(torch.float32)
 
 
-# exact16_matrices' bound on |dim^1.5 Pi|: integers up to 2048 are fp16 values
+# exact16_matrices' bounds, shared with the encode kernel's own check (tq_ops.triton.encode):
+# |dim^1.5 Pi| at most 2048 (every integer up to it is an fp16 value), and dim^1.5 Pi integer to
+# within fp32 rounding (a few ulp of each entry)
 EXACT16_MAX_INT = 2048
+EXACT16_RTOL = 2.0 ** -20
 
 
 def exact16_matrices(rotation: torch.Tensor, projection: torch.Tensor) -> bool:
@@ -89,7 +92,7 @@ def exact16_matrices(rotation: torch.Tensor, projection: torch.Tensor) -> bool:
     scaled = rotation.detach().to("cpu", torch.float64) * float(d) ** 1.5
     whole = scaled.round()
     proj = projection.detach().to("cpu", torch.float32)
-    return bool(((scaled - whole).abs() <= whole.abs() * 2.0 ** -20).all()
+    return bool(((scaled - whole).abs() <= whole.abs() * EXACT16_RTOL).all()
                 and whole.abs().max() <= EXACT16_MAX_INT
                 and torch.equal(proj.to(torch.float16).to(torch.float32), proj))
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
+from tq_ops.codec import EXACT16_MAX_INT, EXACT16_RTOL
 from tq_ops.triton.unpack import lookup
 
 
@@ -74,8 +75,9 @@ def encode_config(arch: str, head_dim: int, bits: int, rows: int,
     return ENCODE_CONFIGS.get((arch, head_dim, bits, exact16), DEFAULT_ENCODE)
 
 
-# EXACT16's check: D^1.5 Pi is an integer matrix to within fp32 rounding (a few ulp of |M|)
-EXACT_RTOL = tl.constexpr(2.0 ** -20)
+# EXACT16's check uses tq_ops.codec.exact16_matrices' bounds
+EXACT_RTOL = tl.constexpr(EXACT16_RTOL)
+EXACT_MAX_INT = tl.constexpr(float(EXACT16_MAX_INT))
 
 MODE_CACHE = 0    # rows go to slot_mapping[token] of a paged cache
 MODE_RECORDS = 1  # row r goes to bytes r*record_bytes.. of a flat record tensor
@@ -172,7 +174,7 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         rot_scale = D * tl.sqrt_rn(D * 1.0)  # D^1.5 (tq_ops.codec.rotation_matrix)
         scaled = pit * rot_scale
         m_int = tl.floor(scaled + 0.5)
-        ok = (tl.abs(scaled - m_int) <= tl.abs(m_int) * EXACT_RTOL) & (tl.abs(m_int) <= 2048.0)
+        ok = (tl.abs(scaled - m_int) <= tl.abs(m_int) * EXACT_RTOL) & (tl.abs(m_int) <= EXACT_MAX_INT)
         bad = tl.sum(tl.sum((~ok).to(tl.int32), 1), 0)
         if QJL:
             bad += tl.sum(tl.sum((st.to(tl.float16).to(tl.float32) != st).to(tl.int32), 1), 0)
