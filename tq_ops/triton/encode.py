@@ -245,10 +245,14 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
     if X_F32:
         ys = tl.dot(x_lo, p_hi, ys)
     y = ys * inv[:, None]
+    # code = #{k: y > mid_k}, each term the sign bit of mid_k - y (one FFMA with the scaling
+    # above, one LEA.HI to add it); `(y > mid).to(int32)` compiles to a compare, an add and a
+    # predicated move per threshold (sm_90: 2600 -> 2162 instructions per 3-bit value tile).
+    # Equality gives +0 (no count), as y > mid does.
     code = tl.zeros([TB, 8 * DG], tl.int32)
     for k in tl.static_range(2 ** BITS - 1):
         mid = (tl.load(c_ptr + k) + tl.load(c_ptr + k + 1)) / 2
-        code += (y > mid).to(tl.int32)
+        code += ((mid - y).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
     crow = base + BS * OFF_C + tin * (D * BITS // 8)
     smask = rmask[:, None] & gm[None, :]
     if BITS == 4:
