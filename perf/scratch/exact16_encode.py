@@ -1,6 +1,6 @@
 """Encode key and value launches timed apart: the split-precision kernel against the EXACT16
 variant (integer Hadamard rotation, fp16 projection), per launch config; and the cache bytes of
-both against each other.  PYTHONPATH=. python perf/scratch/exact16_encode.py"""
+both against each other.  PYTHONPATH=. python perf/scratch/exact16_encode.py [--short]"""
 import json, math, sys
 import torch
 import triton
@@ -57,11 +57,13 @@ def norms(cache):
         torch.float16)
 out["poisoned_norms_all_nan"] = bool(norms(bad).isnan().all())
 out["good_norms_finite"] = bool(norms(new).isfinite().all())
+ALL_CONFIGS = (EncodeConfig(128, 8, 1), EncodeConfig(64, 4, 2), EncodeConfig(64, 4, 3),
+               EncodeConfig(64, 4, 1), EncodeConfig(32, 4, 4))
+CONFIGS = ALL_CONFIGS[:2] if "--short" in sys.argv else ALL_CONFIGS
 cases = []
 for part, fn in (("keys", keys), ("values", values)):
     for ex in (False, True):
-        for cf in (EncodeConfig(128, 8, 1), EncodeConfig(64, 4, 2), EncodeConfig(64, 4, 3),
-                   EncodeConfig(64, 4, 1), EncodeConfig(32, 4, 4)):
+        for cf in CONFIGS:
             cases.append((part, fn, ex, cf))
 res = {}
 for rnd in range(2):

@@ -65,8 +65,9 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
     """The Triton body of write_cache: one encode launch for keys, one for values; a write of
     at most LATENCY_ROWS rows (a decode step's) is one launch of encode_pair_kernel.  exact16:
     write_cache's exact16_matrices declaration, used by the bulk key launch only.  H200, seed
-    format (perf/NOTES.md, session 22): the value launch with it took 118 us against 114 split
-    (32768 tokens x 8 heads), and a decode step's write (8 tokens) 11.9 us against 10.5."""
+    format (perf/NOTES.md, sessions 22-23): the value launch with it took 118 us against 114 split
+    (32768 tokens x 8 heads; 112.6 against 102.7 with session 23's kernel), and a decode step's
+    write (8 tokens) 11.9 us against 10.5."""
     d = int(key.shape[-1])
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes

@@ -45,7 +45,8 @@ DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
 # 176 KB of shared memory at (64, 4), 224 KB at (128, 8): one program per SM either way, and
 # 8 warps hide more latency than 4); values (64, 4, 2) beat (128, 8, 1).  EXACT16 keys (112 KB
 # at (64, 4), two per SM): (64, 4, 2) 126 us against 149 for (128, 8, 1) and 174 for split
-# (128, 8, 1) (perf/scratch/exact16_encode.py, session 22).
+# (128, 8, 1) (perf/scratch/exact16_encode.py, session 22); with session 23's quantizer and sign
+# packing, EXACT16 (64, 4, 2) 112.6 us, split (128, 8, 1) 171.8 (perf/scratch/ab_launches.py).
 ENCODE_CONFIGS: dict[tuple[str, int, int, bool], EncodeConfig] = {
     ("sm90", 128, 2, False): EncodeConfig(128, 8, 1),
     ("sm90", 128, 3, False): EncodeConfig(64, 4, 2),
@@ -87,6 +88,31 @@ MODE_RECORDS = 1  # row r goes to bytes r*record_bytes.. of a flat record tensor
 def _split16(v):
     hi = v.to(tl.float16)
     return hi, (v - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _nonnegative_bits(v, TB: tl.constexpr, DG: tl.constexpr):
+    """(TB, DG) uint32 with bit q = (v[:, q*DG + m] >= 0), v fp32 (TB, 8*DG) in grouped columns.
+
+    Each group's sign bit is shifted in from the top (one funnel shift per element, against a
+    compare, a select and an add); -0 reads as negative, a tie at the sign's boundary."""
+    b = tl.permute(tl.reshape(v.to(tl.uint32, bitcast=True), (TB, 2, 2, 2, DG)), (0, 4, 1, 2, 3))
+    even, odd = tl.split(b)  # (TB, DG, 2, 2), q = 4a + 2b + e
+    q04, q26 = tl.split(even)
+    q15, q37 = tl.split(odd)
+    q0, q4 = tl.split(q04)
+    q2, q6 = tl.split(q26)
+    q1, q5 = tl.split(q15)
+    q3, q7 = tl.split(q37)
+    w = q7 >> 31
+    w = (w << 1) | (q6 >> 31)
+    w = (w << 1) | (q5 >> 31)
+    w = (w << 1) | (q4 >> 31)
+    w = (w << 1) | (q3 >> 31)
+    w = (w << 1) | (q2 >> 31)
+    w = (w << 1) | (q1 >> 31)
+    w = (w << 1) | (q0 >> 31)
+    return w ^ 0xFF
 
 
 @triton.jit(do_not_specialize=['n_rows'],
@@ -280,7 +306,7 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         if not EXACT16:
             proj = tl.dot(r_hi, s_lo, proj)
         proj = tl.dot(r_lo, s_hi, proj)
-        sb = tl.sum(tl.reshape((proj >= 0).to(tl.int32) << cq[None, :], (TB, 8, DG)), 1)
+        sb = _nonnegative_bits(proj, TB, DG)
         tl.store(out_ptr + (base + BS * OFF_S + tin * (D // 8))[:, None] + m[None, :],
                  sb.to(tl.uint8), mask=smask)
         gptr = (out_ptr + base + BS * OFF_G + tin * 2).to(tl.pointer_type(tl.float16))

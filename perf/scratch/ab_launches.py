@@ -1,0 +1,60 @@
+"""Encode launches timed apart, per source tree: `python ab_launches.py TREE...` runs each tree
+in its own process (rounds alternate the order) and prints us per launch: keys and values, the
+split-precision kernel at the op's configs and the EXACT16 one at (64, 4, 2); 32768 tokens x 8
+heads, seed format, fp16."""
+import json, os, subprocess, sys
+
+
+def one(tree):
+    sys.path[:0] = [tree, os.path.join(tree, "perf")]
+    import torch
+    import common as C
+    from tq_ops import TQCodec, preset, layout
+    from tq_ops.ops.write_cache import launch_encode
+    from tq_ops.triton.encode import EncodeConfig
+    assert C.__file__.startswith(tree), C.__file__
+    cfg = preset("seed", head_dim=128)
+    codec = TQCodec.build(cfg, "cuda")
+    T, H, D, BS = 32768, 8, 128, 128
+    lay = layout.SlotLayout(D, cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    slots = torch.randperm(T, generator=gen, device="cuda").to(torch.int32)
+    x = {"keys": torch.randn((T, H, D), generator=gen, device="cuda", dtype=torch.float16) * 3,
+         "values": torch.randn((T, H, D), generator=gen, device="cuda", dtype=torch.float16)}
+    offs = {"keys": dict(OFF_C=lay.slot_offset("k_codes"), OFF_N=lay.slot_offset("k_norm"),
+                         OFF_S=lay.slot_offset("k_signs"), OFF_G=lay.slot_offset("k_gamma")),
+            "values": dict(OFF_C=lay.slot_offset("v_codes"), OFF_N=lay.slot_offset("v_norm"))}
+    cache = torch.full((T // BS, H, BS * lay.slot_bytes), 0xAB, dtype=torch.uint8, device="cuda")
+    out = {}
+    for part, ex, cf in (("keys", False, EncodeConfig(128, 8, 1)), ("keys", True, EncodeConfig(64, 4, 2)),
+                         ("values", False, EncodeConfig(64, 4, 2)), ("values", True, EncodeConfig(64, 4, 2))):
+        keys = part == "keys"
+        cents = codec.key_centroids if keys else codec.value_centroids
+        bits = cfg.key_mse_bits if keys else cfg.value_bits
+
+        def run():
+            launch_encode(x[part], codec.rotation, codec.qjl_projection, cents, bits, keys, cache,
+                          offs[part], BS, cache.stride(0), cache.stride(1), slot_mapping=slots,
+                          exact16=ex, config=cf)
+        out[f"{part} {'exact16' if ex else 'split'} {cf.rows}/{cf.num_warps}/{cf.programs_per_sm}"] = \
+            round(C.gpu_ms(run, rep=200) * 1e3, 1)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main(trees):
+    res = {t: [] for t in trees}
+    for rnd in range(2):
+        for t in (trees if rnd % 2 == 0 else trees[::-1]):
+            p = subprocess.run([sys.executable, __file__, "one", os.path.abspath(t)],
+                               capture_output=True, text=True, cwd=t)
+            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                print(t, "failed", p.stderr[-2000:]); continue
+            res[t].append(json.loads(line[0][7:]))
+    for t, rs in res.items():
+        for case in (rs[0] if rs else {}):
+            print(f"{os.path.basename(os.path.abspath(t)):10s} {case:28s} {[r[case] for r in rs]}")
+
+
+if __name__ == "__main__":
+    one(sys.argv[2]) if sys.argv[1] == "one" else main(sys.argv[1:])
