@@ -46,9 +46,10 @@ torch.cuda.synchronize()
 diff = (ref != new)
 out["bytes_differing"] = int(diff.sum())
 out["bytes_total"] = ref.numel()
-# false declaration (fp32 projection) poisons the norms
+# a false declaration poisons the norms.  S' itself has fp16 entries since session 22
+# (qjl_matrix), so the false one is S' x (1 + 2^-12), as in tests/test_kernels_interpret.py
 bad = new_cache()
-launch_encode(k, rot, codec.qjl_projection, codec.key_centroids, cfg.key_mse_bits, True, bad,
+launch_encode(k, rot, codec.qjl_projection * (1 + 2 ** -12), codec.key_centroids, cfg.key_mse_bits, True, bad,
               koffs, BS, bad.stride(0), bad.stride(1), slot_mapping=slots, exact16=True,
               config=EncodeConfig(64, 4, 2))
 torch.cuda.synchronize()
