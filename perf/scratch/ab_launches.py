@@ -1,7 +1,8 @@
 """Encode launches timed apart, per source tree: `python ab_launches.py TREE...` runs each tree
 in its own process (rounds alternate the order) and prints us per launch: keys and values, the
-split-precision kernel at the op's configs and the EXACT16 one at (64, 4, 2); 32768 tokens x 8
-heads, seed format, fp16."""
+split-precision kernel at the op's configs and the EXACT16 one at (64, 4, 2), and the whole
+write_cache op with default arguments and with exact16_matrices declared; 32768 tokens x 8
+heads, seed format, fp16.  Trees of branches: perf/scratch/make_trees.sh."""
 import json, os, subprocess, sys
 
 
@@ -38,6 +39,16 @@ def one(tree):
                           exact16=ex, config=cf)
         out[f"{part} {'exact16' if ex else 'split'} {cf.rows}/{cf.num_warps}/{cf.programs_per_sm}"] = \
             round(C.gpu_ms(run, rep=200) * 1e3, 1)
+    k, v = x["keys"], x["values"]
+    for declared in (False, True):
+        def op():
+            torch.ops.turboquant.write_cache(k, v, cache, slots, codec.rotation,
+                                             codec.qjl_projection, codec.key_centroids,
+                                             codec.value_centroids, cfg.key_mse_bits,
+                                             cfg.use_qjl, cfg.value_bits,
+                                             exact16_matrices=declared)
+        out[f"write_cache op {'declared' if declared else 'default'}"] = \
+            round(C.gpu_ms(op, rep=200) * 1e3, 1)
     print("RESULT " + json.dumps(out), flush=True)
 
 
