@@ -73,9 +73,9 @@ def cases() -> list[dict]:
     # steps of its widest width (tq_ops.ops.paged_decode_attention.merge_step)
     out.append(dict(name="d128 seed fp16 bs64 long (157 splits)", hq=8, hkv=2, d=128, fmt="seed",
                     dtype="fp16", bs=64, lens=[1, 7, 20000]))
-    out.append(dict(name="d128 seed perturbed codebook (fallback merge, slow decoders)", hq=8,
-                    hkv=2, d=128, fmt="seed", dtype="fp16", bs=16, lens=[7, 129, 700],
-                    perturb=True))
+    out.append(dict(name="d128 seed perturbed codebook (fallback merge, slow decoders, "
+                    "asymmetric encode)", hq=8, hkv=2, d=128, fmt="seed", dtype="fp16", bs=16,
+                    lens=[7, 129, 700], perturb=True))
     for d in (64, 96, 128, 256):
         out.append(dict(name=f"codec ops d{d}", codec_ops=True, d=d))
     out.append(dict(name="opcheck cuda", opcheck=True))
@@ -141,8 +141,15 @@ def run_attention_case(c: dict) -> dict:
     cfg = preset(c["fmt"], head_dim=c["d"])
     codec = TQCodec.build(cfg)
     if c.get("perturb"):
+        # scaled and shifted: off the decoders' baked tables, and no longer antisymmetric, so
+        # write_cache's encode counts all midpoints (the built-in codebooks take its
+        # antisymmetric quantizer: tq_ops.triton.encode)
+        kc, vc = codec.key_centroids, codec.value_centroids
         codec = TQCodec(cfg, codec.rotation, codec.qjl_projection,
-                        codec.key_centroids * (1 + 1e-3), codec.value_centroids * (1 - 1e-3))
+                        kc * (1 + 1e-3) + 1e-2 * (kc[1] - kc[0]),
+                        vc * (1 - 1e-3) - 1e-2 * (vc[1] - vc[0]))
+        assert not torch.equal(codec.key_centroids, -codec.key_centroids.flip(0))
+        assert not torch.equal(codec.value_centroids, -codec.value_centroids.flip(0))
     cg = codec.to("cuda")
     hq, hkv, d, bs, lens = c["hq"], c["hkv"], c["d"], c["bs"], c["lens"]
     kb, qjl, vb = cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits

@@ -17,6 +17,7 @@ Tolerances:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -310,6 +311,22 @@ def _child() -> dict:
         assert E.encode_config("cpu", d, kb, 2 * t, exact16=True) == exact_tile
         out["write_cache_exact16/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t,
                                                            exact16=True)
+    # codebooks that are not antisymmetric take the kernels' counting quantizer (built-in ones,
+    # every case above, the antisymmetric one): shifted by a fraction of a cell, still ascending
+    # (the codebook check asks for that), bulk and decode-sized writes
+    shifted = dataclasses.replace(c, key_centroids=c.key_centroids + 0.3 * (
+        c.key_centroids[1] - c.key_centroids[0]), value_centroids=c.value_centroids + 0.3 * (
+        c.value_centroids[1] - c.value_centroids[0]))
+    from tq_ops import codebooks
+
+    def antisymmetric(cb):
+        return bool(torch.equal(cb, -cb.flip(0)))
+    out["write_cache/antisymmetric"] = dict(
+        builtin=all(antisymmetric(codebooks.centroids(f[3], b)) for f in FORMATS
+                    for b in (f[0], f[2])),
+        shifted=antisymmetric(shifted.key_centroids) or antisymmetric(shifted.value_centroids))
+    for t_, name in ((t, "bulk"), (5, "small")):
+        out[f"write_cache/asymmetric-{name}"] = write_check(shifted, kb, qjl, vb, d, bs, t=t_)
     # a false declaration: a projection off the fp16 grid poisons every key norm a bulk write
     # stores (values untouched by it); a decode-sized write does not use the declaration
     lay = c.config.layout
@@ -544,8 +561,20 @@ def test_write_cache_kernel(report, fmt):
     assert r["other_slots_untouched"], r
 
 
-def test_write_cache_kernel_bulk_tile(report):
-    r = report["write_cache/bulk-tile"]
+def test_write_cache_codebook_symmetry(report):
+    """The premise of the asymmetric-* cases below: the built-in codebooks of FORMATS are
+    antisymmetric in fp32 (so the other cases cover the kernels' antisymmetric quantizer), the
+    shifted ones are not."""
+    r = report["write_cache/antisymmetric"]
+    assert r["builtin"] and not r["shifted"], r
+
+
+@pytest.mark.parametrize("case", ["bulk-tile", "asymmetric-bulk", "asymmetric-small"])
+def test_write_cache_kernel_bulk_tile(report, case):
+    """bulk-tile: 128-row tiles.  asymmetric-*: codebooks without c[2^B-1-k] == -c[k], which
+    the encode kernels quantize by counting all 2^B - 1 midpoints (built-in codebooks take the
+    antisymmetric path: every other write_cache case)."""
+    r = report[f"write_cache/{case}"]
     assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
     assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
     assert r["other_slots_untouched"], r

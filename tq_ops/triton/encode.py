@@ -16,6 +16,11 @@ and y = x (D^1.5 Pi^T) / (n s D^1.5) is as close to the fp32 product as the spli
 fewer MMAs per key tile, and a 64-row key program's shared memory drops from 176 KB to 112 KB at
 head_dim 128 (two programs per SM instead of one).
 
+Quantizer.  Every built-in codebook is antisymmetric (c[2^B - 1 - k] == -c[k] in fp32); each
+program checks the one it is given, and for such a codebook compares |y| with the 2^(B-1) - 1
+positive midpoints and takes the sign of y as the top bit (_quantize_antisymmetric: the same
+codes, up to ties, with half the thresholds); any other codebook counts all 2^B - 1 midpoints.
+
 A persistent program prepares Pi^T and S'^T once, then encodes tiles of TB rows (row = token * H +
 head).  MMA output columns come in grouped order (column q*DG + m is coordinate 8m + q, the groups
 of tq_ops.triton.unpack), so each bit-plane word is a sum of shifted codes over q.
@@ -28,7 +33,6 @@ import triton
 import triton.language as tl
 
 from tq_ops.codec import EXACT16_MAX_INT, EXACT16_RTOL
-from tq_ops.triton.unpack import lookup
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,9 @@ DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
 # 8 warps hide more latency than 4); values (64, 4, 2) beat (128, 8, 1).  EXACT16 keys (112 KB
 # at (64, 4), two per SM): (64, 4, 2) 126 us against 149 for (128, 8, 1) and 174 for split
 # (128, 8, 1) (perf/scratch/exact16_encode.py, session 22); with session 23's quantizer and sign
-# packing, EXACT16 (64, 4, 2) 112.6 us, split (128, 8, 1) 171.8 (perf/scratch/ab_launches.py).
+# packing, EXACT16 (64, 4, 2) 112.6 us, split (128, 8, 1) 171.8 (perf/scratch/ab_launches.py);
+# with session 24's antisymmetric quantizer 112.2 and 150.1, values (64, 4, 2) 100.2 split and
+# 94.7 EXACT16.
 ENCODE_CONFIGS: dict[tuple[str, int, int, bool], EncodeConfig] = {
     ("sm90", 128, 2, False): EncodeConfig(128, 8, 1),
     ("sm90", 128, 3, False): EncodeConfig(64, 4, 2),
@@ -220,16 +226,72 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
             s_hi = p_hi
             s_lo = p_lo
         rot_inv = 1.0
+    # every built-in codebook is antisymmetric (c[2^B - 1 - k] == -c[k] in fp32); the ops accept
+    # any codebook, so each program checks the one it was given (_quantize_antisymmetric)
+    antisym = tl.load(c_ptr) == -tl.load(c_ptr + 2 ** BITS - 1)
+    for k in tl.static_range(1, 2 ** (BITS - 1)):
+        antisym = antisym & (tl.load(c_ptr + k) == -tl.load(c_ptr + 2 ** BITS - 1 - k))
     for tile in tl.range(first_tile, tl.cdiv(n_rows, TB), tile_step):
         _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, H, D, DP,
-                     DG, TB, BITS, QJL, BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32, X_F32,
-                     EXACT16)
+                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, antisym, H,
+                     D, DP, DG, TB, BITS, QJL, BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32,
+                     X_F32, EXACT16)
+
+
+@triton.jit
+def _quantize_counting(y, c_ptr, BITS: tl.constexpr, QJL: tl.constexpr):
+    """(code, c[code]) of rotated unit rows y (fp32, any shape) for any codebook: code =
+    #{k: y > mid_k}, the reference's definition.  c[code] only with QJL (0.0 otherwise)."""
+    # each term is the sign bit of mid_k - y (one FADD, one LEA.HI to add it);
+    # `(y > mid).to(int32)` compiles to a compare, an add and a predicated move per threshold
+    # (sm_90: 2600 -> 2162 instructions per 3-bit value tile).  Equality gives +0 (no count), as
+    # y > mid does.
+    code = tl.zeros(y.shape, tl.int32)
+    for k in tl.static_range(2 ** BITS - 1):
+        mid = (tl.load(c_ptr + k) + tl.load(c_ptr + k + 1)) / 2
+        code += ((mid - y).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+    if QJL:
+        cval = tl.zeros(y.shape, tl.float32) + tl.load(c_ptr + 0)
+        for k in tl.static_range(1, 2 ** BITS):
+            cval = tl.where(code == k, tl.load(c_ptr + k), cval)
+    else:
+        cval = 0.0
+    return code, cval
+
+
+@triton.jit
+def _quantize_antisymmetric(y, c_ptr, BITS: tl.constexpr, QJL: tl.constexpr):
+    """_quantize_counting for a codebook with c[2^B - 1 - k] == -c[k] (checked by the caller).
+
+    Then mid_{h-1} = 0 and mid_{h-1-j} = -mid_{h-1+j} exactly (h = 2^(B-1)), so with
+    t = #{j >= h: |y| > mid_j} and pos = (y > 0) the count is h + t for y > 0 and h - 1 - t
+    otherwise, i.e. code = t ^ (h - 1 + pos): h - 1 thresholds instead of 2h - 1.  It differs
+    from the count only where y < 0 lies exactly on a midpoint (a tie).  c[code] is
+    +-c[h + t], the sign flipped by pos: a select over h entries instead of 2h."""
+    HALF: tl.constexpr = 2 ** (BITS - 1)
+    a = tl.abs(y)
+    t = tl.zeros(y.shape, tl.int32)
+    for j in tl.static_range(HALF, 2 ** BITS - 1):
+        mid = (tl.load(c_ptr + j) + tl.load(c_ptr + j + 1)) / 2
+        t += ((mid - a).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+    # the sign bit of 0 - y is y > 0 (+0 and -0 both give +0, as 0 > mid_{h-1} = 0 is false)
+    pos_bit = ((0.0 - y).to(tl.uint32, bitcast=True) >> 31) << 31
+    code = t ^ ((HALF - 1) + (pos_bit >> 31).to(tl.int32))
+    if QJL:
+        mag = tl.zeros(y.shape, tl.float32) + tl.load(c_ptr + HALF)
+        for k in tl.static_range(1, HALF):
+            mag = tl.where(t == k, tl.load(c_ptr + HALF + k), mag)
+        # c[code] = mag for y > 0 and -mag otherwise (sign flips as bit operations, which
+        # fold into the residual's subtraction)
+        cval = -(mag.to(tl.uint32, bitcast=True) ^ pos_bit).to(tl.float32, bitcast=True)
+    else:
+        cval = 0.0
+    return code, cval
 
 
 @triton.jit
 def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                 norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison,
+                 norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, antisym,
                  H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
                  TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
                  OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
@@ -270,15 +332,14 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         ys = tl.dot(x_hi, p_lo, ys)
     if X_F32:
         ys = tl.dot(x_lo, p_hi, ys)
+    # A uniform branch (one loop per branch would double the x pipeline's shared buffers).  y
+    # is formed before it: with the MMA result used inside the branch, Triton 3.6's software
+    # pipeliner fails to compile the loop.
     y = ys * inv[:, None]
-    # code = #{k: y > mid_k}, each term the sign bit of mid_k - y (one FFMA with the scaling
-    # above, one LEA.HI to add it); `(y > mid).to(int32)` compiles to a compare, an add and a
-    # predicated move per threshold (sm_90: 2600 -> 2162 instructions per 3-bit value tile).
-    # Equality gives +0 (no count), as y > mid does.
-    code = tl.zeros([TB, 8 * DG], tl.int32)
-    for k in tl.static_range(2 ** BITS - 1):
-        mid = (tl.load(c_ptr + k) + tl.load(c_ptr + k + 1)) / 2
-        code += ((mid - y).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+    if antisym:
+        code, cval = _quantize_antisymmetric(y, c_ptr, BITS, QJL)
+    else:
+        code, cval = _quantize_counting(y, c_ptr, BITS, QJL)
     crow = base + BS * OFF_C + tin * (D * BITS // 8)
     smask = rmask[:, None] & gm[None, :]
     if BITS == 4:
@@ -299,7 +360,7 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
             w1 = tl.sum(tl.reshape((code >> 2) << cq[None, :], (TB, 8, DG)), 1)
             tl.store(out_ptr + crow[:, None] + D // 4 + m[None, :], w1.to(tl.uint8), mask=smask)
     if QJL:
-        res = tl.where(cmask[None, :], y - lookup(code, c_ptr, BITS), 0.0)
+        res = tl.where(cmask[None, :], y - cval, 0.0)
         gam2 = tl.sum(res * res, 1)
         r_hi, r_lo = _split16(res * 256.0)  # scaled so the low part stays normal; same signs
         proj = tl.dot(r_hi, s_hi)
