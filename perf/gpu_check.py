@@ -170,7 +170,16 @@ def run_attention_case(c: dict) -> dict:
     k_pad = torch.cat([k, torch.randn(1, hkv, d).to(dt)])
     v_pad = torch.cat([v, torch.randn(1, hkv, d).to(dt)])
     res = {"name": c["name"]}
-    # write_cache
+    # write_cache.  The op uses an exact16_matrices declaration in writes of at least
+    # EXACT16_MIN_ROWS rows only (65536: more than these); lowered for this section, so the
+    # declared writes below run (and check) the EXACT16 kernels
+    import importlib
+    from unittest import mock
+
+    # (the package's attribute `write_cache` is the op, not this module)
+    write_cache_module = importlib.import_module("tq_ops.ops.write_cache")
+    lowered = mock.patch.object(write_cache_module, "EXACT16_MIN_ROWS", LATENCY_ROWS + 1)
+    lowered.start()
     cache_ref = cache0.clone()
     R.write_cache(k_pad, v_pad, cache_ref, sl_pad, codec.rotation, codec.qjl_projection,
                   codec.key_centroids, codec.value_centroids, kb, qjl, vb)
@@ -241,6 +250,7 @@ def run_attention_case(c: dict) -> dict:
         norms = R.parse_key_records(fk[0, sl.long()], d, kb, qjl)[2]
         res["false_declaration_norms_nan"] = bool(norms.isnan().all())
         ok &= res["false_declaration_norms_nan"]
+    lowered.stop()
     res["write_ok"] = bool(ok)
     # decode: exact same cache contents for both (the reference's)
     cache_g = cache_ref.cuda()

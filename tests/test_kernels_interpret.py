@@ -46,8 +46,8 @@ FORMATS = [(2, True, 3, 64, 4, 16), (3, False, 3, 64, 3, 32), (4, False, 4, 96, 
 BULK_FORMAT = FORMATS[4]
 
 # formats whose TQCodec matrices qualify for write_cache's exact16_matrices declaration
-# (power-of-two head dims; it changes the key encode of QJL formats only)
-EXACT16_FORMATS = [f for f in FORMATS if f[3] & (f[3] - 1) == 0 and f[1]]
+# (power-of-two head dims; it changes both bulk encodes)
+EXACT16_FORMATS = [f for f in FORMATS if f[3] & (f[3] - 1) == 0]
 
 
 def _fmt_id(f):
@@ -81,12 +81,12 @@ def _child() -> dict:
         dist = (y_ref.unsqueeze(-1) - mids).abs().amin(-1)
         return float(dist[bad].max())
 
-    def write_check(c, kb, qjl, vb, d, bs, t, hkv=2, exact16=False):
+    def write_check(c, kb, qjl, vb, d, bs, t, hkv=2, exact16=False, key_dtype=torch.float16):
         """write_cache's kernel against the reference: t tokens into 6 pages of a poisoned cache,
         shuffled slots, one token dropped (slot -1) and one all-zero key.  exact16: with the
         op's exact16_matrices declaration."""
         lay = c.config.layout
-        k = torch.randn(t, hkv, d, dtype=torch.float16)
+        k = torch.randn(t, hkv, d, dtype=key_dtype)
         v = torch.randn(t, hkv, d, dtype=torch.bfloat16)
         k[4] = 0
         nb = 6
@@ -305,12 +305,21 @@ def _child() -> dict:
                                             ("cpu", d, vb, False): tile}):
         assert E.encode_config("cpu", d, kb, 2 * t) == tile
         out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
-    # the bulk key launch with EXACT16: several 64-row tiles per persistent program
+    # the bulk launches with EXACT16: several 64-row tiles per persistent program (one
+    # program: "one SM")
+    # program: "one SM"); the declaration's threshold lowered to these interpreter-sized writes
     exact_tile = E.EncodeConfig(64, 4, 1)
-    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, True): exact_tile}):
-        assert E.encode_config("cpu", d, kb, 2 * t, exact16=True) == exact_tile
+    exact_rows = mock.patch.object(mod("write_cache"), "EXACT16_MIN_ROWS", E.LATENCY_ROWS + 1)
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, True): exact_tile,
+                                            ("cpu", d, vb, True): exact_tile}), \
+            mock.patch.object(mod("write_cache"), "sm_count", lambda device: 1), exact_rows:
+        assert E.encode_config("cpu", d, vb, 2 * t, exact16=True) == exact_tile
+        assert 2 * t > 2 * exact_tile.rows
         out["write_cache_exact16/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t,
                                                            exact16=True)
+        # fp32 keys: EXACT16 with the input's low part as one more MMA operand
+        out["write_cache_exact16/bulk-fp32"] = write_check(c, kb, qjl, vb, d, bs, t=t,
+                                                           exact16=True, key_dtype=torch.float32)
     # codebooks that are not antisymmetric take the kernels' counting quantizer (built-in ones,
     # every case above, the antisymmetric one): shifted by a fraction of a cell, still ascending
     # (the codebook check asks for that), bulk and decode-sized writes
@@ -328,22 +337,26 @@ def _child() -> dict:
     for t_, name in ((t, "bulk"), (5, "small")):
         out[f"write_cache/asymmetric-{name}"] = write_check(shifted, kb, qjl, vb, d, bs, t=t_)
     # a false declaration: a projection off the fp16 grid poisons every key norm a bulk write
-    # stores (values untouched by it); a decode-sized write does not use the declaration
+    # of at least EXACT16_MIN_ROWS rows stores (values untouched by it: they do not use S');
+    # a smaller write does not use the declaration: "below" is the real threshold, "bulk" the
+    # lowered one
     lay = c.config.layout
     false_decl = {}
-    for t_ in (5, t):
+    for t_, lowered in ((5, True), (t, True), (t, False)):
         kx = torch.randn(t_, 2, d, dtype=torch.float16)
         nb = math.ceil(t_ / bs) + 1
         slots = torch.randperm(nb * bs)[:t_].to(torch.int32)
         cache = torch.randint(0, 256, (nb, 2, bs * lay.slot_bytes), dtype=torch.uint8)
         undeclared = cache.clone()
-        for dst, declared in ((cache, True), (undeclared, False)):
-            mod("write_cache").launch_write_cache(
-                kx, kx, dst, slots, c.rotation, c.qjl_projection * (1 + 2 ** -12),
-                c.key_centroids, c.value_centroids, kb, qjl, vb, raw=True, exact16=declared)
+        min_rows = E.LATENCY_ROWS + 1 if lowered else E.EXACT16_MIN_ROWS
+        with mock.patch.object(mod("write_cache"), "EXACT16_MIN_ROWS", min_rows):
+            for dst, declared in ((cache, True), (undeclared, False)):
+                mod("write_cache").launch_write_cache(
+                    kx, kx, dst, slots, c.rotation, c.qjl_projection * (1 + 2 ** -12),
+                    c.key_centroids, c.value_centroids, kb, qjl, vb, raw=True, exact16=declared)
         keys_, vals_ = R.gather_pages(cache, torch.arange(nb).reshape(1, nb), d, kb, qjl, vb)
-        false_decl[t_] = dict(
-            bulk=2 * t_ > E.LATENCY_ROWS,
+        false_decl[f"{t_}-{'lowered' if lowered else 'real'}"] = dict(
+            bulk=2 * t_ >= min_rows,
             key_norms_nan=bool(R.parse_key_records(keys_[0, slots.long()], d, kb, qjl)[2]
                                .isnan().all()),
             value_norms_finite=bool(R.parse_value_records(vals_[0, slots.long()], d, vb)[1]
@@ -580,7 +593,8 @@ def test_write_cache_kernel_bulk_tile(report, case):
     assert r["other_slots_untouched"], r
 
 
-@pytest.mark.parametrize("case", [_fmt_id(f) for f in EXACT16_FORMATS] + ["bulk-tile"])
+@pytest.mark.parametrize("case", [_fmt_id(f) for f in EXACT16_FORMATS] + ["bulk-tile",
+                                                                          "bulk-fp32"])
 def test_write_cache_kernel_exact16(report, case):
     """The declared exact16_matrices path (one fp16 operand per matrix) writes the reference's
     bytes, up to ties, as the split-precision path does."""
@@ -592,10 +606,11 @@ def test_write_cache_kernel_exact16(report, case):
 
 
 def test_write_cache_kernel_false_exact16(report):
-    """A false exact16_matrices declaration makes a bulk write store NaN key norms rather than
-    codes of another matrix; a decode-sized write (encode_pair_kernel) does not use it."""
+    """A false exact16_matrices declaration makes a write of at least EXACT16_MIN_ROWS rows
+    store NaN key norms rather than codes of another matrix; smaller writes (a decode-sized
+    one through encode_pair_kernel, a bulk one below the threshold) do not use it."""
     cases = report["write_cache_exact16/false-declaration"]
-    assert sorted(r["bulk"] for r in cases.values()) == [False, True]
+    assert sorted(r["bulk"] for r in cases.values()) == [False, False, True]
     for t, r in cases.items():
         if r["bulk"]:
             assert r["key_norms_nan"] and r["value_norms_finite"], (t, r)

@@ -84,8 +84,8 @@ def exact16_matrices(rotation: torch.Tensor, projection: torch.Tensor) -> bool:
     rotation_matrix and qjl_matrix give such a pair for every power-of-two dim up to 256 (the
     three Hadamard passes make dim^1.5 Pi an integer matrix; its largest entry is 1336 at dim 256
     over seeds 0..49).  A caller that knows this declares it to write_cache (exact16_matrices=
-    True), whose encode kernel then rotates with one MMA instead of a split-precision pair and
-    fits twice the programs per SM.  Reads the tensors' values: call it once per codec, not per
+    True), whose bulk encodes then rotate with one MMA instead of a split-precision pair (and
+    the key encode fits twice the programs per SM).  Reads the tensors' values: call it once per codec, not per
     step (a host sync on CUDA).
     """
     d = rotation.shape[-1]

@@ -9,8 +9,9 @@ from torch.library import triton_op, wrap_triton
 from torch._subclasses.fake_tensor import is_fake
 
 from tq_ops import _checks, codec, layout, reference
-from tq_ops.triton.encode import (DEFAULT_ENCODE, LATENCY_ROWS, MODE_CACHE, MODE_RECORDS,
-                                  EncodeConfig, encode_config, encode_kernel, encode_pair_kernel)
+from tq_ops.triton.encode import (DEFAULT_ENCODE, EXACT16_MIN_ROWS, LATENCY_ROWS, MODE_CACHE,
+                                  MODE_RECORDS, EncodeConfig, encode_config, encode_kernel,
+                                  encode_pair_kernel)
 from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import group_width
 
@@ -64,10 +65,11 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
                        raw: bool = False, exact16: bool = False) -> None:
     """The Triton body of write_cache: one encode launch for keys, one for values; a write of
     at most LATENCY_ROWS rows (a decode step's) is one launch of encode_pair_kernel.  exact16:
-    write_cache's exact16_matrices declaration, used by the bulk key launch only.  H200, seed
-    format (perf/NOTES.md, sessions 22-23): the value launch with it took 118 us against 114 split
-    (32768 tokens x 8 heads; 112.6 against 102.7 with session 23's kernel), and a decode step's
-    write (8 tokens) 11.9 us against 10.5."""
+    write_cache's exact16_matrices declaration, used by both launches of a write of at least
+    EXACT16_MIN_ROWS rows (below, the split key launch is faster).  A decode step's write does
+    not use it (11.9 us against 10.5, session 22).  Values take it as well: with session 24's
+    antisymmetric quantizer the value launch alone takes 95 us with it against 100 split, the
+    whole op the same 211 us either way (H200, seed format, 32768 tokens x 8 heads)."""
     d = int(key.shape[-1])
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
@@ -76,6 +78,7 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
     if qjl:
         koffs.update(OFF_S=lay.slot_offset("k_signs"), OFF_G=lay.slot_offset("k_gamma"))
     t, h = key.shape[0], int(key.shape[1])
+    exact16 = exact16 and t * h >= EXACT16_MIN_ROWS
     if t * h <= LATENCY_ROWS:
         k = key if key.stride(-1) == 1 else key.contiguous()
         v = value if value.stride(-1) == 1 else value.contiguous()
@@ -92,10 +95,11 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
         return
     launch_encode(key, rotation, projection, key_centroids, key_bits, qjl, cache, koffs, bs,
                   page_stride, head_stride, slot_mapping=slot_mapping, raw=raw,
-                  exact16=exact16 and qjl)
+                  exact16=exact16)
     voffs = dict(OFF_C=lay.slot_offset("v_codes"), OFF_N=lay.slot_offset("v_norm"))
     launch_encode(value, rotation, projection, value_centroids, value_bits, False, cache, voffs,
-                  bs, page_stride, head_stride, slot_mapping=slot_mapping, raw=raw)
+                  bs, page_stride, head_stride, slot_mapping=slot_mapping, raw=raw,
+                  exact16=exact16)
 
 
 def check_cache(cache: Tensor, lay: layout.SlotLayout, num_kv_heads: int) -> int:
@@ -154,13 +158,14 @@ def write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: Tensor,
         key_bits, qjl, value_bits: the format.
         exact16_matrices: the caller declares tq_ops.codec.exact16_matrices(rotation,
             projection), which holds for TQCodec.build's matrices at power-of-two head dims (the
-            vLLM backend checks its codec once and declares it).  On CUDA a bulk write's key
-            encode then holds each matrix in one fp16 operand (fewer MMAs, twice the programs
-            per SM; the codes are the same up to ties at cell boundaries).  There a false
-            declaration cannot be checked without a host sync: the kernel checks the matrices
-            it loads and stores NaN key norms when they do not qualify.  Head dims above 128
-            (the reference body on CUDA) ignore it.  Off CUDA it is checked, and a false one
-            raises ValueError.
+            vLLM backend checks its codec once and declares it).  On CUDA a write of at least
+            tq_ops.triton.encode.EXACT16_MIN_ROWS tokens x heads then holds each matrix in one
+            fp16 operand (fewer MMAs; the codes are the same up to ties at cell boundaries);
+            smaller writes are faster without it and ignore it.  There a false declaration
+            cannot be checked without a host sync: each encode checks the matrices it loads
+            (keys: Pi and, with QJL, S'; values: Pi) and stores NaN norms when they do not
+            qualify.  Head dims above 128 (the reference body on CUDA) ignore it.  Off CUDA it
+            is checked, and a false one raises ValueError.
     Returns:
         None.  NaN/Inf or norms above 65504 are stored as in encode_keys / encode_values (NaN or
         +inf norms, not checked here).

@@ -64,6 +64,14 @@ ENCODE_CONFIGS: dict[tuple[str, int, int, bool], EncodeConfig] = {
 LATENCY_ROWS = 128
 
 
+# The exact16_matrices declaration is used by bulk writes of at least this many rows only:
+# below, the EXACT16 (64, 4, 2) key launch loses to the split (128, 8, 1) one.  H200, seed
+# format, write_cache op, us per call with the declaration against without (perf/NOTES.md,
+# session 24): 2048 tokens x 8 heads 29.5 against 25.7, 4096 x 8 42.4 against 41.2, 8192 x 8
+# 68.7 against 71.0, 32768 x 8 211 against 246.
+EXACT16_MIN_ROWS = 65536
+
+
 # fp32 input adds its low part as one more MMA operand in shared memory: 160-224 KB per 64-row
 # program at head_dim 128 (sm_90 compiles as launched, tests/test_launch_configs.py), one
 # program per SM
