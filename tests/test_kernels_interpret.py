@@ -320,6 +320,12 @@ def _child() -> dict:
         # fp32 keys: EXACT16 with the input's low part as one more MMA operand
         out["write_cache_exact16/bulk-fp32"] = write_check(c, kb, qjl, vb, d, bs, t=t,
                                                            exact16=True, key_dtype=torch.float32)
+        # MSE-only 3-bit keys and 3-bit values (the bulk format's values have 1 bit)
+        kb3, qjl3, vb3, d3, _, bs3 = FORMATS[1]
+        c3 = TQCodec.build(preset("seed", head_dim=d3).replace(
+            key_mse_bits=kb3, key_qjl_bits=int(qjl3), value_bits=vb3))
+        out["write_cache_exact16/bulk-mse-only"] = write_check(c3, kb3, qjl3, vb3, d3, bs3, t=t,
+                                                               exact16=True)
     # codebooks that are not antisymmetric take the kernels' counting quantizer (built-in ones,
     # every case above, the antisymmetric one): shifted by a fraction of a cell, still ascending
     # (the codebook check asks for that), bulk and decode-sized writes
@@ -593,8 +599,8 @@ def test_write_cache_kernel_bulk_tile(report, case):
     assert r["other_slots_untouched"], r
 
 
-@pytest.mark.parametrize("case", [_fmt_id(f) for f in EXACT16_FORMATS] + ["bulk-tile",
-                                                                          "bulk-fp32"])
+@pytest.mark.parametrize("case", [_fmt_id(f) for f in EXACT16_FORMATS] + [
+    "bulk-tile", "bulk-fp32", "bulk-mse-only"])
 def test_write_cache_kernel_exact16(report, case):
     """The declared exact16_matrices path (one fp16 operand per matrix) writes the reference's
     bytes, up to ties, as the split-precision path does."""
