@@ -2,7 +2,7 @@
 # Source trees for perf/scratch/ab_launches.py: perf/scratch/trees/NAME holds tq_ops/ and perf/ of
 # each git revision given (a branch, a commit); run on this machine before a device call (the
 # trees travel with the working tree as untracked files).  Delete them after.
-#   bash perf/scratch/make_trees.sh main encode-one-launch encode-symmetric-values
+#   bash perf/scratch/make_trees.sh main my-branch
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(git -C "$here" rev-parse --show-toplevel)
