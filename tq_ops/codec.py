@@ -85,8 +85,8 @@ def exact16_matrices(rotation: torch.Tensor, projection: torch.Tensor) -> bool:
     three Hadamard passes make dim^1.5 Pi an integer matrix; its largest entry is 1336 at dim 256
     over seeds 0..49).  A caller that knows this declares it to write_cache (exact16_matrices=
     True), whose bulk encodes then rotate with one MMA instead of a split-precision pair (and
-    the key encode fits twice the programs per SM).  Reads the tensors' values: call it once per codec, not per
-    step (a host sync on CUDA).
+    the key encode fits twice the programs per SM).  Reads the tensors' values: call it once
+    per codec, not per step (a host sync on CUDA).
     """
     d = rotation.shape[-1]
     scaled = rotation.detach().to("cpu", torch.float64) * float(d) ** 1.5
