@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -174,7 +175,6 @@ def run_attention_case(c: dict) -> dict:
     # EXACT16_MIN_ROWS rows only (65536: more than these); lowered for this section, so the
     # declared writes below run (and check) the EXACT16 kernels
     import importlib
-    from unittest import mock
 
     # (the package's attribute `write_cache` is the op, not this module)
     write_cache_module = importlib.import_module("tq_ops.ops.write_cache")
@@ -651,6 +651,9 @@ def worker(index: int, count: int, only: str = "") -> None:
                 r = run_attention_case(c)
         except Exception:  # noqa: BLE001 - a crash is a failed check, reported in full
             r = {"name": c["name"], "ok": False, "error": traceback.format_exc()[-3000:]}
+        finally:
+            # a case that stopped half-way leaves no patch to the next (run_attention_case)
+            mock.patch.stopall()
         r["seconds"] = round(time.time() - t0, 1)
         print("RESULT " + json.dumps(r), flush=True)
 
