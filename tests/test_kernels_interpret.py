@@ -306,7 +306,6 @@ def _child() -> dict:
         assert E.encode_config("cpu", d, kb, 2 * t) == tile
         out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
     # the bulk launches with EXACT16: several 64-row tiles per persistent program (one
-    # program: "one SM")
     # program: "one SM"); the declaration's threshold lowered to these interpreter-sized writes
     exact_tile = E.EncodeConfig(64, 4, 1)
     exact_rows = mock.patch.object(mod("write_cache"), "EXACT16_MIN_ROWS", E.LATENCY_ROWS + 1)
