@@ -95,7 +95,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     l_part = torch.empty((parts,), dtype=f32, device=q.device)
     out = torch.empty((b, hq, d), dtype=query.dtype, device=q.device)
     consts = split_constants(hkv, g, d, key_bits, qjl, value_bits, bs, block_n,
-                             int(cache.stride(0)), q.device.type == "cuda")
+                             int(cache.stride(0)), q.device.type == "cuda", cfg.l2_prefetch)
     use_fast = consts["PAIRED"]
     # the split kernel's plane operands, built once per query row by the prep launch
     planes = (use_fast and cfg.key_planes and key_bits == 2
@@ -185,9 +185,11 @@ def split_launch(cfg: DecodeConfig, on_cuda: bool) -> tuple[DecodeConfig, dict]:
 
 
 def split_constants(hkv: int, g: int, d: int, key_bits: int, qjl: bool, value_bits: int,
-                    bs: int, block_n: int, page_stride: int, on_cuda: bool) -> dict:
-    """The tl.constexpr arguments of decode_split_kernel except FAST (perf/sass_report.py
-    compiles the kernel offline with the same ones)."""
+                    bs: int, block_n: int, page_stride: int, on_cuda: bool,
+                    l2_prefetch: bool = True) -> dict:
+    """The tl.constexpr arguments of decode_split_kernel except FAST and the decoder switches
+    (perf/sass_report.py compiles the kernel offline with the same ones).  l2_prefetch: the
+    config's DecodeConfig.l2_prefetch."""
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     comps = dict(lay.components)
     dg = group_width(d)
@@ -203,13 +205,19 @@ def split_constants(hkv: int, g: int, d: int, key_bits: int, qjl: bool, value_bi
     align["AL_N"] = math.gcd(common, 2 * block_n,
                              *(bs * lay.slot_offset(n) for n in ("k_norm", "k_gamma", "v_norm")
                                if n in comps))
+    # the L2 hint (attend_pages: tiles inside one page, GPU only) takes a 16-byte aligned
+    # region: every page region is when the strides are multiples of 16 (the instruction itself
+    # checks the base address)
+    region = bs * lay.slot_bytes
+    prefetch = region if (on_cuda and l2_prefetch and bs >= block_n and region % 16 == 0
+                          and page_stride % 16 == 0) else 0
     kt, vt = asm_tables(d, key_bits), asm_tables(d, value_bits)
     # the asm decoders are GPU-only; off CUDA (interpreter tests) the slow decoders run
     paired = on_cuda and kt[0] == 1 and vt[0] == 1
     return dict(HKV=hkv, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, DP=8 * dg, DG=dg,
                 BS=bs, BLOCK_N=block_n, KB=key_bits, QJL=qjl, VB=value_bits,
                 SLOT=lay.slot_bytes, PAIRED=paired, KT0=kt[1], KT1=kt[2], VT0=vt[1], VT1=vt[2],
-                RAW_N=RAW_TILE, RAW_DC=RAW_COLUMNS, **offs, **align)
+                RAW_N=RAW_TILE, RAW_DC=RAW_COLUMNS, PREFETCH=prefetch, **offs, **align)
 
 
 @triton_op("turboquant::paged_decode_attention", mutates_args=())

@@ -38,7 +38,7 @@ from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_valu
                                   fast_values3_words, key_plane,
                                   key_plane_gamma_sum, key_plane_offset, key_plane_scale,
                                   load_fast, load_group_words, load_scalars, lookup,
-                                  planes_apply, sign_plane, sign_plane_offset, sign_plane_scale,
+                                  planes_apply, prefetch_l2, sign_plane, sign_plane_offset, sign_plane_scale,
                                   slow_code, slow_sign, table_matches, tile_rows,
                                   tile_rows_paged, tuple_set, value_words)
 
@@ -72,6 +72,8 @@ class DecodeConfig:
     # one wave's resident slots busy (num_splits says why)
     split_positions: int = 256
     wave_fill: float = 0.65
+    # an L2 hint for the next page at the top of a tile (attend_pages says when and why)
+    l2_prefetch: bool = True
 
 
 # (arch, head_dim, key_bits) -> config.  Rows absent from the table use DEFAULT_DECODE.
@@ -347,9 +349,19 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                  OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr,
                  AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
                  FAST: tl.constexpr, PLANES: tl.constexpr, WORDS: tl.constexpr,
-                 KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
+                 KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr,
+                 PREFETCH: tl.constexpr = 0):
     """Online softmax over compressed positions max(lo, kv_start)..hi-1 of one sequence and KV
     head; lo is a multiple of BLOCK_N.
+
+    PREFETCH (GPU only, tiles inside one page; 0 = off): the bytes of one page's region of a
+    KV head (BS * SLOT, a multiple of 16).  Each tile that precedes a new page first asks L2
+    for that page's region.  Triton 3.6 single-buffers this loop's async copies, so a tile's
+    loads are issued after the previous tile's compute and waited for at the top of the next:
+    without the hint every tile waits out a DRAM round trip (Nsight Compute, H200, (8, 32k),
+    page 64: 12% of the warps' stall samples on that wait).  Measured (perf/NOTES.md, session
+    25): 1.4-1.9% faster at page 64 from (8, 32k) up; with multi-page tiles (page 16) one hint
+    per page cost more than it saved (1.5-2% slower), so those tiles take none.
 
     Scores are (BLOCK_N, GP) = sum_r dot(keys_r (BLOCK_N, DG), q_r (DG, GP)); the value
     accumulators are 8 (DG, GP) tiles, accs[r] += dot(values_r^T (DG, BLOCK_N), p (BLOCK_N, GP)),
@@ -363,7 +375,14 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     MULTI_PAGE: tl.constexpr = BS < BLOCK_N
     if MULTI_PAGE:
         tl.static_assert(BLOCK_N % BS == 0, "a multi-page tile holds whole pages")
+        tl.static_assert(PREFETCH == 0, "the L2 hint covers tiles inside one page")
     for start in tl.range(lo, hi, BLOCK_N):
+        if PREFETCH > 0:
+            # the next page's whole region, when the next tile opens it
+            nxt = start + BLOCK_N
+            ok = (nxt < hi) & (nxt % BS == 0)
+            pn = tl.load(bt_ptr + bt_row + nxt // BS, mask=ok, other=0)
+            prefetch_l2(cache_ptr + pn.to(tl.int64) * page_stride + head_off, ok, PREFETCH)
         pos = start + tl.arange(0, BLOCK_N)
         valid = (pos < hi) & (pos >= kv_start)
         if MULTI_PAGE:
@@ -457,7 +476,7 @@ def decode_split_kernel(
         FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
         VT0: tl.constexpr, VT1: tl.constexpr, RAW_N: tl.constexpr, RAW_DC: tl.constexpr,
         KEY_PLANES: tl.constexpr = True, VALUE_WORDS: tl.constexpr = True,
-        ALONE: tl.constexpr = False):
+        ALONE: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """One (sequence, KV head, split) partial of the compressed positions (module docstring),
     or, for split == num_splits (a program past the last split), the raw-pool partial of that
     (sequence, KV head) (raw_partial).
@@ -487,7 +506,7 @@ def decode_split_kernel(
                           page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
                           GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
                           OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
-                          KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1)
+                          KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1, PREFETCH=PREFETCH)
         else:
             if ALONE:
                 nan_partial(o_ptr, m_ptr, l_ptr, tl.program_id(0), tl.program_id(1), num_splits,
@@ -606,7 +625,7 @@ def split_partial(
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, KEY_PLANES: tl.constexpr, VALUE_WORDS: tl.constexpr,
         KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr,
-        WHOLE: tl.constexpr = False, col=0):
+        WHOLE: tl.constexpr = False, col=0, PREFETCH: tl.constexpr = 0):
     """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h.
     WHOLE (the merge's fallback): the one range 0..kv_len-1 into slot `split`, only query
     column `col` stored (the G programs of the KV head each store their own)."""
@@ -660,7 +679,7 @@ def split_partial(
         cache_ptr, bt_ptr, b.to(tl.int64) * bt_stride, lo, hi, kv_start, h * (BS * SLOT),
         page_stride, kc_ptr, vc_ptr, qts, qlos, uts, off_s, off_z, ktabs, vtabs, m_i, l_i, accs,
         D, DG, GP, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN,
-        AL_K, AL_S, AL_V, AL_N, FAST, PLANES, WORDS, KT0, KT1, VT0, VT1)
+        AL_K, AL_S, AL_V, AL_N, FAST, PLANES, WORDS, KT0, KT1, VT0, VT1, PREFETCH)
     m = tl.arange(0, DG)
     for r in tl.static_range(8):
         tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],

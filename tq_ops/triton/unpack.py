@@ -508,6 +508,32 @@ def table_matches(c_ptr, BITS: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr)
     return ok
 
 
+@triton.constexpr_function
+def _asm_prefetch_l2(nbytes):
+    # lane 0 of the warp issues one bulk L2 prefetch when the predicate ($2) is set and the
+    # address is 16-byte aligned (the instruction's requirement; nbytes is a multiple of 16)
+    return f"""{{
+.reg .pred p;
+.reg .b32 l;
+.reg .b64 a;
+mov.u32 l, %laneid;
+and.b64 a, $1, 15;
+setp.eq.u64 p, a, 0;
+setp.eq.and.u32 p, l, 0, p;
+setp.ne.and.u32 p, $2, 0, p;
+@p cp.async.bulk.prefetch.L2.global [$1], {nbytes};
+mov.b32 $0, 0;
+}}"""
+
+
+@triton.jit
+def prefetch_l2(ptr, pred, NBYTES: tl.constexpr):
+    """A hint: bring NBYTES (a multiple of 16) at `ptr` (a scalar pointer) into L2 when `pred`
+    holds.  GPU only (sm_90 PTX); nothing is read back, so it cannot change a result."""
+    tl.inline_asm_elementwise(_asm_prefetch_l2(NBYTES), "=r,l,r", [ptr, pred.to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def tile_rows(bt_ptr, bt_row, start, page_stride, head_off, BS: tl.constexpr,
               BLOCK_N: tl.constexpr):
