@@ -43,6 +43,13 @@ def one(tree):
         op, _ = C.encode_case(declared=declared)
         out[f"write_cache op {'declared' if declared else 'default'}"] = \
             round(C.gpu_ms(op, rep=200) * 1e3, 1)
+    # bf16 K/V (vLLM's usual dtype), declared
+    kb = x["keys"].to(torch.bfloat16); vb = x["values"].to(torch.bfloat16)
+    def opb():
+        torch.ops.turboquant.write_cache(kb, vb, cache, slots, codec.rotation, codec.qjl_projection,
+                                         codec.key_centroids, codec.value_centroids,
+                                         cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits, True)
+    out["write_cache op declared bf16"] = round(C.gpu_ms(opb, rep=200) * 1e3, 1)
     print("RESULT " + json.dumps(out), flush=True)
 
 
