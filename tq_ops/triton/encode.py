@@ -52,7 +52,8 @@ DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
 # (128, 8, 1) (perf/scratch/exact16_encode.py, session 22); with session 23's quantizer and sign
 # packing, EXACT16 (64, 4, 2) 112.6 us, split (128, 8, 1) 171.8 (perf/scratch/ab_launches.py);
 # with session 24's antisymmetric quantizer 112.2 and 150.1, values (64, 4, 2) 100.2 split and
-# 94.7 EXACT16.
+# 94.7 EXACT16; with session 25's vectorised stores and fp16 operands 81.1 and 116.6, values
+# 58.4 and 55.1 (values at (64, 4, 3) under a 168-register cap: 55.0, not kept).
 ENCODE_CONFIGS: dict[tuple[str, int, int, bool], EncodeConfig] = {
     ("sm90", 128, 2, False): EncodeConfig(128, 8, 1),
     ("sm90", 128, 3, False): EncodeConfig(64, 4, 2),
@@ -68,7 +69,8 @@ LATENCY_ROWS = 128
 # below, the EXACT16 (64, 4, 2) key launch loses to the split (128, 8, 1) one.  H200, seed
 # format, write_cache op, us per call with the declaration against without (perf/NOTES.md,
 # session 24): 2048 tokens x 8 heads 29.5 against 25.7, 4096 x 8 42.4 against 41.2, 8192 x 8
-# 68.7 against 71.0, 32768 x 8 211 against 246.
+# 68.7 against 71.0, 32768 x 8 211 against 246 (session 25's kernels: 139 against 176; the
+# smaller sizes were not timed again).
 EXACT16_MIN_ROWS = 65536
 
 
@@ -236,39 +238,60 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         rot_inv = 1.0
     # every built-in codebook is antisymmetric (c[2^B - 1 - k] == -c[k] in fp32); the ops accept
     # any codebook, so each program checks the one it was given (_quantize_antisymmetric)
-    antisym = tl.load(c_ptr) == -tl.load(c_ptr + 2 ** BITS - 1)
+    cb = _load_codebook(c_ptr, BITS)
+    antisym = cb[0] == -cb[2 ** BITS - 1]
     for k in tl.static_range(1, 2 ** (BITS - 1)):
-        antisym = antisym & (tl.load(c_ptr + k) == -tl.load(c_ptr + 2 ** BITS - 1 - k))
+        antisym = antisym & (cb[k] == -cb[2 ** BITS - 1 - k])
     for tile in tl.range(first_tile, tl.cdiv(n_rows, TB), tile_step):
         _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                     norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, antisym, H,
+                     norm_ptr, cb, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, antisym, H,
                      D, DP, DG, TB, BITS, QJL, BS, OFF_C, OFF_S, OFF_N, OFF_G, MODE, NORM_F32,
                      X_F32, EXACT16)
 
 
 @triton.jit
-def _quantize_counting(y, c_ptr, BITS: tl.constexpr, QJL: tl.constexpr):
-    """(code, c[code]) of rotated unit rows y (fp32, any shape) for any codebook: code =
-    #{k: y > mid_k}, the reference's definition.  c[code] only with QJL (0.0 otherwise)."""
+def _load_codebook(c_ptr, BITS: tl.constexpr):
+    """The 2^BITS fp32 centroids as a tuple of 16 scalars (entries past 2^BITS are 0), loaded
+    once per program: loaded inside the tile loop, they were issued every tile and waited on
+    (Nsight Compute, H200, session 25)."""
+    n: tl.constexpr = 2 ** BITS
+    return (tl.load(c_ptr + 0), tl.load(c_ptr + 1),
+            tl.load(c_ptr + 2, mask=2 < n, other=0.0), tl.load(c_ptr + 3, mask=3 < n, other=0.0),
+            tl.load(c_ptr + 4, mask=4 < n, other=0.0), tl.load(c_ptr + 5, mask=5 < n, other=0.0),
+            tl.load(c_ptr + 6, mask=6 < n, other=0.0), tl.load(c_ptr + 7, mask=7 < n, other=0.0),
+            tl.load(c_ptr + 8, mask=8 < n, other=0.0), tl.load(c_ptr + 9, mask=9 < n, other=0.0),
+            tl.load(c_ptr + 10, mask=10 < n, other=0.0),
+            tl.load(c_ptr + 11, mask=11 < n, other=0.0),
+            tl.load(c_ptr + 12, mask=12 < n, other=0.0),
+            tl.load(c_ptr + 13, mask=13 < n, other=0.0),
+            tl.load(c_ptr + 14, mask=14 < n, other=0.0),
+            tl.load(c_ptr + 15, mask=15 < n, other=0.0))
+
+
+@triton.jit
+def _quantize_counting(y, cb, BITS: tl.constexpr, QJL: tl.constexpr):
+    """(code, c[code]) of rotated unit rows y (fp32, any shape) for any codebook cb
+    (_load_codebook): code = #{k: y > mid_k}, the reference's definition.  c[code] only with QJL
+    (0.0 otherwise)."""
     # each term is the sign bit of mid_k - y (one FADD, one LEA.HI to add it);
     # `(y > mid).to(int32)` compiles to a compare, an add and a predicated move per threshold
     # (sm_90: 2600 -> 2162 instructions per 3-bit value tile).  Equality gives +0 (no count), as
     # y > mid does.
     code = tl.zeros(y.shape, tl.int32)
     for k in tl.static_range(2 ** BITS - 1):
-        mid = (tl.load(c_ptr + k) + tl.load(c_ptr + k + 1)) / 2
+        mid = (cb[k] + cb[k + 1]) / 2
         code += ((mid - y).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
     if QJL:
-        cval = tl.zeros(y.shape, tl.float32) + tl.load(c_ptr + 0)
+        cval = tl.zeros(y.shape, tl.float32) + cb[0]
         for k in tl.static_range(1, 2 ** BITS):
-            cval = tl.where(code == k, tl.load(c_ptr + k), cval)
+            cval = tl.where(code == k, cb[k], cval)
     else:
         cval = 0.0
     return code, cval
 
 
 @triton.jit
-def _quantize_antisymmetric(y, c_ptr, BITS: tl.constexpr, QJL: tl.constexpr):
+def _quantize_antisymmetric(y, cb, BITS: tl.constexpr, QJL: tl.constexpr):
     """_quantize_counting for a codebook with c[2^B - 1 - k] == -c[k] (checked by the caller).
 
     Then mid_{h-1} = 0 and mid_{h-1-j} = -mid_{h-1+j} exactly (h = 2^(B-1)), so with
@@ -280,15 +303,15 @@ def _quantize_antisymmetric(y, c_ptr, BITS: tl.constexpr, QJL: tl.constexpr):
     a = tl.abs(y)
     t = tl.zeros(y.shape, tl.int32)
     for j in tl.static_range(HALF, 2 ** BITS - 1):
-        mid = (tl.load(c_ptr + j) + tl.load(c_ptr + j + 1)) / 2
+        mid = (cb[j] + cb[j + 1]) / 2
         t += ((mid - a).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
     # the sign bit of 0 - y is y > 0 (+0 and -0 both give +0, as 0 > mid_{h-1} = 0 is false)
     pos_bit = ((0.0 - y).to(tl.uint32, bitcast=True) >> 31) << 31
     code = t ^ ((HALF - 1) + (pos_bit >> 31).to(tl.int32))
     if QJL:
-        mag = tl.zeros(y.shape, tl.float32) + tl.load(c_ptr + HALF)
+        mag = tl.zeros(y.shape, tl.float32) + cb[HALF]
         for k in tl.static_range(1, HALF):
-            mag = tl.where(t == k, tl.load(c_ptr + HALF + k), mag)
+            mag = tl.where(t == k, cb[HALF + k], mag)
         # c[code] = mag for y > 0 and -mag otherwise (sign flips as bit operations, which
         # fold into the residual's subtraction)
         cval = -(mag.to(tl.uint32, bitcast=True) ^ pos_bit).to(tl.float32, bitcast=True)
@@ -299,7 +322,7 @@ def _quantize_antisymmetric(y, c_ptr, BITS: tl.constexpr, QJL: tl.constexpr):
 
 @triton.jit
 def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                 norm_ptr, c_ptr, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, antisym,
+                 norm_ptr, cb, tile, p_hi, p_lo, s_hi, s_lo, rot_inv, poison, antisym,
                  H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DG: tl.constexpr,
                  TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
                  OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
@@ -355,9 +378,9 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
     # pipeliner fails to compile the loop.
     y = ys * inv[:, None]
     if antisym:
-        code, cval = _quantize_antisymmetric(y, c_ptr, BITS, QJL)
+        code, cval = _quantize_antisymmetric(y, cb, BITS, QJL)
     else:
-        code, cval = _quantize_counting(y, c_ptr, BITS, QJL)
+        code, cval = _quantize_counting(y, cb, BITS, QJL)
     crow = base + BS * OFF_C + tin * (D * BITS // 8)
     # Word pointers are formed from the row's byte address before adding the group index: a
     # byte pointer plus 2 * m has no contiguity for Triton's axis analysis, and the stores
@@ -368,9 +391,11 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         w = tl.reshape(code << (4 * (cq % 4))[None, :], (TB, 2, 4, DG))
         w = tl.sum(w, 2)
         w_lo, w_hi = tl.split(tl.permute(w, (0, 2, 1)))
-        # the two 16-bit halves of group m's 32-bit word (little-endian), as one int32
-        p32 = (out_ptr + crow).to(tl.pointer_type(tl.int32))[:, None] + m[None, :]
-        tl.store(p32, (w_lo & 0xFFFF) | (w_hi << 16), mask=smask)
+        # 16-bit halves, not one int32: a record (MODE_RECORDS) may start at any even byte
+        # (an int32 store faulted there on the H200, session 25)
+        p16 = (out_ptr + crow[:, None] + 4 * m[None, :]).to(tl.pointer_type(tl.int16))
+        tl.store(p16, w_lo.to(tl.int16), mask=smask)
+        tl.store(p16 + 1, w_hi.to(tl.int16), mask=smask)
     elif BITS == 1:
         w = tl.sum(tl.reshape(code << cq[None, :], (TB, 8, DG)), 1)
         tl.store(out_ptr + crow[:, None] + m[None, :], w.to(tl.uint8), mask=smask)
