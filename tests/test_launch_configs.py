@@ -83,6 +83,34 @@ def test_page_tile_is_inside_a_page_or_whole_pages_and_avoids_32_at_head_dim_128
     assert page_tile(128, cfg, 128) == cfg.block_n
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+def test_l2_hint_only_for_tiles_inside_one_page_on_cuda(block_size):
+    """The split kernel's L2 hint (attend_pages' PREFETCH) covers one page region of a KV head
+    (block_size x slot bytes): on CUDA, for tiles inside one page, with 16-byte multiples of
+    strides, and not when the config switches it off.  Multi-page tiles measured slower with it
+    (perf/NOTES.md, session 25); the interpreter has no such instruction."""
+    import dataclasses
+
+    from tq_ops import layout
+    from tq_ops.ops.paged_decode_attention import split_constants
+    from tq_ops.triton.decode import decode_config, page_tile
+
+    cfg = decode_config("sm90", 128, 2)
+    slot = layout.SlotLayout(128, 2, True, 3).slot_bytes
+    tile = page_tile(block_size, cfg, 128)
+    stride = 8 * block_size * slot
+
+    def hint(on_cuda=True, page_stride=stride, c=cfg):
+        return split_constants(8, 4, 128, 2, True, 3, block_size, tile, page_stride, on_cuda,
+                               c.l2_prefetch)["PREFETCH"]
+
+    want = block_size * slot if block_size >= tile else 0
+    assert hint() == want
+    assert hint(on_cuda=False) == 0
+    assert hint(page_stride=stride + 8) == 0
+    assert hint(c=dataclasses.replace(cfg, l2_prefetch=False)) == 0
+
+
 # -- the encode kernel's config (tq_ops.triton.encode.encode_config) ---------------------------
 
 ENCODE_KEYS = list(ENCODE_CONFIGS)
