@@ -111,6 +111,16 @@ def test_l2_hint_only_for_tiles_inside_one_page_on_cuda(block_size):
     assert hint(c=dataclasses.replace(cfg, l2_prefetch=False)) == 0
 
 
+def test_l2_hint_needs_an_arch_with_bulk_prefetch():
+    """cp.async.bulk.prefetch is PTX for sm_90 and later; on an A100 or an L40 the kernel with
+    the hint would not compile, so the launcher asks has_bulk_prefetch first."""
+    from tq_ops.triton.launch import has_bulk_prefetch
+
+    assert [has_bulk_prefetch(a) for a in ("sm80", "sm86", "sm89", "sm90", "sm100", "sm120",
+                                           "cpu")] == [False, False, False, True, True, True,
+                                                       False]
+
+
 # -- the encode kernel's config (tq_ops.triton.encode.encode_config) ---------------------------
 
 ENCODE_KEYS = list(ENCODE_CONFIGS)

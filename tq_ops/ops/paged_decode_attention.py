@@ -16,7 +16,7 @@ from tq_ops.ops.write_cache import check_paged_query, check_raw_pool
 from tq_ops.triton.decode import (LOG2E, DecodeConfig, decode_config,
                                   decode_merge_fallback_kernel, decode_merge_kernel,
                                   decode_split_kernel, num_splits, page_tile, query_prep_kernel)
-from tq_ops.triton.launch import arch, register_cap, sm_count
+from tq_ops.triton.launch import arch, has_bulk_prefetch, register_cap, sm_count
 from tq_ops.triton.unpack import asm_tables, group_width, symmetric_table
 
 # query rows per prep program: 8 rows took 0.2-0.4 us less than 16 in three runs on an H200
@@ -75,7 +75,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     g = hq // hkv
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
-    cfg, cap = split_launch(config or decode_config(arch(query.device), d, key_bits),
+    arch_name = arch(query.device)
+    cfg, cap = split_launch(config or decode_config(arch_name, d, key_bits),
                             query.device.type == "cuda")
     block_n = page_tile(bs, cfg, d)
     ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg,
@@ -95,7 +96,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     l_part = torch.empty((parts,), dtype=f32, device=q.device)
     out = torch.empty((b, hq, d), dtype=query.dtype, device=q.device)
     consts = split_constants(hkv, g, d, key_bits, qjl, value_bits, bs, block_n,
-                             int(cache.stride(0)), q.device.type == "cuda", cfg.l2_prefetch)
+                             int(cache.stride(0)), q.device.type == "cuda",
+                             cfg.l2_prefetch and has_bulk_prefetch(arch_name))
     use_fast = consts["PAIRED"]
     # the split kernel's plane operands, built once per query row by the prep launch
     planes = (use_fast and cfg.key_planes and key_bits == 2
@@ -189,7 +191,8 @@ def split_constants(hkv: int, g: int, d: int, key_bits: int, qjl: bool, value_bi
                     l2_prefetch: bool = True) -> dict:
     """The tl.constexpr arguments of decode_split_kernel except FAST and the decoder switches
     (perf/sass_report.py compiles the kernel offline with the same ones).  l2_prefetch: the
-    config's DecodeConfig.l2_prefetch."""
+    config's DecodeConfig.l2_prefetch, on a GPU that has the instruction
+    (tq_ops.triton.launch.has_bulk_prefetch)."""
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     comps = dict(lay.components)
     dg = group_width(d)

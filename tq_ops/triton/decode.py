@@ -38,8 +38,8 @@ from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_valu
                                   fast_values3_words, key_plane,
                                   key_plane_gamma_sum, key_plane_offset, key_plane_scale,
                                   load_fast, load_group_words, load_scalars, lookup,
-                                  planes_apply, prefetch_l2, sign_plane, sign_plane_offset, sign_plane_scale,
-                                  slow_code, slow_sign, table_matches, tile_rows,
+                                  planes_apply, prefetch_l2, sign_plane, sign_plane_offset,
+                                  sign_plane_scale, slow_code, slow_sign, table_matches, tile_rows,
                                   tile_rows_paged, tuple_set, value_words)
 
 LOG2E = 1.4426950408889634
@@ -354,14 +354,15 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     """Online softmax over compressed positions max(lo, kv_start)..hi-1 of one sequence and KV
     head; lo is a multiple of BLOCK_N.
 
-    PREFETCH (GPU only, tiles inside one page; 0 = off): the bytes of one page's region of a
-    KV head (BS * SLOT, a multiple of 16).  Each tile that precedes a new page first asks L2
-    for that page's region.  Triton 3.6 single-buffers this loop's async copies, so a tile's
-    loads are issued after the previous tile's compute and waited for at the top of the next:
-    without the hint every tile waits out a DRAM round trip (Nsight Compute, H200, (8, 32k),
-    page 64: 12% of the warps' stall samples on that wait).  Measured (perf/NOTES.md, session
-    25): 1.4-1.9% faster at page 64 from (8, 32k) up; with multi-page tiles (page 16) one hint
-    per page cost more than it saved (1.5-2% slower), so those tiles take none.
+    PREFETCH (sm_90 and later, tiles inside one page; 0 = off): the bytes of one page's
+    region of a KV head (BS * SLOT, a multiple of 16).  Each tile that precedes a new page
+    first asks L2 for that page's region.  Triton 3.6 single-buffers this loop's async
+    copies, so a tile's loads are issued after the previous tile's compute and waited for at
+    the top of the next: without the hint every tile waits out a DRAM round trip (Nsight
+    Compute, H200, (8, 32k), page 64: 12% of the warps' stall samples on that wait).
+    Measured (perf/NOTES.md, session 25): 1.4-1.9% faster at page 64 from (8, 32k) up; with
+    multi-page tiles (page 16) one hint per page cost more than it saved (1.5-2% slower), so
+    those tiles take none.
 
     Scores are (BLOCK_N, GP) = sum_r dot(keys_r (BLOCK_N, DG), q_r (DG, GP)); the value
     accumulators are 8 (DG, GP) tiles, accs[r] += dot(values_r^T (DG, BLOCK_N), p (BLOCK_N, GP)),

@@ -43,6 +43,12 @@ def arch(device: torch.device) -> str:
     return _props(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
+def has_bulk_prefetch(arch_name: str) -> bool:
+    """Whether an arch (as `arch` names it) has PTX's cp.async.bulk.prefetch (sm_90 and later):
+    the decode split kernel's L2 hint (tq_ops.triton.decode.attend_pages) compiles only there."""
+    return arch_name.startswith("sm") and int(arch_name[2:-1]) >= 9
+
+
 def register_cap(max_registers: int) -> dict:
     """{"maxnreg": max_registers} for a launch that runs eagerly, {} while torch is tracing
     wrap_triton launches (module docstring) or when no cap is set."""
