@@ -352,20 +352,21 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         base = r.to(tl.int64) * page_stride
         tin = r.to(tl.int64) * 0
     n = tl.sqrt(tl.sum(x * x, 1))
-    # power-of-two prescale from the norm: max |x s| <= n s < 2^15, and fp16/bf16 inputs convert
-    # to fp16 exactly (entries below 2^-28 n would lose bits: below any rounding that matters)
-    e = ((n.to(tl.int32, bitcast=True) >> 23) & 255) - 127
-    e = tl.minimum(tl.maximum(e, -100), 100)
-    s = ((127 + 14 - e) << 23).to(tl.float32, bitcast=True)
     if x_ptr.dtype.element_ty == tl.float16:
-        # fp16 rows are their own MMA operand: scaling by the power of two s commutes with
-        # every rounding of the product and the division (no overflow or underflow at these
-        # magnitudes), so y is bit-identical to the scaled path, and the loaded tile needs no
+        # fp16 rows are their own MMA operand: the prescale below (a power of two) commutes
+        # with every rounding of the product and the division (no overflow or underflow at
+        # these magnitudes), so y is bit-identical without it, and the loaded tile needs no
         # round trip through registers and shared memory to become the operand
         x_hi = xin
         x_lo = xin  # never read: fp16 input has no low part
         inv = tl.where(n > 0, rot_inv / n, 0.0)
     else:
+        # power-of-two prescale from the norm: max |x s| <= n s < 2^15, and bf16 inputs convert
+        # to fp16 exactly (entries below 2^-28 n would lose bits: below any rounding that
+        # matters)
+        e = ((n.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+        e = tl.minimum(tl.maximum(e, -100), 100)
+        s = ((127 + 14 - e) << 23).to(tl.float32, bitcast=True)
         x_hi, x_lo = _split16(x * s[:, None])
         inv = tl.where(n > 0, rot_inv / (n * s), 0.0)
     ys = tl.dot(x_hi, p_hi)
@@ -382,10 +383,6 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
     else:
         code, cval = _quantize_counting(y, cb, BITS, QJL)
     crow = base + BS * OFF_C + tin * (D * BITS // 8)
-    # Word pointers are formed from the row's byte address before adding the group index: a
-    # byte pointer plus 2 * m has no contiguity for Triton's axis analysis, and the stores
-    # became one 2-byte store per element (Nsight Compute, session 25: 55% of the key
-    # launch's L2 sectors excessive) instead of 16-byte vectors.
     smask = rmask[:, None] & gm[None, :]
     if BITS == 4:
         w = tl.reshape(code << (4 * (cq % 4))[None, :], (TB, 2, 4, DG))
@@ -401,6 +398,10 @@ def _encode_tile(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         tl.store(out_ptr + crow[:, None] + m[None, :], w.to(tl.uint8), mask=smask)
     else:
         w = tl.sum(tl.reshape((code & 3) << (2 * cq)[None, :], (TB, 8, DG)), 1)
+        # the row's word pointer first, then the group index: a byte pointer plus 2 * m has no
+        # contiguity for Triton's axis analysis, and the stores were one 2-byte store per
+        # element (Nsight Compute, session 25: 55% of the key launch's L2 sectors excessive)
+        # instead of 16-byte vectors
         p16 = (out_ptr + crow).to(tl.pointer_type(tl.int16))[:, None] + m[None, :]
         tl.store(p16, w.to(tl.int16), mask=smask)
         if BITS == 3:
