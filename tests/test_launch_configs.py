@@ -155,7 +155,7 @@ def test_encode_config_default_for_unknown_shapes():
 SM90_MAX_SHARED = 232448
 SM90_SM_SHARED = 233472
 ENCODE_CASES = [(a, d, b, e, x) for a, d, b, e in ENCODE_KEYS if a == "sm90"
-                for x in ("fp16", "fp32")] + [("sm90", 128, 2, False, "fp32-default"),
+                for x in ("fp16", "bf16", "fp32")] + [("sm90", 128, 2, False, "fp32-default"),
                                               ("sm90", 128, 3, False, "fp32-default")]
 
 
@@ -189,7 +189,7 @@ def test_encode_config_fits_shared_memory(arch, head_dim, bits, exact16, x_type)
                   EXACT16=exact16)
     names = encode_kernel.arg_names
     sig = {n: "constexpr" if n in consts else
-           ("*fp32" if fp32 else "*fp16") if n == "x_ptr" else
+           {"fp16": "*fp16", "bf16": "*bf16"}.get(x_type, "*fp32") if n == "x_ptr" else
            "*u8" if n == "out_ptr" else "*i32" if n == "slot_ptr" else
            "*fp32" if n.endswith("_ptr") else "i32" for n in names}
     # specialised as a real launch is (16-byte aligned tensors, strides divisible by 16): the

@@ -53,7 +53,8 @@ DEFAULT_ENCODE = EncodeConfig(rows=64, num_warps=4, programs_per_sm=2)
 # packing, EXACT16 (64, 4, 2) 112.6 us, split (128, 8, 1) 171.8 (perf/scratch/ab_launches.py);
 # with session 24's antisymmetric quantizer 112.2 and 150.1, values (64, 4, 2) 100.2 split and
 # 94.7 EXACT16; with session 25's vectorised stores and fp16 operands 81.1 and 116.6, values
-# 58.4 and 55.1 (values at (64, 4, 3) under a 168-register cap: 55.0, not kept).
+# 58.4 and 55.1 (values at (64, 4, 3) under a 168-register cap: 55.0, not kept); with session
+# 26's 16-byte loads of S' on the split path, split keys 117.8 -> 109.8.
 ENCODE_CONFIGS: dict[tuple[str, int, int, bool], EncodeConfig] = {
     ("sm90", 128, 2, False): EncodeConfig(128, 8, 1),
     ("sm90", 128, 3, False): EncodeConfig(64, 4, 2),
@@ -98,6 +99,25 @@ EXACT_MAX_INT = tl.constexpr(float(EXACT16_MAX_INT))
 
 MODE_CACHE = 0    # rows go to slot_mapping[token] of a paged cache
 MODE_RECORDS = 1  # row r goes to bytes r*record_bytes.. of a flat record tensor
+
+
+@triton.jit
+def _projection_rows(proj_ptr, coord, cmask, D: tl.constexpr, DG: tl.constexpr):
+    """(8DG, 8, DG) fp32 rows of S' in grouped order, [c, q, m] = S'[coord(c), 8m + q], where q
+    runs over 8 adjacent entries of a row (16-byte loads).  Gathering ST directly is one 4-byte
+    load per entry, each from another sector; read this way, the split-precision key launch at
+    (128, 8, 1) ran 117.8 -> 109.8 us (H200, 32768 tokens x 8 heads, session 26)."""
+    q = tl.arange(0, 8)
+    m = tl.arange(0, DG)
+    ptr = proj_ptr + (coord * D)[:, None, None] + q[None, :, None] + (8 * m)[None, None, :]
+    return tl.load(ptr, mask=cmask[:, None, None] & (m < D // 8)[None, None, :], other=0.0)
+
+
+@triton.jit
+def _regroup(rows, DG: tl.constexpr):
+    """ST (8DG, 8DG), ST[c', c] = S'[coord(c), coord(c')], from _projection_rows' layout (any
+    dtype: regrouped after the split, the fp16 halves move half the bytes)."""
+    return tl.trans(tl.reshape(rows, (8 * DG, 8 * DG)))
 
 
 @triton.jit
@@ -203,13 +223,14 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
     cmask = cm < D // 8
     pit = tl.load(rot_ptr + coord[None, :] * D + d[:, None], mask=dmask[:, None] & cmask[None, :],
                   other=0.0)
-    if QJL:
-        # ST[c', c] = S'[coord(c), coord(c')]
-        st = tl.load(proj_ptr + coord[None, :] * D + coord[:, None],
-                     mask=cmask[:, None] & cmask[None, :], other=0.0)
-    else:
-        st = pit  # unused without QJL
     if EXACT16:
+        if QJL:
+            # ST[c', c] = S'[coord(c), coord(c')], gathered (one 4-byte load per entry): read
+            # as the split path reads it, this launch ran 80.5 -> 87.1 us (H200, session 26)
+            st = tl.load(proj_ptr + coord[None, :] * D + coord[:, None],
+                         mask=cmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            st = pit  # unused without QJL
         # declared exact16_matrices(): PiT = M / D^1.5 with an integer M (|M| <= 2048) and S'
         # of fp16 values, so one fp16 operand each holds them exactly.  A false declaration
         # sets `poison` to NaN, which goes into every stored norm (never silently wrong codes).
@@ -231,7 +252,9 @@ def _encode_rows(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, head
         poison = 0.0
         p_hi, p_lo = _split16(pit)
         if QJL:
-            s_hi, s_lo = _split16(st)
+            s_hi, s_lo = _split16(_projection_rows(proj_ptr, coord, cmask, D, DG))
+            s_hi = _regroup(s_hi, DG)
+            s_lo = _regroup(s_lo, DG)
         else:
             s_hi = p_hi
             s_lo = p_lo
