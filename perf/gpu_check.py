@@ -8,7 +8,8 @@
    SmolLM2 (9/3, D=64) geometries, head dims 64/96/128/256, block sizes 16/32/64, ragged lengths
    1/7/129/4097, fp16 and bf16, every preset format, the slow decoders (perturbed codebook:
    the fallback merge);
-   torch.library.opcheck on CUDA samples of every op;
+   torch.library.opcheck on CUDA samples of every op; each check prints a CHECK line (and
+   --out's checks.json is rewritten) as it finishes, so a run cut short keeps what finished;
 2. compile and graphs, each in a fresh process: torch.compile(fullgraph=True,
    mode="reduce-overhead") of a decode step with a static cache (no graph break, no cudagraph
    skip, output == eager); manual torch.cuda.graph capture of a decode step replayed after the
@@ -934,6 +935,51 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
     return rows
 
 
+def run_check_processes(cmds: list[list[str]], env: dict, out_dir: str | None,
+                        t0: float) -> list[dict]:
+    """Runs the check processes side by side and returns their results.  Each result is printed
+    (a CHECK line) and checks.json rewritten the moment it arrives: a call cut short by its
+    time limit still reports every check that finished (session 26 lost a whole 400 s run
+    printed only at the end).  A process that exits non-zero or reports nothing adds a failed
+    result with the tail of its stderr."""
+    import tempfile
+    import threading
+
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def add(r: dict) -> None:
+        with lock:
+            results.append(r)
+            print(f"CHECK {'ok  ' if r.get('ok') else 'FAIL'} {r['name']} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            if out_dir:
+                with open(os.path.join(out_dir, "checks.json"), "w") as f:
+                    json.dump(results, f, indent=1)
+
+    def follow(cmd: list[str]) -> None:
+        # stderr to a file: a pipe nobody reads would block a chatty process
+        with tempfile.TemporaryFile(mode="w+") as err:
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            got = 0
+            for line in p.stdout:
+                if line.startswith("RESULT "):
+                    add(json.loads(line[7:]))
+                    got += 1
+            p.wait()
+            if p.returncode != 0 or not got:
+                err.seek(0)
+                add({"name": " ".join(cmd[2:]), "ok": False, "rc": p.returncode,
+                     "stderr": err.read()[-3000:]})
+
+    threads = [threading.Thread(target=follow, args=(c,)) for c in cmds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", type=str)
@@ -965,24 +1011,11 @@ def main() -> None:
     if not a.skip_checks:
         # no more workers than cases: a worker that reports nothing counts as crashed
         n = min(a.workers, len(picked_cases(a.only)))
-        procs = [subprocess.Popen([sys.executable, HERE, "--worker", f"{i}/{n}",
-                                   "--only", a.only],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env) for i in range(n)]
-        procs += [subprocess.Popen([sys.executable, HERE, "--graphs", w], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env)
-                  for w in ("compile", "capture", "side")
-                  if not a.only or "graphs" in a.only]
-        for p in procs:
-            so, se = p.communicate()
-            got = [json.loads(l[7:]) for l in so.splitlines() if l.startswith("RESULT ")]
-            if p.returncode != 0 or not got:
-                got.append({"name": " ".join(p.args[2:]), "ok": False, "rc": p.returncode,
-                            "stderr": se[-3000:]})
-            results += got
-        if a.out:
-            with open(os.path.join(a.out, "checks.json"), "w") as f:
-                json.dump(results, f, indent=1)
+        cmds = [[sys.executable, HERE, "--worker", f"{i}/{n}", "--only", a.only]
+                for i in range(n)]
+        cmds += [[sys.executable, HERE, "--graphs", w] for w in ("compile", "capture", "side")
+                 if not a.only or "graphs" in a.only]
+        results = run_check_processes(cmds, env, a.out, t0)
         for r in results:
             if not r.get("ok"):
                 print("FAILED", json.dumps(r)[:3000])
