@@ -3,6 +3,7 @@
 # card under perf/results/<card>/ (perf/README.md, "pytest-benchmark suites").
 #
 #   bash perf/bench_suites.sh save NAME        record a run as perf/results/<card>/*/NNNN_NAME.json
+#                                              (and copy it into $OUT when that is set)
 #   bash perf/bench_suites.sh compare [ID] [--fail-pct N]
 #                                              compare a new run against saved run ID (default: the
 #                                              latest saved on this card); exit 1 when a median is
@@ -33,6 +34,11 @@ case "$mode" in
         name=${2:?usage: perf/bench_suites.sh save NAME [pytest args]}
         shift 2
         python -m pytest "${suites[@]}" "${common[@]}" "--benchmark-save=$name" "$@"
+        # on the device machines only $OUT comes back: the saved run goes there too, at once
+        if [[ -n ${OUT:-} ]]; then
+            saved=$(ls -t "$storage"/*/*_"$name".json | head -n 1)
+            cp "$saved" "$OUT"/ && echo "copied $(basename "$saved") to \$OUT"
+        fi
         ;;
     compare)
         shift
