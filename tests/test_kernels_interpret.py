@@ -301,10 +301,18 @@ def _child() -> dict:
                                                          value_bits=vb))
     tile = E.EncodeConfig(128, 8, 1)
     t = E.LATENCY_ROWS // 2 + 6  # x 2 heads: more rows than LATENCY_ROWS, two 128-row tiles
+    # keys and values at one config: one joint launch (encode_pair_kernel's JOINT), 4 tiles
+    # dealt over 3 programs (the value tiles start where the key tiles' round robin stopped)
     with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile,
-                                            ("cpu", d, vb, False): tile}):
+                                            ("cpu", d, vb, False): tile}), \
+            mock.patch.object(mod("write_cache"), "sm_count", lambda device: 3):
         assert E.encode_config("cpu", d, kb, 2 * t) == tile
         out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
+    # keys and values at different configs: two encode_kernel launches
+    assert kb != vb
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile}):
+        assert E.encode_config("cpu", d, kb, 2 * t) != E.encode_config("cpu", d, vb, 2 * t)
+        out["write_cache/bulk-two-launches"] = write_check(c, kb, qjl, vb, d, bs, t=t)
     # the bulk launches with EXACT16: several 64-row tiles per persistent program (one
     # program: "one SM"); the declaration's threshold lowered to these interpreter-sized writes
     exact_tile = E.EncodeConfig(64, 4, 1)
@@ -587,11 +595,13 @@ def test_write_cache_codebook_symmetry(report):
     assert r["builtin"] and not r["shifted"], r
 
 
-@pytest.mark.parametrize("case", ["bulk-tile", "asymmetric-bulk", "asymmetric-small"])
+@pytest.mark.parametrize("case", ["bulk-tile", "bulk-two-launches", "asymmetric-bulk",
+                                  "asymmetric-small"])
 def test_write_cache_kernel_bulk_tile(report, case):
-    """bulk-tile: 128-row tiles.  asymmetric-*: codebooks without c[2^B-1-k] == -c[k], which
-    the encode kernels quantize by counting all 2^B - 1 midpoints (built-in codebooks take the
-    antisymmetric path: every other write_cache case)."""
+    """bulk-tile: 128-row tiles, keys and values in one joint launch.  bulk-two-launches: key
+    and value tiles of different configs, one launch each.  asymmetric-*: codebooks without
+    c[2^B-1-k] == -c[k], which the encode kernels quantize by counting all 2^B - 1 midpoints
+    (built-in codebooks take the antisymmetric path: every other write_cache case)."""
     r = report[f"write_cache/{case}"]
     assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
     assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r

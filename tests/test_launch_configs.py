@@ -6,6 +6,7 @@ min_tokens_per_split positions, and stays within [1, max_splits]; the encode ker
 (tq_ops.triton.encode.encode_config) depends on the write's size."""
 import pytest
 
+from tq_ops.config import PRESET_FIELDS
 from tq_ops.triton.decode import DECODE_CONFIGS, DEFAULT_DECODE, num_splits
 from tq_ops.triton.encode import DEFAULT_ENCODE, ENCODE_CONFIGS, LATENCY_ROWS, encode_config
 
@@ -159,6 +160,33 @@ ENCODE_CASES = [(a, d, b, e, x) for a, d, b, e in ENCODE_KEYS if a == "sm90"
                                               ("sm90", 128, 3, False, "fp32-default")]
 
 
+def _compile_sm90(kernel_fn, consts: dict, input_types: dict[str, str], num_warps: int):
+    """kernel_fn compiled for sm_90 offline (Triton ships ptxas) as a bulk write launches it:
+    the input pointers named in input_types as "fp16"/"bf16"/"fp32"(-...), the cache *u8, the
+    slot mapping *i32, other pointers *fp32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel_fn.arg_names
+    sig = {n: "constexpr" if n in consts else
+           {"fp16": "*fp16", "bf16": "*bf16"}.get(input_types[n], "*fp32")
+           if n in input_types else
+           "*u8" if n == "out_ptr" else "*i32" if n == "slot_ptr" else
+           "*fp32" if n.endswith("_ptr") else "i32" for n in names}
+    # specialised as a real launch is (16-byte aligned tensors, strides divisible by 16): the
+    # loads then pipeline through shared memory, 32-64 KB more than an unspecialised compile
+    # (H200, session 22: these compiles gave the launched variants' sizes to the byte)
+    aligned = [n for n in names if n not in consts and n != "slot_ptr"
+               and (n.endswith("_ptr") or n in ("x_st", "x_sh", "k_st", "k_sh", "v_st", "v_sh",
+                                                 "page_stride", "head_stride"))]
+    src = ASTSource(kernel_fn, sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps))
+
+
 @pytest.mark.parametrize("arch,head_dim,bits,exact16,x_type", ENCODE_CASES,
                          ids=[f"{a}-d{d}-b{b}{'-exact16' if e else ''}-{x}"
                               for a, d, b, e, x in ENCODE_CASES])
@@ -169,8 +197,6 @@ def test_encode_config_fits_shared_memory(arch, head_dim, bits, exact16, x_type)
     would run in more than one wave).  The 128-row key tile with fp32 input once asked for
     320 KB and failed at launch on an H200 (encode_keys on fp32 keys)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from tq_ops import preset
     from tq_ops.triton.encode import MODE_CACHE, encode_kernel
@@ -187,26 +213,49 @@ def test_encode_config_fits_shared_memory(arch, head_dim, bits, exact16, x_type)
                   DG=group_width(head_dim), TB=cfg.rows, BITS=bits, QJL=qjl, BS=128, OFF_C=0,
                   OFF_S=0, OFF_N=0, OFF_G=0, MODE=MODE_CACHE, NORM_F32=False, X_F32=fp32,
                   EXACT16=exact16)
-    names = encode_kernel.arg_names
-    sig = {n: "constexpr" if n in consts else
-           {"fp16": "*fp16", "bf16": "*bf16"}.get(x_type, "*fp32") if n == "x_ptr" else
-           "*u8" if n == "out_ptr" else "*i32" if n == "slot_ptr" else
-           "*fp32" if n.endswith("_ptr") else "i32" for n in names}
-    # specialised as a real launch is (16-byte aligned tensors, strides divisible by 16): the
-    # loads then pipeline through shared memory, 32-64 KB more than an unspecialised compile
-    # (H200, session 22: these compiles gave the launched variants' sizes to the byte)
-    aligned = [n for n in names if n not in consts and n != "slot_ptr"
-               and (n.endswith("_ptr") or n in ("x_st", "x_sh", "page_stride", "head_stride"))]
-    src = ASTSource(encode_kernel, sig,
-                    constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=cfg.num_warps))
+    kernel = _compile_sm90(encode_kernel, consts, {"x_ptr": x_type}, cfg.num_warps)
     assert kernel.metadata.shared <= SM90_MAX_SHARED, (
         f"{cfg} asks for {kernel.metadata.shared} bytes of shared memory")
     if x_type != "fp32-default":   # a decode-sized write: at most two programs in all
         assert cfg.programs_per_sm * (kernel.metadata.shared + 1024) <= SM90_SM_SHARED, (
             f"{cfg.programs_per_sm} programs of {kernel.metadata.shared} bytes do not fit one SM")
+
+
+# bulk writes whose key and value launches share a config run as one joint launch
+# (tq_ops.ops.write_cache.launch_write_cache): sm_90 formats at head_dim 128 where they do
+JOINT_CASES = [(f, e, x) for f in ("seed", "k3v3", "k4v4") for e in (False, True)
+               for x in ("fp16", "bf16", "fp32")
+               if encode_config("sm90", 128, PRESET_FIELDS[f]["key_mse_bits"], 1 << 20,
+                                x == "fp32", e)
+               == encode_config("sm90", 128, PRESET_FIELDS[f]["value_bits"], 1 << 20,
+                                x == "fp32", e)]
+
+
+@pytest.mark.parametrize("fmt,exact16,x_type", JOINT_CASES,
+                         ids=[f"{f}{'-exact16' if e else ''}-{x}" for f, e, x in JOINT_CASES])
+def test_joint_encode_fits_shared_memory(fmt, exact16, x_type):
+    """The joint launch (encode_pair_kernel's JOINT: each program encodes key tiles, then value
+    tiles) asks for no more shared memory per program than the config allows: the two loops'
+    pipeline buffers must share it, not add up (sm_90 compile, seed format EXACT16 fp16: 100,352
+    bytes, as the key launch alone)."""
+    from tq_ops import preset
+    from tq_ops.triton.encode import encode_pair_kernel
+    from tq_ops.triton.unpack import group_width
+
+    if not hasattr(encode_pair_kernel, "params"):
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
+    f = preset(fmt, head_dim=128)
+    fp32 = x_type == "fp32"
+    cfg = encode_config("sm90", 128, f.key_mse_bits, 1 << 20, fp32, exact16)
+    consts = dict(H=8, D=128, DP=128, DG=group_width(128), TB=cfg.rows, K_BITS=f.key_mse_bits,
+                  QJL=f.use_qjl, V_BITS=f.value_bits, BS=128, K_OFF_C=0, K_OFF_S=0, K_OFF_N=0,
+                  K_OFF_G=0, V_OFF_C=0, V_OFF_N=0, K_F32=fp32, V_F32=fp32, EXACT16=exact16,
+                  JOINT=True)
+    kernel = _compile_sm90(encode_pair_kernel, consts, {"k_ptr": x_type, "v_ptr": x_type},
+                           cfg.num_warps)
+    assert cfg.programs_per_sm * (kernel.metadata.shared + 1024) <= SM90_SM_SHARED, (
+        f"{cfg.programs_per_sm} joint programs of {kernel.metadata.shared} bytes do not fit "
+        "one SM")
 
 
 # -- no specialisation on run-time values (tq_ops.triton.launch) -------------------------------

@@ -2,7 +2,7 @@
 in its own process (rounds alternate the order) and prints us per launch: keys and values, the
 split-precision kernel at the op's configs and the EXACT16 one at (64, 4, 2), and the whole
 write_cache op with default arguments and with exact16_matrices declared; 32768 tokens x 8
-heads, seed format, fp16.  Trees of branches: perf/scratch/make_trees.sh."""
+heads, seed format, fp16 (and a few other sizes and formats of the op).  Trees of branches: perf/scratch/make_trees.sh."""
 import json, os, subprocess, sys
 
 
@@ -43,6 +43,12 @@ def one(tree):
         op, _ = C.encode_case(declared=declared)
         out[f"write_cache op {'declared' if declared else 'default'}"] = \
             round(C.gpu_ms(op, rep=200) * 1e3, 1)
+    # smaller writes and a format whose keys and values share a launch config at every size
+    for name, kw in (("declared 8192 tok", dict(tokens=8192, declared=True)),
+                     ("k3v3 default", dict(fmt="k3v3")),
+                     ("k3v3 default 2048 tok", dict(tokens=2048, fmt="k3v3"))):
+        op, _ = C.encode_case(**kw)
+        out[f"write_cache op {name}"] = round(C.gpu_ms(op, rep=200) * 1e3, 1)
     # bf16 K/V (vLLM's usual dtype), declared
     kb = x["keys"].to(torch.bfloat16); vb = x["values"].to(torch.bfloat16)
     def opb():
@@ -65,7 +71,7 @@ def main(trees):
             res[t].append(json.loads(line[0][7:]))
     for t, rs in res.items():
         for case in (rs[0] if rs else {}):
-            print(f"{os.path.basename(os.path.abspath(t)):10s} {case:28s} {[r[case] for r in rs]}")
+            print(f"{os.path.basename(os.path.abspath(t)):10s} {case:34s} {[r[case] for r in rs]}")
 
 
 if __name__ == "__main__":

@@ -79,28 +79,37 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
     if qjl:
         koffs.update(OFF_S=lay.slot_offset("k_signs"), OFF_G=lay.slot_offset("k_gamma"))
     t, h = key.shape[0], int(key.shape[1])
-    exact16 = exact16 and t * h >= EXACT16_MIN_ROWS
-    if t * h <= LATENCY_ROWS:
+    rows = t * h
+    exact16 = exact16 and rows >= EXACT16_MIN_ROWS
+    dev_arch = arch(key.device)
+    key_cfg = encode_config(dev_arch, d, key_bits, rows, key.dtype == torch.float32, exact16)
+    value_cfg = encode_config(dev_arch, d, value_bits, rows, value.dtype == torch.float32,
+                              exact16)
+    if rows <= LATENCY_ROWS or key_cfg == value_cfg:
         k = key if key.stride(-1) == 1 else key.contiguous()
         v = value if value.stride(-1) == 1 else value.contiguous()
         kernel = encode_pair_kernel if raw else wrap_triton(encode_pair_kernel)
-        kernel[(2,)](
-            k, v, t * h, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache, slot_mapping,
+        joint = rows > LATENCY_ROWS
+        grid = (max(1, min(2 * triton.cdiv(rows, key_cfg.rows),
+                           key_cfg.programs_per_sm * sm_count(key.device))) if joint else 2)
+        kernel[(grid,)](
+            k, v, rows, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache, slot_mapping,
             page_stride, head_stride, rotation, projection, key_centroids, value_centroids,
             H=h, D=d, DP=max(16, triton.next_power_of_2(d)), DG=group_width(d),
-            TB=DEFAULT_ENCODE.rows, K_BITS=key_bits, QJL=qjl, V_BITS=value_bits, BS=bs,
+            TB=key_cfg.rows, K_BITS=key_bits, QJL=qjl, V_BITS=value_bits, BS=bs,
             K_OFF_C=koffs["OFF_C"], K_OFF_S=koffs.get("OFF_S", 0), K_OFF_N=koffs["OFF_N"],
             K_OFF_G=koffs.get("OFF_G", 0), V_OFF_C=lay.slot_offset("v_codes"),
             V_OFF_N=lay.slot_offset("v_norm"), K_F32=k.dtype == torch.float32,
-            V_F32=v.dtype == torch.float32, num_warps=DEFAULT_ENCODE.num_warps)
+            V_F32=v.dtype == torch.float32, EXACT16=exact16 and joint, JOINT=joint,
+            num_warps=key_cfg.num_warps)
         return
     launch_encode(key, rotation, projection, key_centroids, key_bits, qjl, cache, koffs, bs,
                   page_stride, head_stride, slot_mapping=slot_mapping, raw=raw,
-                  exact16=exact16)
+                  exact16=exact16, config=key_cfg)
     voffs = dict(OFF_C=lay.slot_offset("v_codes"), OFF_N=lay.slot_offset("v_norm"))
     launch_encode(value, rotation, projection, value_centroids, value_bits, False, cache, voffs,
                   bs, page_stride, head_stride, slot_mapping=slot_mapping, raw=raw,
-                  exact16=exact16)
+                  exact16=exact16, config=value_cfg)
 
 
 def check_cache(cache: Tensor, lay: layout.SlotLayout, num_kv_heads: int) -> int:

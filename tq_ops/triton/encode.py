@@ -188,13 +188,33 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
                        V_BITS: tl.constexpr, BS: tl.constexpr, K_OFF_C: tl.constexpr,
                        K_OFF_S: tl.constexpr, K_OFF_N: tl.constexpr, K_OFF_G: tl.constexpr,
                        V_OFF_C: tl.constexpr, V_OFF_N: tl.constexpr, K_F32: tl.constexpr,
-                       V_F32: tl.constexpr):
-    """A small cache write (a decode step's tokens) in one launch of two programs: program 0
-    encodes the keys, program 1 the values, each as encode_kernel's MODE_CACHE does (without
-    EXACT16, which measured slower here: tq_ops.ops.write_cache.launch_write_cache).  Such a
-    write is latency-bound (one program per launch either way), so two launches cost about
-    twice one."""
-    if tl.program_id(0) == 0:
+                       V_F32: tl.constexpr, EXACT16: tl.constexpr = False,
+                       JOINT: tl.constexpr = False):
+    """A cache write's keys and values (each as encode_kernel's MODE_CACHE does) in one launch.
+
+    JOINT=False, a small write (a decode step's tokens), two programs: program 0 encodes the
+    keys, program 1 the values (without EXACT16, which measured slower here:
+    tq_ops.ops.write_cache.launch_write_cache).  Such a write is latency-bound (one program per
+    launch either way), so two launches cost about twice one.
+
+    JOINT=True, a bulk write, a persistent grid: the key tiles and then the value tiles form one
+    list dealt round robin over the programs, so each program encodes its key tiles, then its
+    value tiles, and no program ends more than one tile after another.  Two launches (all keys,
+    then all values) each leave a partial last round of tiles and a launch gap."""
+    if JOINT:
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        key_tiles = tl.cdiv(n_rows, TB)
+        _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                     out_ptr, rot_ptr, proj_ptr, kc_ptr, pid, programs, H, D, DP, DG, TB,
+                     K_BITS, QJL, BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False, K_F32,
+                     EXACT16)  # MODE_CACHE
+        # joint tile key_tiles + v goes to program (key_tiles + v) % programs
+        first_value = (pid + programs - key_tiles % programs) % programs
+        _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                     out_ptr, rot_ptr, proj_ptr, vc_ptr, first_value, programs, H, D, DP, DG,
+                     TB, V_BITS, False, BS, V_OFF_C, 0, V_OFF_N, 0, 0, False, V_F32, EXACT16)
+    elif tl.program_id(0) == 0:
         _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
                      out_ptr, rot_ptr, proj_ptr, kc_ptr, 0, 1, H, D, DP, DG, TB, K_BITS, QJL,
                      BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False, K_F32, False)  # MODE_CACHE
