@@ -1,12 +1,14 @@
 """Run the write_cache op at one size, for a profiler to attach (GPU).
 
-    ncu --clock-control none --kernel-name regex:encode_kernel --launch-skip 2 --launch-count 2 \
+    ncu --clock-control none --kernel-name regex:encode_ --launch-skip 2 --launch-count 2 \
         --section SpeedOfLight --section WarpStateStats ... python perf/profile_encode.py [tokens [declared]]
 
-Each op call launches the key encode and then the value encode (tokens x 8 KV heads of fp16 K and
-V, seed format, head_dim 128); the first call compiles.  declared (default 1): the op with
-exact16_matrices=True, the vLLM backend's call, which takes the EXACT16 kernels from
-tq_ops.triton.encode.EXACT16_MIN_ROWS rows up.  perf/NOTES.md has the readings.
+tokens x 8 KV heads of fp16 K and V, seed format, head_dim 128; the first call compiles.
+declared (default 1): the op with exact16_matrices=True, the vLLM backend's call, which takes
+the EXACT16 kernels from tq_ops.triton.encode.EXACT16_MIN_ROWS rows up; there each op call is
+one joint launch of encode_pair_kernel (keys, then values, per program: skip 1 and count 1
+launch per call), and with default arguments the key encode_kernel launch and then the value
+one.  perf/NOTES.md has the readings.
 """
 from __future__ import annotations
 
