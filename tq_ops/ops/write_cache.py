@@ -9,9 +9,8 @@ from torch.library import triton_op, wrap_triton
 from torch._subclasses.fake_tensor import is_fake
 
 from tq_ops import _checks, codec, layout, reference
-from tq_ops.triton.encode import (DEFAULT_ENCODE, EXACT16_MIN_ROWS, LATENCY_ROWS, MODE_CACHE,
-                                  MODE_RECORDS, EncodeConfig, encode_config, encode_kernel,
-                                  encode_pair_kernel)
+from tq_ops.triton.encode import (EXACT16_MIN_ROWS, LATENCY_ROWS, MODE_CACHE, MODE_RECORDS,
+                                  EncodeConfig, encode_config, encode_kernel, encode_pair_kernel)
 from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import group_width
 
