@@ -205,15 +205,21 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         key_tiles = tl.cdiv(n_rows, TB)
-        _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                     out_ptr, rot_ptr, proj_ptr, kc_ptr, pid, programs, H, D, DP, DG, TB,
-                     K_BITS, QJL, BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False, K_F32,
-                     EXACT16)  # MODE_CACHE
-        # joint tile key_tiles + v goes to program (key_tiles + v) % programs
+        # a program without tiles of a kind skips that kind's prologue (its matrices and
+        # codebook): in a write of fewer tiles than programs, most programs have one kind only
+        if pid < key_tiles:
+            _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride,
+                         head_stride, out_ptr, rot_ptr, proj_ptr, kc_ptr, pid, programs, H, D,
+                         DP, DG, TB, K_BITS, QJL, BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0,
+                         False, K_F32, EXACT16)  # MODE_CACHE
+        # joint tile key_tiles + v goes to program (key_tiles + v) % programs; there are as
+        # many value tiles as key tiles
         first_value = (pid + programs - key_tiles % programs) % programs
-        _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride, head_stride,
-                     out_ptr, rot_ptr, proj_ptr, vc_ptr, first_value, programs, H, D, DP, DG,
-                     TB, V_BITS, False, BS, V_OFF_C, 0, V_OFF_N, 0, 0, False, V_F32, EXACT16)
+        if first_value < key_tiles:
+            _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride,
+                         head_stride, out_ptr, rot_ptr, proj_ptr, vc_ptr, first_value, programs,
+                         H, D, DP, DG, TB, V_BITS, False, BS, V_OFF_C, 0, V_OFF_N, 0, 0, False,
+                         V_F32, EXACT16)
     elif tl.program_id(0) == 0:
         _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
                      out_ptr, rot_ptr, proj_ptr, kc_ptr, 0, 1, H, D, DP, DG, TB, K_BITS, QJL,

@@ -1,0 +1,92 @@
+"""Bulk writes of a few tiles, per source tree: the write_cache op as it launches (one joint
+encode_pair_kernel launch wherever keys and values share an encode_config) against the same
+write as two encode_kernel launches (keys, then values, at the configs encode_config gives),
+graph-captured (perf/common.gpu_ms), fp16 K/V, 8 KV heads, head_dim 128, pages of 128.
+`python ab_small_writes.py TREE...` runs each tree in its own process, two rounds in alternating
+order, and prints us per call.  Trees: perf/scratch/make_trees.sh."""
+import json, os, subprocess, sys
+
+TOKENS = (17, 32, 64, 128, 512, 2048, 8192)
+FORMATS = ("k3v3", "k4v4", "k2q1v2")
+
+
+def one(tree):
+    sys.path[:0] = [tree, os.path.join(tree, "perf")]
+    import math
+    import torch
+    import common as C
+    from tq_ops import TQCodec, preset
+    from tq_ops.ops.write_cache import launch_encode
+    from tq_ops.triton.encode import encode_config
+    from tq_ops.triton.launch import arch
+    assert C.__file__.startswith(tree), C.__file__
+    H, D, BS = 8, 128, 128
+    out = {}
+    for fmt in FORMATS:
+        cfg = preset(fmt, head_dim=D)
+        codec = TQCodec.build(cfg, "cuda")
+        lay = cfg.layout
+        for tokens in TOKENS:
+            gen = torch.Generator(device="cuda").manual_seed(tokens)
+            nblocks = math.ceil(tokens / BS) + 1
+            cache = torch.empty((nblocks, H, BS * lay.slot_bytes), dtype=torch.uint8,
+                                device="cuda")
+            slots = torch.randperm(nblocks * BS, generator=gen, device="cuda")[:tokens]
+            slots = slots.to(torch.int32)
+            k = torch.randn((tokens, H, D), generator=gen, device="cuda", dtype=torch.float16)
+            v = torch.randn((tokens, H, D), generator=gen, device="cuda", dtype=torch.float16)
+            rows = tokens * H
+            a = arch(k.device)
+            kcfg = encode_config(a, D, cfg.key_mse_bits, rows)
+            vcfg = encode_config(a, D, cfg.value_bits, rows)
+            koffs = dict(OFF_C=lay.slot_offset("k_codes"), OFF_N=lay.slot_offset("k_norm"))
+            if cfg.use_qjl:
+                koffs.update(OFF_S=lay.slot_offset("k_signs"), OFF_G=lay.slot_offset("k_gamma"))
+            voffs = dict(OFF_C=lay.slot_offset("v_codes"), OFF_N=lay.slot_offset("v_norm"))
+
+            def op():
+                torch.ops.turboquant.write_cache(
+                    k, v, cache, slots, codec.rotation, codec.qjl_projection,
+                    codec.key_centroids, codec.value_centroids, cfg.key_mse_bits, cfg.use_qjl,
+                    cfg.value_bits, False)
+
+            def two():
+                launch_encode(k, codec.rotation, codec.qjl_projection, codec.key_centroids,
+                              cfg.key_mse_bits, cfg.use_qjl, cache, koffs, BS, cache.stride(0),
+                              cache.stride(1), slot_mapping=slots, config=kcfg)
+                launch_encode(v, codec.rotation, codec.qjl_projection, codec.value_centroids,
+                              cfg.value_bits, False, cache, voffs, BS, cache.stride(0),
+                              cache.stride(1), slot_mapping=slots, config=vcfg)
+
+            # same bytes either way (the cache is poisoned before each)
+            res = []
+            for fn in (op, two):
+                cache.fill_(0xAB)
+                fn()
+                torch.cuda.synchronize()
+                res.append(cache.clone())
+            same = bool(torch.equal(res[0], res[1]))
+            shared = kcfg == vcfg
+            out[f"{fmt} {tokens:5d} tok op"] = round(C.gpu_ms(op, rep=100) * 1e3, 2)
+            out[f"{fmt} {tokens:5d} tok two"] = round(C.gpu_ms(two, rep=100) * 1e3, 2)
+            out[f"{fmt} {tokens:5d} tok same-bytes/shared-cfg"] = f"{same}/{shared}"
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main(trees):
+    res = {t: [] for t in trees}
+    for rnd in range(2):
+        for t in (trees if rnd % 2 == 0 else trees[::-1]):
+            p = subprocess.run([sys.executable, __file__, "one", os.path.abspath(t)],
+                               capture_output=True, text=True, cwd=t)
+            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                print(t, "failed", p.stderr[-2000:]); continue
+            res[t].append(json.loads(line[0][7:]))
+    for t, rs in res.items():
+        for case in (rs[0] if rs else {}):
+            print(f"{os.path.basename(os.path.abspath(t)):16s} {case:36s} {[r[case] for r in rs]}")
+
+
+if __name__ == "__main__":
+    one(sys.argv[2]) if sys.argv[1] == "one" else main(sys.argv[1:])
