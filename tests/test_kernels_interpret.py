@@ -308,6 +308,12 @@ def _child() -> dict:
             mock.patch.object(mod("write_cache"), "sm_count", lambda device: 3):
         assert E.encode_config("cpu", d, kb, 2 * t) == tile
         out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
+    # with programs to spare (a "GPU" of 8 SMs): one tile per program (ONE_TILE), programs 0-1
+    # the key tiles, 2-3 the value tiles
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile,
+                                            ("cpu", d, vb, False): tile}), \
+            mock.patch.object(mod("write_cache"), "sm_count", lambda device: 8):
+        out["write_cache/bulk-one-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
     # keys and values at different configs: two encode_kernel launches
     assert kb != vb
     with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile}):
@@ -595,10 +601,12 @@ def test_write_cache_codebook_symmetry(report):
     assert r["builtin"] and not r["shifted"], r
 
 
-@pytest.mark.parametrize("case", ["bulk-tile", "bulk-two-launches", "asymmetric-bulk",
-                                  "asymmetric-small"])
+@pytest.mark.parametrize("case", ["bulk-tile", "bulk-one-tile", "bulk-two-launches",
+                                  "asymmetric-bulk", "asymmetric-small"])
 def test_write_cache_kernel_bulk_tile(report, case):
-    """bulk-tile: 128-row tiles, keys and values in one joint launch.  bulk-two-launches: key
+    """bulk-tile: 128-row tiles, keys and values in one joint launch, round robin over fewer
+    programs than tiles.  bulk-one-tile: the same with one tile per program (encode_pair_kernel's
+    ONE_TILE).  bulk-two-launches: key
     and value tiles of different configs, one launch each.  asymmetric-*: codebooks without
     c[2^B-1-k] == -c[k], which the encode kernels quantize by counting all 2^B - 1 midpoints
     (built-in codebooks take the antisymmetric path: every other write_cache case)."""

@@ -231,13 +231,14 @@ JOINT_CASES = [(f, e, x) for f in ("seed", "k3v3", "k4v4") for e in (False, True
                                 x == "fp32", e)]
 
 
+@pytest.mark.parametrize("one_tile", [False, True], ids=["round-robin", "one-tile"])
 @pytest.mark.parametrize("fmt,exact16,x_type", JOINT_CASES,
                          ids=[f"{f}{'-exact16' if e else ''}-{x}" for f, e, x in JOINT_CASES])
-def test_joint_encode_fits_shared_memory(fmt, exact16, x_type):
+def test_joint_encode_fits_shared_memory(fmt, exact16, x_type, one_tile):
     """The joint launch (encode_pair_kernel's JOINT: each program encodes key tiles, then value
-    tiles) asks for no more shared memory per program than the config allows: the two loops'
-    pipeline buffers must share it, not add up (sm_90 compile, seed format EXACT16 fp16: 100,352
-    bytes, as the key launch alone)."""
+    tiles; with ONE_TILE one tile of one kind) asks for no more shared memory per program than
+    the config allows: the two loops' pipeline buffers must share it, not add up (sm_90
+    compile, seed format EXACT16 fp16: 100,352 bytes, as the key launch alone)."""
     from tq_ops import preset
     from tq_ops.triton.encode import encode_pair_kernel
     from tq_ops.triton.unpack import group_width
@@ -250,7 +251,7 @@ def test_joint_encode_fits_shared_memory(fmt, exact16, x_type):
     consts = dict(H=8, D=128, DP=128, DG=group_width(128), TB=cfg.rows, K_BITS=f.key_mse_bits,
                   QJL=f.use_qjl, V_BITS=f.value_bits, BS=128, K_OFF_C=0, K_OFF_S=0, K_OFF_N=0,
                   K_OFF_G=0, V_OFF_C=0, V_OFF_N=0, K_F32=fp32, V_F32=fp32, EXACT16=exact16,
-                  JOINT=True)
+                  JOINT=True, ONE_TILE=one_tile)
     kernel = _compile_sm90(encode_pair_kernel, consts, {"k_ptr": x_type, "v_ptr": x_type},
                            cfg.num_warps)
     assert cfg.programs_per_sm * (kernel.metadata.shared + 1024) <= SM90_SM_SHARED, (

@@ -1,13 +1,15 @@
 """Bulk writes of a few tiles, per source tree: the write_cache op as it launches (one joint
 encode_pair_kernel launch wherever keys and values share an encode_config) against the same
 write as two encode_kernel launches (keys, then values, at the configs encode_config gives),
-graph-captured (perf/common.gpu_ms), fp16 K/V, 8 KV heads, head_dim 128, pages of 128.
+graph-captured (perf/common.gpu_ms), fp16 K/V, 8 KV heads, head_dim 128, pages of 128.  Where
+keys and values get different configs (the seed format's split keys), also the op with both at
+DEFAULT_ENCODE, which makes it one joint launch ("joint64").
 `python ab_small_writes.py TREE...` runs each tree in its own process, two rounds in alternating
 order, and prints us per call.  Trees: perf/scratch/make_trees.sh."""
 import json, os, subprocess, sys
 
 TOKENS = (17, 64, 256, 1024, 4096)
-FORMATS = ("k3v3", "k2q1v2")
+FORMATS = ("k3v3", "k2q1v2", "seed")
 
 
 def one(tree):
@@ -17,7 +19,9 @@ def one(tree):
     import common as C
     from tq_ops import TQCodec, preset
     from tq_ops.ops.write_cache import launch_encode
-    from tq_ops.triton.encode import encode_config
+    from unittest import mock
+    from tq_ops.ops import write_cache as W
+    from tq_ops.triton.encode import DEFAULT_ENCODE, encode_config
     from tq_ops.triton.launch import arch
     assert C.__file__.startswith(tree), C.__file__
     H, D, BS = 8, 128, 128
@@ -58,17 +62,28 @@ def one(tree):
                               cfg.value_bits, False, cache, voffs, BS, cache.stride(0),
                               cache.stride(1), slot_mapping=slots, config=vcfg)
 
+            variants = {"op": op, "two": two}
+            if kcfg != vcfg:
+                def joint64():
+                    with mock.patch.object(W, "encode_config", lambda *a, **kw: DEFAULT_ENCODE):
+                        op()
+                variants["joint64"] = joint64
             # same bytes either way (the cache is poisoned before each)
             res = []
-            for fn in (op, two):
+            for fn in variants.values():
                 cache.fill_(0xAB)
                 fn()
                 torch.cuda.synchronize()
                 res.append(cache.clone())
-            same = bool(torch.equal(res[0], res[1]))
+            same = all(bool(torch.equal(res[0], x)) for x in res[1:])
             shared = kcfg == vcfg
-            out[f"{fmt} {tokens:5d} tok op"] = round(C.gpu_ms(op, rep=100) * 1e3, 2)
-            out[f"{fmt} {tokens:5d} tok two"] = round(C.gpu_ms(two, rep=100) * 1e3, 2)
+            for name, fn in variants.items():
+                if name == "joint64":
+                    with mock.patch.object(W, "encode_config", lambda *a, **kw: DEFAULT_ENCODE):
+                        ms = C.gpu_ms(op, rep=100)
+                else:
+                    ms = C.gpu_ms(fn, rep=100)
+                out[f"{fmt} {tokens:5d} tok {name}"] = round(ms * 1e3, 2)
             out[f"{fmt} {tokens:5d} tok same-bytes/shared-cfg"] = f"{same}/{shared}"
     print("RESULT " + json.dumps(out), flush=True)
 

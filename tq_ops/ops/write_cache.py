@@ -92,8 +92,10 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
         v = value if value.stride(-1) == 1 else value.contiguous()
         kernel = encode_pair_kernel if raw else wrap_triton(encode_pair_kernel)
         joint = rows > LATENCY_ROWS
-        grid = (max(1, min(2 * triton.cdiv(rows, key_cfg.rows),
-                           key_cfg.programs_per_sm * sm_count(key.device))) if joint else 2)
+        tiles = triton.cdiv(rows, key_cfg.rows)
+        grid = (min(2 * tiles, key_cfg.programs_per_sm * sm_count(key.device)) if joint
+                else 2)
+        one_tile = joint and grid == 2 * tiles
         kernel[(grid,)](
             k, v, rows, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache, slot_mapping,
             page_stride, head_stride, rotation, projection, key_centroids, value_centroids,
@@ -103,7 +105,7 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
             K_OFF_G=koffs.get("OFF_G", 0), V_OFF_C=lay.slot_offset("v_codes"),
             V_OFF_N=lay.slot_offset("v_norm"), K_F32=k.dtype == torch.float32,
             V_F32=v.dtype == torch.float32, EXACT16=exact16 and joint, JOINT=joint,
-            num_warps=key_cfg.num_warps)
+            ONE_TILE=one_tile, num_warps=key_cfg.num_warps)
         return
     launch_encode(key, rotation, projection, key_centroids, key_bits, qjl, cache, koffs, bs,
                   page_stride, head_stride, slot_mapping=slot_mapping, raw=raw,

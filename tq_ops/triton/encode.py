@@ -189,7 +189,7 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
                        K_OFF_S: tl.constexpr, K_OFF_N: tl.constexpr, K_OFF_G: tl.constexpr,
                        V_OFF_C: tl.constexpr, V_OFF_N: tl.constexpr, K_F32: tl.constexpr,
                        V_F32: tl.constexpr, EXACT16: tl.constexpr = False,
-                       JOINT: tl.constexpr = False):
+                       JOINT: tl.constexpr = False, ONE_TILE: tl.constexpr = False):
     """A cache write's keys and values (each as encode_kernel's MODE_CACHE does) in one launch.
 
     JOINT=False, a small write (a decode step's tokens), two programs: program 0 encodes the
@@ -200,26 +200,42 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
     JOINT=True, a bulk write, a persistent grid: the key tiles and then the value tiles form one
     list dealt round robin over the programs, so each program encodes its key tiles, then its
     value tiles, and no program ends more than one tile after another.  Two launches (all keys,
-    then all values) each leave a partial last round of tiles and a launch gap."""
-    if JOINT:
+    then all values) each leave a partial last round of tiles and a launch gap.
+
+    ONE_TILE (with JOINT; the grid is 2 * the tile count): program p < tiles encodes key tile p,
+    the others value tile p - tiles, so no program runs the prologue (matrices, codebook) of a
+    kind it has no tile of.  H200, 8 heads, fp16, us per write against the round robin
+    (perf/scratch/ab_small_writes.py, session 28): k3v3 17 tokens 6.8 -> 5.4, 1024 tokens
+    10.4 -> 8.3; k2q1v2 17 tokens 13.2 -> 11.6.  A run-time guard in the round-robin code
+    instead made large declared writes 1-4% slower (another register allocation)."""
+    if ONE_TILE:
+        tiles = tl.cdiv(n_rows, TB)
+        pid = tl.program_id(0)
+        # two ifs in sequence, not if/else: Triton gives the two branches of an if/else
+        # shared memory of their own (sm_90, k3v3: 131,072 bytes per program against 100,352)
+        if pid < tiles:
+            _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride,
+                         head_stride, out_ptr, rot_ptr, proj_ptr, kc_ptr, pid, tiles, H, D, DP,
+                         DG, TB, K_BITS, QJL, BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False,
+                         K_F32, EXACT16)  # MODE_CACHE
+        if pid >= tiles:
+            _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride,
+                         head_stride, out_ptr, rot_ptr, proj_ptr, vc_ptr, pid - tiles, tiles, H,
+                         D, DP, DG, TB, V_BITS, False, BS, V_OFF_C, 0, V_OFF_N, 0, 0, False,
+                         V_F32, EXACT16)
+    elif JOINT:
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         key_tiles = tl.cdiv(n_rows, TB)
-        # a program without tiles of a kind skips that kind's prologue (its matrices and
-        # codebook): in a write of fewer tiles than programs, most programs have one kind only
-        if pid < key_tiles:
-            _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride,
-                         head_stride, out_ptr, rot_ptr, proj_ptr, kc_ptr, pid, programs, H, D,
-                         DP, DG, TB, K_BITS, QJL, BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0,
-                         False, K_F32, EXACT16)  # MODE_CACHE
-        # joint tile key_tiles + v goes to program (key_tiles + v) % programs; there are as
-        # many value tiles as key tiles
+        _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                     out_ptr, rot_ptr, proj_ptr, kc_ptr, pid, programs, H, D, DP, DG, TB,
+                     K_BITS, QJL, BS, K_OFF_C, K_OFF_S, K_OFF_N, K_OFF_G, 0, False, K_F32,
+                     EXACT16)  # MODE_CACHE
+        # joint tile key_tiles + v goes to program (key_tiles + v) % programs
         first_value = (pid + programs - key_tiles % programs) % programs
-        if first_value < key_tiles:
-            _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride,
-                         head_stride, out_ptr, rot_ptr, proj_ptr, vc_ptr, first_value, programs,
-                         H, D, DP, DG, TB, V_BITS, False, BS, V_OFF_C, 0, V_OFF_N, 0, 0, False,
-                         V_F32, EXACT16)
+        _encode_rows(v_ptr, n_rows, v_st, v_sh, out_ptr, slot_ptr, page_stride, head_stride,
+                     out_ptr, rot_ptr, proj_ptr, vc_ptr, first_value, programs, H, D, DP, DG,
+                     TB, V_BITS, False, BS, V_OFF_C, 0, V_OFF_N, 0, 0, False, V_F32, EXACT16)
     elif tl.program_id(0) == 0:
         _encode_rows(k_ptr, n_rows, k_st, k_sh, out_ptr, slot_ptr, page_stride, head_stride,
                      out_ptr, rot_ptr, proj_ptr, kc_ptr, 0, 1, H, D, DP, DG, TB, K_BITS, QJL,
