@@ -301,23 +301,27 @@ def _child() -> dict:
                                                          value_bits=vb))
     tile = E.EncodeConfig(128, 8, 1)
     t = E.LATENCY_ROWS // 2 + 6  # x 2 heads: more rows than LATENCY_ROWS, two 128-row tiles
+    t_rr = 100  # x 2 heads: more rows than 3 "SMs" take as a small bulk write (pair_configs)
     # keys and values at one config: one joint launch (encode_pair_kernel's JOINT), 4 tiles
     # dealt over 3 programs (the value tiles start where the key tiles' round robin stopped)
     with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile,
                                             ("cpu", d, vb, False): tile}), \
             mock.patch.object(mod("write_cache"), "sm_count", lambda device: 3):
-        assert E.encode_config("cpu", d, kb, 2 * t) == tile
-        out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
-    # with programs to spare (a "GPU" of 8 SMs): one tile per program (ONE_TILE), programs 0-1
-    # the key tiles, 2-3 the value tiles
-    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile,
-                                            ("cpu", d, vb, False): tile}), \
+        assert E.pair_configs("cpu", d, kb, vb, 2 * t_rr, 3) == (tile, tile)
+        out["write_cache/bulk-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t_rr)
+    # a small bulk write (at most one DEFAULT_ENCODE tile per "SM", 8 of them): DEFAULT_ENCODE
+    # for keys and values whatever the table says, one tile per program (ONE_TILE): programs
+    # 0-2 the key tiles, 3-5 the value tiles
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile}), \
             mock.patch.object(mod("write_cache"), "sm_count", lambda device: 8):
+        assert E.pair_configs("cpu", d, kb, vb, 2 * t, 8) == (E.DEFAULT_ENCODE,) * 2
         out["write_cache/bulk-one-tile"] = write_check(c, kb, qjl, vb, d, bs, t=t)
     # keys and values at different configs: two encode_kernel launches
     assert kb != vb
-    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile}):
-        assert E.encode_config("cpu", d, kb, 2 * t) != E.encode_config("cpu", d, vb, 2 * t)
+    with mock.patch.dict(E.ENCODE_CONFIGS, {("cpu", d, kb, False): tile}), \
+            mock.patch.object(mod("write_cache"), "sm_count", lambda device: 1):
+        kc, vc = E.pair_configs("cpu", d, kb, vb, 2 * t, 1)
+        assert kc == tile and vc != tile
         out["write_cache/bulk-two-launches"] = write_check(c, kb, qjl, vb, d, bs, t=t)
     # the bulk launches with EXACT16: several 64-row tiles per persistent program (one
     # program: "one SM"); the declaration's threshold lowered to these interpreter-sized writes
@@ -605,8 +609,8 @@ def test_write_cache_codebook_symmetry(report):
                                   "asymmetric-bulk", "asymmetric-small"])
 def test_write_cache_kernel_bulk_tile(report, case):
     """bulk-tile: 128-row tiles, keys and values in one joint launch, round robin over fewer
-    programs than tiles.  bulk-one-tile: the same with one tile per program (encode_pair_kernel's
-    ONE_TILE).  bulk-two-launches: key
+    programs than tiles.  bulk-one-tile: a small bulk write, one tile per program
+    (tq_ops.triton.encode.pair_configs, encode_pair_kernel's ONE_TILE).  bulk-two-launches: key
     and value tiles of different configs, one launch each.  asymmetric-*: codebooks without
     c[2^B-1-k] == -c[k], which the encode kernels quantize by counting all 2^B - 1 midpoints
     (built-in codebooks take the antisymmetric path: every other write_cache case)."""

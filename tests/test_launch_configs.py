@@ -8,7 +8,8 @@ import pytest
 
 from tq_ops.config import PRESET_FIELDS
 from tq_ops.triton.decode import DECODE_CONFIGS, DEFAULT_DECODE, num_splits
-from tq_ops.triton.encode import DEFAULT_ENCODE, ENCODE_CONFIGS, LATENCY_ROWS, encode_config
+from tq_ops.triton.encode import (DEFAULT_ENCODE, ENCODE_CONFIGS, FP32_ENCODE, LATENCY_ROWS,
+                                  encode_config, pair_configs)
 
 SMS = 132  # an H100's SM count; the rule is the same for any count
 # (batch, context): the issue's decode shapes, plus a batch larger than one wave of programs
@@ -150,6 +151,23 @@ def test_encode_config_default_for_unknown_shapes():
     assert encode_config("sm90", 96, 2, 1 << 20, exact16=True) == DEFAULT_ENCODE
 
 
+@pytest.mark.parametrize("fmt", list(PRESET_FIELDS))
+def test_pair_configs_by_write_size(fmt):
+    """A cache write's key and value configs: DEFAULT_ENCODE up to LATENCY_ROWS rows (a decode
+    step's write), DEFAULT_ENCODE for both from there up to one 64-row tile per SM (a small
+    bulk write: one launch of one tile per program), then each kind's encode_config; fp32
+    input keeps FP32_ENCODE."""
+    kb, vb = PRESET_FIELDS[fmt]["key_mse_bits"], PRESET_FIELDS[fmt]["value_bits"]
+    limit = DEFAULT_ENCODE.rows * SMS
+    for rows in (1, LATENCY_ROWS, LATENCY_ROWS + 1, limit):
+        assert pair_configs("sm90", 128, kb, vb, rows, SMS) == (DEFAULT_ENCODE,) * 2
+    for rows in (limit + 1, 32768 * 8):
+        assert pair_configs("sm90", 128, kb, vb, rows, SMS) == (
+            encode_config("sm90", 128, kb, rows), encode_config("sm90", 128, vb, rows))
+    assert pair_configs("sm90", 128, kb, vb, LATENCY_ROWS + 1, SMS, key_fp32=True) == (
+        FP32_ENCODE, encode_config("sm90", 128, vb, LATENCY_ROWS + 1))
+
+
 # An H100/H200 SM gives one program at most this much shared memory (the limit Triton reports
 # when a launch asks for more: "Hardware limit: 232448"); all resident programs together get
 # SM90_SM_SHARED, less 1 KB the hardware reserves per program (CUDA guide, H100 compute data).
@@ -257,6 +275,38 @@ def test_joint_encode_fits_shared_memory(fmt, exact16, x_type, one_tile):
     assert cfg.programs_per_sm * (kernel.metadata.shared + 1024) <= SM90_SM_SHARED, (
         f"{cfg.programs_per_sm} joint programs of {kernel.metadata.shared} bytes do not fit "
         "one SM")
+
+
+# small bulk writes (pair_configs) of formats whose bulk configs are not DEFAULT_ENCODE
+SMALL_BULK_CASES = [(f, x) for f in PRESET_FIELDS for x in ("fp16", "bf16")
+                    if (encode_config("sm90", 128, PRESET_FIELDS[f]["key_mse_bits"], 1 << 20),
+                        encode_config("sm90", 128, PRESET_FIELDS[f]["value_bits"], 1 << 20))
+                    != (DEFAULT_ENCODE, DEFAULT_ENCODE)]
+
+
+@pytest.mark.parametrize("fmt,x_type", SMALL_BULK_CASES,
+                         ids=[f"{f}-{x}" for f, x in SMALL_BULK_CASES])
+def test_small_bulk_joint_fits_one_program(fmt, x_type):
+    """A small bulk write's joint launch (DEFAULT_ENCODE, ONE_TILE) asks for no more shared
+    memory than one program may have.  Its grid is not persistent, so programs beyond what
+    an SM holds at once wait for a slot (the seed format's split-precision keys at 64 rows:
+    165,888 bytes, one program per SM)."""
+    from tq_ops import preset
+    from tq_ops.triton.encode import encode_pair_kernel
+    from tq_ops.triton.unpack import group_width
+
+    if not hasattr(encode_pair_kernel, "params"):
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
+    f = preset(fmt, head_dim=128)
+    cfg = DEFAULT_ENCODE
+    consts = dict(H=8, D=128, DP=128, DG=group_width(128), TB=cfg.rows, K_BITS=f.key_mse_bits,
+                  QJL=f.use_qjl, V_BITS=f.value_bits, BS=128, K_OFF_C=0, K_OFF_S=0, K_OFF_N=0,
+                  K_OFF_G=0, V_OFF_C=0, V_OFF_N=0, K_F32=False, V_F32=False, EXACT16=False,
+                  JOINT=True, ONE_TILE=True)
+    kernel = _compile_sm90(encode_pair_kernel, consts, {"k_ptr": x_type, "v_ptr": x_type},
+                           cfg.num_warps)
+    assert kernel.metadata.shared <= SM90_MAX_SHARED, (
+        f"a small bulk write's program asks for {kernel.metadata.shared} bytes")
 
 
 # -- no specialisation on run-time values (tq_ops.triton.launch) -------------------------------

@@ -10,7 +10,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from tq_ops import _checks, codec, layout, reference
 from tq_ops.triton.encode import (EXACT16_MIN_ROWS, LATENCY_ROWS, MODE_CACHE, MODE_RECORDS,
-                                  EncodeConfig, encode_config, encode_kernel, encode_pair_kernel)
+                                  EncodeConfig, encode_config, encode_kernel, encode_pair_kernel,
+                                  pair_configs)
 from tq_ops.triton.launch import arch, sm_count
 from tq_ops.triton.unpack import group_width
 
@@ -64,9 +65,11 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
                        raw: bool = False, exact16: bool = False) -> None:
     """The Triton body of write_cache.  A write of at most LATENCY_ROWS rows (a decode step's)
     is one two-program launch of encode_pair_kernel.  A bulk write whose keys and values get
-    the same encode_config is one joint launch of it (JOINT: 137.8 -> 132.5 us for a declared
-    seed write of 32768 tokens x 8 heads, H200, session 27); otherwise one encode_kernel launch
-    for keys, one for values (the split-precision seed keys take their own config).  exact16:
+    the same config (tq_ops.triton.encode.pair_configs: every small bulk write, of at most one
+    64-row tile per SM, and larger ones of some formats) is one joint launch of it (JOINT:
+    137.8 -> 132.5 us for a declared seed write of 32768 tokens x 8 heads, H200, session 27;
+    ONE_TILE for the small ones); otherwise one encode_kernel launch for keys, one for values
+    (the split-precision seed keys take their own config).  exact16:
     write_cache's exact16_matrices declaration, used for keys and values of a write of at least
     EXACT16_MIN_ROWS rows (below, the split key launch is faster).  A decode step's write does
     not use it (11.9 us against 10.5, session 22).  Values take it as well: with session 24's
@@ -83,18 +86,17 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
     t, h = key.shape[0], int(key.shape[1])
     rows = t * h
     exact16 = exact16 and rows >= EXACT16_MIN_ROWS
-    dev_arch = arch(key.device)
-    key_cfg = encode_config(dev_arch, d, key_bits, rows, key.dtype == torch.float32, exact16)
-    value_cfg = encode_config(dev_arch, d, value_bits, rows, value.dtype == torch.float32,
-                              exact16)
+    sms = sm_count(key.device)
+    key_cfg, value_cfg = pair_configs(arch(key.device), d, key_bits, value_bits, rows, sms,
+                                      key.dtype == torch.float32, value.dtype == torch.float32,
+                                      exact16)
     if rows <= LATENCY_ROWS or key_cfg == value_cfg:
         k = key if key.stride(-1) == 1 else key.contiguous()
         v = value if value.stride(-1) == 1 else value.contiguous()
         kernel = encode_pair_kernel if raw else wrap_triton(encode_pair_kernel)
         joint = rows > LATENCY_ROWS
         tiles = triton.cdiv(rows, key_cfg.rows)
-        grid = (min(2 * tiles, key_cfg.programs_per_sm * sm_count(key.device)) if joint
-                else 2)
+        grid = min(2 * tiles, key_cfg.programs_per_sm * sms) if joint else 2
         one_tile = joint and grid == 2 * tiles
         kernel[(grid,)](
             k, v, rows, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache, slot_mapping,

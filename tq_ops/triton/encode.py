@@ -93,6 +93,26 @@ def encode_config(arch: str, head_dim: int, bits: int, rows: int,
     return ENCODE_CONFIGS.get((arch, head_dim, bits, exact16), DEFAULT_ENCODE)
 
 
+def pair_configs(arch: str, head_dim: int, key_bits: int, value_bits: int, rows: int,
+                 sms: int, key_fp32: bool = False, value_fp32: bool = False,
+                 exact16: bool = False) -> tuple[EncodeConfig, EncodeConfig]:
+    """(key config, value config) of a cache write of `rows` (token, head) rows on a GPU of
+    `sms` SMs: encode_config of each, except that a bulk write of at most `sms` DEFAULT_ENCODE
+    tiles of 16-bit input takes DEFAULT_ENCODE for both.  Such a write is latency-bound: with one
+    config it is one launch of one tile per program (encode_pair_kernel's ONE_TILE), and the
+    64-row tile makes more, shorter programs than the bulk table's 128-row keys.  H200, seed
+    format, 8 heads, fp16, us per write, two launches at the bulk configs against one at
+    DEFAULT_ENCODE (perf/scratch/ab_small_writes.py, session 28): 17 tokens 16.1 -> 8.2, 256
+    tokens 16.7 -> 9.0, 1024 tokens 17.6 -> 15.1; 4096 tokens (past the limit, round robin)
+    29.5 -> 40.9, hence the limit.  fp32 input keeps FP32_ENCODE (its shared memory)."""
+    key_cfg = encode_config(arch, head_dim, key_bits, rows, key_fp32, exact16)
+    value_cfg = encode_config(arch, head_dim, value_bits, rows, value_fp32, exact16)
+    small_bulk = LATENCY_ROWS < rows <= DEFAULT_ENCODE.rows * sms
+    if small_bulk and not (key_fp32 or value_fp32):
+        return DEFAULT_ENCODE, DEFAULT_ENCODE
+    return key_cfg, value_cfg
+
+
 # EXACT16's check uses tq_ops.codec.exact16_matrices' bounds
 EXACT_RTOL = tl.constexpr(EXACT16_RTOL)
 EXACT_MAX_INT = tl.constexpr(float(EXACT16_MAX_INT))
@@ -206,7 +226,7 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
     the others value tile p - tiles, so no program runs the prologue (matrices, codebook) of a
     kind it has no tile of.  H200, 8 heads, fp16, us per write against the round robin
     (perf/scratch/ab_small_writes.py, session 28): k3v3 17 tokens 6.8 -> 5.4, 1024 tokens
-    10.4 -> 8.3; k2q1v2 17 tokens 13.2 -> 11.6.  A run-time guard in the round-robin code
+    10.3 -> 8.2; k2q1v2 17 tokens 13.2 -> 9.9.  A run-time guard in the round-robin code
     instead made large declared writes 1-4% slower (another register allocation)."""
     if ONE_TILE:
         tiles = tl.cdiv(n_rows, TB)
