@@ -9,7 +9,7 @@ order, and prints us per call.  Trees: perf/scratch/make_trees.sh."""
 import json, os, subprocess, sys
 
 TOKENS = (17, 64, 256, 1024, 4096)
-FORMATS = ("k3v3", "k2q1v2", "seed")
+FORMATS = ("k3v3", "k2q1v2", "seed", "seed-bf16")
 
 
 def one(tree):
@@ -27,7 +27,8 @@ def one(tree):
     H, D, BS = 8, 128, 128
     out = {}
     for fmt in FORMATS:
-        cfg = preset(fmt, head_dim=D)
+        dtype = torch.bfloat16 if fmt.endswith("-bf16") else torch.float16
+        cfg = preset(fmt.removesuffix("-bf16"), head_dim=D)
         codec = TQCodec.build(cfg, "cuda")
         lay = cfg.layout
         for tokens in TOKENS:
@@ -37,8 +38,8 @@ def one(tree):
                                 device="cuda")
             slots = torch.randperm(nblocks * BS, generator=gen, device="cuda")[:tokens]
             slots = slots.to(torch.int32)
-            k = torch.randn((tokens, H, D), generator=gen, device="cuda", dtype=torch.float16)
-            v = torch.randn((tokens, H, D), generator=gen, device="cuda", dtype=torch.float16)
+            k = torch.randn((tokens, H, D), generator=gen, device="cuda", dtype=dtype)
+            v = torch.randn((tokens, H, D), generator=gen, device="cuda", dtype=dtype)
             rows = tokens * H
             a = arch(k.device)
             kcfg = encode_config(a, D, cfg.key_mse_bits, rows)
