@@ -81,6 +81,18 @@ def _child() -> dict:
         dist = (y_ref.unsqueeze(-1) - mids).abs().amin(-1)
         return float(dist[bad].max())
 
+    def norms_match(got, ref, rows):
+        """fp16 norms equal, or the two fp16 neighbours of the exact norm of `rows` where that
+        norm lies within fp32 summation error (D * 2^-24 relative) of their midpoint: the
+        kernel and the reference sum the squares in different orders, so such a norm may round
+        either way (seen in one key of the bulk-two-launches case: 12.296875 against the
+        reference's 12.2890625)."""
+        got, ref = got.double(), ref.double()
+        exact = rows.double().norm(dim=-1)
+        tie = (((got - ref).abs() <= exact * 2.0 ** -10)
+               & ((exact - (got + ref) / 2).abs() <= exact * rows.shape[-1] * 2.0 ** -24))
+        return bool(((got == ref) | tie).all())
+
     def write_check(c, kb, qjl, vb, d, bs, t, hkv=2, exact16=False, key_dtype=torch.float16):
         """write_cache's kernel against the reference: t tokens into 6 pages of a poisoned cache,
         shuffled slots, one token dropped (slot -1) and one all-zero key.  exact16: with the
@@ -114,7 +126,8 @@ def _child() -> dict:
         return dict(
             key_tie=code_mismatch(ck1[0], ck2[0], y_k, c.key_centroids),
             value_tie=code_mismatch(cv1[0], cv2[0], y_v, c.value_centroids),
-            norms_equal=bool(torch.equal(ck1[2], ck2[2]) and torch.equal(cv1[1], cv2[1])),
+            norms_match=(norms_match(ck1[2], ck2[2], k[order][valid])
+                         and norms_match(cv1[1], cv2[1], v[order][valid])),
             signs_equal=bool(not qjl or torch.equal(ck1[1], ck2[1])),
             gamma_equal=bool(not qjl or torch.equal(ck1[3], ck2[3])),
             other_slots_untouched=bool(torch.equal(keys1[0, untouched], keys2[0, untouched])))
@@ -593,7 +606,7 @@ def report() -> dict:
 def test_write_cache_kernel(report, fmt):
     r = report[f"write_cache/{_fmt_id(fmt)}"]
     assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
-    assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
+    assert r["norms_match"] and r["signs_equal"] and r["gamma_equal"], r
     assert r["other_slots_untouched"], r
 
 
@@ -616,7 +629,7 @@ def test_write_cache_kernel_bulk_tile(report, case):
     (built-in codebooks take the antisymmetric path: every other write_cache case)."""
     r = report[f"write_cache/{case}"]
     assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
-    assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
+    assert r["norms_match"] and r["signs_equal"] and r["gamma_equal"], r
     assert r["other_slots_untouched"], r
 
 
@@ -628,7 +641,7 @@ def test_write_cache_kernel_exact16(report, case):
     r = report[f"write_cache_exact16/{case}"]
     assert r.get("qualifies", True), "TQCodec's matrices must qualify at power-of-two head dims"
     assert r["key_tie"] <= TIE and r["value_tie"] <= TIE, r
-    assert r["norms_equal"] and r["signs_equal"] and r["gamma_equal"], r
+    assert r["norms_match"] and r["signs_equal"] and r["gamma_equal"], r
     assert r["other_slots_untouched"], r
 
 

@@ -249,6 +249,23 @@ JOINT_CASES = [(f, e, x) for f in ("seed", "k3v3", "k4v4") for e in (False, True
                                 x == "fp32", e)]
 
 
+def _compile_joint(fmt: str, cfg, x_type: str, exact16: bool, one_tile: bool):
+    """encode_pair_kernel with JOINT for sm_90 (_compile_sm90), format `fmt` at head_dim 128,
+    tile cfg, K and V of x_type."""
+    from tq_ops import preset
+    from tq_ops.triton.encode import encode_pair_kernel
+    from tq_ops.triton.unpack import group_width
+
+    f = preset(fmt, head_dim=128)
+    fp32 = x_type == "fp32"
+    consts = dict(H=8, D=128, DP=128, DG=group_width(128), TB=cfg.rows, K_BITS=f.key_mse_bits,
+                  QJL=f.use_qjl, V_BITS=f.value_bits, BS=128, K_OFF_C=0, K_OFF_S=0, K_OFF_N=0,
+                  K_OFF_G=0, V_OFF_C=0, V_OFF_N=0, K_F32=fp32, V_F32=fp32, EXACT16=exact16,
+                  JOINT=True, ONE_TILE=one_tile)
+    return _compile_sm90(encode_pair_kernel, consts, {"k_ptr": x_type, "v_ptr": x_type},
+                         cfg.num_warps)
+
+
 @pytest.mark.parametrize("one_tile", [False, True], ids=["round-robin", "one-tile"])
 @pytest.mark.parametrize("fmt,exact16,x_type", JOINT_CASES,
                          ids=[f"{f}{'-exact16' if e else ''}-{x}" for f, e, x in JOINT_CASES])
@@ -257,21 +274,13 @@ def test_joint_encode_fits_shared_memory(fmt, exact16, x_type, one_tile):
     tiles; with ONE_TILE one tile of one kind) asks for no more shared memory per program than
     the config allows: the two loops' pipeline buffers must share it, not add up (sm_90
     compile, seed format EXACT16 fp16: 100,352 bytes, as the key launch alone)."""
-    from tq_ops import preset
     from tq_ops.triton.encode import encode_pair_kernel
-    from tq_ops.triton.unpack import group_width
 
     if not hasattr(encode_pair_kernel, "params"):
         pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
-    f = preset(fmt, head_dim=128)
-    fp32 = x_type == "fp32"
-    cfg = encode_config("sm90", 128, f.key_mse_bits, 1 << 20, fp32, exact16)
-    consts = dict(H=8, D=128, DP=128, DG=group_width(128), TB=cfg.rows, K_BITS=f.key_mse_bits,
-                  QJL=f.use_qjl, V_BITS=f.value_bits, BS=128, K_OFF_C=0, K_OFF_S=0, K_OFF_N=0,
-                  K_OFF_G=0, V_OFF_C=0, V_OFF_N=0, K_F32=fp32, V_F32=fp32, EXACT16=exact16,
-                  JOINT=True, ONE_TILE=one_tile)
-    kernel = _compile_sm90(encode_pair_kernel, consts, {"k_ptr": x_type, "v_ptr": x_type},
-                           cfg.num_warps)
+    cfg = encode_config("sm90", 128, PRESET_FIELDS[fmt]["key_mse_bits"], 1 << 20,
+                        x_type == "fp32", exact16)
+    kernel = _compile_joint(fmt, cfg, x_type, exact16, one_tile)
     assert cfg.programs_per_sm * (kernel.metadata.shared + 1024) <= SM90_SM_SHARED, (
         f"{cfg.programs_per_sm} joint programs of {kernel.metadata.shared} bytes do not fit "
         "one SM")
@@ -291,20 +300,11 @@ def test_small_bulk_joint_fits_one_program(fmt, x_type):
     memory than one program may have.  Its grid is not persistent, so programs beyond what
     an SM holds at once wait for a slot (the seed format's split-precision keys at 64 rows:
     165,888 bytes, one program per SM)."""
-    from tq_ops import preset
     from tq_ops.triton.encode import encode_pair_kernel
-    from tq_ops.triton.unpack import group_width
 
     if not hasattr(encode_pair_kernel, "params"):
         pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
-    f = preset(fmt, head_dim=128)
-    cfg = DEFAULT_ENCODE
-    consts = dict(H=8, D=128, DP=128, DG=group_width(128), TB=cfg.rows, K_BITS=f.key_mse_bits,
-                  QJL=f.use_qjl, V_BITS=f.value_bits, BS=128, K_OFF_C=0, K_OFF_S=0, K_OFF_N=0,
-                  K_OFF_G=0, V_OFF_C=0, V_OFF_N=0, K_F32=False, V_F32=False, EXACT16=False,
-                  JOINT=True, ONE_TILE=True)
-    kernel = _compile_sm90(encode_pair_kernel, consts, {"k_ptr": x_type, "v_ptr": x_type},
-                           cfg.num_warps)
+    kernel = _compile_joint(fmt, DEFAULT_ENCODE, x_type, False, True)
     assert kernel.metadata.shared <= SM90_MAX_SHARED, (
         f"a small bulk write's program asks for {kernel.metadata.shared} bytes")
 

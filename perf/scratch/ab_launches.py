@@ -3,7 +3,7 @@ in its own process (rounds alternate the order) and prints us per launch: keys a
 split-precision kernel at the op's configs and the EXACT16 one at (64, 4, 2), and the whole
 write_cache op with default arguments and with exact16_matrices declared; 32768 tokens x 8
 heads, seed format, fp16 (and a few other sizes and formats of the op).  Trees of branches: perf/scratch/make_trees.sh."""
-import json, os, subprocess, sys
+import json, os, sys
 
 
 def one(tree):
@@ -59,20 +59,7 @@ def one(tree):
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def main(trees):
-    res = {t: [] for t in trees}
-    for rnd in range(2):
-        for t in (trees if rnd % 2 == 0 else trees[::-1]):
-            p = subprocess.run([sys.executable, __file__, "one", os.path.abspath(t)],
-                               capture_output=True, text=True, cwd=t)
-            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-            if not line:
-                print(t, "failed", p.stderr[-2000:]); continue
-            res[t].append(json.loads(line[0][7:]))
-    for t, rs in res.items():
-        for case in (rs[0] if rs else {}):
-            print(f"{os.path.basename(os.path.abspath(t)):10s} {case:34s} {[r[case] for r in rs]}")
-
-
 if __name__ == "__main__":
-    one(sys.argv[2]) if sys.argv[1] == "one" else main(sys.argv[1:])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ab_rounds import cli
+    cli(one, __file__, width=10)

@@ -1,12 +1,14 @@
 """Bulk writes of a few tiles, per source tree: the write_cache op as it launches (one joint
 encode_pair_kernel launch wherever keys and values share an encode_config) against the same
 write as two encode_kernel launches (keys, then values, at the configs encode_config gives),
-graph-captured (perf/common.gpu_ms), fp16 K/V, 8 KV heads, head_dim 128, pages of 128.  Where
-keys and values get different configs (the seed format's split keys), also the op with both at
-DEFAULT_ENCODE, which makes it one joint launch ("joint64").
+graph-captured (perf/common.gpu_ms), fp16 K/V (and seed-bf16: the seed format in bf16), 8 KV
+heads, head_dim 128, pages of 128.  Where keys and values get different configs (the seed
+format's split keys), also the op with both at DEFAULT_ENCODE, one joint launch ("joint64";
+it patches write_cache.encode_config, which code since session 28's pair_configs no longer
+calls: there it times the op again).
 `python ab_small_writes.py TREE...` runs each tree in its own process, two rounds in alternating
 order, and prints us per call.  Trees: perf/scratch/make_trees.sh."""
-import json, os, subprocess, sys
+import json, os, sys
 
 TOKENS = (17, 64, 256, 1024, 4096)
 FORMATS = ("k3v3", "k2q1v2", "seed", "seed-bf16")
@@ -89,20 +91,7 @@ def one(tree):
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def main(trees):
-    res = {t: [] for t in trees}
-    for rnd in range(2):
-        for t in (trees if rnd % 2 == 0 else trees[::-1]):
-            p = subprocess.run([sys.executable, __file__, "one", os.path.abspath(t)],
-                               capture_output=True, text=True, cwd=t)
-            line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-            if not line:
-                print(t, "failed", p.stderr[-2000:]); continue
-            res[t].append(json.loads(line[0][7:]))
-    for t, rs in res.items():
-        for case in (rs[0] if rs else {}):
-            print(f"{os.path.basename(os.path.abspath(t)):16s} {case:36s} {[r[case] for r in rs]}")
-
-
 if __name__ == "__main__":
-    one(sys.argv[2]) if sys.argv[1] == "one" else main(sys.argv[1:])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ab_rounds import cli
+    cli(one, __file__, width=16)

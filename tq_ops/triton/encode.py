@@ -102,9 +102,9 @@ def pair_configs(arch: str, head_dim: int, key_bits: int, value_bits: int, rows:
     config it is one launch of one tile per program (encode_pair_kernel's ONE_TILE), and the
     64-row tile makes more, shorter programs than the bulk table's 128-row keys.  H200, seed
     format, 8 heads, fp16, us per write, two launches at the bulk configs against one at
-    DEFAULT_ENCODE (perf/scratch/ab_small_writes.py, session 28): 17 tokens 16.1 -> 8.2, 256
-    tokens 16.7 -> 9.0, 1024 tokens 17.6 -> 15.1; 4096 tokens (past the limit, round robin)
-    29.5 -> 40.9, hence the limit.  fp32 input keeps FP32_ENCODE (its shared memory)."""
+    DEFAULT_ENCODE (perf/scratch/ab_small_writes.py, session 28): 17 tokens 16.3 -> 8.5, 256
+    tokens 16.7 -> 9.05, 1024 tokens 17.7 -> 15.1; 4096 tokens (past the limit, round robin)
+    29.6 -> 40.9, hence the limit.  fp32 input keeps FP32_ENCODE (its shared memory)."""
     key_cfg = encode_config(arch, head_dim, key_bits, rows, key_fp32, exact16)
     value_cfg = encode_config(arch, head_dim, value_bits, rows, value_fp32, exact16)
     small_bulk = LATENCY_ROWS < rows <= DEFAULT_ENCODE.rows * sms
