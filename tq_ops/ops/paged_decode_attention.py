@@ -104,7 +104,10 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
               and symmetric_table(consts["KT0"], consts["KT1"]))
     qp = torch.empty((b * hq, 3, d) if planes else (1, 3, d), dtype=torch.float16,
                      device=q.device)
-    qo = torch.empty((b * hq, 2) if planes else (1, 2), dtype=f32, device=q.device)
+    qo = torch.empty((b * hq, 4) if planes else (1, 4), dtype=f32, device=q.device)
+    int8_keys = planes and cfg.int8_keys and d == 128
+    q8 = torch.empty((b * hkv * 16 * (d // 4) * gp,) if int8_keys else (1,), dtype=torch.int8,
+                     device=q.device)
     prep = query_prep_kernel if raw else wrap_triton(query_prep_kernel)
     split = decode_split_kernel if raw else wrap_triton(decode_split_kernel)
     merge = decode_merge_kernel if raw else wrap_triton(decode_merge_kernel)
@@ -112,7 +115,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     prep[(triton.cdiv(b * hq, rb),)](
         q, rotation, projection, qr, u, qp, qo, b * hq, scale * LOG2E, qjl_scale(d),
         D=d, DP=dp, RB=rb, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
-        KT0=consts["KT0"], KT1=consts["KT1"], num_warps=PREP_WARPS)
+        KT0=consts["KT0"], KT1=consts["KT1"], q8_ptr=q8, INT8_KEYS=int8_keys, G=g, GP=gp,
+        num_warps=PREP_WARPS)
     # the asm decoders (use_fast) do nothing for codebooks other than their baked ones; then
     # the fallback merge attends the compressed tokens, unless the caller declared the built-in
     # codebooks (decode_split_kernel, decode_merge_fallback_kernel).  Off CUDA the decoders
@@ -125,7 +129,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         q, rk, rv, raw_index, raw_lens, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         FAST=use_fast, KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
+        q8_ptr=q8, INT8_KEYS=int8_keys, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
     step = merge_step(ns)
     merge_consts = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
                         PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP)

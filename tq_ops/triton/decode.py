@@ -43,7 +43,13 @@ from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_valu
                                   tile_rows_paged, tuple_set, value_words)
 
 LOG2E = 1.4426950408889634
-NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
+NEG_BIG = tl.constexpr(-1.0e30)
+# fp32 values per query row in the prep launch's offsets buffer: off_s, off_z, the int8 key
+# operands' scale, one spare
+QO = tl.constexpr(4)
+# the int8 key operands' fixed-point range: |q| <= INT8_KEY_RANGE splits into q_hi * 256 + q_lo
+# with both parts in [-128, 127]
+INT8_KEY_RANGE = tl.constexpr(32639)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,9 @@ class DecodeConfig:
     wave_fill: float = 0.65
     # an L2 hint for the next page at the top of a tile (attend_pages says when and why)
     l2_prefetch: bool = True
+    # with the bit-plane key decoders at head_dim 128: the 2-bit key planes as int8 MMA
+    # operands (attend_pages' INT8)
+    int8_keys: bool = False
 
 
 # (arch, head_dim, key_bits) -> config.  Rows absent from the table use DEFAULT_DECODE.
@@ -89,7 +98,7 @@ DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_pr
 # 15%) follows the SM clock, which falls at the power cap under sustained load.  head_dim 64
 # keeps the table decoders, its measured row (the new decoders were not timed there).
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
-    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
+    ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168, int8_keys=True),
     ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False, value_words=False),
 }
 
@@ -163,7 +172,9 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
 
 @triton.jit
 def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexpr,
-                       QJL: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr):
+                       QJL: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
+                       INT8: tl.constexpr = False, q8_ptr=None, G: tl.constexpr = 1,
+                       GP: tl.constexpr = 1):
     """The split kernel's plane operands of (RB, DP) fp32 rows qr, u (tq_ops.triton.unpack,
     "bit planes"): qp (rows, 3, D) fp16 = q' of the high and low key plane and u' of the sign
     plane, coordinate d scaled by its group's (d % 8) constants; qo (rows, 2) fp32 = the offsets
@@ -185,19 +196,101 @@ def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexp
         a_u = tl.where(on, sign_plane_offset(g), a_u)
     omask = rmask[:, None] & dmask[None, :]
     base = qp_ptr + r[:, None] * (3 * D) + d[None, :]
-    hi = (qr * s_hi[None, :]).to(tl.float16)
-    lo = (qr * s_lo[None, :]).to(tl.float16)
-    tl.store(base, hi, mask=omask)
-    tl.store(base + D, lo, mask=omask)
-    off_s = (tl.sum(hi.to(tl.float32) * a_hi[None, :], 1)
-             + tl.sum(lo.to(tl.float32) * a_lo[None, :], 1)
-             + key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1))
-    tl.store(qo_ptr + 2 * r, off_s, mask=rmask)
+    if INT8:
+        store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D, G, GP, KT0, KT1)
+        off_s = key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1)
+    else:
+        hi = (qr * s_hi[None, :]).to(tl.float16)
+        lo = (qr * s_lo[None, :]).to(tl.float16)
+        tl.store(base, hi, mask=omask)
+        tl.store(base + D, lo, mask=omask)
+        off_s = (tl.sum(hi.to(tl.float32) * a_hi[None, :], 1)
+                 + tl.sum(lo.to(tl.float32) * a_lo[None, :], 1)
+                 + key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1))
+    tl.store(qo_ptr + QO * r, off_s, mask=rmask)
     if QJL:
         us = (u * s_u[None, :]).to(tl.float16)
         tl.store(base + 2 * D, us, mask=omask)
         off_z = tl.sum(us.to(tl.float32) * a_u[None, :], 1) + tl.sum(u, 1)
-        tl.store(qo_ptr + 2 * r + 1, off_z, mask=rmask)
+        tl.store(qo_ptr + QO * r + 1, off_z, mask=rmask)
+
+
+@triton.jit
+def store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D: tl.constexpr, G: tl.constexpr,
+                            GP: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr):
+    """The int8 key operands of (RB, D) fp32 rows qr (D == DP): per row, 8 planes of D/4
+    coefficients, plane p and byte j weighting the bit that int8_key_plane(bytes, p) leaves in
+    code byte j, each a 16-bit fixed-point number split into a high and a low int8 (q_hi * 256
+    + q_lo), stored as q8 (rows / G, [hi, lo] x 8 planes, D/4, GP) int8, the G query rows of a
+    KV head side by side (the MMA's N, contiguous, so the split kernel loads them with ldmatrix);
+    their scale (per row) at qo[QO * row + 2]."""
+    RB: tl.constexpr = qr.shape[0]
+    x = tl.reshape(qr, (RB, D // 4, 4))     # x[:, j, c] = qr[:, 4 j + c]: code byte j, field c
+    c4 = tl.arange(0, 4)
+    planes = ()
+    amax = tl.zeros([RB], tl.float32)
+    for p in tl.static_range(8):
+        col = tl.sum(tl.where(c4[None, None, :] == int8_key_field(p), x, 0.0), 2)
+        qq = col * int8_key_scale(KT0, KT1, p)
+        planes = planes + (qq,)
+        amax = tl.maximum(amax, tl.max(tl.abs(qq), 1))
+    delta = tl.where(amax > 0, amax / INT8_KEY_RANGE, 1.0)
+    j = tl.arange(0, D // 4)
+    dst = q8_ptr + (r // G)[:, None] * (16 * (D // 4) * GP) + j[None, :] * GP + (r % G)[:, None]
+    for p in tl.static_range(8):
+        qf = tl.floor(planes[p] / delta[:, None] + 0.5).to(tl.int32)
+        q_hi = (qf + 128) >> 8
+        q_lo = qf - q_hi * 256
+        tl.store(dst + p * (D // 4 * GP), q_hi.to(tl.int8), mask=rmask[:, None])
+        tl.store(dst + (8 + p) * (D // 4 * GP), q_lo.to(tl.int8), mask=rmask[:, None])
+    tl.store(qo_ptr + QO * r + 2, delta, mask=rmask)
+
+
+@triton.jit
+def int8_key_plane(kb, P: tl.constexpr):
+    """(N, D/4) uint8 2-bit-plane code bytes -> int8 operand of plane P: one bit of each byte
+    left in place (planes 0-3: bits 4-7, planes 4-7: bits 0-3 moved up to 4-7), worth 16, 32,
+    64 or -128 (int8_key_scale divides it out)."""
+    if P < 4:
+        x = kb & (16 << P)
+    else:
+        # the shift on whole 32-bit registers of 4 code bytes (an 8-bit shift per element
+        # compiles to a byte extract, shift and repack each); the mask drops what crossed bytes
+        x = tl.inline_asm_elementwise("shl.b32 $0, $1, 4;", "=r,r", [kb], dtype=tl.uint8,
+                                      is_pure=True, pack=4) & (16 << (P - 4))
+    return x.to(tl.int8, bitcast=True)
+
+
+@triton.constexpr_function
+def int8_key_field(p):
+    """The 2-bit field (coordinate 4 j + field of code byte j) whose bit plane p holds."""
+    return 2 + p // 2 if p < 4 else (p - 4) // 2
+
+
+@triton.constexpr_function
+def int8_key_scale(t0, t1, p):
+    """2 gamma / v of plane p: gamma = alpha (the code's high bit) or beta (its low bit) of the
+    symmetric 2-bit codebook in t0, t1 (as key_plane_scale), v the int8 value of the set bit."""
+    from tq_ops.triton import unpack as U
+    c2, c3 = U._f16_value(t1), U._f16_value(t1 >> 16)
+    gamma = (c3 + c2) / 2 if p % 2 else (c3 - c2) / 2
+    return 2 * gamma / (16, 32, 64, -128)[p % 4]
+
+
+@triton.jit
+def load_int8_key_operands(q8_ptr, qo_ptr, bh, qrow, gmask, D: tl.constexpr):
+    """store_int8_key_operands' operands as (D/4, GP) int8 per plane (high parts, low parts)
+    and the (GP,) fp32 scales."""
+    j = tl.arange(0, D // 4)
+    GP: tl.constexpr = qrow.shape[0]
+    src = q8_ptr + bh * (16 * (D // 4) * GP) + j[:, None] * GP + tl.arange(0, GP)[None, :]
+    q_hi = ()
+    q_lo = ()
+    for p in tl.static_range(8):
+        q_hi = q_hi + (tl.load(src + p * (D // 4 * GP), mask=gmask[None, :], other=0),)
+        q_lo = q_lo + (tl.load(src + (8 + p) * (D // 4 * GP), mask=gmask[None, :], other=0),)
+    delta = tl.load(qo_ptr + QO * qrow + 2, mask=gmask, other=0.0)
+    return q_hi, q_lo, delta
 
 
 @triton.jit
@@ -211,7 +304,9 @@ def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, rows, q_scale,
                       u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
                       JB: tl.constexpr, QJL: tl.constexpr, PLANES: tl.constexpr,
-                      KT0: tl.constexpr, KT1: tl.constexpr):
+                      KT0: tl.constexpr, KT1: tl.constexpr, q8_ptr=None,
+                      INT8_KEYS: tl.constexpr = False, G: tl.constexpr = 1,
+                      GP: tl.constexpr = 1):
     """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D);
     with PLANES also the split kernel's plane operands and offsets (store_query_planes), once
     per query row rather than in every split program.
@@ -249,7 +344,7 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
             u1 = qr1
         if PLANES:
             store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask, d,
-                               dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
+                               dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
     else:
         q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
@@ -268,7 +363,8 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
             else:
                 u = qr
             if PLANES:
-                store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
+                store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1,
+                                   INT8_KEYS, q8_ptr, G, GP)
         else:
             for j0 in tl.static_range(0, DP, JB):
                 jj = j0 + j
@@ -297,7 +393,8 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
                                 mask=rmask[:, None] & dmask[None, :], other=0.0)
                 else:
                     u = qr
-                store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1)
+                store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1,
+                                   INT8_KEYS, q8_ptr, G, GP)
 
 
 @triton.jit
@@ -314,7 +411,7 @@ def load_queries(ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr):
 
 @triton.jit
 def load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr,
-                      QJL: tl.constexpr):
+                      QJL: tl.constexpr, INT8: tl.constexpr = False):
     """The plane operands of store_query_planes in the 8 coordinate groups: per group r,
     (DG, GP) fp16 q'_r of the high and low key plane and u'_r of the sign plane, and the (GP,)
     fp32 offsets: q . k_mse = acc_s - off_s, u . signs = acc_z - off_z."""
@@ -325,16 +422,22 @@ def load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D: tl.constexpr, DG: tl.const
     for r in tl.static_range(8):
         msk = (8 * m + r < D)[:, None] & gmask[None, :]
         at = qp_ptr + qrow[None, :] * (3 * D) + 8 * m[:, None] + r
-        hi = tl.load(at, mask=msk, other=0.0)
+        if INT8:
+            # the key operands are int8 (load_int8_key_operands)
+            hi = tl.zeros([DG, qrow.shape[0]], tl.float16)
+            lo = hi
+        else:
+            hi = tl.load(at, mask=msk, other=0.0)
+            lo = tl.load(at + D, mask=msk, other=0.0)
         qhi = qhi + (hi,)
-        qlo = qlo + (tl.load(at + D, mask=msk, other=0.0),)
+        qlo = qlo + (lo,)
         if QJL:
             us = us + (tl.load(at + 2 * D, mask=msk, other=0.0),)
         else:
             us = us + (hi,)
-    off_s = tl.load(qo_ptr + 2 * qrow, mask=gmask, other=0.0)
+    off_s = tl.load(qo_ptr + QO * qrow, mask=gmask, other=0.0)
     if QJL:
-        off_z = tl.load(qo_ptr + 2 * qrow + 1, mask=gmask, other=0.0)
+        off_z = tl.load(qo_ptr + QO * qrow + 1, mask=gmask, other=0.0)
     else:
         off_z = off_s * 0.0
     return qhi, qlo, us, off_s, off_z
@@ -350,7 +453,7 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                  AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
                  FAST: tl.constexpr, PLANES: tl.constexpr, WORDS: tl.constexpr,
                  KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr,
-                 PREFETCH: tl.constexpr = 0):
+                 PREFETCH: tl.constexpr = 0, INT8: tl.constexpr = False, qdelta=None):
     """Online softmax over compressed positions max(lo, kv_start)..hi-1 of one sequence and KV
     head; lo is a multiple of BLOCK_N.
 
@@ -394,15 +497,30 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         krow = tl.multiple_of(base + BS * OFF_KC + tin * (D * KB // 8), AL_K)
         srow = tl.multiple_of(base + BS * OFF_KS + tin * (D // 8), AL_S)
         vrow = tl.multiple_of(base + BS * OFF_VC + tin * (D * VB // 8), AL_V)
-        if FAST:
+        if INT8:
+            kb8 = tl.load(cache_ptr + krow[:, None] + tl.arange(0, D // 4)[None, :])
+        elif FAST:
             kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, DG, KB)
+        if FAST:
             if QJL:
                 sx = load_group_words(cache_ptr + srow[:, None], m[None, :], D, DG)
         # the plane offsets (zero otherwise) start the accumulators: no subtraction per tile
         acc_s = tl.zeros([BLOCK_N, GP], tl.float32) - off_s[None, :]
         acc_z = tl.zeros([BLOCK_N, GP], tl.float32) - off_z[None, :]
+        if INT8:
+            # qts / qlos: the high and low int8 parts of the query operands
+            a_hi = tl.zeros([BLOCK_N, GP], tl.int32)
+            a_lo = tl.zeros([BLOCK_N, GP], tl.int32)
+            for p in tl.static_range(8):
+                x8 = int8_key_plane(kb8, p)
+                a_hi = tl.dot(x8, qts[p], a_hi, out_dtype=tl.int32)
+                a_lo = tl.dot(x8, qlos[p], a_lo, out_dtype=tl.int32)
+            acc_s = acc_s + (a_hi * 256 + a_lo).to(tl.float32) * qdelta[None, :]
         for r in tl.static_range(8):
-            if PLANES:
+            if INT8:
+                if QJL:
+                    acc_z = tl.dot(sign_plane(sx, r), uts[r], acc_z)
+            elif PLANES:
                 acc_s = tl.dot(key_plane(kw, r, 1), qts[r], acc_s)
                 acc_s = tl.dot(key_plane(kw, r, 0), qlos[r], acc_s)
                 if QJL:
@@ -477,7 +595,8 @@ def decode_split_kernel(
         FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
         VT0: tl.constexpr, VT1: tl.constexpr, RAW_N: tl.constexpr, RAW_DC: tl.constexpr,
         KEY_PLANES: tl.constexpr = True, VALUE_WORDS: tl.constexpr = True,
-        ALONE: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+        ALONE: tl.constexpr = False, PREFETCH: tl.constexpr = 0, q8_ptr=None,
+        INT8_KEYS: tl.constexpr = False):
     """One (sequence, KV head, split) partial of the compressed positions (module docstring),
     or, for split == num_splits (a program past the last split), the raw-pool partial of that
     (sequence, KV head) (raw_partial).
@@ -507,7 +626,8 @@ def decode_split_kernel(
                           page_stride, num_splits, tl.program_id(0), tl.program_id(1), HKV, G,
                           GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
                           OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, FAST,
-                          KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1, PREFETCH=PREFETCH)
+                          KEY_PLANES, VALUE_WORDS, KT0, KT1, VT0, VT1, PREFETCH=PREFETCH,
+                          q8_ptr=q8_ptr, INT8_KEYS=INT8_KEYS)
         else:
             if ALONE:
                 nan_partial(o_ptr, m_ptr, l_ptr, tl.program_id(0), tl.program_id(1), num_splits,
@@ -626,7 +746,8 @@ def split_partial(
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, KEY_PLANES: tl.constexpr, VALUE_WORDS: tl.constexpr,
         KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr,
-        WHOLE: tl.constexpr = False, col=0, PREFETCH: tl.constexpr = 0):
+        WHOLE: tl.constexpr = False, col=0, PREFETCH: tl.constexpr = 0, q8_ptr=None,
+        INT8_KEYS: tl.constexpr = False):
     """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h.
     WHOLE (the merge's fallback): the one range 0..kv_len-1 into slot `split`, only query
     column `col` stored (the G programs of the KV head each store their own)."""
@@ -653,9 +774,13 @@ def split_partial(
         hi = tl.minimum(lo + per, kv_len)
     PLANES: tl.constexpr = FAST and KEY_PLANES and KB == 2 and planes_apply(KT0, KT1)
     WORDS: tl.constexpr = FAST and VALUE_WORDS and VB == 3 and (VT0 != 0 or VT1 != 0)
+    INT8: tl.constexpr = PLANES and INT8_KEYS
+    qdelta = None
     if PLANES:
         qts, qlos, uts, off_s, off_z = load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D, DG,
-                                                         QJL)
+                                                         QJL, INT8)
+        if INT8:
+            qts, qlos, qdelta = load_int8_key_operands(q8_ptr, qo_ptr, bh, qrow, gmask, D)
     else:
         qts = load_queries(qr_ptr, qrow, gmask, D, DG)
         if QJL:
@@ -680,7 +805,7 @@ def split_partial(
         cache_ptr, bt_ptr, b.to(tl.int64) * bt_stride, lo, hi, kv_start, h * (BS * SLOT),
         page_stride, kc_ptr, vc_ptr, qts, qlos, uts, off_s, off_z, ktabs, vtabs, m_i, l_i, accs,
         D, DG, GP, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN,
-        AL_K, AL_S, AL_V, AL_N, FAST, PLANES, WORDS, KT0, KT1, VT0, VT1, PREFETCH)
+        AL_K, AL_S, AL_V, AL_N, FAST, PLANES, WORDS, KT0, KT1, VT0, VT1, PREFETCH, INT8, qdelta)
     m = tl.arange(0, DG)
     for r in tl.static_range(8):
         tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],
