@@ -165,7 +165,7 @@ def compile_small(kernel: str, warps: int, consts: dict):
 
     fn = query_prep_kernel if kernel == "prep" else decode_merge_kernel
     types = {"q_ptr": "*fp16", "out_ptr": "*fp16", "raw_k_ptr": "*bf16", "raw_v_ptr": "*bf16",
-             "raw_idx_ptr": "*i32", "raw_lens_ptr": "*i32", "qp_ptr": "*fp16"}
+             "raw_idx_ptr": "*i32", "raw_lens_ptr": "*i32", "qp_ptr": "*fp16", "q8_ptr": "*i8"}
     return compile_sm90(fn, consts, types, floats=("q_scale", "u_scale"), num_warps=warps)
 
 
@@ -236,6 +236,9 @@ def main() -> int:
     ap.add_argument("--smem-values", action="store_true",
                     help="split: the 3-bit value decoder whose fp16 result goes through shared "
                          "memory instead of the one over value words")
+    ap.add_argument("--fp16-keys", action="store_true",
+                    help="split, prep: the fp16 key planes instead of the int8 ones of the "
+                         "config (DecodeConfig.int8_keys)")
     ap.add_argument("--exact16", action="store_true",
                     help="encode: the variant for declared exact fp16 matrices")
     a = ap.parse_args()
@@ -251,9 +254,15 @@ def main() -> int:
 
             fcfg = preset(a.format, head_dim=a.head_dim)
             kt = asm_tables(a.head_dim, fcfg.key_mse_bits)
+            from tq_ops.triton.decode import decode_config
+
+            planes = fcfg.key_mse_bits == 2 and symmetric_table(kt[1], kt[2])
+            int8 = (planes and a.head_dim == 128 and not a.fp16_keys
+                    and decode_config("sm90", a.head_dim, fcfg.key_mse_bits).int8_keys)
             consts = dict(D=a.head_dim, DP=dp, RB=P.PREP_ROWS, JB=P.WHOLE_MATRIX_COLUMNS,
-                          QJL=fcfg.use_qjl, KT0=kt[1], KT1=kt[2],
-                          PLANES=fcfg.key_mse_bits == 2 and symmetric_table(kt[1], kt[2]))
+                          QJL=fcfg.use_qjl, KT0=kt[1], KT1=kt[2], PLANES=planes,
+                          INT8_KEYS=int8, G=a.group,
+                          GP=max(2, triton.next_power_of_2(a.group)))
             warps = a.warps or P.PREP_WARPS
         else:
             gp = max(2, triton.next_power_of_2(a.group))
@@ -297,8 +306,13 @@ def main() -> int:
             a.maxnreg = decode_config("sm90", a.head_dim,
                                       preset(a.format, head_dim=a.head_dim).key_mse_bits
                                       ).max_registers
+        from tq_ops.triton.decode import decode_config
+
+        int8 = (not a.fp16_keys and not a.table_keys and a.head_dim == 128 and decode_config(
+            "sm90", a.head_dim, preset(a.format, head_dim=a.head_dim).key_mse_bits).int8_keys)
         k = compile_split(a.format, a.head_dim, a.group, a.block_size, a.block_n, a.warps,
-                          a.stages, a.maxnreg, not a.slow, not a.table_keys, not a.smem_values)
+                          a.stages, a.maxnreg, not a.slow, not a.table_keys, not a.smem_values,
+                          int8)
     else:
         k = compile_encode(a.format, a.head_dim, a.kernel.split("-")[1], a.rows, a.warps,
                            a.maxnreg, a.exact16)

@@ -33,7 +33,8 @@ def launch_key_scores(query: Tensor, key_records: Tensor, rotation: Tensor, proj
     # no plane operands: qr stands in for their buffers
     prep[(triton.cdiv(b * tq, 16),)](q, rotation, projection, qr, u, qr, qr, b * tq, 1.0,
                                      qjl_scale(d), D=d, DP=dp, RB=16, JB=32, QJL=qjl,
-                                     PLANES=False, KT0=0, KT1=0)
+                                     PLANES=False, KT0=0, KT1=0, q8_ptr=qr,
+                                     INT8_KEYS=False, G=1, GP=1)
     scores[(b, triton.cdiv(tq, QUERY_TILE), triton.cdiv(tk, KEY_TILE))](
         qr, u, rec, centroids, out, tq, tk, D=d, DG=group_width(d), TQB=QUERY_TILE,
         TKB=KEY_TILE, BITS=bits, QJL=qjl, KEY_BYTES=lay.key_bytes,

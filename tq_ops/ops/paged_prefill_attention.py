@@ -73,7 +73,8 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
         # no plane operands (the prefill kernel's decoders use qr, u): qr stands in for them
         prep[(triton.cdiv(t * hq, 16),)](q, rotation, projection, qr, u, qr, qr, t * hq,
                                          scale * LOG2E, qjl_scale(d), D=d, DP=dp, RB=16, JB=32,
-                                         QJL=qjl, PLANES=False, KT0=0, KT1=0)
+                                         QJL=qjl, PLANES=False, KT0=0, KT1=0, q8_ptr=qr,
+                                         INT8_KEYS=False, G=1, GP=1)
     kernel[(t // block_q + b, hkv)](
         q, qr, u, k, v, cu_seqlens_q, cache, block_table, prefix_lens, rk, rv, raw_index,
         raw_lens, rotation, key_centroids, value_centroids, out, dk, dv, dstart, po, pl, lse,

@@ -224,25 +224,27 @@ def store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D: tl.constexpr, G: tl
     + q_lo), stored as q8 (rows / G, [hi, lo] x 8 planes, D/4, GP) int8, the G query rows of a
     KV head side by side (the MMA's N, contiguous, so the split kernel loads them with ldmatrix);
     their scale (per row) at qo[QO * row + 2]."""
-    RB: tl.constexpr = qr.shape[0]
-    x = tl.reshape(qr, (RB, D // 4, 4))     # x[:, j, c] = qr[:, 4 j + c]: code byte j, field c
-    c4 = tl.arange(0, 4)
-    planes = ()
-    amax = tl.zeros([RB], tl.float32)
-    for p in tl.static_range(8):
-        col = tl.sum(tl.where(c4[None, None, :] == int8_key_field(p), x, 0.0), 2)
-        qq = col * int8_key_scale(KT0, KT1, p)
-        planes = planes + (qq,)
-        amax = tl.maximum(amax, tl.max(tl.abs(qq), 1))
+    # coordinate k is field c = k % 4 of code byte j = k // 4: its low bit sits in plane
+    # (4 if c < 2 else 0) + 2 (c % 2) (int8_key_plane), its high bit in the next plane
+    k = tl.arange(0, D)
+    c = k % 4
+    plane = tl.where(c < 2, 4, 0) + 2 * (c % 2)
+    two_beta: tl.constexpr = int8_key_weight(KT0, KT1, 0)
+    two_alpha: tl.constexpr = int8_key_weight(KT0, KT1, 1)
+    coef_lo = qr * tl.where(c % 2 == 0, two_beta / 16, two_beta / 64)[None, :]
+    coef_hi = qr * tl.where(c % 2 == 0, two_alpha / 32, -two_alpha / 128)[None, :]
+    amax = tl.maximum(tl.max(tl.abs(coef_lo), 1), tl.max(tl.abs(coef_hi), 1))
     delta = tl.where(amax > 0, amax / INT8_KEY_RANGE, 1.0)
-    j = tl.arange(0, D // 4)
-    dst = q8_ptr + (r // G)[:, None] * (16 * (D // 4) * GP) + j[None, :] * GP + (r % G)[:, None]
-    for p in tl.static_range(8):
-        qf = tl.floor(planes[p] / delta[:, None] + 0.5).to(tl.int32)
+    dst = (q8_ptr + (r // G)[:, None] * (16 * (D // 4) * GP) + (r % G)[:, None]
+           + (plane * (D // 4) + k // 4)[None, :] * GP)
+    for bit in tl.static_range(2):
+        coef = coef_hi if bit else coef_lo
+        qf = tl.floor(coef / delta[:, None] + 0.5).to(tl.int32)
         q_hi = (qf + 128) >> 8
         q_lo = qf - q_hi * 256
-        tl.store(dst + p * (D // 4 * GP), q_hi.to(tl.int8), mask=rmask[:, None])
-        tl.store(dst + (8 + p) * (D // 4 * GP), q_lo.to(tl.int8), mask=rmask[:, None])
+        at = dst + bit * ((D // 4) * GP)
+        tl.store(at, q_hi.to(tl.int8), mask=rmask[:, None])
+        tl.store(at + 8 * ((D // 4) * GP), q_lo.to(tl.int8), mask=rmask[:, None])
     tl.store(qo_ptr + QO * r + 2, delta, mask=rmask)
 
 
@@ -262,19 +264,12 @@ def int8_key_plane(kb, P: tl.constexpr):
 
 
 @triton.constexpr_function
-def int8_key_field(p):
-    """The 2-bit field (coordinate 4 j + field of code byte j) whose bit plane p holds."""
-    return 2 + p // 2 if p < 4 else (p - 4) // 2
-
-
-@triton.constexpr_function
-def int8_key_scale(t0, t1, p):
-    """2 gamma / v of plane p: gamma = alpha (the code's high bit) or beta (its low bit) of the
-    symmetric 2-bit codebook in t0, t1 (as key_plane_scale), v the int8 value of the set bit."""
+def int8_key_weight(t0, t1, hi):
+    """2 alpha (hi) or 2 beta of the symmetric 2-bit codebook in t0, t1 (as key_plane_scale):
+    the weight of a code's high or low bit (c = alpha s1 + beta s0, s = 2 b - 1)."""
     from tq_ops.triton import unpack as U
     c2, c3 = U._f16_value(t1), U._f16_value(t1 >> 16)
-    gamma = (c3 + c2) / 2 if p % 2 else (c3 - c2) / 2
-    return 2 * gamma / (16, 32, 64, -128)[p % 4]
+    return c3 + c2 if hi else c3 - c2
 
 
 @triton.jit
@@ -304,9 +299,8 @@ def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, rows, q_scale,
                       u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
                       JB: tl.constexpr, QJL: tl.constexpr, PLANES: tl.constexpr,
-                      KT0: tl.constexpr, KT1: tl.constexpr, q8_ptr=None,
-                      INT8_KEYS: tl.constexpr = False, G: tl.constexpr = 1,
-                      GP: tl.constexpr = 1):
+                      KT0: tl.constexpr, KT1: tl.constexpr, q8_ptr, INT8_KEYS: tl.constexpr,
+                      G: tl.constexpr, GP: tl.constexpr):
     """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D);
     with PLANES also the split kernel's plane operands and offsets (store_query_planes), once
     per query row rather than in every split program.
