@@ -83,7 +83,8 @@ def compile_split(fmt: str, head_dim: int, group: int, block_size: int, block_n:
     fn = decode_split_kernel
     # vLLM's: bf16 queries and raw pool
     types = {n: "*fp32" if n in FP32_POINTERS else "*u8" if n == "cache_ptr" else
-             "*fp16" if n == "qp_ptr" else "*i8" if n == "q8_ptr" else "*bf16" if n in ("q_ptr", "raw_k_ptr", "raw_v_ptr")
+             "*fp16" if n == "qp_ptr" else "*i8" if n == "q8_ptr" else
+             "*bf16" if n in ("q_ptr", "raw_k_ptr", "raw_v_ptr")
              else "*i32" for n in fn.arg_names if n.endswith("_ptr")}
     return compile_sm90(fn, consts, types,
                         aligned=("page_stride", "rk_s0", "rk_s1", "rk_s2", "rv_s0", "rv_s1",

@@ -462,6 +462,10 @@ def _child() -> dict:
         out[f"prep-planes/d{d}"] = prep_planes_check(d)
     for d in (64, 128):
         out[f"prep-planes/d{d}-rowwise"] = prep_planes_check(d, rb=1)
+    # the int8 key operands (head_dim 128): 8-row programs and one program per row, a GQA group
+    # of 4 and one of 3 (padded to 4 columns)
+    for g_, rb_ in ((4, None), (3, 1)):
+        out[f"prep-int8/g{g_}-rb{rb_ or 'default'}"] = prep_int8_check(g_, rb=rb_)
     # write_raw: strided K/V (slices of a fused qkv row, as vLLM passes them) into a poisoned
     # pool, a padding token (negative paged slot) skipped.  bf16 into bf16 (vLLM's case: a copy)
     # and fp32 into fp16 (a rounding cast); not fp32 into bf16, which the interpreter truncates
@@ -584,6 +588,103 @@ def prep_planes_check(d: int, rows: int = 5, rb: int | None = None) -> dict:
                 finite=bool(torch.isfinite(qo[:, :2]).all() and torch.isfinite(qp.float()).all()),
                 qr_err=float((qr.double() - qr_ref).abs().max() / qr_ref.abs().max()),
                 u_err=float((u.double() - u_ref).abs().max() / u_ref.abs().max()))
+
+
+def int8_plane_values(code_bytes, p: int):
+    """The int8 operand of plane p over uint8 code bytes, as decode.int8_key_plane defines it:
+    planes 0-3 keep bit 4 + p of each byte, planes 4-7 bit p moved up to 4 + (p - 4); the kept
+    bit is worth 16, 32, 64 or -128 (int8)."""
+    import numpy as np
+
+    b = code_bytes.astype(np.int64)
+    x = b & (16 << p) if p < 4 else (b << 4) & (16 << (p - 4))
+    return np.where(x >= 128, x - 256, x)
+
+
+def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> dict:
+    """query_prep_kernel with INT8_KEYS (head_dim 128, GQA group g): for random 2-bit codes,
+    the MSE part of q . k rebuilt the way the split kernel computes it (int8 planes of the code
+    bytes against the high and low int8 parts, times the row's scale, minus off_s) against
+    q . c[code] from the kernel's own fp32 qr.  The admissible error is the fixed-point rounding
+    of each coefficient, half a step (the row's scale) times the bit's int8 value, plus fp32
+    slack for off_s and the scaled coefficients.  Also: every part in [-128, 127] (read back
+    as int8, an overflow would wrap and show as a large error) and finite scales."""
+    import importlib
+
+    import numpy as np
+
+    from tq_ops import TQCodec, preset
+    from tq_ops.codec import qjl_scale
+    from tq_ops.triton import unpack as U
+    from tq_ops.triton.decode import query_prep_kernel
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")
+    d, heads = 128, 3
+    gp = max(2, triton_next_pow2(g))
+    rows = heads * g
+    c = TQCodec.build(preset("seed", head_dim=d))
+    _, t0, t1 = U.asm_tables(d, 2)
+    q = torch.randn(rows, d) * 4
+    qr = torch.full((rows, d), float("nan"))
+    u = torch.full((rows, d), float("nan"))
+    qp = torch.full((rows, 3, d), float("nan"), dtype=torch.float16)
+    qo = torch.full((rows, 4), float("nan"))
+    q8 = torch.full((heads * 16 * (d // 4) * gp,), 99, dtype=torch.int8)
+    rb = rb or P.PREP_ROWS
+    query_prep_kernel[(triton_cdiv(rows, rb),)](
+        q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
+        D=d, DP=d, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0, KT1=t1,
+        q8_ptr=q8, INT8_KEYS=True, G=g, GP=gp, num_warps=P.PREP_WARPS)
+    table = np.array(U.fp16_table(d, 2), dtype=np.uint16).view(np.float16).astype(np.float64)
+    parts = q8.numpy().reshape(heads, 16, d // 4, gp).astype(np.int64)
+    gen = np.random.default_rng(g)
+    worst = 0.0
+    for i in range(rows):
+        h, col = divmod(i, g)
+        qd = qr[i].double().numpy()
+        delta = float(qo[i, 2])
+        for _ in range(rows_per_head):
+            code = gen.integers(0, 4, d)
+            # code byte j holds coordinate 4 j + f at bits 2 f (low) and 2 f + 1 (high)
+            code_bytes = np.zeros(d // 4, np.int64)
+            for k in range(d):
+                code_bytes[k // 4] |= int(code[k]) << (2 * (k % 4))
+            acc, bound = 0, 0.0
+            for p in range(8):
+                x = int8_plane_values(code_bytes, p)
+                acc += 256 * int((x * parts[h, p, :, col]).sum()) + int(
+                    (x * parts[h, 8 + p, :, col]).sum())
+                bound += 0.5 * delta * float(np.abs(x).sum())
+            got = delta * acc - float(qo[i, 0])
+            want = float((qd * table[code]).sum())
+            slack = 1e-6 * float(np.abs(qd).sum() * np.abs(table).max())
+            worst = max(worst, abs(got - want) / (bound + slack))
+    # each coefficient against its exact value: within half a fixed-point step (plus the fp32
+    # rounding of the scaled coefficient); a truncating rounding would reach a whole step
+    c2, c3 = table[2], table[3]
+    rounding = 0.0
+    for i in range(rows):
+        h, col = divmod(i, g)
+        delta = float(qo[i, 2])
+        for k in range(d):
+            f, j = k % 4, k // 4
+            plane = (4 if f < 2 else 0) + 2 * (f % 2)
+            for bit, weight, value in ((0, c3 - c2, 16 if f % 2 == 0 else 64),
+                                       (1, c3 + c2, 32 if f % 2 == 0 else -128)):
+                exact = float(qr[i, k]) * weight / value
+                fixed = 256 * parts[h, plane + bit, j, col] + parts[h, 8 + plane + bit, j, col]
+                err = abs(fixed * delta - exact) - 2.0 ** -23 * abs(exact)
+                rounding = max(rounding, err / (0.5 * delta))
+    used = parts[:, :, :, :g]
+    return dict(worst_over_bound=worst, rounding_over_half_step=rounding,
+                finite=bool(torch.isfinite(qo[:, :3]).all()),
+                scale_positive=bool((qo[:, 2] > 0).all()),
+                parts_in_range=bool((used >= -128).all() and (used <= 127).all()),
+                padded_columns_untouched=bool((parts[:, :, :, g:] == 99).all()))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -789,6 +890,19 @@ def test_prep_plane_operands(report, case):
     assert r["worst_over_bound"] <= 1.0
     # the fp32 products (tf32x3 on tensor cores, or multiply-and-sum per row)
     assert r["qr_err"] <= RTOL_F32 and r["u_err"] <= RTOL_F32, r
+
+
+@pytest.mark.parametrize("case", ["g4-rbdefault", "g3-rb1"])
+def test_prep_int8_key_operands(report, case):
+    r = report[f"prep-int8/{case}"]
+    assert r["finite"] and r["scale_positive"] and r["parts_in_range"], r
+    # every coefficient rounds to the nearest fixed-point step, and the planes rebuild the
+    # scores within those roundings (the parts are read back as int8: a high part out of range
+    # would have wrapped and broken both)
+    assert r["rounding_over_half_step"] <= 1.0 + 1e-6, r
+    assert r["worst_over_bound"] <= 1.0, r
+    # GP > G: the kernel writes only its own G columns (the split kernel masks the rest)
+    assert r["padded_columns_untouched"], r
 
 
 def test_prefill_reference_matches_contiguous_attention():

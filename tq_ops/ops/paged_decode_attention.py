@@ -105,6 +105,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     qp = torch.empty((b * hq, 3, d) if planes else (1, 3, d), dtype=torch.float16,
                      device=q.device)
     qo = torch.empty((b * hq, 4) if planes else (1, 4), dtype=f32, device=q.device)
+    # the key planes as int8 operands (tq_ops.triton.decode.store_int8_key_operands): 16
+    # (D/4, GP) int8 per KV head row; their code bytes make one K = 32 MMA step at head_dim 128
     int8_keys = planes and cfg.int8_keys and d == 128
     q8 = torch.empty((b * hkv * 16 * (d // 4) * gp,) if int8_keys else (1,), dtype=torch.int8,
                      device=q.device)
@@ -129,7 +131,8 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         q, rk, rv, raw_index, raw_lens, scale * LOG2E,
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         FAST=use_fast, KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
-        q8_ptr=q8, INT8_KEYS=int8_keys, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **cap)
+        q8_ptr=q8, INT8_KEYS=int8_keys, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **consts, **cap)
     step = merge_step(ns)
     merge_consts = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
                         PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP)

@@ -43,13 +43,13 @@ from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_valu
                                   tile_rows_paged, tuple_set, value_words)
 
 LOG2E = 1.4426950408889634
-NEG_BIG = tl.constexpr(-1.0e30)
-# fp32 values per query row in the prep launch's offsets buffer: off_s, off_z, the int8 key
-# operands' scale, one spare
+NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
+# fp32 values per query row in the prep launch's offsets buffer: off_s, off_z, the scale of the
+# int8 key operands, one spare
 QO = tl.constexpr(4)
-# the int8 key operands' fixed-point range: |q| <= INT8_KEY_RANGE splits into q_hi * 256 + q_lo
-# with both parts in [-128, 127]
-INT8_KEY_RANGE = tl.constexpr(32639)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
+# the int8 key operands' fixed-point range: an integer of magnitude at most INT8_KEY_RANGE is
+# q_hi * 256 + q_lo with both parts in [-128, 127] (q_hi = (q + 128) >> 8)
+INT8_KEY_RANGE = tl.constexpr(32639)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class DecodeConfig:
     # an L2 hint for the next page at the top of a tile (attend_pages says when and why)
     l2_prefetch: bool = True
     # with the bit-plane key decoders at head_dim 128: the 2-bit key planes as int8 MMA
-    # operands (attend_pages' INT8)
+    # operands against 16-bit fixed-point queries (attend_pages' INT8): one AND per 4 codes
+    # and plane instead of a shift and an AND-OR per 2 (perf/NOTES.md, session 29)
     int8_keys: bool = False
 
 
@@ -177,8 +178,10 @@ def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexp
                        GP: tl.constexpr = 1):
     """The split kernel's plane operands of (RB, DP) fp32 rows qr, u (tq_ops.triton.unpack,
     "bit planes"): qp (rows, 3, D) fp16 = q' of the high and low key plane and u' of the sign
-    plane, coordinate d scaled by its group's (d % 8) constants; qo (rows, 2) fp32 = the offsets
-    off_s, off_z (the a-part summed over the fp16-rounded operands, so it cancels exactly)."""
+    plane, coordinate d scaled by its group's (d % 8) constants; qo (rows, QO) fp32 = the
+    offsets off_s, off_z (the a-part summed over the fp16-rounded operands, so it cancels
+    exactly).  INT8: the key planes go to q8 instead (store_int8_key_operands; qp's first two
+    planes are not written) and off_s is c3 sum q, the int8 planes having no a-part."""
     grp = d % 8
     s_hi = tl.zeros([d.shape[0]], tl.float32)
     s_lo = s_hi
@@ -218,12 +221,25 @@ def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexp
 @triton.jit
 def store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D: tl.constexpr, G: tl.constexpr,
                             GP: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr):
-    """The int8 key operands of (RB, D) fp32 rows qr (D == DP): per row, 8 planes of D/4
-    coefficients, plane p and byte j weighting the bit that int8_key_plane(bytes, p) leaves in
-    code byte j, each a 16-bit fixed-point number split into a high and a low int8 (q_hi * 256
-    + q_lo), stored as q8 (rows / G, [hi, lo] x 8 planes, D/4, GP) int8, the G query rows of a
-    KV head side by side (the MMA's N, contiguous, so the split kernel loads them with ldmatrix);
-    their scale (per row) at qo[QO * row + 2]."""
+    """The int8 key operands of (RB, D) fp32 rows qr (D == DP), for rows r of the query
+    buffer (GQA group G, padded to GP).
+
+    A symmetric 2-bit code is c = alpha s1 + beta s0 (s = 2 b - 1), so q . k_mse = sum_k
+    (2 alpha q_k b1_k + 2 beta q_k b0_k) - c3 sum q.  The split kernel reads the code bytes as
+    8 int8 planes (int8_key_plane: plane p keeps one bit per byte, worth v = 16, 32, 64 or
+    -128); the coefficient of a bit is 2 gamma q_k / v.  Per row they are 16-bit fixed-point
+    numbers of one scale (the largest coefficient over INT8_KEY_RANGE), rounded to nearest and
+    split into a high and a low int8 part (q_hi * 256 + q_lo), so the kernel's two int8 MMAs
+    rebuild each product to half a step times v (test_kernels_interpret's prep-int8 bound):
+    at the seed codebook's range of coefficients (v from 16 to 128, alpha / beta ~ 1.9) the
+    smallest keep about 12 bits, against 11 for the fp16 planes.  With parts of at most 128
+    and 8 planes of D/4 = 32 bytes, 256 * acc_hi + acc_lo stays below 2^31.
+
+    Stored as q8 (rows / G, [high parts of planes 0..7, low parts of planes 0..7], D/4, GP)
+    int8: the G rows of a KV head side by side, the MMA's N contiguous, so the split kernel
+    reads each (D/4, GP) operand with ldmatrix (N-strided, Triton moved them into place with
+    lane shuffles every tile); columns G..GP-1 are not written (the kernel masks them).  The
+    scale goes to qo[QO * row + 2]."""
     # coordinate k is field c = k % 4 of code byte j = k // 4: its low bit sits in plane
     # (4 if c < 2 else 0) + 2 (c % 2) (int8_key_plane), its high bit in the next plane
     k = tl.arange(0, D)
@@ -252,7 +268,11 @@ def store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D: tl.constexpr, G: tl
 def int8_key_plane(kb, P: tl.constexpr):
     """(N, D/4) uint8 2-bit-plane code bytes -> int8 operand of plane P: one bit of each byte
     left in place (planes 0-3: bits 4-7, planes 4-7: bits 0-3 moved up to 4-7), worth 16, 32,
-    64 or -128 (int8_key_scale divides it out)."""
+    64 or -128; store_int8_key_operands divides that out of the query side.  Byte j holds
+    coordinates 4 j .. 4 j + 3 (tq_ops.layout), so plane P weights coordinate 4 j + f with
+    f = 2 + P // 2 (P < 4) or (P - 4) // 2, its low bit in even planes, its high bit in odd.
+    The bits stay at 4-7 so that the coefficients of one row span a factor of 8 in v, not 128:
+    they share one fixed-point scale."""
     if P < 4:
         x = kb & (16 << P)
     else:
@@ -274,8 +294,8 @@ def int8_key_weight(t0, t1, hi):
 
 @triton.jit
 def load_int8_key_operands(q8_ptr, qo_ptr, bh, qrow, gmask, D: tl.constexpr):
-    """store_int8_key_operands' operands as (D/4, GP) int8 per plane (high parts, low parts)
-    and the (GP,) fp32 scales."""
+    """store_int8_key_operands' operands of KV head row bh as (D/4, GP) int8 per plane (a
+    tuple of the 8 high parts, one of the 8 low parts) and the (GP,) fp32 scales."""
     j = tl.arange(0, D // 4)
     GP: tl.constexpr = qrow.shape[0]
     src = q8_ptr + bh * (16 * (D // 4) * GP) + j[:, None] * GP + tl.arange(0, GP)[None, :]
@@ -408,7 +428,8 @@ def load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D: tl.constexpr, DG: tl.const
                       QJL: tl.constexpr, INT8: tl.constexpr = False):
     """The plane operands of store_query_planes in the 8 coordinate groups: per group r,
     (DG, GP) fp16 q'_r of the high and low key plane and u'_r of the sign plane, and the (GP,)
-    fp32 offsets: q . k_mse = acc_s - off_s, u . signs = acc_z - off_z."""
+    fp32 offsets: q . k_mse = acc_s - off_s, u . signs = acc_z - off_z.  INT8: zeros in place of
+    the key planes (load_int8_key_operands reads those)."""
     m = tl.arange(0, DG)
     qhi = ()
     qlo = ()
@@ -467,6 +488,11 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     (FAST, 2-bit keys, symmetric codebook) the bit-plane key decoders, with qts / qlos / uts
     the plane operands and off_s / off_z the offsets of load_query_planes; WORDS (FAST, 3-bit
     values, baked table) the value decoder over value_words, in the MMA operand layout.
+    INT8 (PLANES at head_dim 128): the two key planes are int8 MMAs instead, over the code bytes
+    as loaded (int8_key_plane: one AND per 4 codes and plane, a shift per 4 codes for half of
+    them) against qts / qlos = the high and low int8 parts of store_int8_key_operands, int32
+    accumulators scaled by qdelta; the sign plane stays fp16.  Offline sm_90: 1864 instructions
+    per 64-token tile against 1992, LOP3 390 against 523 (perf/sass_report.py --fp16-keys).
     """
     m = tl.arange(0, DG)
     # a tile of several whole pages (page_tile)
