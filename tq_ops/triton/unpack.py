@@ -157,7 +157,9 @@ prmt.b32 x, $2, $3, {sel};
 # it, so the a-part cancels exactly).  Bits below position 10 are first shifted up, by a shift
 # that ptxas shares between the groups using it.  Per 4 codes that is 4 ALU instructions for
 # the two 2-bit planes and ~2 for the signs, against ~6.5 and ~5.5 for the PRMT tables
-# (perf/NOTES.md, session 6).
+# (perf/NOTES.md, session 6).  At head_dim 128 the split kernel takes the two 2-bit planes as
+# int8 MMA operands instead, straight from the code bytes (tq_ops.triton.decode.int8_key_plane,
+# one AND per 4 codes and plane; perf/NOTES.md, session 29); the sign plane stays as here.
 
 _PLANE_BASE = {10: 0x3800, 11: 0x3400, 12: 0x2C00, 13: 0x1C00, 14: 0x0000, 15: 0x3C00}
 _PLANE_AC = {10: (0.5, 0.5), 11: (0.25, 0.75), 12: (1 / 16, 15 / 16), 13: (1 / 256, 255 / 256),
