@@ -230,10 +230,12 @@ def store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D: tl.constexpr, G: tl
     -128); the coefficient of a bit is 2 gamma q_k / v.  Per row they are 16-bit fixed-point
     numbers of one scale (the largest coefficient over INT8_KEY_RANGE), rounded to nearest and
     split into a high and a low int8 part (q_hi * 256 + q_lo), so the kernel's two int8 MMAs
-    rebuild each product to half a step times v (test_kernels_interpret's prep-int8 bound):
-    at the seed codebook's range of coefficients (v from 16 to 128, alpha / beta ~ 1.9) the
-    smallest keep about 12 bits, against 11 for the fp16 planes.  With parts of at most 128
-    and 8 planes of D/4 = 32 bytes, 256 * acc_hi + acc_lo stays below 2^31.
+    rebuild each product to within half a step times v (test_kernels_interpret's prep-int8
+    bound).  The bound is absolute, 2^-16 of the row's largest coefficient, where the fp16
+    planes' rounding is relative (2^-11 of each coefficient); the bits kept at 4-7
+    (int8_key_plane) hold the coefficients of one coordinate within a factor of ~4.3 of each
+    other at the seed codebook (v from 16 to 128, alpha / beta ~ 1.86).  With parts of at most
+    128 and 8 planes of D/4 = 32 bytes, 256 * acc_hi + acc_lo stays below 2^31.
 
     Stored as q8 (rows / G, [high parts of planes 0..7, low parts of planes 0..7], D/4, GP)
     int8: the G rows of a KV head side by side, the MMA's N contiguous, so the split kernel
@@ -242,6 +244,7 @@ def store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D: tl.constexpr, G: tl
     scale goes to qo[QO * row + 2]."""
     # coordinate k is field c = k % 4 of code byte j = k // 4: its low bit sits in plane
     # (4 if c < 2 else 0) + 2 (c % 2) (int8_key_plane), its high bit in the next plane
+    tl.static_assert(qr.shape[1] == D, "int8 key operands need rows of exactly D coordinates")
     k = tl.arange(0, D)
     c = k % 4
     plane = tl.where(c < 2, 4, 0) + 2 * (c % 2)
