@@ -71,6 +71,11 @@ def cases() -> list[dict]:
     for fmt in ("k3v3", "k4v4", "k2q1v2", "k3q1v3", "k4v3", "k3v2"):
         out.append(dict(name=f"d128 {fmt} fp16 bs16", hq=8, hkv=2, d=128, fmt=fmt, dtype="fp16",
                         bs=16, lens=[7, 129, 700]))
+    # GQA groups other than 4 at head_dim 128 (the int8 key operands' N: a group of 1 and 2 is
+    # padded to 2, 3 to 4; 8 fills an MMA's N)
+    for g in (1, 3, 8):
+        out.append(dict(name=f"d128 seed fp16 bs64 gqa{g}", hq=2 * g, hkv=2, d=128, fmt="seed",
+                        dtype="fp16", bs=64, lens=[7, 129, 700]))
     # 157 splits at page 64 (one sequence of 20000 tokens, 2 KV heads): the merge takes two
     # steps of its widest width (tq_ops.ops.paged_decode_attention.merge_step)
     out.append(dict(name="d128 seed fp16 bs64 long (157 splits)", hq=8, hkv=2, d=128, fmt="seed",
@@ -843,7 +848,8 @@ def prefill_benchmarks() -> list[dict]:
                    compressed_ms=C.gpu_ms(comp, rep=100), decoded_ms=C.gpu_ms(decoded, rep=100),
                    dequantize_ms=C.gpu_ms(lambda: op.paged_dequantize(*case.dequant_args)),
                    decoded_rel_err=float((got - want).abs().max() / want.abs().max()),
-                   table_config=list(prefill_config(C.HEAD_DIM, True)), configs={})
+                   table_config=list(prefill_config(C.HEAD_DIM, True, C.HQ // C.HKV)),
+                   configs={})
         for bq, w, bn, st in PREFILL_DECODED_CONFIGS:
             name = f"{bq}/{w}" + (f"/n{bn}" if bn else "") + (f"/s{st}" if st else "")
             try:

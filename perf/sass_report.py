@@ -284,7 +284,7 @@ def main() -> int:
     if a.kernel == "prefill":
         from tq_ops.triton.prefill import prefill_config
 
-        bq, w = prefill_config(a.head_dim, a.decoded)
+        bq, w = prefill_config(a.head_dim, a.decoded, a.group)
         bq = a.block_q or bq
         a.warps = a.warps or w
         k = compile_prefill(a.format, a.head_dim, a.group, a.block_size, bq, a.warps,

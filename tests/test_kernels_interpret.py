@@ -35,12 +35,13 @@ RTOL_F32 = 1e-5
 
 # (key_bits, qjl, value_bits, head_dim, G, block_size): the seed default, MSE-only keys, 4-bit
 # (byte gathers for 4-bit planes), 1-bit codes, a non-power-of-two head_dim, odd GQA groups,
-# head_dim 256 (the prefill kernel's per-tile query loads) and the seed format at head_dim 128
-# in 32-token pages.  Pages of 16 and 32 tokens give decode tiles of several whole pages
-# (tq_ops.triton.decode.page_tile), 64 one tile per page.
+# head_dim 256 (the prefill kernel's per-tile query loads), the seed format at head_dim 128
+# in 32-token pages, and a GQA group of 8 (the prefill's blocks of fewer query tokens:
+# tq_ops.triton.prefill.prefill_config).  Pages of 16 and 32 tokens give decode tiles of
+# several whole pages (tq_ops.triton.decode.page_tile), 64 one tile per page.
 FORMATS = [(2, True, 3, 64, 4, 16), (3, False, 3, 64, 3, 32), (4, False, 4, 96, 1, 16),
            (1, True, 2, 32, 2, 16), (2, True, 1, 128, 2, 64), (2, True, 3, 256, 2, 16),
-           (2, True, 3, 128, 4, 32)]
+           (2, True, 3, 128, 4, 32), (2, True, 3, 64, 8, 16)]
 
 # the format whose bulk-write tile is checked (the seed format at head_dim 128, as on GPUs)
 BULK_FORMAT = FORMATS[4]

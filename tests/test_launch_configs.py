@@ -4,6 +4,8 @@ op launches it, or more for the tuning scripts), prefers long splits while a wav
 enough, gives every split an equal share of tiles, never splits finer than
 min_tokens_per_split positions, and stays within [1, max_splits]; the encode kernel's config
 (tq_ops.triton.encode.encode_config) depends on the write's size."""
+import os
+
 import pytest
 
 from tq_ops.config import PRESET_FIELDS
@@ -383,3 +385,39 @@ def test_merge_step_takes_all_partials_in_one_step_when_it_can(splits):
         assert all(s < splits for s in P.MERGE_STEPS if s < step)
     else:
         assert step == P.MERGE_STEPS[-1]
+
+
+# (head_dim, GQA group, decoded): the prefill blocks were chosen at groups of 4
+# (tq_ops.triton.prefill.prefill_config); wider groups keep their rows with fewer query tokens
+PREFILL_CASES = [(128, 4, False), (128, 8, False), (128, 16, False), (64, 8, False),
+                 (256, 8, False), (128, 4, True), (128, 8, True), (128, 32, True)]
+
+
+@pytest.mark.parametrize("head_dim,group,decoded", PREFILL_CASES,
+                         ids=[f"d{d}-g{g}{'-decoded' if dec else ''}"
+                              for d, g, dec in PREFILL_CASES])
+def test_prefill_config_fits_shared_memory(head_dim, group, decoded):
+    """Compiles the prefill kernel for sm_90 offline at prefill_config's block for the group (as
+    perf/sass_report.py --kernel prefill does) and checks its shared memory against one
+    program's limit.  At the group-of-4 block a group of 8 at D = 128 asked for 294,912 bytes
+    and failed at launch on an H200 (gpu_check's gqa8 case, session 29)."""
+    import importlib.util
+
+    from tq_ops.triton.prefill import prefill_config, prefill_kernel
+
+    if not hasattr(prefill_kernel, "params"):
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf",
+                        "sass_report.py")
+    spec = importlib.util.spec_from_file_location("sass_report", path)
+    sass_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass_report)
+    block_q, warps = prefill_config(head_dim, decoded, group)
+    assert block_q * triton_next_pow2(group) <= prefill_config(head_dim, decoded)[0] * 4
+    kernel = sass_report.compile_prefill("seed", head_dim, group, 64, block_q, warps, 0, decoded)
+    assert kernel.metadata.shared <= SM90_MAX_SHARED, (
+        f"BLOCK_Q {block_q} x group {group} asks for {kernel.metadata.shared} bytes")
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -42,7 +42,7 @@ def launch(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cach
     lay = layout.SlotLayout(d, key_bits, qjl, value_bits)
     bs = int(cache.shape[2]) // lay.slot_bytes
     decoded = decoded_key is not None
-    default_q, default_w = prefill_config(d, decoded)
+    default_q, default_w = prefill_config(d, decoded, g)
     block_q, num_warps = block_q or default_q, num_warps or default_w
     q = query.contiguous()
     k = key.contiguous()

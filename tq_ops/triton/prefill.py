@@ -38,17 +38,27 @@ BLOCK_N = 64    # keys per tile (chunk and raw phases); compressed tiles use gcd
 HOIST_MAX_HEAD_DIM = 128  # widest head whose queries are kept across the prefix (see the kernel)
 
 
-def prefill_config(head_dim: int, decoded: bool = False) -> tuple[int, int]:
-    """(BLOCK_Q query tokens per program, num_warps).  Each program decodes the whole compressed
-    prefix once for its BLOCK_Q x GP rows, so larger blocks divide the decode work: on an H100,
-    seed format, 32/8 heads, D=128, a 2048-token chunk over a 30k prefix took 23.6 / 20.5 / 15.7 /
-    11.5 ms at (16, 4) / (32, 4) / (32, 8) / (64, 8) (perf/tune_decode.py, 2026-11-28).  Heads
-    wider than HOIST_MAX_HEAD_DIM keep the small block: its accumulators already fill the
-    registers.  The decoded variant (no decoding, one (M, D) accumulator) takes the block of a
-    flash kernel: M = BLOCK_Q x GP rows of 64 per warpgroup at D <= 128."""
+def prefill_config(head_dim: int, decoded: bool = False, group: int = 4) -> tuple[int, int]:
+    """(BLOCK_Q query tokens per program, num_warps) for GQA groups of `group` query heads.
+    Each program decodes the whole compressed prefix once for its BLOCK_Q x GP rows, so larger
+    blocks divide the decode work: on an H100, seed format, 32/8 heads, D=128, a 2048-token chunk
+    over a 30k prefix took 23.6 / 20.5 / 15.7 / 11.5 ms at (16, 4) / (32, 4) / (32, 8) / (64, 8)
+    (perf/tune_decode.py, 2026-11-28).  Heads wider than HOIST_MAX_HEAD_DIM keep the small
+    block: its accumulators already fill the registers.  The decoded variant (no decoding, one
+    (M, D) accumulator) takes the block of a flash kernel: M = BLOCK_Q x GP rows of 64 per
+    warpgroup at D <= 128.
+
+    The blocks were chosen at groups of 4; a wider group keeps their rows (BLOCK_Q x GP) with
+    fewer query tokens.  With the same BLOCK_Q a group of 8 at D = 128 asked for 294,912 bytes
+    of shared memory on an H200 (limit 232,448: gpu_check's gqa8 case, session 29) and 262,144
+    offline at pages of 128; at BLOCK_Q 32 it compiles to the group of 4's 196,608 bytes and
+    instruction count (perf/sass_report.py --kernel prefill --group 8)."""
     if decoded:
-        return (32, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
-    return (64, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
+        block_q, warps = (32, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
+    else:
+        block_q, warps = (64, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
+    gp = triton.next_power_of_2(group)
+    return min(block_q, max(1, block_q * 4 // gp)), warps
 LOG2_MAX_SEQS = tl.constexpr(20)  # binary-search steps: batches up to 2^20 sequences
 LOG2E = tl.constexpr(_LOG2E)  # natural-log lse <-> the kernel's log2 units
 
