@@ -51,8 +51,9 @@ def prefill_config(head_dim: int, decoded: bool = False, group: int = 4) -> tupl
     The blocks were chosen at groups of 4; a wider group keeps their rows (BLOCK_Q x GP) with
     fewer query tokens.  With the same BLOCK_Q a group of 8 at D = 128 asked for 294,912 bytes
     of shared memory on an H200 (limit 232,448: gpu_check's gqa8 case, session 29) and 262,144
-    offline at pages of 128; at BLOCK_Q 32 it compiles to the group of 4's 196,608 bytes and
-    instruction count (perf/sass_report.py --kernel prefill --group 8)."""
+    offline at pages of 128; at BLOCK_Q 32 it compiles to the group of 4's 196,608 bytes, 2562
+    instructions per compressed tile and warp against 2565 (perf/sass_report.py --kernel
+    prefill --group 8).  Not yet run on a GPU at groups other than 4 and 1."""
     if decoded:
         block_q, warps = (32, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
     else:
