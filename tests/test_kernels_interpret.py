@@ -613,6 +613,7 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
     import importlib
 
     import numpy as np
+    import triton
 
     from tq_ops import TQCodec, preset
     from tq_ops.codec import qjl_scale
@@ -621,7 +622,7 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
 
     P = importlib.import_module("tq_ops.ops.paged_decode_attention")
     d, heads = 128, 3
-    gp = max(2, triton_next_pow2(g))
+    gp = max(2, triton.next_power_of_2(g))
     rows = heads * g
     c = TQCodec.build(preset("seed", head_dim=d))
     _, t0, t1 = U.asm_tables(d, 2)
@@ -682,10 +683,6 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
                 scale_positive=bool((qo[:, 2] > 0).all()),
                 parts_in_range=bool((used >= -128).all() and (used <= 127).all()),
                 padded_columns_untouched=bool((parts[:, :, :, g:] == 99).all()))
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def triton_cdiv(a: int, b: int) -> int:

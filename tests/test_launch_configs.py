@@ -412,12 +412,10 @@ def test_prefill_config_fits_shared_memory(head_dim, group, decoded):
     spec = importlib.util.spec_from_file_location("sass_report", path)
     sass_report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sass_report)
+    import triton
+
     block_q, warps = prefill_config(head_dim, decoded, group)
-    assert block_q * triton_next_pow2(group) <= prefill_config(head_dim, decoded)[0] * 4
+    assert block_q * triton.next_power_of_2(group) <= prefill_config(head_dim, decoded)[0] * 4
     kernel = sass_report.compile_prefill("seed", head_dim, group, 64, block_q, warps, 0, decoded)
     assert kernel.metadata.shared <= SM90_MAX_SHARED, (
         f"BLOCK_Q {block_q} x group {group} asks for {kernel.metadata.shared} bytes")
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

@@ -540,12 +540,10 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                 a_lo = tl.dot(x8, qlos[p], a_lo, out_dtype=tl.int32)
             acc_s = acc_s + (a_hi * 256 + a_lo).to(tl.float32) * qdelta[None, :]
         for r in tl.static_range(8):
-            if INT8:
-                if QJL:
-                    acc_z = tl.dot(sign_plane(sx, r), uts[r], acc_z)
-            elif PLANES:
-                acc_s = tl.dot(key_plane(kw, r, 1), qts[r], acc_s)
-                acc_s = tl.dot(key_plane(kw, r, 0), qlos[r], acc_s)
+            if PLANES:
+                if not INT8:
+                    acc_s = tl.dot(key_plane(kw, r, 1), qts[r], acc_s)
+                    acc_s = tl.dot(key_plane(kw, r, 0), qlos[r], acc_s)
                 if QJL:
                     acc_z = tl.dot(sign_plane(sx, r), uts[r], acc_z)
             else:

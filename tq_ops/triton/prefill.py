@@ -36,6 +36,8 @@ from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_valu
 
 BLOCK_N = 64    # keys per tile (chunk and raw phases); compressed tiles use gcd(64, block size)
 HOIST_MAX_HEAD_DIM = 128  # widest head whose queries are kept across the prefix (see the kernel)
+# the GQA group prefill_config's blocks were measured at: a program holds BLOCK_Q x GP rows
+TUNED_GROUP = 4
 
 
 def prefill_config(head_dim: int, decoded: bool = False, group: int = 4) -> tuple[int, int]:
@@ -58,8 +60,8 @@ def prefill_config(head_dim: int, decoded: bool = False, group: int = 4) -> tupl
         block_q, warps = (32, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
     else:
         block_q, warps = (64, 8) if head_dim <= HOIST_MAX_HEAD_DIM else (16, 4)
-    gp = triton.next_power_of_2(group)
-    return min(block_q, max(1, block_q * 4 // gp)), warps
+    rows = block_q * TUNED_GROUP
+    return min(block_q, max(1, rows // triton.next_power_of_2(group))), warps
 LOG2_MAX_SEQS = tl.constexpr(20)  # binary-search steps: batches up to 2^20 sequences
 LOG2E = tl.constexpr(_LOG2E)  # natural-log lse <-> the kernel's log2 units
 
