@@ -140,6 +140,30 @@ def test_sign_plane_gives_u_dot_signs(r):
     assert abs(got - want) <= bound + 1e-12 * np.abs(u).sum()
 
 
+@pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
+def test_table_operand_decoder_gives_the_centroids(r):
+    """The 3-bit decoder that takes its byte tables as operands (fast_values3: keys of 3-bit
+    formats, values where value_words is off) shares the selector and lookup PTX with the
+    value-words decoder; every code of every byte position, against a table of distinct
+    entries (a swapped pair of outputs or table halves would show)."""
+    rng = np.random.default_rng(31 + r)
+    table = rng.permutation(np.arange(0x3000, 0x3000 + 97 * 8, 97))        # 8 distinct fp16
+    lo = [int(sum((int(table[4 * h + i]) & 0xFF) << 8 * i for i in range(4))) for h in (0, 1)]
+    hi = [int(sum((int(table[4 * h + i]) >> 8) << 8 * i for i in range(4))) for h in (0, 1)]
+    w16 = rng.integers(0, 1 << 16, size=(128, 4))
+    x8 = rng.integers(0, 1 << 8, size=(128, 4))
+    codes = ((w16 >> (2 * r)) & 3) | (((x8 >> r) & 1) << 2)
+    assert set(codes.ravel()) == set(range(8))
+    asm = U._asm_lut3(r)
+    for i in range(128):
+        regs = run_ptx(asm, {"$2": int(w16[i, 0] | w16[i, 1] << 16),
+                             "$3": int(w16[i, 2] | w16[i, 3] << 16),
+                             "$4": int(sum(int(x8[i, e]) << 8 * e for e in range(4))),
+                             "$5": lo[0], "$9": lo[1], "$13": hi[0], "$17": hi[1]})
+        got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+        assert got == [int(table[c]) for c in codes[i]]
+
+
 def test_interpreter_rejects_unknown_instructions():
     with pytest.raises(AssertionError):
         run_ptx("{\nadd.u32 x, $2, 1;\n}", {"$2": 1})

@@ -99,7 +99,7 @@ def _lut3_lookup(r: int, bits2: str, lo_a: str, lo_b: str, hi_a: str, hi_b: str)
     """PTX shared by the 3-bit decoders: register x holds the 2-bit-plane bytes of group r's
     4 codes (one byte per code), `bits2` the 1-bit-plane bytes; the codes become selector
     nibbles into the byte tables (low / high bytes of c0..3 and c4..7), and the 4 fp16 go to
-    $0, $1.  Uses registers t, hh, y, s, z, l4, h4 (declared by the caller)."""
+    $0, $1.  Uses registers t, hh, y, s, l4, h4 (declared by the caller)."""
     hshift = (f"shl.b32 hh, {bits2}, {2 - r};" if r <= 2
               else f"shr.b32 hh, {bits2}, {r - 2};")
     return "\n".join([
@@ -108,14 +108,15 @@ def _lut3_lookup(r: int, bits2: str, lo_a: str, lo_b: str, hi_a: str, hi_b: str)
         hshift,
         "and.b32 hh, hh, 0x04040404;",
         "or.b32 t, t, hh;",
-        "shr.b32 y, t, 4;",
-        "or.b32 y, y, t;",
-        "mov.b32 z, 0;",
-        "prmt.b32 s, y, z, 0x0020;",
+        # PRMT reads only the selector's low 16 bits: t | t >> 12 puts codes 0, 2, 1, 3 in
+        # its nibbles (one LEA.HI), so the lookups come out in that order and the interleaves
+        # below undo it; no PRMT gathers the nibbles first
+        "shr.b32 y, t, 12;",
+        "or.b32 s, y, t;",
         f"prmt.b32 l4, {lo_a}, {lo_b}, s;",
         f"prmt.b32 h4, {hi_a}, {hi_b}, s;",
-        "prmt.b32 $0, l4, h4, 0x5140;",
-        "prmt.b32 $1, l4, h4, 0x7362;"])
+        "prmt.b32 $0, l4, h4, 0x6240;",
+        "prmt.b32 $1, l4, h4, 0x7351;"])
 
 
 @triton.constexpr_function
@@ -128,7 +129,7 @@ def _asm_lut3(r):
     from tq_ops.triton import unpack as U
     sel = "0x7531" if r >= 4 else "0x6420"
     return f"""{{
-.reg .b32 x, t, hh, y, s, z, l4, h4;
+.reg .b32 x, t, hh, y, s, l4, h4;
 prmt.b32 x, $2, $3, {sel};
 {U._lut3_lookup(r, "$4", "$5", "$9", "$13", "$17")}
 }}"""
@@ -308,7 +309,7 @@ def _asm_lut3_words(r, t0, t1):
     hi_b = sum((c[4 + i] >> 8) << 8 * i for i in range(4))
     pick = "0x5410" if r < 4 else "0x7632"
     return f"""{{
-.reg .b32 a, b, x, cc, dd, h, hh, t, y, s, z, l4, h4, la, lb, ha, hb;
+.reg .b32 a, b, x, cc, dd, h, hh, t, y, s, l4, h4, la, lb, ha, hb;
 prmt.b32 a, $2, $3, 0x5140;
 prmt.b32 b, $4, $5, 0x5140;
 prmt.b32 x, a, b, {pick};
