@@ -1,5 +1,5 @@
 """The decode split kernel's decoders in the MMA operand layout (tq_ops.triton.unpack): the
-bit-plane key decoders ("bit planes") and the 3-bit value decoder over value words.
+bit-plane key decoders ("bit planes") and the 3-bit value decoders.
 
 Their inline PTX runs only on a GPU, so here a small interpreter executes the very asm text the
 kernel embeds (the handful of instructions it uses) on random code words, and the kernel's
@@ -140,11 +140,34 @@ def test_sign_plane_gives_u_dot_signs(r):
     assert abs(got - want) <= bound + 1e-12 * np.abs(u).sum()
 
 
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("k", range(4), ids=lambda k: f"groups{k}+{k + 4}")
+def test_value_word_pair_decoder_gives_the_centroids(head_dim, k):
+    """The pair decoder (groups k and k + 4 from one selector word) returns exactly the fp16
+    centroids of each word's two codes, in the two results' element order."""
+    ok, t0, t1 = U.asm_tables(head_dim, 3)
+    assert ok and (t0 or t1)
+    table = np.array(U.fp16_table(head_dim, 3), dtype=np.uint16)
+    rng = np.random.default_rng(7 * head_dim + k)
+    w16 = rng.integers(0, 1 << 16, size=(96, 4))
+    x8 = rng.integers(0, 1 << 8, size=(96, 4))
+    words = w16 | x8 << 16
+    asm = U._asm_lut3_word_pair(k, t0, t1)
+    for r, out in ((k, ("$0", "$1")), (k + 4, ("$2", "$3"))):
+        codes = ((w16 >> (2 * r)) & 3) | (((x8 >> r) & 1) << 2)
+        assert set(codes.ravel()) == set(range(8))
+        for i in range(96):
+            regs = run_ptx(asm, {f"${4 + e}": int(words[i, e]) for e in range(4)})
+            got = [regs[out[0]] & 0xFFFF, regs[out[0]] >> 16, regs[out[1]] & 0xFFFF,
+                   regs[out[1]] >> 16]
+            assert got == [int(table[c]) for c in codes[i]], (r, i)
+
+
 @pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
 def test_table_operand_decoder_gives_the_centroids(r):
     """The 3-bit decoder that takes its byte tables as operands (fast_values3: keys of 3-bit
-    formats, values where value_words is off) shares the selector and lookup PTX with the
-    value-words decoder; every code of every byte position, against a table of distinct
+    formats, values where value_words is off) shares the selector and lookup PTX of the
+    other 3-bit decoders; every code of every byte position, against a table of distinct
     entries (a swapped pair of outputs or table halves would show)."""
     rng = np.random.default_rng(31 + r)
     table = rng.permutation(np.arange(0x3000, 0x3000 + 97 * 8, 97))        # 8 distinct fp16
@@ -179,23 +202,3 @@ def test_planes_use_only_normal_fp16_values():
             assert v == 0 or abs(v) >= np.finfo(np.float16).tiny
             a, c = U._PLANE_AC[p]
             assert float(v) == a + c * b
-
-
-@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
-def test_value_words_decoder_gives_the_centroids(head_dim, r):
-    """The 3-bit value decoder over value words (bits 0-15: 2-bit-plane word, bits 16-23:
-    1-bit-plane byte) returns exactly the fp16 centroid of each word's group-r code."""
-    ok, t0, t1 = U.asm_tables(head_dim, 3)
-    assert ok and (t0 or t1)
-    table = np.array(U.fp16_table(head_dim, 3), dtype=np.uint16)
-    rng = np.random.default_rng(5 * head_dim + r)
-    w16 = rng.integers(0, 1 << 16, size=(64, 4))
-    x8 = rng.integers(0, 1 << 8, size=(64, 4))
-    words = w16 | x8 << 16
-    codes = ((w16 >> (2 * r)) & 3) | (((x8 >> r) & 1) << 2)
-    asm = U._asm_lut3_words(r, t0, t1)
-    for i in range(64):
-        regs = run_ptx(asm, {f"${2 + e}": int(words[i, e]) for e in range(4)})
-        got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
-        assert got == [int(table[c]) for c in codes[i]]

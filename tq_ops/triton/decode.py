@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3,
-                                  fast_values3_words, key_plane,
+                                  fast_values3_word_pair, key_plane,
                                   key_plane_gamma_sum, key_plane_offset, key_plane_scale,
                                   load_fast, load_group_words, load_scalars, lookup,
                                   planes_apply, prefetch_l2, sign_plane, sign_plane_offset,
@@ -70,8 +70,8 @@ class DecodeConfig:
     # bit-plane key decoders (tq_ops.triton.unpack) for 2-bit keys with a symmetric codebook;
     # False keeps the PRMT-table decoders (perf/tune_decode.py times both)
     key_planes: bool = True
-    # 3-bit values decoded by the unary decoder over value_words (in the MMA operand layout)
-    # when the table is baked; False keeps the decoder whose fp16 result goes through shared
+    # 3-bit values decoded by the unary decoder over value_words (in the MMA operand layout,
+    # two coordinate groups per call) when the table is baked; False keeps the decoder whose fp16 result goes through shared
     # memory (perf/tune_decode.py times both)
     value_words: bool = True
     # splits at least this many positions long, as long as that keeps at least `wave_fill` of
@@ -490,7 +490,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     in the rotated domain.  FAST selects the inline-asm decoders (tq_ops.triton.unpack); PLANES
     (FAST, 2-bit keys, symmetric codebook) the bit-plane key decoders, with qts / qlos / uts
     the plane operands and off_s / off_z the offsets of load_query_planes; WORDS (FAST, 3-bit
-    values, baked table) the value decoder over value_words, in the MMA operand layout.
+    values, baked table) the value decoder over value_words, in the MMA operand layout, groups
+    k and k + 4 from one selector word (fast_values3_word_pair).
     INT8 (PLANES at head_dim 128): the two key planes are int8 MMAs instead, over the code bytes
     as loaded (int8_key_plane: one AND per 4 codes and plane, a shift per 4 codes for half of
     them) against qts / qlos = the high and low int8 parts of store_int8_key_operands, int32
@@ -584,18 +585,23 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
             vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, DG, VB)
             if WORDS:
                 vwords = value_words(vw, vx)
-        for r in tl.static_range(8):
-            if FAST:
-                if WORDS:
-                    vv = fast_values3_words(vwords, r, VT0, VT1)
-                elif VB == 3:
-                    vv = fast_values3(vw, vx, r, vtabs)
+        if FAST and WORDS:
+            # groups k and k + 4 share one selector word (fast_values3_word_pair)
+            for k in tl.static_range(4):
+                va, vb = fast_values3_word_pair(vwords, k, VT0, VT1)
+                accs = tuple_set(accs, k, tl.dot(va, pw, accs[k]))
+                accs = tuple_set(accs, k + 4, tl.dot(vb, pw, accs[k + 4]))
+        else:
+            for r in tl.static_range(8):
+                if FAST:
+                    if VB == 3:
+                        vv = fast_values3(vw, vx, r, vtabs)
+                    else:
+                        vv = fast_values(vw, vx, r, VB, VT0, VT1)
                 else:
-                    vv = fast_values(vw, vx, r, VB, VT0, VT1)
-            else:
-                vv = lookup(slow_code(cache_ptr, vrow[None, :], m[:, None], r, D, VB), vc_ptr,
-                            VB).to(tl.float16)
-            accs = tuple_set(accs, r, tl.dot(vv, pw, accs[r]))
+                    vv = lookup(slow_code(cache_ptr, vrow[None, :], m[:, None], r, D, VB),
+                                vc_ptr, VB).to(tl.float16)
+                accs = tuple_set(accs, r, tl.dot(vv, pw, accs[r]))
     return m_i, l_i, accs
 
 

@@ -293,35 +293,71 @@ def sign_plane(x8, R: tl.constexpr):
                                      is_pure=True, pack=4)
 
 
+def _shift(dst: str, src: str, n: int) -> str:
+    """PTX moving src up by n bits (down for n < 0) into dst."""
+    if n == 0:
+        return f"mov.b32 {dst}, {src};"
+    return f"shl.b32 {dst}, {src}, {n};" if n > 0 else f"shr.b32 {dst}, {src}, {-n};"
+
+
 @triton.constexpr_function
-def _asm_lut3_words(r, t0, t1):
-    # in: 4 int32 words (4 regs): bits 0-15 the 2-bit-plane word, bits 16-23 the 1-bit-plane
-    # byte of one coordinate group index (value_words).  out: 4 fp16 (2 regs), group r.
-    # Unary, so Triton runs it in the MMA operand layout (no fp16 round trip through shared
-    # memory).  Six PRMTs gather the plane bytes of the 4 words; ptxas shares them between the
-    # 8 groups.  The 3-bit codes become selector nibbles into byte tables of the 8 centroids
-    # baked from t0, t1 (asm_tables).
+def _asm_lut3_word_pair(k, t0, t1):
+    # in: 4 value words ($4..$7, value_words: bits 0-15 the 2-bit-plane word, bits 16-23 the
+    # 1-bit-plane byte of one coordinate group index).  out: groups k ($0, $1) and k + 4
+    # ($2, $3), 4 fp16 each.  Unary, so Triton runs it in the MMA operand layout (no fp16
+    # round trip through shared memory).  Seven PRMTs gather the plane bytes of the 4 words;
+    # ptxas shares them between the 4 pairs.  One selector word serves both groups: byte e
+    # holds element e's group-k code in its low nibble and its group-(k + 4) code in the high
+    # one (the two groups' 2-bit fields sit at the same place in a word's low and high byte,
+    # their 1-bit-plane bits 4 apart), so it is built once per pair and its upper half takes
+    # one shift; the interleaves pick each group's bytes out of the shared lookups.  Offline
+    # sm_90: 1695 instructions per 64-token tile against 1797 for one group per call
+    # (perf/NOTES.md, session 30).
     from tq_ops.triton import unpack as U
     c = [(t0 >> 16 * i) & 0xFFFF for i in range(4)] + [(t1 >> 16 * i) & 0xFFFF for i in range(4)]
     lo_a = sum((c[i] & 0xFF) << 8 * i for i in range(4))
     lo_b = sum((c[4 + i] & 0xFF) << 8 * i for i in range(4))
     hi_a = sum((c[i] >> 8) << 8 * i for i in range(4))
     hi_b = sum((c[4 + i] >> 8) << 8 * i for i in range(4))
-    pick = "0x5410" if r < 4 else "0x7632"
     return f"""{{
-.reg .b32 a, b, x, cc, dd, h, hh, t, y, s, l4, h4, la, lb, ha, hb;
-prmt.b32 a, $2, $3, 0x5140;
-prmt.b32 b, $4, $5, 0x5140;
-prmt.b32 x, a, b, {pick};
-prmt.b32 cc, $2, $3, 0x0062;
-prmt.b32 dd, $4, $5, 0x0062;
+.reg .b32 a, b, xl, xh, cc, dd, h, u, v, hh, t, sb, la, lb, ha, hb, l4a, h4a, l4b, h4b;
+prmt.b32 a, $4, $5, 0x5140;
+prmt.b32 b, $6, $7, 0x5140;
+prmt.b32 xl, a, b, 0x5410;
+prmt.b32 xh, a, b, 0x7632;
+prmt.b32 cc, $4, $5, 0x0062;
+prmt.b32 dd, $6, $7, 0x0062;
 prmt.b32 h, cc, dd, 0x5410;
+{U._shift("u", "xl", -2 * k)}
+{U._shift("v", "xh", 4 - 2 * k)}
+{U._shift("hh", "h", 2 - k)}
+and.b32 u, u, 0x03030303;
+and.b32 v, v, 0x30303030;
+and.b32 hh, hh, 0x44444444;
+or.b32 t, u, v;
+or.b32 t, t, hh;
+shr.b32 sb, t, 16;
 mov.b32 la, 0x{lo_a:08X};
 mov.b32 lb, 0x{lo_b:08X};
 mov.b32 ha, 0x{hi_a:08X};
 mov.b32 hb, 0x{hi_b:08X};
-{U._lut3_lookup(r, "h", "la", "lb", "ha", "hb")}
+prmt.b32 l4a, la, lb, t;
+prmt.b32 h4a, ha, hb, t;
+prmt.b32 l4b, la, lb, sb;
+prmt.b32 h4b, ha, hb, sb;
+prmt.b32 $0, l4a, h4a, 0x6240;
+prmt.b32 $1, l4b, h4b, 0x6240;
+prmt.b32 $2, l4a, h4a, 0x7351;
+prmt.b32 $3, l4b, h4b, 0x7351;
 }}"""
+
+
+@triton.jit
+def fast_values3_word_pair(words, K: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr):
+    """fp16 centroids of groups K and K + 4 (K < 4) of 3-bit codes from value_words."""
+    return tl.inline_asm_elementwise(_asm_lut3_word_pair(K, T0, T1), "=r,=r,=r,=r,r,r,r,r",
+                                     [words], dtype=(tl.float16, tl.float16), is_pure=True,
+                                     pack=4)
 
 
 @triton.jit
@@ -330,13 +366,6 @@ def value_words(w16, x8):
     2-bit-plane word in bits 0-15, the 1-bit-plane byte in bits 16-23.  Element-wise integer
     ops, so Triton moves the layout conversion above them to the loads."""
     return (w16.to(tl.int32) & 0xFFFF) | (x8.to(tl.int32) << 16)
-
-
-@triton.jit
-def fast_values3_words(words, R: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr):
-    """fp16 centroids of group R of 3-bit codes from value_words, baked table (T0, T1)."""
-    return tl.inline_asm_elementwise(_asm_lut3_words(R, T0, T1), "=r,=r,r,r,r,r", [words],
-                                     dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
