@@ -71,8 +71,8 @@ class DecodeConfig:
     # False keeps the PRMT-table decoders (perf/tune_decode.py times both)
     key_planes: bool = True
     # 3-bit values decoded by the unary decoder over value_words (in the MMA operand layout,
-    # two coordinate groups per call) when the table is baked; False keeps the decoder whose fp16 result goes through shared
-    # memory (perf/tune_decode.py times both)
+    # two coordinate groups per call) when the table is baked; False keeps the decoder whose
+    # fp16 result goes through shared memory (perf/tune_decode.py times both)
     value_words: bool = True
     # splits at least this many positions long, as long as that keeps at least `wave_fill` of
     # one wave's resident slots busy (num_splits says why)
