@@ -1,6 +1,7 @@
 """Every GPU check of the Triton bodies in one invocation, then the benchmark table (printed last).
 
     PYTHONPATH=. python perf/gpu_check.py [--out DIR] [--workers N] [--skip-bench]
+        [--skip-checks] [--skip-prefill-bench]
 
 1. correctness (N worker processes in parallel, compile time dominates): every Triton body
    against the CPU reference on fresh random inputs, outputs poisoned first (the caching
@@ -16,7 +17,8 @@
    cache, block table and lengths were updated in place == eager; the same with the cache write
    on a side stream beside the decode (tq_vllm.attend.SideStream, as the vLLM backend runs it);
 3. benchmarks: decode at the seed format vs SDPA-flash fp16, the format's memory floor, percent
-   of the measured copy bandwidth; encode+write throughput.
+   of the measured copy bandwidth; encode+write throughput; then decode variants and prefill
+   rows.  Each row prints a BENCH line (and --out's bench.json is rewritten) as it is measured.
 """
 from __future__ import annotations
 
@@ -824,7 +826,23 @@ PREFILL_DECODED_CONFIGS = [(16, 4, 0, 2), (16, 4, 0, 3), (32, 8, 0, 2), (32, 8, 
                            (32, 8, 0, 4), (32, 8, 128, 2), (64, 8, 0, 0)]
 
 
-def prefill_benchmarks() -> list[dict]:
+class BenchRows(list):
+    """The bench phase's rows: each one printed as it is measured and bench.json rewritten, so
+    a call cut short (the device machines end a command at 10 minutes) keeps what it timed."""
+
+    def __init__(self, out_dir: str | None):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def emit(self, row: dict) -> None:
+        self.append(row)
+        print("BENCH " + json.dumps(row), flush=True)
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, "bench.json"), "w") as f:
+                json.dump(list(self), f, indent=1)
+
+
+def prefill_benchmarks(rows: BenchRows) -> BenchRows:
     """Prefill over a compressed prefix, ms: the op reading the pages (compressed), the decoded
     path (paged_dequantize once + the op over its output, and the op alone at each of
     PREFILL_DECODED_CONFIGS), and flash SDPA over fp16 K/V of the same request."""
@@ -832,7 +850,6 @@ def prefill_benchmarks() -> list[dict]:
     from tq_ops.ops.paged_prefill_attention import launch as prefill_launch
     from tq_ops.triton.prefill import prefill_config
 
-    rows = []
     for prefix, chunk, segment in PREFILL_SHAPES:
         case = C.prefill_case(prefix, chunk, segment)
         sd_ms = C.gpu_ms(C.sdpa_prefill_case(prefix, chunk), rep=100)
@@ -860,21 +877,21 @@ def prefill_benchmarks() -> list[dict]:
                 row["configs"][name] = f"{type(e).__name__}: {str(e)[:200]}"
         del case, dk, dv
         torch.cuda.empty_cache()
-        rows.append(row)
-        print("BENCH " + json.dumps(row), flush=True)
+        rows.emit(row)
     return rows
 
 
-def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
-    """The decode table, encode throughput and a decode step's write.  sustain_s > 0 runs each
-    timed function back to back for that long before its timing (C.keep_busy), so ours and
-    SDPA are both timed at the clocks of a busy card; every decode row records the SM clock
-    read right after its timing."""
+def benchmarks(out_dir: str | None, sustain_s: float = 0.0, prefill: bool = True) -> BenchRows:
+    """The decode table, encode throughput and a decode step's write, then the decode variants
+    and (prefill) the prefill rows, the longest part: the issue's rows come first.  sustain_s
+    > 0 runs each timed function back to back for that long before its timing (C.keep_busy),
+    so ours and SDPA are both timed at the clocks of a busy card; every decode row records the
+    SM clock read right after its timing."""
     import common as C
 
-    rows = []
+    rows = BenchRows(out_dir)
     bw = C.copy_bandwidth()
-    rows.append(dict(kind="copy", bw=bw))
+    rows.emit(dict(kind="copy", bw=bw))
     for batch, ctx in C.DECODE_SHAPES:
         sd, sd_name = C.sdpa_case(batch, ctx)
         if sustain_s:
@@ -896,13 +913,23 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
             del case.run
             torch.cuda.empty_cache()
             floor_ms = case.bytes_read / bw * 1e3
-            rows.append(dict(kind="decode", batch=batch, ctx=ctx, bs=bs, ms=ms, sdpa_ms=sd_ms,
-                             sdpa=sd_name, speedup=sd_ms / ms, floor_ms=floor_ms,
-                             pct_copy=floor_ms / ms * 100, bytes=case.bytes_read,
-                             sdpa_pct_copy=case.fp16_bytes / bw * 1e3 / sd_ms * 100,
-                             clock=clock, sdpa_clock=sd_clock, sustain_s=sustain_s,
-                             declared_ms=declared_ms))
-            print("BENCH " + json.dumps(rows[-1]), flush=True)
+            rows.emit(dict(kind="decode", batch=batch, ctx=ctx, bs=bs, ms=ms, sdpa_ms=sd_ms,
+                           sdpa=sd_name, speedup=sd_ms / ms, floor_ms=floor_ms,
+                           pct_copy=floor_ms / ms * 100, bytes=case.bytes_read,
+                           sdpa_pct_copy=case.fp16_bytes / bw * 1e3 / sd_ms * 100,
+                           clock=clock, sdpa_clock=sd_clock, sustain_s=sustain_s,
+                           declared_ms=declared_ms))
+    # the op's default, then exact16_matrices=True (the vLLM backend's call)
+    for declared in (False, True):
+        run, nbytes = C.encode_case(declared=declared)
+        ms = C.gpu_ms(run, rep=300)
+        rows.emit(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS,
+                       declared=declared))
+        del run
+        # a decode step's write at batch 8: latency, not throughput
+        run, _ = C.encode_case(tokens=8, declared=declared)
+        ms = C.gpu_ms(run, rep=300)
+        rows.emit(dict(kind="encode_small", ms=ms, tokens=8, declared=declared))
     # 32-token pages (vLLM's block size when TQ_FLUSH_INTERVAL is 32): 64-token tiles of two
     # pages (tq_ops.triton.decode.page_tile), the page-64 row of the same shape above
     case = C.decode_case(8, 32768, block_size=32)
@@ -911,33 +938,16 @@ def benchmarks(out_dir: str | None, sustain_s: float = 0.0) -> list[dict]:
     ms = C.gpu_ms(case.run)
     del case.run
     torch.cuda.empty_cache()
-    rows.append(dict(kind="decode_page32", batch=8, ctx=32768, bs=32, ms=ms, clock=C.sm_clock()))
-    print("BENCH " + json.dumps(rows[-1]), flush=True)
+    rows.emit(dict(kind="decode_page32", batch=8, ctx=32768, bs=32, ms=ms, clock=C.sm_clock()))
     # vLLM's decode steps attend over the flush buffer's exact tokens too (1..128 per sequence)
     case = C.decode_case(8, 32768, block_size=64, raw_tokens=64)
     ms = C.gpu_ms(case.run)
     kernels = kernel_breakdown(case.run)
     del case.run
-    rows.append(dict(kind="decode_raw", batch=8, ctx=32768, bs=64, raw_tokens=64, ms=ms,
-                     kernels=kernels))
-    print("BENCH " + json.dumps(rows[-1]), flush=True)
-    rows += prefill_benchmarks()
-    # the op's default, then exact16_matrices=True (the vLLM backend's call)
-    for declared in (False, True):
-        run, nbytes = C.encode_case(declared=declared)
-        ms = C.gpu_ms(run, rep=300)
-        rows.append(dict(kind="encode", ms=ms, tbps=nbytes / ms * 1e-9, tokens=C.ENCODE_TOKENS,
-                         declared=declared))
-        print("BENCH " + json.dumps(rows[-1]), flush=True)
-        del run
-        # a decode step's write at batch 8: latency, not throughput
-        run, _ = C.encode_case(tokens=8, declared=declared)
-        ms = C.gpu_ms(run, rep=300)
-        rows.append(dict(kind="encode_small", ms=ms, tokens=8, declared=declared))
-        print("BENCH " + json.dumps(rows[-1]), flush=True)
-    if out_dir:
-        with open(os.path.join(out_dir, "bench.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+    rows.emit(dict(kind="decode_raw", batch=8, ctx=32768, bs=64, raw_tokens=64, ms=ms,
+                   kernels=kernels))
+    if prefill:
+        prefill_benchmarks(rows)
     return rows
 
 
@@ -996,6 +1006,8 @@ def main() -> None:
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--prefill-bench-only", action="store_true",
                     help="bench: only the prefill rows")
+    ap.add_argument("--skip-prefill-bench", action="store_true",
+                    help="bench: no prefill rows (the decode table, encode and decode variants)")
     ap.add_argument("--sustain", type=float, default=0.0, metavar="SECONDS",
                     help="bench: keep the card busy with each timed function this long before "
                          "timing it (serving-like clocks; 0 = time a cool card at once)")
@@ -1030,9 +1042,11 @@ def main() -> None:
         rows = []
     elif a.prefill_bench_only:
         import common as C
-        rows = [dict(kind="copy", bw=C.copy_bandwidth())] + prefill_benchmarks()
+        rows = BenchRows(a.out)
+        rows.emit(dict(kind="copy", bw=C.copy_bandwidth()))
+        prefill_benchmarks(rows)
     else:
-        rows = benchmarks(a.out, a.sustain)
+        rows = benchmarks(a.out, a.sustain, prefill=not a.skip_prefill_bench)
     # -- the table, last
     dev = torch.cuda.get_device_name()
     print()
