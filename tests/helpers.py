@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import importlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,3 +103,10 @@ def reference_flash(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         out[cu[s]:cu[s + 1]] = torch.einsum("thk,khd->thd", torch.softmax(logits, -1), v)
         lse[:, cu[s]:cu[s + 1]] = torch.logsumexp(logits, -1).t()
     return out.to(q.dtype), lse.float()
+
+
+def perf_script(monkeypatch, name: str):
+    """The module of perf/NAME.py (the perf scripts import each other by bare name, so perf/
+    goes on sys.path for the test)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "perf"))
+    return importlib.import_module(name)

@@ -3,18 +3,14 @@ table it prints (medians per build, ratios to the first build, speedups against 
 same-output flag) is checked here with made-up timings."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import perf_script
 
 
 @pytest.fixture
 def ab(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "perf"))
-    import ab_decode
-    return ab_decode
+    return perf_script(monkeypatch, "ab_decode")
 
 
 def run(ms, sdpa, sha):

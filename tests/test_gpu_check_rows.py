@@ -4,18 +4,15 @@ short in session 30 lost its rows)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import perf_script
 
 
 @pytest.fixture
 def gpu_check(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "perf"))
-    import gpu_check
-    return gpu_check
+    return perf_script(monkeypatch, "gpu_check")
 
 
 def test_each_row_is_in_bench_json_when_it_is_emitted(gpu_check, tmp_path, capsys):
