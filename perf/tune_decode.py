@@ -109,7 +109,7 @@ def check(launch, cfg) -> float:
     t = torch.empty(1 << 26, dtype=torch.uint8, device="cuda")
     t.fill_(0xFF)
     del t
-    got = launch(*dev, config=cfg).float().cpu()
+    got = launch(*dev, raw=True, config=cfg).float().cpu()
     return float((got - ref).abs().max() / ref.abs().max())
 
 
@@ -147,7 +147,7 @@ def worker(indices: list[int], lock_path: str) -> None:
                 base = num_splits(b, 8, ctx, sms, cfg)
                 for ns in sorted({base, num_splits(b, 8, ctx, sms, cfg, waves=2)}):
                     def fn(case=case, ns=ns):
-                        return launch(*case.args, config=cfg, splits=ns)
+                        return launch(*case.args, raw=True, config=cfg, splits=ns)
                     fn()  # compile outside the lock
                     runs.append((b, ctx, raw, ns, base, fn))
             torch.cuda.synchronize()

@@ -59,7 +59,7 @@ def main() -> int:
             if length != ctx:
                 case.args = (*case.args[:3], torch.full((batch,), length, dtype=torch.int32,
                                                         device="cuda"), *case.args[4:])
-            fns[page] = (lambda case=case: launch(*case.args, builtin_codebooks=True))
+            fns[page] = (lambda case=case: launch(*case.args, raw=True, builtin_codebooks=True))
             outs[page] = fns[page]().float()
         ref = outs[64 if 64 in outs else pages[0]]
         torch.cuda.synchronize()

@@ -88,16 +88,16 @@ def main() -> int:
         table = num_splits(batch, C.HKV, ctx, sms, cfg)
         cands = candidates(rows, ctx, slots, default, block_n, a.wide)
         fns = {}
-        ref = launch(*case.args, builtin_codebooks=True, splits=default).float()
+        ref = launch(*case.args, raw=True, builtin_codebooks=True, splits=default).float()
         for s in cands:
             def fn(s=s):
-                return launch(*case.args, builtin_codebooks=True, splits=s)
+                return launch(*case.args, raw=True, builtin_codebooks=True, splits=s)
             out = fn().float()
             err = float((out - ref).abs().max() / ref.abs().max())
             fns[s] = (fn, err)
         # the op's own launch (the table's rule)
-        out = launch(*case.args, builtin_codebooks=True).float()
-        fns["table"] = (lambda: launch(*case.args, builtin_codebooks=True),
+        out = launch(*case.args, raw=True, builtin_codebooks=True).float()
+        fns["table"] = (lambda: launch(*case.args, raw=True, builtin_codebooks=True),
                         float((out - ref).abs().max() / ref.abs().max()))
         cands = [*cands, "table"]
         torch.cuda.synchronize()

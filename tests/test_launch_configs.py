@@ -369,6 +369,10 @@ def test_traced_decode_launch_drops_the_register_cap_and_its_decoders():
     uncapped = decode_config("sm90", 64, 2)
     with mock.patch("torch._library.triton.is_wrap_triton_enabled", return_value=True):
         assert split_launch(uncapped, on_cuda=True) == (uncapped, {})
+    # a bare launch (launch's raw=True: the interpreter tests, the perf tools) is not traced,
+    # whatever wrap_triton's switch says: it takes the row as it is
+    with mock.patch("torch._library.triton.is_wrap_triton_enabled", return_value=True):
+        assert split_launch(row, on_cuda=True, bare=True) == (row, {"maxnreg": row.max_registers})
 
 
 @pytest.mark.parametrize("splits", [1, 3, 24, 32, 33, 64, 65, 128, 129, 187, 256])

@@ -59,9 +59,12 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     """The Triton body: prep, split and merge launches (tq_ops.triton.decode).
 
     raw=True launches the bare @triton.jit kernels instead of wrap_triton ones: the interpreter
-    tests run this on CPU tensors under TRITON_INTERPRET=1.  config / splits replace the table's
-    launch config and split count (perf/tune_decode.py and perf/tune_splits.py explore them;
-    the op never passes them).
+    tests run this on CPU tensors under TRITON_INTERPRET=1, and the perf tools on a GPU (the
+    kernels, register cap included, that the op's eager body launches; called outside the op
+    with raw=False, a launch goes through wrap_triton's dispatch and takes no cap, so a capped
+    row's decoders are swapped for the uncapped ones: split_launch).  config / splits replace
+    the table's launch config and split count (perf/tune_decode.py and perf/tune_splits.py
+    explore them; the op never passes them).
     builtin_codebooks: the op's argument; with the fast decoders it swaps the fallback merge
     (a codebook check) for the plain one.
     fallback_tables: (KT0, KT1, VT0, VT1), for the interpreter tests: the fallback merge runs
@@ -77,7 +80,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     bs = int(cache.shape[2]) // lay.slot_bytes
     arch_name = arch(query.device)
     cfg, cap = split_launch(config or decode_config(arch_name, d, key_bits),
-                            query.device.type == "cuda")
+                            query.device.type == "cuda", bare=raw)
     block_n = page_tile(bs, cfg, d)
     ns = splits or num_splits(b, hkv, block_table.shape[1] * bs, sm_count(query.device), cfg,
                               tile=block_n)
@@ -182,12 +185,18 @@ def merge_step(num_splits: int) -> int:
     return MERGE_STEPS[-1]
 
 
-def split_launch(cfg: DecodeConfig, on_cuda: bool) -> tuple[DecodeConfig, dict]:
-    """The split kernel's config and launch options as this launch can take them.  A traced
-    launch cannot take a register cap (tq_ops.triton.launch): it gets the decoders that fit the
-    row's resident-program count without one, so the split count still fills whole waves (the
-    capped ones take 226+ registers uncapped: 9 resident, not 12)."""
-    cap = register_cap(cfg.max_registers if on_cuda else 0)
+def split_launch(cfg: DecodeConfig, on_cuda: bool, bare: bool = False
+                 ) -> tuple[DecodeConfig, dict]:
+    """The split kernel's config and launch options as this launch can take them.  A launch
+    through wrap_triton's dispatch (traced, or called outside the op with wrap_triton enabled)
+    cannot take a register cap (tq_ops.triton.launch): it gets the decoders that fit the row's
+    resident-program count without one, so the split count still fills whole waves (the capped
+    ones take 226+ registers uncapped: 9 resident, not 12).  A bare launch (launch's raw=True)
+    always can."""
+    if bare:
+        cap = {"maxnreg": cfg.max_registers} if on_cuda and cfg.max_registers else {}
+    else:
+        cap = register_cap(cfg.max_registers if on_cuda else 0)
     if cfg.max_registers and not cap:
         cfg = dataclasses.replace(cfg, key_planes=False, value_words=False, max_registers=0)
     return cfg, cap
