@@ -111,17 +111,20 @@ class DecodeCase:
 
 
 def decode_case(batch: int, ctx: int, block_size: int = BLOCK_SIZE, fmt: str = "seed",
-                seed: int = 0, raw_tokens: int = 0) -> DecodeCase:
+                seed: int = 0, raw_tokens: int = 0,
+                heads: tuple[int, int, int] = (HQ, HKV, HEAD_DIM)) -> DecodeCase:
     """A packed paged cache holding `ctx` tokens per sequence (written by write_cache from random
     K/V, pages in shuffled order) and one fp16 query per sequence; raw_tokens exact tokens per
-    sequence in the raw pool besides them (vLLM's flush buffer holds 1..128)."""
-    cfg = preset(fmt, head_dim=HEAD_DIM)
+    sequence in the raw pool besides them (vLLM's flush buffer holds 1..128).  heads: (query
+    heads, KV heads, head_dim), the issue's Llama-3-8B geometry by default."""
+    hq, hkv, head_dim = heads
+    cfg = preset(fmt, head_dim=head_dim)
     codec = TQCodec.build(cfg, "cuda")
     lay = cfg.layout
     gen = torch.Generator(device="cuda").manual_seed(seed)
     pages_per_seq = math.ceil(ctx / block_size)
     nblocks = batch * pages_per_seq + 1
-    cache = torch.empty((nblocks, HKV, block_size * lay.slot_bytes), dtype=torch.uint8,
+    cache = torch.empty((nblocks, hkv, block_size * lay.slot_bytes), dtype=torch.uint8,
                         device="cuda")
     # the page order from its own generator: the same K/V/q at every page size
     perm_gen = torch.Generator(device="cuda").manual_seed(seed + 1)
@@ -133,35 +136,38 @@ def decode_case(batch: int, ctx: int, block_size: int = BLOCK_SIZE, fmt: str = "
             n = min(chunk, ctx - t0)
             pos = torch.arange(t0, t0 + n, device="cuda")
             slots = block_table[b, pos // block_size].long() * block_size + pos % block_size
-            k = torch.randn((n, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
-            v = torch.randn((n, HKV, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+            k = torch.randn((n, hkv, head_dim), generator=gen, device="cuda", dtype=torch.float16)
+            v = torch.randn((n, hkv, head_dim), generator=gen, device="cuda", dtype=torch.float16)
             torch.ops.turboquant.write_cache(k, v, cache, slots, codec.rotation,
                                              codec.qjl_projection, codec.key_centroids,
                                              codec.value_centroids, cfg.key_mse_bits,
                                              cfg.use_qjl, cfg.value_bits)
-    q = torch.randn((batch, HQ, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    q = torch.randn((batch, hq, head_dim), generator=gen, device="cuda", dtype=torch.float16)
     kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     rows = max(1, raw_tokens)
-    raw_k = torch.randn((batch, rows, HKV, HEAD_DIM), generator=gen, device="cuda",
+    raw_k = torch.randn((batch, rows, hkv, head_dim), generator=gen, device="cuda",
                         dtype=torch.float16)
-    raw_v = torch.randn((batch, rows, HKV, HEAD_DIM), generator=gen, device="cuda",
+    raw_v = torch.randn((batch, rows, hkv, head_dim), generator=gen, device="cuda",
                         dtype=torch.float16)
     raw_index = torch.arange(batch, dtype=torch.int32, device="cuda")
     raw_lens = torch.full((batch,), raw_tokens, dtype=torch.int32, device="cuda")
     args = (q, cache, block_table, kv_lens, raw_k, raw_v, raw_index, raw_lens, codec.rotation,
             codec.qjl_projection, codec.key_centroids, codec.value_centroids, cfg.key_mse_bits,
-            cfg.use_qjl, cfg.value_bits, HEAD_DIM ** -0.5, 0)
+            cfg.use_qjl, cfg.value_bits, head_dim ** -0.5, 0)
 
     def run():
         return torch.ops.turboquant.paged_decode_attention(*args)
 
-    raw_bytes = batch * raw_tokens * HKV * HEAD_DIM * 4
-    return DecodeCase(run, batch * ctx * HKV * lay.slot_bytes + raw_bytes,
-                      batch * (ctx + raw_tokens) * HKV * HEAD_DIM * 4, args)
+    raw_bytes = batch * raw_tokens * hkv * head_dim * 4
+    return DecodeCase(run, batch * ctx * hkv * lay.slot_bytes + raw_bytes,
+                      batch * (ctx + raw_tokens) * hkv * head_dim * 4, args)
 
 
-def sdpa_case(batch: int, ctx: int, seed: int = 0) -> tuple[Callable[[], torch.Tensor], str]:
-    """torch SDPA, flash backend, fp16 K/V (B, Hkv, ctx, D) contiguous, one query token.
+def sdpa_case(batch: int, ctx: int, seed: int = 0,
+              heads: tuple[int, int, int] = (HQ, HKV, HEAD_DIM)
+              ) -> tuple[Callable[[], torch.Tensor], str]:
+    """torch SDPA, flash backend, fp16 K/V (B, Hkv, ctx, D) contiguous, one query token; heads as
+    decode_case's.
 
     GQA: enable_gqa=True when the flash backend takes it; otherwise the G query heads of a KV
     head are passed as G query positions (non-causal), which reads each K/V byte once as well.
@@ -169,10 +175,11 @@ def sdpa_case(batch: int, ctx: int, seed: int = 0) -> tuple[Callable[[], torch.T
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+    hq, hkv, head_dim = heads
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    k = torch.randn((batch, HKV, ctx, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
-    v = torch.randn((batch, HKV, ctx, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
-    q = torch.randn((batch, HQ, 1, HEAD_DIM), generator=gen, device="cuda", dtype=torch.float16)
+    k = torch.randn((batch, hkv, ctx, head_dim), generator=gen, device="cuda", dtype=torch.float16)
+    v = torch.randn((batch, hkv, ctx, head_dim), generator=gen, device="cuda", dtype=torch.float16)
+    q = torch.randn((batch, hq, 1, head_dim), generator=gen, device="cuda", dtype=torch.float16)
 
     def gqa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -180,7 +187,7 @@ def sdpa_case(batch: int, ctx: int, seed: int = 0) -> tuple[Callable[[], torch.T
 
     def grouped():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return sdpa(q.reshape(batch, HKV, HQ // HKV, HEAD_DIM), k, v)
+            return sdpa(q.reshape(batch, hkv, hq // hkv, head_dim), k, v)
 
     try:
         gqa()
