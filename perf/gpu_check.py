@@ -67,6 +67,10 @@ def cases() -> list[dict]:
                             dtype=dt, bs=bs, lens=[1, 7, 129, 4097]))
     out.append(dict(name="smollm2 seed bf16 bs16", hq=9, hkv=3, d=64, fmt="seed", dtype="bf16",
                     bs=16, lens=[1, 7, 129, 4097]))
+    # head_dim 64 inside one page as well (its row's decoders since session 31: bit planes and
+    # the pair value decoder, as at 128)
+    out.append(dict(name="smollm2 seed fp16 bs64", hq=9, hkv=3, d=64, fmt="seed", dtype="fp16",
+                    bs=64, lens=[1, 7, 129, 4097]))
     for d in (96, 256):
         out.append(dict(name=f"d{d} seed fp16 bs32", hq=8, hkv=2, d=d, fmt="seed", dtype="fp16",
                         bs=32, lens=[1, 7, 129, 1000]))

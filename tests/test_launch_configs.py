@@ -4,6 +4,7 @@ op launches it, or more for the tuning scripts), prefers long splits while a wav
 enough, gives every split an equal share of tiles, never splits finer than
 min_tokens_per_split positions, and stays within [1, max_splits]; the encode kernel's config
 (tq_ops.triton.encode.encode_config) depends on the write's size."""
+import dataclasses
 import os
 
 import pytest
@@ -366,7 +367,7 @@ def test_traced_decode_launch_drops_the_register_cap_and_its_decoders():
         traced, opts = split_launch(row, on_cuda=True)
     assert opts == {} and not traced.key_planes and not traced.value_words
     assert traced.resident_programs_per_sm == row.resident_programs_per_sm
-    uncapped = decode_config("sm90", 64, 2)
+    uncapped = dataclasses.replace(row, max_registers=0, key_planes=False, value_words=False)
     with mock.patch("torch._library.triton.is_wrap_triton_enabled", return_value=True):
         assert split_launch(uncapped, on_cuda=True) == (uncapped, {})
     # a bare launch (launch's raw=True: the interpreter tests, the perf tools) is not traced,

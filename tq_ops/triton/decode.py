@@ -58,8 +58,8 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     # split programs resident per SM at once: the register count of the fast split kernel sets
-    # it (ptxas sizes it for an occupancy step: 168 registers at head_dim 128, 12 one-warp
-    # programs; 143 at 64, 14).  The split count fills whole waves of these: a partial last
+    # it (ptxas sizes it for an occupancy step: 168 registers, 12 one-warp programs, at
+    # head_dims 128 and 64 with the caps below).  The split count fills whole waves of these: a partial last
     # wave left SMs idle (Nsight Compute, (8, 32k): 1.33 waves, 45% issue-slot use).
     resident_programs_per_sm: int
     min_tokens_per_split: int
@@ -92,15 +92,18 @@ class DecodeConfig:
 # (perf/NOTES.md: 2 and 4 warps measured 1.3-2.7x slower).
 DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_programs_per_sm=12,
                               min_tokens_per_split=64, max_splits=256)
-# head_dim 128: bit-plane keys and value words, capped at 168 registers (12 resident; ptxas
-# takes the kernel to 226-251 registers on its own).  On the H200 (perf/NOTES.md, sessions 6-7):
-# with the plane operands built once per query row by the prep launch, within 1-2% of the table
-# decoders at every shape (interleaved rounds in one process); the spread between runs (up to
-# 15%) follows the SM clock, which falls at the power cap under sustained load.  head_dim 64
-# keeps the table decoders, its measured row (the new decoders were not timed there).
+# head_dims 128 and 64: bit-plane keys and value words, capped at 168 registers (12 resident;
+# ptxas takes the kernel to 226-251 registers on its own).  On the H200 (perf/NOTES.md, sessions
+# 6-7): with the plane operands built once per query row by the prep launch, within 1-2% of
+# the table decoders at every shape at head_dim 128 (interleaved rounds in one process); the
+# spread between runs (up to 15%) follows the SM clock, which falls at the power cap under
+# sustained load.  head_dim 64 kept the table decoders until session 31, when
+# perf/scratch/ab_hd64.py timed both with the session-30 decoders (H200, page 64, 32/8 heads):
+# 20-31% less time from (1, 32k) up ((8, 32k) 0.1837 -> 0.1263 ms), +0.3 us at (1, 4k); the
+# 168 cap beat 144 with 14 resident (spills) at every shape.
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
     ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168, int8_keys=True),
-    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 14, 64, 256, key_planes=False, value_words=False),
+    ("sm90", 64, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
 }
 
 
