@@ -546,7 +546,7 @@ def prep_planes_check(d: int, rows: int = 5, rb: int | None = None) -> dict:
     qp = torch.full((rows, 3, d), float("nan"), dtype=torch.float16)
     qo = torch.full((rows, 4), float("nan"))  # off_s, off_z; the int8 key scale and a spare unused
     rb = rb or P.PREP_ROWS
-    query_prep_kernel[(triton_cdiv(rows, rb),)](
+    query_prep_kernel[P.prep_grid(rows, rb, True)](
         q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
         D=d, DP=dp, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0,
         KT1=t1, q8_ptr=qr, INT8_KEYS=False, G=1, GP=1, num_warps=P.PREP_WARPS)
@@ -633,7 +633,7 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
     qo = torch.full((rows, 4), float("nan"))
     q8 = torch.full((heads * 16 * (d // 4) * gp,), 99, dtype=torch.int8)
     rb = rb or P.PREP_ROWS
-    query_prep_kernel[(triton_cdiv(rows, rb),)](
+    query_prep_kernel[P.prep_grid(rows, rb, True)](
         q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
         D=d, DP=d, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0, KT1=t1,
         q8_ptr=q8, INT8_KEYS=True, G=g, GP=gp, num_warps=P.PREP_WARPS)
@@ -683,10 +683,6 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
                 scale_positive=bool((qo[:, 2] > 0).all()),
                 parts_in_range=bool((used >= -128).all() and (used <= 127).all()),
                 padded_columns_untouched=bool((parts[:, :, :, g:] == 99).all()))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # -- tests -------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     split = decode_split_kernel if raw else wrap_triton(decode_split_kernel)
     merge = decode_merge_kernel if raw else wrap_triton(decode_merge_kernel)
     rb = 1 if b * hq <= PREP_ROWWISE_MAX_ROWS and dp <= WHOLE_MATRIX_COLUMNS else PREP_ROWS
-    prep[(triton.cdiv(b * hq, rb),)](
+    prep[prep_grid(b * hq, rb, qjl)](
         q, rotation, projection, qr, u, qp, qo, b * hq, scale * LOG2E, qjl_scale(d),
         D=d, DP=dp, RB=rb, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
         KT0=consts["KT0"], KT1=consts["KT1"], q8_ptr=q8, INT8_KEYS=int8_keys, G=g, GP=gp,
@@ -183,6 +183,12 @@ def merge_step(num_splits: int) -> int:
         if num_splits <= step:
             return step
     return MERGE_STEPS[-1]
+
+
+def prep_grid(rows: int, rb: int, qjl: bool) -> tuple[int, int]:
+    """query_prep_kernel's grid for `rows` query rows, rb per program: one-row programs come two
+    per row with QJL (the key operands and the sign operands), others one per rb rows."""
+    return triton.cdiv(rows, rb), 2 if rb == 1 and qjl else 1
 
 
 def split_launch(cfg: DecodeConfig, on_cuda: bool, bare: bool = False
