@@ -325,20 +325,35 @@ def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
                    other=0.0)
 
 
+@triton.jit
+def _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr, u_scale,
+                    D: tl.constexpr, DP: tl.constexpr, PLANES: tl.constexpr, KT0: tl.constexpr,
+                    KT1: tl.constexpr, INT8_KEYS: tl.constexpr, q8_ptr, G: tl.constexpr,
+                    GP: tl.constexpr):
+    """query_prep_kernel's one-row sign half: u = (qr S'^T) * u_scale from (DP, DP) st[j, i] =
+    S'[i, j] and qr1 indexed by j, stored with the sign-plane operands."""
+    u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # indexed by i (dim 1)
+    tl.store(u_ptr + row * D + d, u1, mask=dmask)
+    if PLANES:
+        store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask, d, dmask,
+                           qp_ptr, qo_ptr, D, True, KT0, KT1, INT8_KEYS, q8_ptr, G, GP,
+                           KEY_PART=False, SIGN_PART=True)
+
+
 @triton.jit(do_not_specialize=['rows'])
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, rows, q_scale,
                       u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
                       JB: tl.constexpr, QJL: tl.constexpr, PLANES: tl.constexpr,
                       KT0: tl.constexpr, KT1: tl.constexpr, q8_ptr, INT8_KEYS: tl.constexpr,
-                      G: tl.constexpr, GP: tl.constexpr):
+                      G: tl.constexpr, GP: tl.constexpr, TWO_PARTS: tl.constexpr = False):
     """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D);
     with PLANES also the split kernel's plane operands and offsets (store_query_planes), once
     per query row rather than in every split program.
 
-    RB == 1 (small batches, DP <= JB): one program per row (two with QJL, grid (rows, 2): the
-    key operands from qr, the sign operands from u), the products as fp32 multiply-and-sum on
-    CUDA cores; more programs, each with a shorter dependent chain than the tf32x3
-    tensor-core products below (paged_decode_attention.PREP_ROWWISE_MAX_ROWS).
+    RB == 1 (small batches, DP <= JB): one program per row (two with TWO_PARTS, grid (rows, 2):
+    the key operands from qr, the sign operands from u), the products as fp32 multiply-and-sum
+    on CUDA cores; more programs, each with a shorter dependent chain than the tf32x3
+    tensor-core products below (paged_decode_attention.PREP_ROWWISE_MAX_ROWS, prep_grid).
 
     A latency-bound launch (a few programs): for DP <= JB both matrices are loaded whole before
     the first store, since a load after a store (which may alias it) is not hoisted and each
@@ -351,34 +366,36 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
     dmask = d < D
     if RB == 1 and DP <= JB:
         # one row: two fp32 matrix-vector products as multiply-and-sum on CUDA cores, the second
-        # over the first's result in the layout the first leaves it in (no conversion).  With
-        # QJL, two programs per row (grid (rows, 2)): program 0 stores qr and the key operands,
+        # over the first's result in the layout the first leaves it in (no conversion).
+        # TWO_PARTS (with QJL; grid (rows, 2)): program 0 stores qr and the key operands,
         # program 1 computes qr again for u and stores u and the sign operands, so the row's
         # dependent chain is the longer of the two, not their sum (a latency-bound launch)
         row = tl.program_id(0)
         mask2 = dmask[:, None] & dmask[None, :]
         # pi[j, i] = Pi[j, i]; st[j, i] = S'[i, j]
         pi = _whole_matrix(rot_ptr, d, dmask, D)
+        if QJL and not TWO_PARTS:
+            # before the stores below: a load after a store is not hoisted above it
+            st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
         qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
             q_scale, tl.float32)
-        if tl.program_id(1) == 0:
-            qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
+        qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
+        part = tl.program_id(1) if TWO_PARTS else 0
+        if part == 0:
             tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
             if PLANES:
                 q2 = tl.reshape(qr1, (1, DP))
                 store_query_planes(q2, q2, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1,
                                    INT8_KEYS, q8_ptr, G, GP, KEY_PART=True, SIGN_PART=False)
-        else:
-            if QJL:
-                st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
-                qr1 = tl.sum(pi * qv[None, :], 1)
-                u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # by i (dim 1)
-                tl.store(u_ptr + row * D + d, u1, mask=dmask)
-                if PLANES:
-                    q2 = tl.reshape(qr1, (1, DP))
-                    store_query_planes(q2, tl.reshape(u1, (1, DP)), r, rmask, d, dmask, qp_ptr,
-                                       qo_ptr, D, QJL, KT0, KT1, INT8_KEYS, q8_ptr, G, GP,
-                                       KEY_PART=False, SIGN_PART=True)
+        if QJL:
+            if TWO_PARTS:
+                if part == 1:
+                    st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+                    _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr,
+                                    u_scale, D, DP, PLANES, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
+            else:
+                _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr,
+                                u_scale, D, DP, PLANES, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
     else:
         q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
