@@ -462,7 +462,8 @@ def _child() -> dict:
     for d in (64, 256):
         out[f"prep-planes/d{d}"] = prep_planes_check(d)
     for d in (64, 128):
-        out[f"prep-planes/d{d}-rowwise"] = prep_planes_check(d, rb=1)
+        # one-row programs: two per row at d64 (the key and sign halves apart), one at d128
+        out[f"prep-planes/d{d}-rowwise"] = prep_planes_check(d, rb=1, two_parts=d == 64)
     # the int8 key operands (head_dim 128): 8-row programs and one program per row, a GQA group
     # of 4 and one of 3 (padded to 4 columns)
     for g_, rb_ in ((4, None), (3, 1)):
@@ -520,7 +521,8 @@ def decode_with_fallback(dargs: tuple, tables: tuple, poison: bool):
         P.decode_split_kernel = split
 
 
-def prep_planes_check(d: int, rows: int = 5, rb: int | None = None) -> dict:
+def prep_planes_check(d: int, rows: int = 5, rb: int | None = None,
+                      two_parts: bool = False) -> dict:
     """query_prep_kernel with PLANES on random queries, rb rows per program (default the op's
     PREP_ROWS); then for random 2-bit codes and sign bits per coordinate, the plane products
     rebuilt from its outputs (v = a + c b per plane position, minus the offsets) against
@@ -546,10 +548,11 @@ def prep_planes_check(d: int, rows: int = 5, rb: int | None = None) -> dict:
     qp = torch.full((rows, 3, d), float("nan"), dtype=torch.float16)
     qo = torch.full((rows, 4), float("nan"))  # off_s, off_z; the int8 key scale and a spare unused
     rb = rb or P.PREP_ROWS
-    query_prep_kernel[(triton_cdiv(rows, rb),)](
+    query_prep_kernel[P.prep_grid(rows, rb, 2 if two_parts else 1)](
         q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
         D=d, DP=dp, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0,
-        KT1=t1, q8_ptr=qr, INT8_KEYS=False, G=1, GP=1, num_warps=P.PREP_WARPS)
+        KT1=t1, q8_ptr=qr, INT8_KEYS=False, G=1, GP=1, TWO_PARTS=two_parts,
+        num_warps=P.PREP_WARPS)
     table = np.array(U.fp16_table(d, 2), dtype=np.uint16).view(np.float16).astype(np.float64)
     gen = np.random.default_rng(d)
     def half_ulp(x):  # fp16 round-to-nearest: 2^-11 relative, 2^-25 absolute among subnormals
@@ -610,6 +613,7 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
     of each coefficient, half a step (the row's scale) times the bit's int8 value, plus fp32
     slack for off_s and the scaled coefficients.  Also: every part in [-128, 127] (read back
     as int8, an overflow would wrap and show as a large error) and finite scales."""
+    two_parts = rb == 1  # one-row programs: the key and sign halves apart
     import importlib
 
     import numpy as np
@@ -633,10 +637,10 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
     qo = torch.full((rows, 4), float("nan"))
     q8 = torch.full((heads * 16 * (d // 4) * gp,), 99, dtype=torch.int8)
     rb = rb or P.PREP_ROWS
-    query_prep_kernel[(triton_cdiv(rows, rb),)](
+    query_prep_kernel[P.prep_grid(rows, rb, 2 if two_parts else 1)](
         q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
         D=d, DP=d, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0, KT1=t1,
-        q8_ptr=q8, INT8_KEYS=True, G=g, GP=gp, num_warps=P.PREP_WARPS)
+        q8_ptr=q8, INT8_KEYS=True, G=g, GP=gp, TWO_PARTS=two_parts, num_warps=P.PREP_WARPS)
     table = np.array(U.fp16_table(d, 2), dtype=np.uint16).view(np.float16).astype(np.float64)
     parts = q8.numpy().reshape(heads, 16, d // 4, gp).astype(np.int64)
     gen = np.random.default_rng(g)
@@ -683,10 +687,6 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
                 scale_positive=bool((qo[:, 2] > 0).all()),
                 parts_in_range=bool((used >= -128).all() and (used <= 127).all()),
                 padded_columns_untouched=bool((parts[:, :, :, g:] == 99).all()))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # -- tests -------------------------------------------------------------------------------------

@@ -424,3 +424,18 @@ def test_prefill_config_fits_shared_memory(head_dim, group, decoded):
     kernel = sass_report.compile_prefill("seed", head_dim, group, 64, block_q, warps, 0, decoded)
     assert kernel.metadata.shared <= SM90_MAX_SHARED, (
         f"BLOCK_Q {block_q} x group {group} asks for {kernel.metadata.shared} bytes")
+
+
+@pytest.mark.parametrize("rows", [1, 9, 32, 66, 67, 256])
+def test_prep_splits_a_row_in_two_only_while_each_program_has_an_sm(rows):
+    """query_prep_kernel's one-row programs come two per row (key and sign halves apart) only
+    with QJL and while 2 * rows programs fit the SMs (paged_decode_attention.prep_parts: at 256
+    rows the extra matrix reads from L2 cost more than the shorter chain saved)."""
+    import importlib
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")
+    two = P.prep_parts(rows, 1, True, SMS)
+    assert two == (2 if 2 * rows <= SMS else 1)
+    assert P.prep_parts(rows, 1, False, SMS) == 1
+    assert P.prep_parts(rows, P.PREP_ROWS, True, SMS) == 1
+    assert P.prep_grid(rows, 1, two) == (rows, two)

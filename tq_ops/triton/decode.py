@@ -178,13 +178,16 @@ def num_splits(batch: int, num_kv_heads: int, max_positions: int, sms: int,
 def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexpr,
                        QJL: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
                        INT8: tl.constexpr = False, q8_ptr=None, G: tl.constexpr = 1,
-                       GP: tl.constexpr = 1):
+                       GP: tl.constexpr = 1, KEY_PART: tl.constexpr = True,
+                       SIGN_PART: tl.constexpr = True):
     """The split kernel's plane operands of (RB, DP) fp32 rows qr, u (tq_ops.triton.unpack,
     "bit planes"): qp (rows, 3, D) fp16 = q' of the high and low key plane and u' of the sign
     plane, coordinate d scaled by its group's (d % 8) constants; qo (rows, QO) fp32 = the
     offsets off_s, off_z (the a-part summed over the fp16-rounded operands, so it cancels
     exactly).  INT8: the key planes go to q8 instead (store_int8_key_operands; qp's first two
-    planes are not written) and off_s is c3 sum q, the int8 planes having no a-part."""
+    planes are not written) and off_s is c3 sum q, the int8 planes having no a-part.
+    KEY_PART / SIGN_PART: write the key-plane operands and off_s (from qr) / the sign plane's
+    and off_z (from u); the prep's two programs per row write one each."""
     grp = d % 8
     s_hi = tl.zeros([d.shape[0]], tl.float32)
     s_lo = s_hi
@@ -202,19 +205,20 @@ def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexp
         a_u = tl.where(on, sign_plane_offset(g), a_u)
     omask = rmask[:, None] & dmask[None, :]
     base = qp_ptr + r[:, None] * (3 * D) + d[None, :]
-    if INT8:
-        store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D, G, GP, KT0, KT1)
-        off_s = key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1)
-    else:
-        hi = (qr * s_hi[None, :]).to(tl.float16)
-        lo = (qr * s_lo[None, :]).to(tl.float16)
-        tl.store(base, hi, mask=omask)
-        tl.store(base + D, lo, mask=omask)
-        off_s = (tl.sum(hi.to(tl.float32) * a_hi[None, :], 1)
-                 + tl.sum(lo.to(tl.float32) * a_lo[None, :], 1)
-                 + key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1))
-    tl.store(qo_ptr + QO * r, off_s, mask=rmask)
-    if QJL:
+    if KEY_PART:
+        if INT8:
+            store_int8_key_operands(qr, r, rmask, q8_ptr, qo_ptr, D, G, GP, KT0, KT1)
+            off_s = key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1)
+        else:
+            hi = (qr * s_hi[None, :]).to(tl.float16)
+            lo = (qr * s_lo[None, :]).to(tl.float16)
+            tl.store(base, hi, mask=omask)
+            tl.store(base + D, lo, mask=omask)
+            off_s = (tl.sum(hi.to(tl.float32) * a_hi[None, :], 1)
+                     + tl.sum(lo.to(tl.float32) * a_lo[None, :], 1)
+                     + key_plane_gamma_sum(KT0, KT1) * tl.sum(qr, 1))
+        tl.store(qo_ptr + QO * r, off_s, mask=rmask)
+    if QJL and SIGN_PART:
         us = (u * s_u[None, :]).to(tl.float16)
         tl.store(base + 2 * D, us, mask=omask)
         off_z = tl.sum(us.to(tl.float32) * a_u[None, :], 1) + tl.sum(u, 1)
@@ -321,19 +325,35 @@ def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
                    other=0.0)
 
 
+@triton.jit
+def _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr, u_scale,
+                    D: tl.constexpr, DP: tl.constexpr, PLANES: tl.constexpr, KT0: tl.constexpr,
+                    KT1: tl.constexpr, INT8_KEYS: tl.constexpr, q8_ptr, G: tl.constexpr,
+                    GP: tl.constexpr):
+    """query_prep_kernel's one-row sign half: u = (qr S'^T) * u_scale from (DP, DP) st[j, i] =
+    S'[i, j] and qr1 indexed by j, stored with the sign-plane operands."""
+    u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # indexed by i (dim 1)
+    tl.store(u_ptr + row * D + d, u1, mask=dmask)
+    if PLANES:
+        store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask, d, dmask,
+                           qp_ptr, qo_ptr, D, True, KT0, KT1, INT8_KEYS, q8_ptr, G, GP,
+                           KEY_PART=False, SIGN_PART=True)
+
+
 @triton.jit(do_not_specialize=['rows'])
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, rows, q_scale,
                       u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
                       JB: tl.constexpr, QJL: tl.constexpr, PLANES: tl.constexpr,
                       KT0: tl.constexpr, KT1: tl.constexpr, q8_ptr, INT8_KEYS: tl.constexpr,
-                      G: tl.constexpr, GP: tl.constexpr):
+                      G: tl.constexpr, GP: tl.constexpr, TWO_PARTS: tl.constexpr = False):
     """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D);
     with PLANES also the split kernel's plane operands and offsets (store_query_planes), once
     per query row rather than in every split program.
 
-    RB == 1 (small batches, DP <= JB): one program per row, the products as fp32
-    multiply-and-sum on CUDA cores; more programs, each with a shorter dependent chain than
-    the tf32x3 tensor-core products below (paged_decode_attention.PREP_ROWWISE_MAX_ROWS).
+    RB == 1 (small batches, DP <= JB): one program per row (two with TWO_PARTS, grid (rows, 2):
+    the key operands from qr, the sign operands from u), the products as fp32 multiply-and-sum
+    on CUDA cores; more programs, each with a shorter dependent chain than the tf32x3
+    tensor-core products below (paged_decode_attention.PREP_ROWWISE_MAX_ROWS, prep_grid).
 
     A latency-bound launch (a few programs): for DP <= JB both matrices are loaded whole before
     the first store, since a load after a store (which may alias it) is not hoisted and each
@@ -346,25 +366,36 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
     dmask = d < D
     if RB == 1 and DP <= JB:
         # one row: two fp32 matrix-vector products as multiply-and-sum on CUDA cores, the second
-        # over the first's result in the layout the first leaves it in (no conversion)
+        # over the first's result in the layout the first leaves it in (no conversion).
+        # TWO_PARTS (with QJL; grid (rows, 2)): program 0 stores qr and the key operands,
+        # program 1 computes qr again for u and stores u and the sign operands, so the row's
+        # dependent chain is the longer of the two, not their sum (a latency-bound launch)
         row = tl.program_id(0)
         mask2 = dmask[:, None] & dmask[None, :]
         # pi[j, i] = Pi[j, i]; st[j, i] = S'[i, j]
         pi = _whole_matrix(rot_ptr, d, dmask, D)
-        if QJL:
+        if QJL and not TWO_PARTS:
+            # before the stores below: a load after a store is not hoisted above it
             st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
         qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
             q_scale, tl.float32)
         qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
-        tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
+        part = tl.program_id(1) if TWO_PARTS else 0
+        if part == 0:
+            tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
+            if PLANES:
+                q2 = tl.reshape(qr1, (1, DP))
+                store_query_planes(q2, q2, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1,
+                                   INT8_KEYS, q8_ptr, G, GP, KEY_PART=True, SIGN_PART=False)
         if QJL:
-            u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # by i (dim 1)
-            tl.store(u_ptr + row * D + d, u1, mask=dmask)
-        else:
-            u1 = qr1
-        if PLANES:
-            store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask, d,
-                               dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
+            if TWO_PARTS:
+                if part == 1:
+                    st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+                    _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr,
+                                    u_scale, D, DP, PLANES, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
+            else:
+                _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr,
+                                u_scale, D, DP, PLANES, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
     else:
         q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
