@@ -36,32 +36,31 @@ RAW = 64  # exact raw-pool tokens per sequence in the "+raw" variant (vLLM's buf
 
 
 def candidates():
-    from tq_ops.triton.decode import DecodeConfig
+    from tq_ops.triton.decode import decode_config
 
-    def c(bn, w, st, resident=12, regs=0, planes=True, words=True):
-        return DecodeConfig(block_n=bn, num_warps=w, num_stages=st,
-                            resident_programs_per_sm=resident, min_tokens_per_split=64,
-                            max_splits=256, max_registers=regs, key_planes=planes,
-                            value_words=words)
-    # session 3: without the slow path the split kernel needs 168 registers (was 255): 12
-    # resident one-warp programs per SM.  Session 6: the bit-plane key decoders take ptxas to
-    # 251 registers (8 resident) unless capped; 168 costs 3.5% more instructions offline
-    # (perf/sass_report.py --maxnreg).  The split count fills whole waves of resident programs;
-    # each candidate is timed at one and two waves.
-    # Then the 3-bit value decoder over value words (no fp16 round trip through shared
-    # memory): 167 registers at the 168 cap, 226 without.
-    # Session 6 measured the smem-values variant and a 144 cap slower or no faster.  Session 7
-    # (planes built by the prep launch, one round): these three within 1-3% of each other at
-    # the large shapes; the 128 cap 4-5% slower at (1, 32k) and (8, 4k) (perf/NOTES.md).
-    return [c(64, 1, 2, planes=False, words=False), c(64, 1, 2, 12, 168), c(64, 1, 2, 16, 128)]
+    # the table's head_dim-128 row, the uncapped PRMT-table decoders, and a 128-register cap with
+    # 16 resident.  Session 3: without the slow path the split kernel needs 168 registers (was
+    # 255): 12 resident one-warp programs per SM.  Session 6: the bit-plane key decoders take
+    # ptxas to 251 registers (8 resident) unless capped.  Sessions 7 to 30 ran this script with
+    # launches that went through wrap_triton's dispatch, which drops the cap and with it the
+    # capped decoders (tq_ops.ops.paged_decode_attention.split_launch): their "within 1-3% of
+    # each other" compared the table decoders with themselves.  Session 31 (bare launches,
+    # perf/scratch/ab_occupancy.py): caps 152-128 with 13-16 resident no faster than 168 / 12
+    # beyond 1% anywhere, up to 20% slower (perf/NOTES.md).
+    row = decode_config("sm90", 128, 2)
+    return [row,
+            dataclasses.replace(row, max_registers=0, key_planes=False, value_words=False,
+                                int8_keys=False),
+            dataclasses.replace(row, max_registers=128, resident_programs_per_sm=16)]
 
 
 def cfg_id(cfg) -> str:
     regs = f"r{cfg.max_registers}" if cfg.max_registers else ""
     keys = "" if cfg.key_planes else "-tablekeys"
     values = "" if cfg.value_words else "-smemvalues"
+    int8 = "-int8keys" if cfg.int8_keys else ""
     return (f"n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}p{cfg.resident_programs_per_sm}"
-            f"{regs}{keys}{values}")
+            f"{regs}{keys}{values}{int8}")
 
 
 PREFILL = [(16, 4), (32, 4), (32, 8), (64, 8)]
