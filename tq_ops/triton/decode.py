@@ -325,21 +325,6 @@ def _whole_matrix(ptr, d, dmask, D: tl.constexpr):
                    other=0.0)
 
 
-@triton.jit
-def _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr, u_scale,
-                    D: tl.constexpr, DP: tl.constexpr, PLANES: tl.constexpr, KT0: tl.constexpr,
-                    KT1: tl.constexpr, INT8_KEYS: tl.constexpr, q8_ptr, G: tl.constexpr,
-                    GP: tl.constexpr):
-    """query_prep_kernel's one-row sign half: u = (qr S'^T) * u_scale from (DP, DP) st[j, i] =
-    S'[i, j] and qr1 indexed by j, stored with the sign-plane operands."""
-    u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # indexed by i (dim 1)
-    tl.store(u_ptr + row * D + d, u1, mask=dmask)
-    if PLANES:
-        store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask, d, dmask,
-                           qp_ptr, qo_ptr, D, True, KT0, KT1, INT8_KEYS, q8_ptr, G, GP,
-                           KEY_PART=False, SIGN_PART=True)
-
-
 @triton.jit(do_not_specialize=['rows'])
 def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, rows, q_scale,
                       u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
@@ -374,28 +359,42 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
         mask2 = dmask[:, None] & dmask[None, :]
         # pi[j, i] = Pi[j, i]; st[j, i] = S'[i, j]
         pi = _whole_matrix(rot_ptr, d, dmask, D)
-        if QJL and not TWO_PARTS:
-            # before the stores below: a load after a store is not hoisted above it
-            st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
-        qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
-            q_scale, tl.float32)
-        qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
-        part = tl.program_id(1) if TWO_PARTS else 0
-        if part == 0:
-            tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
-            if PLANES:
-                q2 = tl.reshape(qr1, (1, DP))
-                store_query_planes(q2, q2, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1,
-                                   INT8_KEYS, q8_ptr, G, GP, KEY_PART=True, SIGN_PART=False)
-        if QJL:
-            if TWO_PARTS:
-                if part == 1:
-                    st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
-                    _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr,
-                                    u_scale, D, DP, PLANES, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
+        if TWO_PARTS:
+            tl.static_assert(QJL, "the second program of a row computes u")
+            qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
+                q_scale, tl.float32)
+            qr1 = tl.sum(pi * qv[None, :], 1)
+            q2 = tl.reshape(qr1, (1, DP))
+            if tl.program_id(1) == 0:
+                tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
+                if PLANES:
+                    store_query_planes(q2, q2, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0,
+                                       KT1, INT8_KEYS, q8_ptr, G, GP, KEY_PART=True,
+                                       SIGN_PART=False)
             else:
-                _prep_row_signs(st, qr1, row, r, rmask, d, dmask, u_ptr, qp_ptr, qo_ptr,
-                                u_scale, D, DP, PLANES, KT0, KT1, INT8_KEYS, q8_ptr, G, GP)
+                st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+                u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)
+                tl.store(u_ptr + row * D + d, u1, mask=dmask)
+                if PLANES:
+                    store_query_planes(q2, tl.reshape(u1, (1, DP)), r, rmask, d, dmask, qp_ptr,
+                                       qo_ptr, D, QJL, KT0, KT1, INT8_KEYS, q8_ptr, G, GP,
+                                       KEY_PART=False, SIGN_PART=True)
+        else:
+            if QJL:
+                st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+            qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
+                q_scale, tl.float32)
+            qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
+            tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
+            if QJL:
+                u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # by i (dim 1)
+                tl.store(u_ptr + row * D + d, u1, mask=dmask)
+            else:
+                u1 = qr1
+            if PLANES:
+                store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask,
+                                   d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1, INT8_KEYS, q8_ptr,
+                                   G, GP)
     else:
         q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
