@@ -59,8 +59,9 @@ class DecodeConfig:
     num_stages: int
     # split programs resident per SM at once: the register count of the fast split kernel sets
     # it (ptxas sizes it for an occupancy step: 168 registers, 12 one-warp programs, at
-    # head_dims 128 and 64 with the caps below).  The split count fills whole waves of these: a partial last
-    # wave left SMs idle (Nsight Compute, (8, 32k): 1.33 waves, 45% issue-slot use).
+    # head_dims 128 and 64 with the caps below).  The split count fills whole waves of these:
+    # a partial last wave left SMs idle (Nsight Compute, (8, 32k): 1.33 waves, 45% issue-slot
+    # use).
     resident_programs_per_sm: int
     min_tokens_per_split: int
     max_splits: int
@@ -93,14 +94,15 @@ class DecodeConfig:
 DEFAULT_DECODE = DecodeConfig(block_n=64, num_warps=1, num_stages=2, resident_programs_per_sm=12,
                               min_tokens_per_split=64, max_splits=256)
 # head_dims 128 and 64: bit-plane keys and value words, capped at 168 registers (12 resident;
-# ptxas takes the kernel to 226-251 registers on its own).  On the H200 (perf/NOTES.md, sessions
-# 6-7): with the plane operands built once per query row by the prep launch, within 1-2% of
-# the table decoders at every shape at head_dim 128 (interleaved rounds in one process); the
-# spread between runs (up to 15%) follows the SM clock, which falls at the power cap under
-# sustained load.  head_dim 64 kept the table decoders until session 31, when
-# perf/scratch/ab_hd64.py timed both with the session-30 decoders (H200, page 64, 32/8 heads):
-# 20-31% less time from (1, 32k) up ((8, 32k) 0.1837 -> 0.1263 ms), +0.3 us at (1, 4k); the
-# 168 cap beat 144 with 14 resident (spills) at every shape.
+# ptxas takes the kernel to 226-251 registers on its own).  Sessions 6 and 7 compared them with
+# the table decoders through perf/tune_decode.py, whose launches took no register cap (session
+# 6: these decoders uncapped; from session 7 on: the table decoders in their place), so those
+# "within 1-2%" timings are not of this row (perf/NOTES.md, session 31).  The spread between
+# runs (up to 15%) follows the SM clock, which falls at the power cap under sustained load.
+# head_dim 64 kept the table decoders until session 31, when perf/scratch/ab_hd64.py timed
+# both with the session-30 decoders (H200, page 64, 32/8 heads): 20-31% less time from
+# (1, 32k) up ((8, 32k) 0.1837 -> 0.1263 ms), +0.3 us at (1, 4k); the 168 cap beat 144 with
+# 14 resident (spills) at every shape.
 DECODE_CONFIGS: dict[tuple[str, int, int], DecodeConfig] = {
     ("sm90", 128, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168, int8_keys=True),
     ("sm90", 64, 2): DecodeConfig(64, 1, 2, 12, 64, 256, max_registers=168),
@@ -363,16 +365,19 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
             tl.static_assert(QJL, "the second program of a row computes u")
             qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
                 q_scale, tl.float32)
-            qr1 = tl.sum(pi * qv[None, :], 1)
-            q2 = tl.reshape(qr1, (1, DP))
             if tl.program_id(1) == 0:
+                qr1 = tl.sum(pi * qv[None, :], 1)
                 tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
                 if PLANES:
+                    q2 = tl.reshape(qr1, (1, DP))
                     store_query_planes(q2, q2, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0,
                                        KT1, INT8_KEYS, q8_ptr, G, GP, KEY_PART=True,
                                        SIGN_PART=False)
             else:
+                # S' is loaded before qr is computed, so the load overlaps the product
                 st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
+                qr1 = tl.sum(pi * qv[None, :], 1)
+                q2 = tl.reshape(qr1, (1, DP))
                 u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)
                 tl.store(u_ptr + row * D + d, u1, mask=dmask)
                 if PLANES:
