@@ -551,8 +551,7 @@ def prep_planes_check(d: int, rows: int = 5, rb: int | None = None,
     query_prep_kernel[P.prep_grid(rows, rb, 2 if two_parts else 1)](
         q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
         D=d, DP=dp, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0,
-        KT1=t1, q8_ptr=qr, INT8_KEYS=False, G=1, GP=1, TWO_PARTS=two_parts,
-        num_warps=P.PREP_WARPS)
+        KT1=t1, q8_ptr=qr, INT8_KEYS=False, G=1, GP=1, num_warps=P.PREP_WARPS)
     table = np.array(U.fp16_table(d, 2), dtype=np.uint16).view(np.float16).astype(np.float64)
     gen = np.random.default_rng(d)
     def half_ulp(x):  # fp16 round-to-nearest: 2^-11 relative, 2^-25 absolute among subnormals
@@ -640,7 +639,7 @@ def prep_int8_check(g: int, rows_per_head: int = 2, rb: int | None = None) -> di
     query_prep_kernel[P.prep_grid(rows, rb, 2 if two_parts else 1)](
         q, c.rotation, c.qjl_projection, qr, u, qp, qo, rows, d ** -0.5, qjl_scale(d),
         D=d, DP=d, RB=rb, JB=P.WHOLE_MATRIX_COLUMNS, QJL=True, PLANES=True, KT0=t0, KT1=t1,
-        q8_ptr=q8, INT8_KEYS=True, G=g, GP=gp, TWO_PARTS=two_parts, num_warps=P.PREP_WARPS)
+        q8_ptr=q8, INT8_KEYS=True, G=g, GP=gp, num_warps=P.PREP_WARPS)
     table = np.array(U.fp16_table(d, 2), dtype=np.uint16).view(np.float16).astype(np.float64)
     parts = q8.numpy().reshape(heads, 16, d // 4, gp).astype(np.int64)
     gen = np.random.default_rng(g)

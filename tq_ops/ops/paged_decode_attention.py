@@ -122,7 +122,7 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         q, rotation, projection, qr, u, qp, qo, b * hq, scale * LOG2E, qjl_scale(d),
         D=d, DP=dp, RB=rb, JB=WHOLE_MATRIX_COLUMNS, QJL=qjl, PLANES=planes,
         KT0=consts["KT0"], KT1=consts["KT1"], q8_ptr=q8, INT8_KEYS=int8_keys, G=g, GP=gp,
-        TWO_PARTS=row_parts == 2, num_warps=PREP_WARPS)
+        num_warps=PREP_WARPS)
     # the asm decoders (use_fast) do nothing for codebooks other than their baked ones; then
     # the fallback merge attends the compressed tokens, unless the caller declared the built-in
     # codebooks (decode_split_kernel, decode_merge_fallback_kernel).  Off CUDA the decoders
@@ -187,9 +187,10 @@ def merge_step(num_splits: int) -> int:
 
 
 def prep_parts(rows: int, rb: int, qjl: bool, sms: int) -> int:
-    """Programs per query row of query_prep_kernel's one-row programs (its TWO_PARTS): 2 (the
-    key operands and the sign operands apart) with QJL while both programs of every row get an
-    SM of their own, else 1.  H200 (perf/NOTES.md, session 31): the prep 4.2 -> 3.1 us at (1, 4k)
+    """Programs per query row of query_prep_kernel's one-row programs (its grid's second
+    dimension, read at run time: one compiled variant serves both): 2 (the key operands and
+    the sign operands apart) with QJL while both programs of every row get an SM of their own,
+    else 1.  H200 (perf/NOTES.md, session 31): the prep 4.2 -> 3.1 us at (1, 4k)
     (32 rows, 64 programs); at (8, 4k) (256 rows, 512 programs, each reading 64-128 KB of
     matrices from L2) the op was 5.8% slower."""
     return 2 if rb == 1 and qjl and 2 * rows <= sms else 1

@@ -332,15 +332,16 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
                       u_scale, D: tl.constexpr, DP: tl.constexpr, RB: tl.constexpr,
                       JB: tl.constexpr, QJL: tl.constexpr, PLANES: tl.constexpr,
                       KT0: tl.constexpr, KT1: tl.constexpr, q8_ptr, INT8_KEYS: tl.constexpr,
-                      G: tl.constexpr, GP: tl.constexpr, TWO_PARTS: tl.constexpr = False):
+                      G: tl.constexpr, GP: tl.constexpr):
     """qr = (q Pi^T) * q_scale and u = (qr S'^T) * u_scale, fp32, for RB rows of (rows, D);
     with PLANES also the split kernel's plane operands and offsets (store_query_planes), once
     per query row rather than in every split program.
 
-    RB == 1 (small batches, DP <= JB): one program per row (two with TWO_PARTS, grid (rows, 2):
-    the key operands from qr, the sign operands from u), the products as fp32 multiply-and-sum
-    on CUDA cores; more programs, each with a shorter dependent chain than the tf32x3
-    tensor-core products below (paged_decode_attention.PREP_ROWWISE_MAX_ROWS, prep_grid).
+    RB == 1 (small batches, DP <= JB): one program per row (with QJL and a grid of (rows, 2),
+    two: the key operands from qr, the sign operands from u), the products as fp32
+    multiply-and-sum on CUDA cores; more programs, each with a shorter dependent chain than
+    the tf32x3 tensor-core products below (paged_decode_attention.PREP_ROWWISE_MAX_ROWS,
+    prep_parts).
 
     A latency-bound launch (a few programs): for DP <= JB both matrices are loaded whole before
     the first store, since a load after a store (which may alias it) is not hoisted and each
@@ -354,52 +355,44 @@ def query_prep_kernel(q_ptr, rot_ptr, proj_ptr, qr_ptr, u_ptr, qp_ptr, qo_ptr, r
     if RB == 1 and DP <= JB:
         # one row: two fp32 matrix-vector products as multiply-and-sum on CUDA cores, the second
         # over the first's result in the layout the first leaves it in (no conversion).
-        # TWO_PARTS (with QJL; grid (rows, 2)): program 0 stores qr and the key operands,
-        # program 1 computes qr again for u and stores u and the sign operands, so the row's
-        # dependent chain is the longer of the two, not their sum (a latency-bound launch)
+        # With QJL and a grid of (rows, 2) (prep_parts): program 0 stores qr and the key
+        # operands, program 1 computes qr too and stores u and the sign operands, so the row's
+        # dependent chain is the longer of the two, not their sum (a latency-bound launch).
+        # The grid, not a constexpr, picks it: the batch size moves a launch across the rule
+        # from one serving step to the next, and a new variant would compile then
         row = tl.program_id(0)
         mask2 = dmask[:, None] & dmask[None, :]
-        # pi[j, i] = Pi[j, i]; st[j, i] = S'[i, j]
+        if QJL:
+            two_parts = tl.num_programs(1) > 1
+            do_keys = (tl.program_id(1) == 0) | (not two_parts)
+            do_signs = (tl.program_id(1) == 1) | (not two_parts)
+        else:
+            do_keys = True
+        # pi[j, i] = Pi[j, i]; st[j, i] = S'[i, j], both loaded before any store (a load after
+        # a store is not hoisted above it); S' only where u is computed
         pi = _whole_matrix(rot_ptr, d, dmask, D)
-        if TWO_PARTS:
-            tl.static_assert(QJL, "the second program of a row computes u")
-            qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
-                q_scale, tl.float32)
-            if tl.program_id(1) == 0:
-                qr1 = tl.sum(pi * qv[None, :], 1)
-                tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
-                if PLANES:
-                    q2 = tl.reshape(qr1, (1, DP))
-                    store_query_planes(q2, q2, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0,
-                                       KT1, INT8_KEYS, q8_ptr, G, GP, KEY_PART=True,
-                                       SIGN_PART=False)
-            else:
-                # S' is loaded before qr is computed, so the load overlaps the product
-                st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
-                qr1 = tl.sum(pi * qv[None, :], 1)
-                q2 = tl.reshape(qr1, (1, DP))
-                u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)
+        if QJL:
+            st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2 & do_signs,
+                         other=0.0)
+        qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
+            q_scale, tl.float32)
+        qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
+        q2 = tl.reshape(qr1, (1, DP))
+        if QJL:
+            # u before the key operands, so S' is dead while they are built (128 registers at
+            # D = 128 offline sm_90, two 8-warp programs per SM; 152 the other way round)
+            if do_signs:
+                u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # by i (dim 1)
                 tl.store(u_ptr + row * D + d, u1, mask=dmask)
                 if PLANES:
                     store_query_planes(q2, tl.reshape(u1, (1, DP)), r, rmask, d, dmask, qp_ptr,
                                        qo_ptr, D, QJL, KT0, KT1, INT8_KEYS, q8_ptr, G, GP,
                                        KEY_PART=False, SIGN_PART=True)
-        else:
-            if QJL:
-                st = tl.load(proj_ptr + d[None, :] * D + d[:, None], mask=mask2, other=0.0)
-            qv = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(
-                q_scale, tl.float32)
-            qr1 = tl.sum(pi * qv[None, :], 1)                       # indexed by j (dim 0)
+        if do_keys:
             tl.store(qr_ptr + row * D + d, qr1, mask=dmask)
-            if QJL:
-                u1 = tl.sum(st * qr1[:, None], 0) * tl.cast(u_scale, tl.float32)  # by i (dim 1)
-                tl.store(u_ptr + row * D + d, u1, mask=dmask)
-            else:
-                u1 = qr1
             if PLANES:
-                store_query_planes(tl.reshape(qr1, (1, DP)), tl.reshape(u1, (1, DP)), r, rmask,
-                                   d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1, INT8_KEYS, q8_ptr,
-                                   G, GP)
+                store_query_planes(q2, q2, r, rmask, d, dmask, qp_ptr, qo_ptr, D, QJL, KT0, KT1,
+                                   INT8_KEYS, q8_ptr, G, GP, KEY_PART=True, SIGN_PART=False)
     else:
         q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32) * tl.cast(q_scale, tl.float32)
