@@ -34,13 +34,12 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3,
-                                  fast_values3_word_pair, key_plane,
-                                  key_plane_gamma_sum, key_plane_offset, key_plane_scale,
-                                  load_fast, load_group_words, load_scalars, lookup,
-                                  planes_apply, prefetch_l2, sign_plane, sign_plane_offset,
-                                  sign_plane_scale, slow_code, slow_sign, table_matches, tile_rows,
-                                  tile_rows_paged, tuple_set, value_words)
+from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values3_word_pair,
+                                  group_centroids, key_plane, key_plane_gamma_sum,
+                                  key_plane_offset, key_plane_scale, load_fast, load_group_words,
+                                  load_scalars, planes_apply, prefetch_l2, sign_plane,
+                                  sign_plane_offset, sign_plane_scale, slow_sign, table_matches,
+                                  tile_rows, tile_rows_paged, tuple_set, value_words)
 
 LOG2E = 1.4426950408889634
 NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a tile of masked tokens gives exp2(-inf) = 0
@@ -556,6 +555,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
             kb8 = tl.load(cache_ptr + krow[:, None] + tl.arange(0, D // 4)[None, :])
         elif FAST:
             kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, DG, KB)
+        else:
+            kw, kx = None, None  # the portable decoders read the codes themselves
         if FAST:
             if QJL:
                 sx = load_group_words(cache_ptr + srow[:, None], m[None, :], D, DG)
@@ -579,14 +580,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                 if QJL:
                     acc_z = tl.dot(sign_plane(sx, r), uts[r], acc_z)
             else:
-                if FAST:
-                    if KB == 3:
-                        kv = fast_values3(kw, kx, r, ktabs)
-                    else:
-                        kv = fast_values(kw, kx, r, KB, KT0, KT1)
-                else:
-                    kv = lookup(slow_code(cache_ptr, krow[:, None], m[None, :], r, D, KB),
-                                kc_ptr, KB).to(tl.float16)
+                kv = group_centroids(kw, kx, cache_ptr, krow[:, None], m[None, :], r, D, KB, FAST,
+                                     ktabs, KT0, KT1, kc_ptr)
                 acc_s = tl.dot(kv, qts[r], acc_s)
                 if QJL:
                     if FAST:
@@ -616,6 +611,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
             vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, DG, VB)
             if WORDS:
                 vwords = value_words(vw, vx)
+        else:
+            vw, vx = None, None
         if FAST and WORDS:
             # groups k and k + 4 share one selector word (fast_values3_word_pair)
             for k in tl.static_range(4):
@@ -624,14 +621,8 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                 accs = tuple_set(accs, k + 4, tl.dot(vb, pw, accs[k + 4]))
         else:
             for r in tl.static_range(8):
-                if FAST:
-                    if VB == 3:
-                        vv = fast_values3(vw, vx, r, vtabs)
-                    else:
-                        vv = fast_values(vw, vx, r, VB, VT0, VT1)
-                else:
-                    vv = lookup(slow_code(cache_ptr, vrow[None, :], m[:, None], r, D, VB),
-                                vc_ptr, VB).to(tl.float16)
+                vv = group_centroids(vw, vx, cache_ptr, vrow[None, :], m[:, None], r, D, VB,
+                                     FAST, vtabs, VT0, VT1, vc_ptr)
                 accs = tuple_set(accs, r, tl.dot(vv, pw, accs[r]))
     return m_i, l_i, accs
 

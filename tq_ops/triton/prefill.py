@@ -30,9 +30,8 @@ import triton.language as tl
 
 from tq_ops.triton.decode import LOG2E as _LOG2E
 from tq_ops.triton.decode import NEG_BIG
-from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values, fast_values3, load_fast,
-                                  lookup, slow_code, slow_sign, table_matches, tile_rows,
-                                  tuple_set)
+from tq_ops.triton.unpack import (byte_tables, fast_sign, group_centroids, load_fast,
+                                  slow_sign, table_matches, tile_rows, tuple_set)
 
 BLOCK_N = 64    # keys per tile (chunk and raw phases); compressed tiles use gcd(64, block size)
 HOIST_MAX_HEAD_DIM = 128  # widest head whose queries are kept across the prefix (see the kernel)
@@ -158,6 +157,8 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
             if QJL:
                 sx = tl.load(cache_ptr + srow[None, :] + m[:, None], mask=(m < D // 8)[:, None],
                              other=0)
+        else:
+            kw, kx = None, None
         if QJL:
             # gamma folded into the +-1 sign operand (exact in fp16), so the QJL products add
             # into the one score accumulator: a second (M, BN) fp32 accumulator spilled
@@ -169,14 +170,8 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
                 qt = qts[r]
             else:
                 qt = group_rows(qts[0], qts[1], qts[2], r, D, DG)
-            if FAST:
-                if KB == 3:
-                    kv = fast_values3(kw, kx, r, ktabs)
-                else:
-                    kv = fast_values(kw, kx, r, KB, KT0, KT1)
-            else:
-                kv = lookup(slow_code(cache_ptr, krow[None, :], m[:, None], r, D, KB), kc_ptr,
-                            KB).to(tl.float16)
+            kv = group_centroids(kw, kx, cache_ptr, krow[None, :], m[:, None], r, D, KB, FAST,
+                                 ktabs, KT0, KT1, kc_ptr)
             s = tl.dot(qt, kv, s)
             if QJL:
                 if HOIST_Q:
@@ -199,15 +194,11 @@ def _compressed_phase(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, pag
                 accs[6] * a, accs[7] * a)
         if FAST:
             vw, vx = load_fast(cache_ptr, vrow[:, None], m[None, :], D, DG, VB)
+        else:
+            vw, vx = None, None
         for r in tl.static_range(8):
-            if FAST:
-                if VB == 3:
-                    vv = fast_values3(vw, vx, r, vtabs)
-                else:
-                    vv = fast_values(vw, vx, r, VB, VT0, VT1)
-            else:
-                vv = lookup(slow_code(cache_ptr, vrow[:, None], m[None, :], r, D, VB), vc_ptr,
-                            VB).to(tl.float16)
+            vv = group_centroids(vw, vx, cache_ptr, vrow[:, None], m[None, :], r, D, VB, FAST,
+                                 vtabs, VT0, VT1, vc_ptr)
             accs = tuple_set(accs, r, tl.dot(pw, vv, accs[r]))
     return m_i, l_i, accs
 

@@ -445,6 +445,25 @@ def fast_values3(w16, x8, R: tl.constexpr, tabs):
 
 
 @triton.jit
+def group_centroids(w16, x8, ptr, row2, m2, R: tl.constexpr, D: tl.constexpr,
+                    BITS: tl.constexpr, FAST: tl.constexpr, tabs, T0: tl.constexpr,
+                    T1: tl.constexpr, c_ptr):
+    """fp16 centroids of coordinate group R of one code component, (tokens, DG) or (DG, tokens)
+    as row2 / m2 broadcast: FAST, the asm decoders over load_fast's planes w16, x8 (3-bit codes
+    from the byte tables `tabs`, 1- and 2-bit ones from the baked words T0, T1); otherwise the
+    portable decoder, reading the codes at ptr + row2 byte by byte and the centroids at c_ptr
+    (w16, x8 unused: None)."""
+    if FAST:
+        if BITS == 3:
+            v = fast_values3(w16, x8, R, tabs)
+        else:
+            v = fast_values(w16, x8, R, BITS, T0, T1)
+    else:
+        v = lookup(slow_code(ptr, row2, m2, R, D, BITS), c_ptr, BITS).to(tl.float16)
+    return v
+
+
+@triton.jit
 def load_fast(ptr, row2, m2, D: tl.constexpr, DG: tl.constexpr, BITS: tl.constexpr):
     """Plane tensors of one code component: (w16 int16 words of the 2-bit plane, x8 bytes of the
     1-bit plane); the one a format lacks is a dummy copy.  row2 / m2 broadcast against each other
