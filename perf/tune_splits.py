@@ -1,7 +1,8 @@
 """Split-count sweep for the paged decode op (GPU, one call): does the op's time follow the
 split kernel's longest program, or the work per SM?
 
-    PYTHONPATH=. python perf/tune_splits.py [--rounds 3] [--out DIR]
+    PYTHONPATH=. python perf/tune_splits.py [--rounds 3] [--wide] [--page 128]
+        [--shapes "1,131072;8,32768,64"] [--out DIR]
 
 Not a benchmark of record (perf/gpu_check.py is).  At each shape (page 128, what the vLLM
 backend runs; the built-in codebooks declared, as the backend calls the op) it times the op at
@@ -63,6 +64,10 @@ def main() -> int:
                     help="sweep ~16 counts around one wave's (session 10's first run)")
     ap.add_argument("--vllm-only", action="store_true",
                     help="only vLLM's (8, 32k) bench lengths at its block-table capacity")
+    ap.add_argument("--page", type=int, default=PAGE,
+                    help="block size (page 64 is gpu_check's table; 128 what vLLM runs)")
+    ap.add_argument("--shapes", type=str, default=None,
+                    help="'batch,ctx[,raw];...' instead of the issue's shapes (and vLLM's)")
     ap.add_argument("--out", type=str, default=os.environ.get("OUT"))
     a = ap.parse_args()
 
@@ -73,13 +78,17 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
     cfg = decode_config("sm90", C.HEAD_DIM, 2)
-    block_n = page_tile(PAGE, cfg, C.HEAD_DIM)
+    block_n = page_tile(a.page, cfg, C.HEAD_DIM)
     slots = cfg.resident_programs_per_sm * sms
     recs = []
-    shapes = [] if a.vllm_only else [(b, ctx, raw, ctx) for b, ctx, raw in SHAPES]
-    shapes += [(8, VLLM_CAPACITY, 64, n) for n in VLLM_LENGTHS]
+    if a.shapes:
+        picked = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
+        shapes = [(s[0], s[1], s[2] if len(s) > 2 else 0, s[1]) for s in picked]
+    else:
+        shapes = [] if a.vllm_only else [(b, ctx, raw, ctx) for b, ctx, raw in SHAPES]
+        shapes += [(8, VLLM_CAPACITY, 64, n) for n in VLLM_LENGTHS]
     for batch, ctx, raw, length in shapes:
-        case = C.decode_case(batch, ctx, block_size=PAGE, raw_tokens=raw)
+        case = C.decode_case(batch, ctx, block_size=a.page, raw_tokens=raw)
         if length != ctx:
             case.args = (*case.args[:3], torch.full((batch,), length, dtype=torch.int32,
                                                     device="cuda"), *case.args[4:])
@@ -121,8 +130,9 @@ def main() -> int:
     C.save_jsonl(a.out, "tune_splits.jsonl", recs)
     print()
     print(f"card: {torch.cuda.get_device_name()}; {sms} SMs, {slots} resident split programs; "
-          f"page {PAGE}, tile {block_n}; command: PYTHONPATH=. python perf/tune_splits.py "
-          f"--rounds {a.rounds}{' --wide' if a.wide else ''}")
+          f"page {a.page}, tile {block_n}; command: PYTHONPATH=. python perf/tune_splits.py "
+          f"--rounds {a.rounds}{' --wide' if a.wide else ''} --page {a.page}"
+          f"{' --shapes ' + repr(a.shapes) if a.shapes else ''}")
     print("splits: the count launched (* one wave's; 'op N': the op's own launch, N splits); "
           "tiles: the longest program's; vs: against one wave's count")
     print(f"{'shape':>28} {'splits':>6} {'fill':>5} {'tiles':>5} {'ms':>8} {'vs wave':>8}")
