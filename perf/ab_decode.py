@@ -9,7 +9,7 @@ machine and carried to the GPU machine as untracked files, as for perf/vllm_ab.p
 Then on the GPU machine:
 
     PYTHONPATH=. python perf/ab_decode.py . perf/scratch/old [--rounds 2] [--pages 64,16]
-        [--default-args]
+        [--default-args] [--heads 32,8,64]
 
 Each round times every build in its own process (its own code first on sys.path), the order
 reversed every other round, so that the card's drift shows in the spread between rounds.  A
@@ -41,7 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 4096), (8, 32768), (32, 16384), (64, 8192)]
 
 
-def time_build(build: str, pages: list[int], declared: bool = True) -> dict:
+def time_build(build: str, pages: list[int], declared: bool = True,
+               heads: tuple[int, int, int] | None = None) -> dict:
     """Run in the child: time the op of `build` (its tq_ops and perf first on sys.path)."""
     sys.path[:0] = [build, os.path.join(build, "perf")]
     import torch
@@ -50,13 +51,14 @@ def time_build(build: str, pages: list[int], declared: bool = True) -> dict:
     if not os.path.abspath(C.__file__).startswith(os.path.abspath(build)):
         raise RuntimeError(f"{C.__file__} is not the build's own perf/common.py")
     out, sdpa = {}, {}
+    geometry = {} if heads is None else {"heads": heads}
     for page in pages:
         for batch, ctx in SHAPES:
             if (batch, ctx) not in sdpa:
-                sd, _ = C.sdpa_case(batch, ctx)
+                sd, _ = C.sdpa_case(batch, ctx, **geometry)
                 sdpa[(batch, ctx)] = C.gpu_ms(sd)
                 del sd
-            case = C.decode_case(batch, ctx, block_size=page)
+            case = C.decode_case(batch, ctx, block_size=page, **geometry)
 
             def run():
                 if declared:
@@ -104,19 +106,24 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--default-args", action="store_true",
                     help="time the op with its defaults (builtin_codebooks=False)")
+    ap.add_argument("--heads", default=None,
+                    help="query heads, KV heads, head_dim (default: common.py's 32,8,128)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     pages = [int(p) for p in a.pages.split(",")]
+    heads = None if a.heads is None else tuple(int(v) for v in a.heads.split(","))
     if a.child:
-        print("RESULT " + json.dumps(time_build(a.builds[0], pages, not a.default_args)),
-              flush=True)
+        print("RESULT " + json.dumps(time_build(a.builds[0], pages, not a.default_args,
+                                                heads)), flush=True)
         return 0
     builds = [os.path.abspath(b) for b in a.builds]
     results: dict[str, list[dict]] = {b: [] for b in builds}
     for rnd in range(a.rounds):
         for build in builds if rnd % 2 == 0 else builds[::-1]:
             p = subprocess.run([sys.executable, os.path.abspath(__file__), build, "--child",
-                                "--pages", a.pages] + (["--default-args"] if a.default_args else []),
+                                "--pages", a.pages]
+                               + (["--default-args"] if a.default_args else [])
+                               + (["--heads", a.heads] if a.heads else []),
                                capture_output=True, text=True, cwd=build)
             got = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode != 0 or not got:
@@ -131,7 +138,7 @@ def main() -> int:
     print("ms: median over rounds of CUDA-graph replays of the op "
           + ("with its default arguments" if a.default_args else "with built-in codebooks declared")
           + "; vs first: a build's median over the first build's; speedup: SDPA flash on fp16 "
-          "K/V over the build")
+          "K/V over the build" + (f"; heads {a.heads}" if a.heads else ""))
     for line in summary(builds, results):
         print(line)
     return 0
