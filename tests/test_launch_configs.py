@@ -439,3 +439,33 @@ def test_prep_splits_a_row_in_two_only_while_each_program_has_an_sm(rows):
     assert P.prep_parts(rows, 1, False, SMS) == 1
     assert P.prep_parts(rows, P.PREP_ROWS, True, SMS) == 1
     assert P.prep_grid(rows, 1, two) == (rows, two)
+
+
+@pytest.mark.parametrize("block_size", [16, 64], ids=["page16", "page64"])
+def test_folded_value_decoder_sees_the_operand_layout_it_assumes(block_size):
+    """At head_dim 64 the split kernel's value decoder is folded (unpack.fold_group_dims): each
+    8-element asm call takes elements 0-3 of a thread's 8 as row g and 4-7 as row g + 8,
+    which holds for Triton's MMA operand layout of kWidth 4 (register bases k+1, k+2, m+8),
+    what an operand built from the 8-bit sign-plane loads gets, and not for kWidth 2 (k+1,
+    m+8, k+8).  A compiler that picked another layout would decode the wrong groups, so the
+    sm_90 compile (offline, as perf/sass_report.py) is read for the layout of every such
+    call."""
+    import importlib.util
+    import re
+
+    from tq_ops.triton.decode import decode_split_kernel
+
+    if not hasattr(decode_split_kernel, "params"):
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf",
+                        "sass_report.py")
+    spec = importlib.util.spec_from_file_location("sass_report", path)
+    sass_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass_report)
+    kernel = sass_report.compile_split("seed", 64, 3, block_size, 64, 1, 2, 168, True)
+    calls = [ln for ln in kernel.asm["ttgir"].splitlines()
+             if "elementwise_inline_asm" in ln and "packed_element = 8" in ln]
+    assert len(calls) == 2, "two folded calls per tile (K = 0, 1)"
+    for ln in calls:
+        layouts = re.findall(r"#ttg\.dot_op<\{opIdx = 0, parent = #mma\d*, kWidth = (\d+)\}>", ln)
+        assert layouts and set(layouts) == {"4"}, ln[-300:]

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values3_word_pair,
                                   group_centroids, key_plane, key_plane_gamma_sum,
-                                  key_plane_offset, key_plane_scale, load_fast, load_group_words,
+                                  fold_group_dims, key_plane_offset, key_plane_scale,
+                                  load_fast, load_group_words,
                                   load_scalars, planes_apply, prefetch_l2, sign_plane,
                                   sign_plane_offset, sign_plane_scale, slow_sign, table_matches,
                                   tile_rows, tile_rows_paged, tuple_set, value_words)
@@ -491,6 +492,13 @@ def load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D: tl.constexpr, DG: tl.const
     return qhi, qlo, us, off_s, off_z
 
 
+@triton.constexpr_function
+def folded_values(words, d, dg):
+    """The word-pair value decoder folded (fast_values3_word_pair FOLD): head widths whose 8
+    group indices fill exactly half of the DG rows of an MMA operand (head_dim 64)."""
+    return bool(words) and 2 * (d // 8) == dg
+
+
 @triton.jit
 def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_stride, kc_ptr, vc_ptr,
                  qts, qlos, uts, off_s, off_z, ktabs, vtabs, m_i, l_i, accs,
@@ -521,7 +529,9 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     (FAST, 2-bit keys, symmetric codebook) the bit-plane key decoders, with qts / qlos / uts
     the plane operands and off_s / off_z the offsets of load_query_planes; WORDS (FAST, 3-bit
     values, baked table) the value decoder over value_words, in the MMA operand layout, groups
-    k and k + 4 from one selector word (fast_values3_word_pair).
+    k and k + 4 from one selector word (fast_values3_word_pair); at head_dim 64 (8 group
+    indices in a 16-row operand) folded: two calls over tiles holding each word twice, the
+    accumulators 0..3 in fold_group_dims' order.
     INT8 (PLANES at head_dim 128): the two key planes are int8 MMAs instead, over the code bytes
     as loaded (int8_key_plane: one AND per 4 codes and plane, a shift per 4 codes for half of
     them) against qts / qlos = the high and low int8 parts of store_int8_key_operands, int32
@@ -529,6 +539,7 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     per 64-token tile against 1992, LOP3 390 against 523 (perf/sass_report.py --fp16-keys).
     """
     m = tl.arange(0, DG)
+    FOLD: tl.constexpr = folded_values(WORDS, D, DG)
     # a tile of several whole pages (page_tile)
     MULTI_PAGE: tl.constexpr = BS < BLOCK_N
     if MULTI_PAGE:
@@ -605,15 +616,24 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         vn = tl.where(valid, vn.to(tl.float32), 0.0)
         pw = (p * vn[:, None]).to(tl.float16)
         a = alpha[None, :]
-        accs = (accs[0] * a, accs[1] * a, accs[2] * a, accs[3] * a, accs[4] * a, accs[5] * a,
-                accs[6] * a, accs[7] * a)
+        if FOLD:
+            accs = (accs[0] * a, accs[1] * a, accs[2] * a, accs[3] * a, accs[4], accs[5],
+                    accs[6], accs[7])
+        else:
+            accs = (accs[0] * a, accs[1] * a, accs[2] * a, accs[3] * a, accs[4] * a,
+                    accs[5] * a, accs[6] * a, accs[7] * a)
         if FAST:
-            vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, DG, VB)
+            vw, vx = load_fast(cache_ptr, vrow[None, :], m[:, None], D, DG, VB, FOLD)
             if WORDS:
                 vwords = value_words(vw, vx)
         else:
             vw, vx = None, None
-        if FAST and WORDS:
+        if FOLD:
+            for k in tl.static_range(2):
+                va, vb = fast_values3_word_pair(vwords, k, VT0, VT1, True)
+                accs = tuple_set(accs, k, tl.dot(va, pw, accs[k]))
+                accs = tuple_set(accs, k + 2, tl.dot(vb, pw, accs[k + 2]))
+        elif FAST and WORDS:
             # groups k and k + 4 share one selector word (fast_values3_word_pair)
             for k in tl.static_range(4):
                 va, vb = fast_values3_word_pair(vwords, k, VT0, VT1)
@@ -856,9 +876,14 @@ def split_partial(
         D, DG, GP, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN,
         AL_K, AL_S, AL_V, AL_N, FAST, PLANES, WORDS, KT0, KT1, VT0, VT1, PREFETCH, INT8, qdelta)
     m = tl.arange(0, DG)
-    for r in tl.static_range(8):
-        tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],
-                 mask=smask[None, :] & (8 * m + r < D)[:, None])
+    if folded_values(WORDS, D, DG):
+        for a in tl.static_range(4):
+            tl.store(o_ptr + orow[None, :] * DP + fold_group_dims(m, a, D)[:, None], accs[a],
+                     mask=smask[None, :])
+    else:
+        for r in tl.static_range(8):
+            tl.store(o_ptr + orow[None, :] * DP + 8 * m[:, None] + r, accs[r],
+                     mask=smask[None, :] & (8 * m + r < D)[:, None])
     tl.store(m_ptr + orow, m_i, mask=smask)
     tl.store(l_ptr + orow, l_i, mask=smask)
 

@@ -314,50 +314,98 @@ def _asm_lut3_word_pair(k, t0, t1):
     # sm_90: 1695 instructions per 64-token tile against 1797 for one group per call
     # (perf/NOTES.md, session 30).
     from tq_ops.triton import unpack as U
+    return U._word_pair_ptx(k, t0, t1, False)
+
+
+@triton.constexpr_function
+def _asm_lut3_word_pair_folded(k, t0, t1):
+    # in: 8 value words ($8..$15), out: 8 fp16 of each output ($0..$3, $4..$7).  The folded
+    # decoder (head_dim 64, fold_group_dims): the operand's 16 rows hold each word twice, and
+    # in Triton's MMA operand layout of kWidth 4 (what an operand built from 8-bit loads gets;
+    # test_launch_configs checks it) a thread's elements 0-3 of every 8 are 4 tokens of row
+    # g and 4-7 the same tokens of row g + 8.  So the second 4 decode groups k + 2 and k + 6:
+    # their gathered plane bytes take one shift each first.
+    from tq_ops.triton import unpack as U
+    return U._word_pair_ptx(k, t0, t1, True)
+
+
+def _word_pair_ptx(k: int, t0: int, t1: int, folded: bool) -> str:
+    """PTX of the word-pair decoders (above): one half of 4 words, or (folded) two."""
     c = [(t0 >> 16 * i) & 0xFFFF for i in range(4)] + [(t1 >> 16 * i) & 0xFFFF for i in range(4)]
     lo_a = sum((c[i] & 0xFF) << 8 * i for i in range(4))
     lo_b = sum((c[4 + i] & 0xFF) << 8 * i for i in range(4))
     hi_a = sum((c[i] >> 8) << 8 * i for i in range(4))
     hi_b = sum((c[4 + i] >> 8) << 8 * i for i in range(4))
-    return f"""{{
-.reg .b32 a, b, xl, xh, cc, dd, h, u, v, hh, t, sb, la, lb, ha, hb, l4a, h4a, l4b, h4b;
-prmt.b32 a, $4, $5, 0x5140;
-prmt.b32 b, $6, $7, 0x5140;
-prmt.b32 xl, a, b, 0x5410;
-prmt.b32 xh, a, b, 0x7632;
-prmt.b32 cc, $4, $5, 0x0062;
-prmt.b32 dd, $6, $7, 0x0062;
-prmt.b32 h, cc, dd, 0x5410;
-{U._shift("u", "xl", -2 * k)}
-{U._shift("v", "xh", 4 - 2 * k)}
-{U._shift("hh", "h", 2 - k)}
-and.b32 u, u, 0x03030303;
-and.b32 v, v, 0x30303030;
-and.b32 hh, hh, 0x44444444;
-or.b32 t, u, v;
-or.b32 t, t, hh;
-shr.b32 sb, t, 16;
-mov.b32 la, 0x{lo_a:08X};
-mov.b32 lb, 0x{lo_b:08X};
-mov.b32 ha, 0x{hi_a:08X};
-mov.b32 hb, 0x{hi_b:08X};
-prmt.b32 l4a, la, lb, t;
-prmt.b32 h4a, ha, hb, t;
-prmt.b32 l4b, la, lb, sb;
-prmt.b32 h4b, ha, hb, sb;
-prmt.b32 $0, l4a, h4a, 0x6240;
-prmt.b32 $1, l4b, h4b, 0x6240;
-prmt.b32 $2, l4a, h4a, 0x7351;
-prmt.b32 $3, l4b, h4b, 0x7351;
-}}"""
+    names = ("a", "b", "xl", "xh", "cc", "dd", "h", "u", "v", "hh", "t", "sb", "l4a", "h4a",
+             "l4b", "h4b")
+
+    def half(sfx, ins, outs, fold):
+        r = {n: n + sfx for n in names}
+        lines = [f"prmt.b32 {r['a']}, {ins[0]}, {ins[1]}, 0x5140;",
+                 f"prmt.b32 {r['b']}, {ins[2]}, {ins[3]}, 0x5140;",
+                 f"prmt.b32 {r['xl']}, {r['a']}, {r['b']}, 0x5410;",
+                 f"prmt.b32 {r['xh']}, {r['a']}, {r['b']}, 0x7632;",
+                 f"prmt.b32 {r['cc']}, {ins[0]}, {ins[1]}, 0x0062;",
+                 f"prmt.b32 {r['dd']}, {ins[2]}, {ins[3]}, 0x0062;",
+                 f"prmt.b32 {r['h']}, {r['cc']}, {r['dd']}, 0x5410;"]
+        if fold:
+            # two groups down: 2-bit fields 2, 3 of each byte to 0, 1, sign-plane bits +2
+            lines += [f"shr.b32 {r['xl']}, {r['xl']}, 4;", f"shr.b32 {r['xh']}, {r['xh']}, 4;",
+                      f"shr.b32 {r['h']}, {r['h']}, 2;"]
+        lines += [_shift(r["u"], r["xl"], -2 * k), _shift(r["v"], r["xh"], 4 - 2 * k),
+                  _shift(r["hh"], r["h"], 2 - k),
+                  f"and.b32 {r['u']}, {r['u']}, 0x03030303;",
+                  f"and.b32 {r['v']}, {r['v']}, 0x30303030;",
+                  f"and.b32 {r['hh']}, {r['hh']}, 0x44444444;",
+                  f"or.b32 {r['t']}, {r['u']}, {r['v']};",
+                  f"or.b32 {r['t']}, {r['t']}, {r['hh']};",
+                  f"shr.b32 {r['sb']}, {r['t']}, 16;",
+                  f"prmt.b32 {r['l4a']}, la, lb, {r['t']};",
+                  f"prmt.b32 {r['h4a']}, ha, hb, {r['t']};",
+                  f"prmt.b32 {r['l4b']}, la, lb, {r['sb']};",
+                  f"prmt.b32 {r['h4b']}, ha, hb, {r['sb']};",
+                  f"prmt.b32 {outs[0]}, {r['l4a']}, {r['h4a']}, 0x6240;",
+                  f"prmt.b32 {outs[1]}, {r['l4b']}, {r['h4b']}, 0x6240;",
+                  f"prmt.b32 {outs[2]}, {r['l4a']}, {r['h4a']}, 0x7351;",
+                  f"prmt.b32 {outs[3]}, {r['l4b']}, {r['h4b']}, 0x7351;"]
+        return lines, [r[n] for n in names]
+
+    if folded:
+        body, regs = half("", ("$8", "$9", "$10", "$11"), ("$0", "$1", "$4", "$5"), False)
+        more, regs2 = half("2", ("$12", "$13", "$14", "$15"), ("$2", "$3", "$6", "$7"), True)
+        body, regs = body + more, regs + regs2
+    else:
+        body, regs = half("", ("$4", "$5", "$6", "$7"), ("$0", "$1", "$2", "$3"), False)
+    head = [".reg .b32 " + ", ".join(regs + ["la", "lb", "ha", "hb"]) + ";",
+            f"mov.b32 la, 0x{lo_a:08X};", f"mov.b32 lb, 0x{lo_b:08X};",
+            f"mov.b32 ha, 0x{hi_a:08X};", f"mov.b32 hb, 0x{hi_b:08X};"]
+    return "{\n" + "\n".join(head + body) + "\n}"
 
 
 @triton.jit
-def fast_values3_word_pair(words, K: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr):
-    """fp16 centroids of groups K and K + 4 (K < 4) of 3-bit codes from value_words."""
-    return tl.inline_asm_elementwise(_asm_lut3_word_pair(K, T0, T1), "=r,=r,=r,=r,r,r,r,r",
-                                     [words], dtype=(tl.float16, tl.float16), is_pure=True,
-                                     pack=4)
+def fast_values3_word_pair(words, K: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr,
+                           FOLD: tl.constexpr = False):
+    """fp16 centroids of groups K and K + 4 (K < 4) of 3-bit codes from value_words; FOLD
+    (words a (16, tokens) MMA operand holding its 8 group indices twice, K < 2): rows 8-15
+    decode groups K + 2 and K + 6 instead (fold_group_dims)."""
+    if FOLD:
+        out = tl.inline_asm_elementwise(_asm_lut3_word_pair_folded(K, T0, T1),
+                                        "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 8, [words],
+                                        dtype=(tl.float16, tl.float16), is_pure=True, pack=8)
+    else:
+        out = tl.inline_asm_elementwise(_asm_lut3_word_pair(K, T0, T1), "=r,=r,=r,=r,r,r,r,r",
+                                        [words], dtype=(tl.float16, tl.float16), is_pure=True,
+                                        pack=4)
+    return out
+
+
+@triton.jit
+def fold_group_dims(m, A: tl.constexpr, D: tl.constexpr):
+    """The coordinates of rows m (< 2 * (D // 8)) of folded value accumulator A (< 4):
+    fast_values3_word_pair(FOLD=True) call K = A % 2, output A // 2 decodes group
+    K + 4 (A // 2) on rows below D // 8 and two groups more on the rest."""
+    grp = A % 2 + 4 * (A // 2) + 2 * (m >= D // 8).to(tl.int32)
+    return 8 * (m % (D // 8)) + grp
 
 
 @triton.jit
@@ -464,28 +512,34 @@ def group_centroids(w16, x8, ptr, row2, m2, R: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
-def load_fast(ptr, row2, m2, D: tl.constexpr, DG: tl.constexpr, BITS: tl.constexpr):
+def load_fast(ptr, row2, m2, D: tl.constexpr, DG: tl.constexpr, BITS: tl.constexpr,
+              FOLD: tl.constexpr = False):
     """Plane tensors of one code component: (w16 int16 words of the 2-bit plane, x8 bytes of the
     1-bit plane); the one a format lacks is a dummy copy.  row2 / m2 broadcast against each other
     (row2 = token byte offsets [:, None] or [None, :], m2 = group index the other way), so the
-    tensors come out (tokens, DG) or (DG, tokens)."""
+    tensors come out (tokens, DG) or (DG, tokens).  FOLD: group index m2 % (D // 8), every
+    word twice (DG == 2 * (D // 8)), for fast_values3_word_pair's FOLD."""
     if BITS == 1:
-        x8 = load_group_words(ptr + row2, m2, D, DG)
+        x8 = load_group_words(ptr + row2, m2, D, DG, FOLD)
         w16 = x8.to(tl.int16)
     else:
-        w16 = load_group_words((ptr + row2).to(tl.pointer_type(tl.int16)), m2, D, DG)
+        w16 = load_group_words((ptr + row2).to(tl.pointer_type(tl.int16)), m2, D, DG, FOLD)
         if BITS == 3:
-            x8 = load_group_words(ptr + row2 + D // 4, m2, D, DG)
+            x8 = load_group_words(ptr + row2 + D // 4, m2, D, DG, FOLD)
         else:
             x8 = w16.to(tl.uint8)
     return w16, x8
 
 
 @triton.jit
-def load_group_words(rows, m2, D: tl.constexpr, DG: tl.constexpr):
+def load_group_words(rows, m2, D: tl.constexpr, DG: tl.constexpr, FOLD: tl.constexpr = False):
     """rows[m2]: one word per coordinate group index m2 (< DG); masked only where DG pads D/8,
-    because even an all-true mask stops Triton from vectorising the load."""
-    if D // 8 == DG:
+    because even an all-true mask stops Triton from vectorising the load.  FOLD: rows[m2 %
+    (D // 8)] (DG == 2 * (D // 8)), each word twice."""
+    if FOLD:
+        tl.static_assert(DG == 2 * (D // 8), "a folded load fills DG with two copies of D/8")
+        w = tl.load(rows + m2 % (D // 8))
+    elif D // 8 == DG:
         w = tl.load(rows + m2)
     else:
         w = tl.load(rows + m2, mask=m2 < D // 8, other=0)
