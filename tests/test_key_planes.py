@@ -163,6 +163,29 @@ def test_value_word_pair_decoder_gives_the_centroids(head_dim, k):
             assert got == [int(table[c]) for c in codes[i]], (r, i)
 
 
+@pytest.mark.parametrize("k", range(2), ids=lambda k: f"groups{k}+{k + 4}|{k + 2}+{k + 6}")
+def test_folded_value_word_pair_decoder_gives_the_centroids(k):
+    """The folded pair decoder of head_dim 64 (unpack.fold_group_dims): of its 8 words, the
+    first 4 (row g of the operand) decode groups k and k + 4 and the last 4 (row g + 8, the
+    same words loaded again) groups k + 2 and k + 6, exactly, in the two results' order."""
+    ok, t0, t1 = U.asm_tables(64, 3)
+    assert ok and (t0 or t1)
+    table = np.array(U.fp16_table(64, 3), dtype=np.uint16)
+    rng = np.random.default_rng(11 + k)
+    w16 = rng.integers(0, 1 << 16, size=(96, 8))
+    x8 = rng.integers(0, 1 << 8, size=(96, 8))
+    words = w16 | x8 << 16
+    asm = U._asm_lut3_word_pair_folded(k, t0, t1)
+    for first, regs_out in ((k, ("$0", "$1", "$2", "$3")), (k + 4, ("$4", "$5", "$6", "$7"))):
+        groups = np.array([first] * 4 + [first + 2] * 4)
+        codes = ((w16 >> (2 * groups)) & 3) | (((x8 >> groups) & 1) << 2)
+        assert set(codes.ravel()) == set(range(8))
+        for i in range(96):
+            regs = run_ptx(asm, {f"${8 + e}": int(words[i, e]) for e in range(8)})
+            got = [h for r in regs_out for h in (regs[r] & 0xFFFF, regs[r] >> 16)]
+            assert got == [int(table[c]) for c in codes[i]], (first, i)
+
+
 @pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
 def test_table_operand_decoder_gives_the_centroids(r):
     """The 3-bit decoder that takes its byte tables as operands (fast_values3: keys of 3-bit
