@@ -398,6 +398,18 @@ PREFILL_CASES = [(128, 4, False), (128, 8, False), (128, 16, False), (64, 8, Fal
                  (256, 8, False), (128, 4, True), (128, 8, True), (128, 32, True)]
 
 
+def _sass_report():
+    """perf/sass_report.py as a module: its offline sm_90 compiles of the launched kernels."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf",
+                        "sass_report.py")
+    spec = importlib.util.spec_from_file_location("sass_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("head_dim,group,decoded", PREFILL_CASES,
                          ids=[f"d{d}-g{g}{'-decoded' if dec else ''}"
                               for d, g, dec in PREFILL_CASES])
@@ -406,17 +418,11 @@ def test_prefill_config_fits_shared_memory(head_dim, group, decoded):
     perf/sass_report.py --kernel prefill does) and checks its shared memory against one
     program's limit.  At the group-of-4 block a group of 8 at D = 128 asked for 294,912 bytes
     and failed at launch on an H200 (gpu_check's gqa8 case, session 29)."""
-    import importlib.util
-
     from tq_ops.triton.prefill import prefill_config, prefill_kernel
 
     if not hasattr(prefill_kernel, "params"):
         pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf",
-                        "sass_report.py")
-    spec = importlib.util.spec_from_file_location("sass_report", path)
-    sass_report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sass_report)
+    sass_report = _sass_report()
     import triton
 
     block_q, warps = prefill_config(head_dim, decoded, group)
@@ -450,18 +456,13 @@ def test_folded_value_decoder_sees_the_operand_layout_it_assumes(block_size):
     m+8, k+8).  A compiler that picked another layout would decode the wrong groups, so the
     sm_90 compile (offline, as perf/sass_report.py) is read for the layout of every such
     call."""
-    import importlib.util
     import re
 
     from tq_ops.triton.decode import decode_split_kernel
 
     if not hasattr(decode_split_kernel, "params"):
         pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf",
-                        "sass_report.py")
-    spec = importlib.util.spec_from_file_location("sass_report", path)
-    sass_report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sass_report)
+    sass_report = _sass_report()
     kernel = sass_report.compile_split("seed", 64, 3, block_size, 64, 1, 2, 168, True)
     calls = [ln for ln in kernel.asm["ttgir"].splitlines()
              if "elementwise_inline_asm" in ln and "packed_element = 8" in ln]
