@@ -572,8 +572,11 @@ def prep_planes_check(d: int, rows: int = 5, rb: int | None = None,
                 rounding = max(rounding, abs(part[k] - exact) / half_ulp(exact))
                 got_s += part[k] * (a + cc * b)
                 bound_s += half_ulp(exact) * abs(cc * b)
-            a, cc = U._PLANE_AC[U.sign_plane_position(r)]
-            exact = U.sign_plane_scale(r) * ud[k]
+            # the sign plane's position: the coordinate's own group, or at folded widths
+            # (head_dim 64) the one the split kernel decodes it at
+            rs = U.sign_plane_group(k, d)
+            a, cc = U._PLANE_AC[U.sign_plane_position(rs)]
+            exact = U.sign_plane_scale(rs) * ud[k]
             rounding = max(rounding, abs(us[k] - exact) / half_ulp(exact))
             got_z += us[k] * (a + cc * sign[k])
             bound_z += half_ulp(exact) * abs(cc * sign[k])

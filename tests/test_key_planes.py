@@ -38,7 +38,8 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
         op, rest = line.split(None, 1)
         args = [a.strip() for a in rest.split(",")]
         d = args[0]
-        if op == "mov.b32":
+        if op in ("mov.b32", "mov.u32"):
+            # %laneid: a special register, given by the caller like an operand
             regs[d] = val(args[1])
         elif op == "shl.b32":
             regs[d] = (val(args[1]) << val(args[2])) & MASK32
@@ -161,6 +162,58 @@ def test_value_word_pair_decoder_gives_the_centroids(head_dim, k):
             got = [regs[out[0]] & 0xFFFF, regs[out[0]] >> 16, regs[out[1]] & 0xFFFF,
                    regs[out[1]] >> 16]
             assert got == [int(table[c]) for c in codes[i]], (r, i)
+
+
+@pytest.mark.parametrize("r", range(4), ids=lambda r: f"groups{r}|{r + 4}")
+@pytest.mark.parametrize("hi", [1, 0], ids=["high", "low"])
+def test_folded_key_plane_gives_q_dot_centroids(r, hi):
+    """The folded key-plane decoder of head_dim 64: elements 0-3 of its 8 (operand columns
+    0-7) decode group r's plane bit, elements 4-7 (columns 8-15, the same words) group r + 4's,
+    both at one position, so the query side's constants (per coordinate, by its own group)
+    are the same for both and the plane product is exact up to the operands' fp16 rounding."""
+    _, t0, t1 = U.asm_tables(64, 2)
+    assert U.key_plane_position(r, hi) == U.key_plane_position(r + 4, hi)
+    rng = np.random.default_rng(500 + 10 * r + hi)
+    words = rng.integers(0, 1 << 16, size=(64, 8))
+    groups = np.array([r] * 4 + [r + 4] * 4)
+    bits = (words >> (2 * groups + hi)) & 1
+    assert bits.min() == 0 and bits.max() == 1
+    a, c = U._PLANE_AC[U.key_plane_position(r, hi)]
+    asm = U._asm_key_plane_folded(r, hi)
+    for i in range(64):
+        regs = run_ptx(asm, {f"${4 + j}": int(words[i, 2 * j] | words[i, 2 * j + 1] << 16)
+                             for j in range(4)})
+        v = [h for reg in ("$0", "$1", "$2", "$3") for h in halves_to_f16(regs[reg])]
+        assert v == [a + c * b for b in bits[i]], i
+
+
+@pytest.mark.parametrize("r", range(4), ids=lambda r: f"groups{r}|{r + 4}")
+@pytest.mark.parametrize("lane", [0, 1, 2, 3, 17, 30], ids=lambda n: f"lane{n}")
+def test_folded_sign_plane_gives_u_dot_signs(r, lane):
+    """The folded sign decoder of head_dim 64: a lane with bit 1 set holds operand columns
+    8-15 (kWidth 4) and decodes group r + 4's signs, others group r's, both at group r's
+    position, whose constants the query side then uses for every coordinate of groups r and
+    r + 4 (sign_plane_group); u . s exact up to the operands' fp16 rounding."""
+    rng = np.random.default_rng(900 + 10 * r + lane)
+    words = rng.integers(0, 1 << 32, size=64)
+    group = r + 4 if lane & 2 else r
+    byte = (words[:, None] >> (8 * np.arange(4))[None, :]) & 0xFF
+    signs = np.where((byte >> group) & 1, 1.0, -1.0)
+    u = rng.standard_normal((64, 4)) * rng.choice([1e-4, 1.0, 50.0])
+    want = float((u * signs).sum())
+    coord_group = U.sign_plane_group(8 + group, 64)
+    assert coord_group == r
+    scale, a = U.sign_plane_scale(coord_group), U.sign_plane_offset(coord_group)
+    up = (np.float32(scale) * u.astype(np.float32)).astype(np.float16).astype(np.float64)
+    asm = U._asm_sign_plane_folded(r)
+    got, bound = -u.sum(), 0.0
+    for i in range(64):
+        regs = run_ptx(asm, {"$2": int(words[i]), "%laneid": lane})
+        v = halves_to_f16(regs["$0"]) + halves_to_f16(regs["$1"])
+        for e in range(4):
+            got += up[i, e] * v[e] - a * up[i, e]
+            bound += abs(up[i, e] - scale * u[i, e]) * abs(v[e] - a)
+    assert abs(got - want) <= bound + 1e-12 * np.abs(u).sum()
 
 
 @pytest.mark.parametrize("k", range(2), ids=lambda k: f"groups{k}+{k + 4}|{k + 2}+{k + 6}")

@@ -447,15 +447,32 @@ def test_prep_splits_a_row_in_two_only_while_each_program_has_an_sm(rows):
     assert P.prep_grid(rows, 1, two) == (rows, two)
 
 
+def _dot_operand_bases(shape: list[int], k_width: int) -> tuple[list, list]:
+    """(register bases, lane bases) of Triton's one-warp MMA v2 operand A layout of `shape`
+    and kWidth (as gluon reports them), each basis [row step, column step]."""
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon.language import _layouts as L
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    builder = gluon_ir.GluonOpBuilder(ctx)
+    mma = L.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    op = L.DotOperandLayout(operand_index=0, parent=mma, k_width=k_width)
+    ll = builder.to_linear_layout(op._to_ir(builder), shape)
+    return [list(b) for b in ll.reg_bases], [list(b) for b in ll.lane_bases]
+
+
 @pytest.mark.parametrize("block_size", [16, 64], ids=["page16", "page64"])
-def test_folded_value_decoder_sees_the_operand_layout_it_assumes(block_size):
-    """At head_dim 64 the split kernel's value decoder is folded (unpack.fold_group_dims): each
-    8-element asm call takes elements 0-3 of a thread's 8 as row g and 4-7 as row g + 8,
-    which holds for Triton's MMA operand layout of kWidth 4 (register bases k+1, k+2, m+8),
-    what an operand built from the 8-bit sign-plane loads gets, and not for kWidth 2 (k+1,
-    m+8, k+8).  A compiler that picked another layout would decode the wrong groups, so the
-    sm_90 compile (offline, as perf/sass_report.py) is read for the layout of every such
-    call."""
+def test_folded_decoders_see_the_operand_layouts_they_assume(block_size):
+    """At head_dim 64 the split kernel's fast decoders are folded: each operand holds every
+    code word twice and its second half decodes other groups (unpack.fold_group_dims,
+    key_plane_folded, sign_plane_folded).  Which elements are the second half depends on
+    Triton's MMA operand layout: for the values (16 x 64, from 8-bit loads: kWidth 4) and the
+    key planes (64 x 16 int16: kWidth 2) elements 4-7 of a thread's 8 (register base 2 is
+    row + 8, resp. column + 8); for the signs (64 x 16 int8: kWidth 4) lane bit 1 (column +
+    8).  A compiler that picked other layouts would decode the wrong groups, so the sm_90
+    compile (offline, as perf/sass_report.py) is read for the layout of every folded call,
+    and those layouts for the bases the decoders assume."""
     import re
 
     from tq_ops.triton.decode import decode_split_kernel
@@ -464,9 +481,31 @@ def test_folded_value_decoder_sees_the_operand_layout_it_assumes(block_size):
         pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
     sass_report = _sass_report()
     kernel = sass_report.compile_split("seed", 64, 3, block_size, 64, 1, 2, 168, True)
-    calls = [ln for ln in kernel.asm["ttgir"].splitlines()
-             if "elementwise_inline_asm" in ln and "packed_element = 8" in ln]
-    assert len(calls) == 2, "two folded calls per tile (K = 0, 1)"
-    for ln in calls:
-        layouts = re.findall(r"#ttg\.dot_op<\{opIdx = 0, parent = #mma\d*, kWidth = (\d+)\}>", ln)
-        assert layouts and set(layouts) == {"4"}, ln[-300:]
+    operand = re.compile(r"%\S+ : tensor<(\d+)x(\d+)x(i\d+), #ttg\.dot_op<\{opIdx = 0, "
+                         r"parent = #mma\d*, kWidth = (\d+)\}>>")
+    found = {"values": 0, "keys": 0, "signs": 0}
+    for ln in kernel.asm["ttgir"].splitlines():
+        if "elementwise_inline_asm" not in ln or "cp.async.bulk.prefetch" in ln:
+            continue
+        got = operand.search(ln)
+        assert got, ln[-300:]
+        shape, dtype, k_width = [int(got[1]), int(got[2])], got[3], int(got[4])
+        if "packed_element = 8" in ln and dtype == "i32":
+            kind, want = "values", (shape == [16, 64] and k_width == 4)
+        elif "packed_element = 8" in ln:
+            kind, want = "keys", (dtype == "i16" and shape[1] == 16 and k_width == 2)
+        elif "%laneid" in ln:
+            kind, want = "signs", (dtype == "i8" and shape[1] == 16 and k_width == 4)
+        else:
+            raise AssertionError(f"an unfolded decoder at head_dim 64: {ln[-300:]}")
+        assert want, f"{kind}: {shape} {dtype} kWidth {k_width}"
+        found[kind] += 1
+        regs, lanes = _dot_operand_bases(shape, k_width)
+        if kind == "values":
+            assert regs[:3] == [[0, 1], [0, 2], [8, 0]]
+        elif kind == "keys":
+            assert regs[:3] == [[0, 1], [8, 0], [0, 8]]
+        else:
+            assert regs[:2] == [[0, 1], [0, 2]] and lanes[1] == [0, 8]
+    # per tile: 2 value calls, 4 groups x (high, low) key planes, 4 sign planes
+    assert found == {"values": 2, "keys": 8, "signs": 4}

@@ -36,8 +36,9 @@ import triton.language as tl
 
 from tq_ops.triton.unpack import (byte_tables, fast_sign, fast_values3_word_pair,
                                   group_centroids, key_plane, key_plane_gamma_sum,
-                                  fold_group_dims, key_plane_offset, key_plane_scale,
-                                  load_fast, load_group_words,
+                                  fold_group_dims, groups_folded, key_plane_folded,
+                                  key_plane_offset, key_plane_scale, load_fast,
+                                  load_group_words, sign_plane_folded,
                                   load_scalars, planes_apply, prefetch_l2, sign_plane,
                                   sign_plane_offset, sign_plane_scale, slow_sign, table_matches,
                                   tile_rows, tile_rows_paged, tuple_set, value_words)
@@ -191,6 +192,12 @@ def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexp
     KEY_PART / SIGN_PART: write the key-plane operands and off_s (from qr) / the sign plane's
     and off_z (from u); the prep's two programs per row write one each."""
     grp = d % 8
+    # the sign plane's group (unpack.sign_plane_group): at folded widths the split kernel
+    # decodes the signs of groups 4-7 at the positions of groups 0-3
+    if groups_folded(D):
+        grp_u = d % 4
+    else:
+        grp_u = grp
     s_hi = tl.zeros([d.shape[0]], tl.float32)
     s_lo = s_hi
     a_hi = s_hi
@@ -203,8 +210,8 @@ def store_query_planes(qr, u, r, rmask, d, dmask, qp_ptr, qo_ptr, D: tl.constexp
         s_lo = tl.where(on, key_plane_scale(KT0, KT1, g, 0), s_lo)
         a_hi = tl.where(on, key_plane_offset(g, 1), a_hi)
         a_lo = tl.where(on, key_plane_offset(g, 0), a_lo)
-        s_u = tl.where(on, sign_plane_scale(g), s_u)
-        a_u = tl.where(on, sign_plane_offset(g), a_u)
+        s_u = tl.where(grp_u == g, sign_plane_scale(g), s_u)
+        a_u = tl.where(grp_u == g, sign_plane_offset(g), a_u)
     omask = rmask[:, None] & dmask[None, :]
     base = qp_ptr + r[:, None] * (3 * D) + d[None, :]
     if KEY_PART:
@@ -459,18 +466,25 @@ def load_queries(ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr):
 
 @triton.jit
 def load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D: tl.constexpr, DG: tl.constexpr,
-                      QJL: tl.constexpr, INT8: tl.constexpr = False):
+                      QJL: tl.constexpr, INT8: tl.constexpr = False,
+                      FOLD: tl.constexpr = False):
     """The plane operands of store_query_planes in the 8 coordinate groups: per group r,
     (DG, GP) fp16 q'_r of the high and low key plane and u'_r of the sign plane, and the (GP,)
     fp32 offsets: q . k_mse = acc_s - off_s, u . signs = acc_z - off_z.  INT8: zeros in place of
-    the key planes (load_int8_key_operands reads those)."""
+    the key planes (load_int8_key_operands reads those).  FOLD (the folded key and sign planes
+    at head_dim 64): operand r < 4 holds group r in rows 0-7 and group r + 4 in rows 8-15;
+    entries 4-7 repeat those (unused)."""
     m = tl.arange(0, DG)
     qhi = ()
     qlo = ()
     us = ()
     for r in tl.static_range(8):
-        msk = (8 * m + r < D)[:, None] & gmask[None, :]
-        at = qp_ptr + qrow[None, :] * (3 * D) + 8 * m[:, None] + r
+        if FOLD:
+            coord = 8 * (m % (D // 8)) + r % 4 + 4 * (m >= D // 8).to(tl.int32)
+        else:
+            coord = 8 * m + r
+        msk = (coord < D)[:, None] & gmask[None, :]
+        at = qp_ptr + qrow[None, :] * (3 * D) + coord[:, None]
         if INT8:
             # the key operands are int8 (load_int8_key_operands)
             hi = tl.zeros([DG, qrow.shape[0]], tl.float16)
@@ -490,6 +504,14 @@ def load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D: tl.constexpr, DG: tl.const
     else:
         off_z = off_s * 0.0
     return qhi, qlo, us, off_s, off_z
+
+
+@triton.constexpr_function
+def folded_keys(planes, int8, d):
+    """The bit-plane key and sign decoders folded (key_plane_folded, sign_plane_folded): head
+    widths whose 8 group indices fill exactly half of a 16-column MMA operand (head_dim 64)."""
+    from tq_ops.triton import unpack as U
+    return bool(planes) and not int8 and U.folded_width(d)
 
 
 @triton.constexpr_function
@@ -540,6 +562,7 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
     """
     m = tl.arange(0, DG)
     FOLD: tl.constexpr = folded_values(WORDS, D, DG)
+    FOLD_KEYS: tl.constexpr = folded_keys(PLANES, INT8, D)
     # a tile of several whole pages (page_tile)
     MULTI_PAGE: tl.constexpr = BS < BLOCK_N
     if MULTI_PAGE:
@@ -565,12 +588,12 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
         if INT8:
             kb8 = tl.load(cache_ptr + krow[:, None] + tl.arange(0, D // 4)[None, :])
         elif FAST:
-            kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, DG, KB)
+            kw, kx = load_fast(cache_ptr, krow[:, None], m[None, :], D, DG, KB, FOLD_KEYS)
         else:
             kw, kx = None, None  # the portable decoders read the codes themselves
         if FAST:
             if QJL:
-                sx = load_group_words(cache_ptr + srow[:, None], m[None, :], D, DG)
+                sx = load_group_words(cache_ptr + srow[:, None], m[None, :], D, DG, FOLD_KEYS)
         # the plane offsets (zero otherwise) start the accumulators: no subtraction per tile
         acc_s = tl.zeros([BLOCK_N, GP], tl.float32) - off_s[None, :]
         acc_z = tl.zeros([BLOCK_N, GP], tl.float32) - off_z[None, :]
@@ -583,23 +606,32 @@ def attend_pages(cache_ptr, bt_ptr, bt_row, lo, hi, kv_start, head_off, page_str
                 a_hi = tl.dot(x8, qts[p], a_hi, out_dtype=tl.int32)
                 a_lo = tl.dot(x8, qlos[p], a_lo, out_dtype=tl.int32)
             acc_s = acc_s + (a_hi * 256 + a_lo).to(tl.float32) * qdelta[None, :]
-        for r in tl.static_range(8):
-            if PLANES:
-                if not INT8:
-                    acc_s = tl.dot(key_plane(kw, r, 1), qts[r], acc_s)
-                    acc_s = tl.dot(key_plane(kw, r, 0), qlos[r], acc_s)
+        if FOLD_KEYS:
+            # groups r and r + 4 side by side in one 16-column operand (key_plane_folded)
+            for r in tl.static_range(4):
+                acc_s = tl.dot(key_plane_folded(kw, r, 1), qts[r], acc_s)
+                acc_s = tl.dot(key_plane_folded(kw, r, 0), qlos[r], acc_s)
                 if QJL:
-                    acc_z = tl.dot(sign_plane(sx, r), uts[r], acc_z)
-            else:
-                kv = group_centroids(kw, kx, cache_ptr, krow[:, None], m[None, :], r, D, KB, FAST,
-                                     ktabs, KT0, KT1, kc_ptr)
-                acc_s = tl.dot(kv, qts[r], acc_s)
-                if QJL:
-                    if FAST:
-                        z = fast_sign(sx, r)
-                    else:
-                        z = slow_sign(cache_ptr, srow[:, None], m[None, :], r, D).to(tl.float16)
-                    acc_z = tl.dot(z, uts[r], acc_z)
+                    acc_z = tl.dot(sign_plane_folded(sx, r), uts[r], acc_z)
+        else:
+            for r in tl.static_range(8):
+                if PLANES:
+                    if not INT8:
+                        acc_s = tl.dot(key_plane(kw, r, 1), qts[r], acc_s)
+                        acc_s = tl.dot(key_plane(kw, r, 0), qlos[r], acc_s)
+                    if QJL:
+                        acc_z = tl.dot(sign_plane(sx, r), uts[r], acc_z)
+                else:
+                    kv = group_centroids(kw, kx, cache_ptr, krow[:, None], m[None, :], r, D,
+                                         KB, FAST, ktabs, KT0, KT1, kc_ptr)
+                    acc_s = tl.dot(kv, qts[r], acc_s)
+                    if QJL:
+                        if FAST:
+                            z = fast_sign(sx, r)
+                        else:
+                            z = slow_sign(cache_ptr, srow[:, None], m[None, :], r,
+                                          D).to(tl.float16)
+                        acc_z = tl.dot(z, uts[r], acc_z)
         kn = load_scalars(cache_ptr, base, tin, start, OFF_KN, BS, BLOCK_N, AL_N)
         if QJL:
             kg = load_scalars(cache_ptr, base, tin, start, OFF_KG, BS, BLOCK_N, AL_N).to(
@@ -847,7 +879,7 @@ def split_partial(
     qdelta = None
     if PLANES:
         qts, qlos, uts, off_s, off_z = load_query_planes(qp_ptr, qo_ptr, qrow, gmask, D, DG,
-                                                         QJL, INT8)
+                                                         QJL, INT8, folded_keys(PLANES, INT8, D))
         if INT8:
             qts, qlos, qdelta = load_int8_key_operands(q8_ptr, qo_ptr, bh, qrow, gmask, D)
     else:

@@ -36,6 +36,21 @@ def group_width(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim // 8))
 
 
+def folded_width(head_dim: int) -> bool:
+    """Head widths whose D / 8 group indices fill exactly half of a DG-row (or -column) MMA
+    operand (head_dim 64): there the split kernel's fast decoders fold, each operand holding
+    every code word twice and its second half decoding other groups (fold_group_dims, the
+    folded key and sign planes)."""
+    return 2 * (head_dim // 8) == group_width(head_dim)
+
+
+def sign_plane_group(k: int, head_dim: int) -> int:
+    """The group whose sign-plane position (and query-side constants) coordinate k takes: its
+    own, k % 8, or at folded widths k % 4: the folded sign decoder shifts the signs of groups
+    4-7 onto the bits of groups 0-3 (_asm_sign_plane_folded)."""
+    return k % 4 if folded_width(head_dim) else k % 8
+
+
 def _f16_bits(x: float) -> int:
     return struct.unpack("<H", struct.pack("<e", x))[0]
 
@@ -223,6 +238,12 @@ def key_plane_gamma_sum(t0, t1):
 
 
 @triton.constexpr_function
+def groups_folded(d):
+    from tq_ops.triton import unpack as U
+    return U.folded_width(d)
+
+
+@triton.constexpr_function
 def sign_plane_scale(r):
     from tq_ops.triton import unpack as U
     return 2 / U._PLANE_AC[U.sign_plane_position(r)][1]
@@ -259,6 +280,54 @@ shl.b32 u, $3, {s};
 
 
 @triton.constexpr_function
+def _asm_key_plane_folded(r, hi):
+    # in: 8 int16 words (4 regs) of a (tokens, 16) operand holding each word twice; in its MMA
+    # layout (kWidth 2: register bases k+1, m+8, k+8) elements 0-3 ($4, $5) are columns below
+    # 8 and 4-7 ($6, $7) the same words in columns 8-15.  out: 8 fp16, group r's plane, then
+    # group r + 4's (r < 4): its bits sit 8 higher and land at the same position
+    # (key_plane_position(r) == key_plane_position(r + 4)), so the query side is unchanged.
+    from tq_ops.triton import unpack as U
+    s, s4, p = U._KEY_SHIFT[r], U._KEY_SHIFT[r + 4], U.key_plane_position(r, hi)
+    return f"""{{
+.reg .b32 t, u, t4, u4, tb, ub, t4b, u4b;
+{U._shift("t", "$4", s)}
+{U._shift("u", "$5", s)}
+{U._shift("t4", "$6", s4)}
+{U._shift("u4", "$7", s4)}
+{U._mask_or("t", "$0", p)}
+{U._mask_or("u", "$1", p)}
+{U._mask_or("t4", "$2", p)}
+{U._mask_or("u4", "$3", p)}
+}}"""
+
+
+@triton.constexpr_function
+def _asm_sign_plane_folded(r):
+    # in: 4 sign bytes (1 reg) of 4 columns of a (tokens, 16) operand holding each byte twice;
+    # in its MMA layout (kWidth 4: lane bases k+4, k+8, ...) a lane with bit 1 set holds
+    # columns 8-15, the copies, whose bytes are shifted down 4 bits first so that group r + 4's
+    # signs take group r's bit (r < 4); the query side scales those coordinates with group r's
+    # constants (sign_plane_group).  out: 4 fp16, as _asm_sign_plane.
+    from tq_ops.triton import unpack as U
+    p = U.sign_plane_position(r)
+    up = 2 if r < 2 else 0
+    return f"""{{
+.reg .b32 a, b, z, ab, bb, ln, x;
+mov.u32 ln, %laneid;
+and.b32 ln, ln, 2;
+shl.b32 ln, ln, 1;
+shr.b32 x, $2, ln;
+mov.b32 z, 0;
+prmt.b32 a, x, z, 0x1404;
+prmt.b32 b, x, z, 0x3424;
+shl.b32 a, a, {up};
+shl.b32 b, b, {up};
+{U._mask_or("a", "$0", p)}
+{U._mask_or("b", "$1", p)}
+}}"""
+
+
+@triton.constexpr_function
 def _asm_sign_plane(r):
     # in: 4 sign bytes (1 reg), out: 4 fp16 (2 regs).  PRMT moves bytes 0,1 (2,3) to the high
     # bytes of the two halves; groups 0 and 1 are then shifted up into the exponent field.
@@ -291,6 +360,22 @@ def sign_plane(x8, R: tl.constexpr):
     """(N, DG) uint8 sign bytes -> fp16 plane operand of group R (v = a + c b)."""
     return tl.inline_asm_elementwise(_asm_sign_plane(R), "=r,=r,r", [x8], dtype=tl.float16,
                                      is_pure=True, pack=4)
+
+
+@triton.jit
+def key_plane_folded(w16, R: tl.constexpr, HI: tl.constexpr):
+    """(N, 16) int16 2-bit-plane words, each twice (load_fast FOLD) -> fp16 plane operand of
+    group R (R < 4) in columns 0-7 and group R + 4 in columns 8-15."""
+    return tl.inline_asm_elementwise(_asm_key_plane_folded(R, HI), "=r,=r,=r,=r,r,r,r,r", [w16],
+                                     dtype=tl.float16, is_pure=True, pack=8)
+
+
+@triton.jit
+def sign_plane_folded(x8, R: tl.constexpr):
+    """(N, 16) uint8 sign bytes, each twice -> fp16 plane operand of group R (R < 4) in
+    columns 0-7 and group R + 4 in columns 8-15, both at group R's position."""
+    return tl.inline_asm_elementwise(_asm_sign_plane_folded(R), "=r,=r,r", [x8],
+                                     dtype=tl.float16, is_pure=True, pack=4)
 
 
 def _shift(dst: str, src: str, n: int) -> str:
