@@ -301,6 +301,17 @@ def _asm_key_plane_folded(r, hi):
 }}"""
 
 
+def _sign_plane_spread(src: str, r: int) -> str:
+    """PTX from the 4 sign bytes in register `src` to group r's 4 fp16 plane values ($0, $1):
+    PRMT moves bytes 0,1 (2,3) to the high bytes of the two halves; groups 0 and 1 are then
+    shifted up into the exponent field.  Uses registers a, b, z, ab, bb."""
+    up = 2 if r < 2 else 0
+    p = sign_plane_position(r)
+    return "\n".join(["mov.b32 z, 0;", f"prmt.b32 a, {src}, z, 0x1404;",
+                      f"prmt.b32 b, {src}, z, 0x3424;", f"shl.b32 a, a, {up};",
+                      f"shl.b32 b, b, {up};", _mask_or("a", "$0", p), _mask_or("b", "$1", p)])
+
+
 @triton.constexpr_function
 def _asm_sign_plane_folded(r):
     # in: 4 sign bytes (1 reg) of 4 columns of a (tokens, 16) operand holding each byte twice;
@@ -309,42 +320,25 @@ def _asm_sign_plane_folded(r):
     # signs take group r's bit (r < 4); the query side scales those coordinates with group r's
     # constants (sign_plane_group).  out: 4 fp16, as _asm_sign_plane.
     from tq_ops.triton import unpack as U
-    p = U.sign_plane_position(r)
-    up = 2 if r < 2 else 0
     return f"""{{
 .reg .b32 a, b, z, ab, bb, ln, x;
 mov.u32 ln, %laneid;
 and.b32 ln, ln, 2;
 shl.b32 ln, ln, 1;
 shr.b32 x, $2, ln;
-mov.b32 z, 0;
-prmt.b32 a, x, z, 0x1404;
-prmt.b32 b, x, z, 0x3424;
-shl.b32 a, a, {up};
-shl.b32 b, b, {up};
-{U._mask_or("a", "$0", p)}
-{U._mask_or("b", "$1", p)}
+{U._sign_plane_spread("x", r)}
 }}"""
 
 
 @triton.constexpr_function
 def _asm_sign_plane(r):
-    # in: 4 sign bytes (1 reg), out: 4 fp16 (2 regs).  PRMT moves bytes 0,1 (2,3) to the high
-    # bytes of the two halves; groups 0 and 1 are then shifted up into the exponent field.
+    # in: 4 sign bytes (1 reg), out: 4 fp16 (2 regs) (_sign_plane_spread).  No backslash
+    # escapes in a constexpr function: torch.compile copies its source into a string literal,
+    # where they would be interpreted
     from tq_ops.triton import unpack as U
-    p = U.sign_plane_position(r)
-    # no backslash escapes in a constexpr function: torch.compile copies its source into a
-    # string literal, where they would be interpreted
-    up = 2 if r < 2 else 0
     return f"""{{
 .reg .b32 a, b, z, ab, bb;
-mov.b32 z, 0;
-prmt.b32 a, $2, z, 0x1404;
-prmt.b32 b, $2, z, 0x3424;
-shl.b32 a, a, {up};
-shl.b32 b, b, {up};
-{U._mask_or("a", "$0", p)}
-{U._mask_or("b", "$1", p)}
+{U._sign_plane_spread("$2", r)}
 }}"""
 
 
