@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common as C  # noqa: E402
 from gpu_check import ATT_RTOL, OUT_RTOL  # noqa: E402
-from request_groups_gpu import D, DEV, HQ, build  # noqa: E402
+from request_groups_gpu import D, DEV, build  # noqa: E402
 
 from tq_ops import reference as R  # noqa: E402
 from tq_vllm import attend, compat  # noqa: E402

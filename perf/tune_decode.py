@@ -123,8 +123,6 @@ def emit(rec: dict) -> None:
 
 
 def worker(indices: list[int], lock_path: str) -> None:
-    import triton
-
     import common as C
     from tq_ops.ops.paged_decode_attention import launch
     from tq_ops.triton.decode import num_splits

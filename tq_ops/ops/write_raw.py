@@ -1,7 +1,6 @@
 """turboquant::write_raw: copy exact tokens into a raw pool by (row, slot)."""
 from __future__ import annotations
 
-import torch
 import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton

@@ -270,7 +270,6 @@ def prefill_kernel(
         accs = (z, z, z, z, z, z, z, z)
         acc = tl.zeros([M, DP], tl.float32)
         plen = tl.load(prefix_ptr + b)
-        n = tl.arange(0, BN)
         scale_rot = tl.full([M], 1.0, tl.float32)
         if DECODED:
             # 1. compressed prefix, decoded: the same flash loop as phases 2 and 3, with the
