@@ -120,6 +120,22 @@ def test_key_planes_give_q_dot_centroids(head_dim, r):
     assert abs(got - want) <= bound + 1e-12 * np.abs(q).sum()
 
 
+def sign_plane_dot(asm: str, words, u, scale: float, a: float, extra=None):
+    """(u . s as the kernel rebuilds it, its rounding bound): the sign decoder `asm` run on each
+    register of 4 sign bytes in `words` (plus `extra` inputs, e.g. %laneid), its plane values v
+    against the fp16-rounded u' = scale u, minus the offsets a u' and sum u; the bound is the
+    operands' fp16 rounding, term by term."""
+    up = (np.float32(scale) * u.astype(np.float32)).astype(np.float16).astype(np.float64)
+    got, bound = -u.sum(), 0.0
+    for i in range(len(words)):
+        regs = run_ptx(asm, {"$2": int(words[i]), **(extra or {})})
+        v = halves_to_f16(regs["$0"]) + halves_to_f16(regs["$1"])
+        for e in range(4):
+            got += up[i, e] * v[e] - a * up[i, e]
+            bound += abs(up[i, e] - scale * u[i, e]) * abs(v[e] - a)
+    return got, bound
+
+
 @pytest.mark.parametrize("r", range(8), ids=lambda r: f"group{r}")
 def test_sign_plane_gives_u_dot_signs(r):
     rng = np.random.default_rng(77 + r)
@@ -128,16 +144,8 @@ def test_sign_plane_gives_u_dot_signs(r):
     byte = (words[:, None] >> (8 * np.arange(4))[None, :]) & 0xFF
     signs = np.where((byte >> r) & 1, 1.0, -1.0)
     want = float((u * signs).sum())
-    scale, a = U.sign_plane_scale(r), U.sign_plane_offset(r)
-    up = (np.float32(scale) * u.astype(np.float32)).astype(np.float16).astype(np.float64)
-    asm = U._asm_sign_plane(r)
-    got, bound = -u.sum(), 0.0
-    for i in range(64):
-        regs = run_ptx(asm, {"$2": int(words[i])})
-        v = halves_to_f16(regs["$0"]) + halves_to_f16(regs["$1"])
-        for e in range(4):
-            got += up[i, e] * v[e] - a * up[i, e]
-            bound += abs(up[i, e] - scale * u[i, e]) * abs(v[e] - a)
+    got, bound = sign_plane_dot(U._asm_sign_plane(r), words, u, U.sign_plane_scale(r),
+                                U.sign_plane_offset(r))
     assert abs(got - want) <= bound + 1e-12 * np.abs(u).sum()
 
 
@@ -203,16 +211,9 @@ def test_folded_sign_plane_gives_u_dot_signs(r, lane):
     want = float((u * signs).sum())
     coord_group = U.sign_plane_group(8 + group, 64)
     assert coord_group == r
-    scale, a = U.sign_plane_scale(coord_group), U.sign_plane_offset(coord_group)
-    up = (np.float32(scale) * u.astype(np.float32)).astype(np.float16).astype(np.float64)
-    asm = U._asm_sign_plane_folded(r)
-    got, bound = -u.sum(), 0.0
-    for i in range(64):
-        regs = run_ptx(asm, {"$2": int(words[i]), "%laneid": lane})
-        v = halves_to_f16(regs["$0"]) + halves_to_f16(regs["$1"])
-        for e in range(4):
-            got += up[i, e] * v[e] - a * up[i, e]
-            bound += abs(up[i, e] - scale * u[i, e]) * abs(v[e] - a)
+    got, bound = sign_plane_dot(U._asm_sign_plane_folded(r), words, u,
+                                U.sign_plane_scale(coord_group),
+                                U.sign_plane_offset(coord_group), {"%laneid": lane})
     assert abs(got - want) <= bound + 1e-12 * np.abs(u).sum()
 
 
