@@ -217,7 +217,7 @@ def main() -> int:
                     choices=("split", "encode-keys", "encode-values", "prep", "merge",
                              "prefill"))
     ap.add_argument("--splits", type=int, default=24,
-                    help="merge: the split count it merges (sets partials per step)")
+                    help="merge: the split count it merges (sets the mode and partials per step)")
     ap.add_argument("--rows", type=int, default=64, help="encode: rows per tile")
     ap.add_argument("--format", default="seed")
     ap.add_argument("--head-dim", type=int, default=128)
@@ -267,10 +267,16 @@ def main() -> int:
             warps = a.warps or P.PREP_WARPS
         else:
             gp = max(2, triton.next_power_of_2(a.group))
-            step = P.merge_step(a.splits)
-            consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
-                          JB=P.WHOLE_MATRIX_COLUMNS, SC=step,
-                          PI_FIRST=step <= P.MERGE_PI_FIRST_MAX_STEP)
+            if P.merge_tiles(a.splits, dp):
+                # MERGE_TILE_ROWS rows per program, as the op launches it at few splits
+                consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
+                              JB=P.MERGE_TILE_COLUMNS, SC=P.MERGE_TILE_STEP, PI_FIRST=True,
+                              TILE=P.MERGE_TILE_ROWS)
+            else:
+                step = P.merge_step(a.splits)
+                consts = dict(HKV=8, G=a.group, GP=gp, D=a.head_dim, DP=dp,
+                              JB=P.WHOLE_MATRIX_COLUMNS, SC=step,
+                              PI_FIRST=step <= P.MERGE_PI_FIRST_MAX_STEP, TILE=0)
             warps = a.warps or P.MERGE_WARPS
         k = compile_small(a.kernel, warps, consts)
         for line in ptxas_summary(k.asm["ptx"]):

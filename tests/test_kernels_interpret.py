@@ -65,6 +65,7 @@ def _child() -> dict:
     from tq_ops import reference as R
     from tq_ops.codec import exact16_matrices
     from tq_ops.triton.prefill import BLOCK_N as PREFILL_BLOCK_N
+    from tq_ops.triton.unpack import group_width
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -183,7 +184,9 @@ def _child() -> dict:
         got = mod("paged_decode_attention").launch(*dargs, raw=True)
         ref = R.paged_decode_attention(*dargs)
         out[f"decode/{fid}"] = dict(err=float((got - ref).abs().max()),
-                                    scale=float(ref.abs().max()))
+                                    scale=float(ref.abs().max()),
+                                    merge_tiles=merge_mode(b, hkv, g, d, kb, bt.shape[1] * bs, bs),
+                                    rows=b * hkv * g, group=g)
         # the fallback merge (the op's path on CUDA when the caller does not declare the
         # built-in codebooks), for formats with baked tables: with the true tables it merges
         # the split partials; with a wrong one it attends the compressed tokens itself.  With
@@ -439,6 +442,8 @@ def _child() -> dict:
     dec = mod("paged_decode_attention")
     n_splits = dec.MERGE_STEPS[-1] + 6
     assert dec.merge_step(n_splits) > dec.MERGE_PI_FIRST_MAX_STEP
+    # one merge program per row (paged_decode_attention.merge_tiles)
+    assert not dec.merge_tiles(n_splits, 8 * group_width(d))
     n = n_splits * math.gcd(bs, dec.decode_config("cpu", d, kb).block_n)
     mb = n // bs + 1
     cache = torch.randint(0, 256, (mb + 1, hkv, bs * c.config.layout.slot_bytes),
@@ -492,6 +497,21 @@ def _child() -> dict:
                               and torch.equal(pools[1].nan_to_num(), pools[3].nan_to_num())),
             written=int((~pools[0].isnan()).all(-1).all(-1).sum()))
     return out
+
+
+def merge_mode(b: int, hkv: int, g: int, d: int, kb: int, positions: int, bs: int) -> bool:
+    """Whether paged_decode_attention.launch merges in 16-row tiles on CPU at this shape (its
+    split count as launch computes it off CUDA; merge_tiles)."""
+    import importlib
+
+    from tq_ops.triton.launch import sm_count
+    from tq_ops.triton.unpack import group_width
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")
+    cfg = P.decode_config("cpu", d, kb)
+    ns = P.num_splits(b, hkv, positions, sm_count(torch.device("cpu")), cfg,
+                      tile=P.page_tile(bs, cfg, d))
+    return P.merge_tiles(ns, 8 * group_width(d))
 
 
 def decode_with_fallback(dargs: tuple, tables: tuple, poison: bool):
@@ -771,6 +791,17 @@ def test_record_kernels(report, fmt):
 def test_decode_kernel(report, fmt):
     r = report[f"decode/{_fmt_id(fmt)}"]
     assert r["err"] <= ATT_RTOL * r["scale"], r
+
+
+def test_decode_merges_both_ways(report):
+    """The decode cases above cover the merge's 16-row tiles (few splits: every format up to
+    head_dim 128 here), among them tiles whose rows straddle KV heads (a group of 3, more
+    rows than one tile) and a tile of masked rows past the end; the many-splits case covers
+    one program per row (asserted where it is built)."""
+    runs = [report[f"decode/{_fmt_id(f)}"] for f in FORMATS]
+    tiled = [r for r in runs if r["merge_tiles"]]
+    assert any(r["rows"] > 16 and 16 % r["group"] for r in tiled), runs
+    assert any(r["rows"] % 16 for r in tiled), runs
 
 
 def baked_tables(fmt) -> tuple | None:

@@ -323,9 +323,10 @@ def _kernels():
         "query_prep_kernel": (decode.query_prep_kernel, ["rows"], []),
         "decode_split_kernel": (decode.decode_split_kernel, ["kv_start", "num_splits"],
                                 ["bt_ptr", "kv_lens_ptr", "raw_idx_ptr", "raw_lens_ptr"]),
-        "decode_merge_kernel": (decode.decode_merge_kernel, ["num_splits"], []),
+        "decode_merge_kernel": (decode.decode_merge_kernel, ["num_splits", "rows"], []),
         "decode_merge_fallback_kernel": (decode.decode_merge_fallback_kernel,
-                                         ["kv_start", "num_splits"], ["bt_ptr", "kv_lens_ptr"]),
+                                         ["kv_start", "num_splits", "rows"],
+                                         ["bt_ptr", "kv_lens_ptr"]),
         "prefill_kernel": (prefill.prefill_kernel, ["kv_start", "n_seqs"],
                            ["cu_ptr", "bt_ptr", "prefix_ptr", "raw_idx_ptr", "raw_lens_ptr"]),
         "encode_kernel": (encode.encode_kernel, ["n_rows"], ["slot_ptr"]),
@@ -430,6 +431,61 @@ def test_prefill_config_fits_shared_memory(head_dim, group, decoded):
     kernel = sass_report.compile_prefill("seed", head_dim, group, 64, block_q, warps, 0, decoded)
     assert kernel.metadata.shared <= SM90_MAX_SHARED, (
         f"BLOCK_Q {block_q} x group {group} asks for {kernel.metadata.shared} bytes")
+
+
+# (head_dim, GQA group): the merge's 16-row tiles (paged_decode_attention.merge_tiles) at the
+# head widths that take them (padded widths up to WHOLE_MATRIX_COLUMNS) and groups whose rows
+# straddle tiles (3) or fill them (16)
+MERGE_TILE_CASES = [(128, 4), (128, 1), (128, 16), (96, 3), (64, 3)]
+
+
+@pytest.mark.parametrize("head_dim,group", MERGE_TILE_CASES,
+                         ids=[f"d{d}-g{g}" for d, g in MERGE_TILE_CASES])
+def test_merge_tile_compiles_within_registers_and_shared_memory(head_dim, group):
+    """decode_merge_kernel with TILE compiled for sm_90 offline (as perf/sass_report.py --kernel
+    merge does at few splits): no spills (a whole-Pi tf32x3 operand spilled 9.6 KB, session 34)
+    and shared memory within one program's limit."""
+    import importlib
+
+    from tq_ops.triton.decode import decode_merge_kernel
+    from tq_ops.triton.unpack import group_width
+
+    if not hasattr(decode_merge_kernel, "params"):
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernels")
+    import triton
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")
+    sass_report = _sass_report()
+    dp = 8 * group_width(head_dim)
+    assert P.merge_tiles(P.MERGE_TILE_MAX_SPLITS, dp)
+    consts = dict(HKV=8, G=group, GP=max(2, triton.next_power_of_2(group)), D=head_dim, DP=dp,
+                  JB=P.MERGE_TILE_COLUMNS, SC=P.MERGE_TILE_STEP, PI_FIRST=True,
+                  TILE=P.MERGE_TILE_ROWS)
+    kernel = sass_report.compile_small("merge", P.MERGE_WARPS, consts)
+    summary = " ".join(sass_report.ptxas_summary(kernel.asm["ptx"]))
+    assert "0 bytes spill stores" in summary, summary
+    assert kernel.metadata.shared <= SM90_MAX_SHARED, kernel.metadata.shared
+
+
+def test_merge_tiles_only_with_few_splits_and_whole_matrices():
+    """The merge's mode is a function of the split count and the padded head width only
+    (paged_decode_attention.merge_tiles): tiles up to MERGE_TILE_MAX_SPLITS splits at widths up
+    to WHOLE_MATRIX_COLUMNS, one program per row otherwise (24 splits at (8, 32k) took 13%
+    longer in tiles, session 34)."""
+    import importlib
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")
+    most = P.MERGE_TILE_MAX_SPLITS
+    assert all(P.merge_tiles(n, 128) for n in range(1, most + 1))
+    assert not any(P.merge_tiles(n, 128) for n in (most + 1, 24, 187))
+    assert not P.merge_tiles(1, 256)
+    # the table's shapes on an H200 (132 SMs, page 64): (64, 8k) and (32, 16k) take tiles,
+    # (8, 32k) and every batch-1 shape do not
+    cfg = DECODE_CONFIGS[("sm90", 128, 2)]
+    for batch, ctx, tiles in ((64, 8192, True), (32, 16384, True), (8, 32768, False),
+                              (1, 131072, False), (1, 4096, False)):
+        ns = num_splits(batch, 8, ctx, 132, cfg, tile=64)
+        assert P.merge_tiles(ns, 128) == tiles, (batch, ctx, ns)
 
 
 @pytest.mark.parametrize("rows", [1, 9, 32, 66, 67, 256])

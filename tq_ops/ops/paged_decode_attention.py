@@ -41,6 +41,13 @@ MERGE_STEPS = (32, 64, 128)  # partials loaded per step of its loop: merge_step 
 # up to this many partials per step the merge loads Pi before its loop (decode_merge_kernel)
 MERGE_PI_FIRST_MAX_STEP = 64
 MERGE_WARPS = 4
+# up to this many splits the merge takes MERGE_TILE_ROWS query rows per program
+# (decode_merge_kernel's TILE, merge_tile): the rows' partials merged side by side, Pi read
+# once per tile; more splits keep one program per row (merge_tiles says why)
+MERGE_TILE_MAX_SPLITS = 8
+MERGE_TILE_ROWS = 16
+MERGE_TILE_STEP = 4       # splits per step of the tile's loop (their loads issued together)
+MERGE_TILE_COLUMNS = 32   # Pi's columns per block of the tile's un-rotation
 # the raw-pool partial, one program per (sequence, KV head) in the split launch
 # (tq_ops.triton.decode.raw_partial).  Its code shares the split kernel's register budget: with
 # 32-token tiles the compressed hot loop compiles without spills (offline sm_90: 1987
@@ -137,22 +144,30 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
         FAST=use_fast, KEY_PLANES=planes, VALUE_WORDS=cfg.value_words, ALONE=alone,
         q8_ptr=q8, INT8_KEYS=int8_keys, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **consts, **cap)
-    step = merge_step(ns)
-    merge_consts = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
-                        PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP)
+    if merge_tiles(ns, dp):
+        # MERGE_TILE_ROWS query rows per program (merge_tile)
+        merge_grid = (triton.cdiv(b * hq, MERGE_TILE_ROWS),)
+        merge_consts = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=MERGE_TILE_COLUMNS,
+                            SC=MERGE_TILE_STEP, PI_FIRST=True, rows=b * hq,
+                            TILE=MERGE_TILE_ROWS)
+    else:
+        step = merge_step(ns)
+        merge_grid = (b * hq,)
+        merge_consts = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
+                            PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP)
     if (use_fast and not alone) or fallback_tables is not None:
         fallback = decode_merge_fallback_kernel if raw else wrap_triton(
             decode_merge_fallback_kernel)
         fconsts = fallback_constants(consts)
         if fallback_tables is not None:
             fconsts.update(zip(("KT0", "KT1", "VT0", "VT1"), fallback_tables))
-        fallback[(b * hq,)](
+        fallback[merge_grid](
             o_part, m_part, l_part, rotation, out, ns, qr, u, cache, block_table, kv_lens,
             key_centroids, value_centroids, kv_start, block_table.stride(0), cache.stride(0),
             num_warps=MERGE_WARPS, **merge_consts, **fconsts)
     else:
-        merge[(b * hq,)](o_part, m_part, l_part, rotation, out, ns, num_warps=MERGE_WARPS,
-                         **merge_consts)
+        merge[merge_grid](o_part, m_part, l_part, rotation, out, ns, num_warps=MERGE_WARPS,
+                          **merge_consts)
     return out
 
 
@@ -184,6 +199,24 @@ def merge_step(num_splits: int) -> int:
         if num_splits <= step:
             return step
     return MERGE_STEPS[-1]
+
+
+def merge_tiles(num_splits: int, dp: int) -> bool:
+    """Whether the merge takes MERGE_TILE_ROWS query rows per program (decode_merge_kernel's
+    TILE): at most MERGE_TILE_MAX_SPLITS splits (many rows: the split count fills one wave of
+    split programs) and heads up to WHOLE_MATRIX_COLUMNS.  A function of shapes only, like
+    merge_step: each mode is a compiled variant of the merge.
+
+    Why: one program per row reads Pi (64 KB at D = 128) per row, which is most of a merge
+    of few partials over many rows; a tile reads it once per 16 rows and merges the rows'
+    partials side by side.  Its loop takes the splits MERGE_TILE_STEP at a time, one memory
+    round trip per step, so it lengthens with the splits, where the per-row programs load a
+    row's partials at once.  H200 (perf/NOTES.md, session 34), the op with built-in codebooks
+    declared, page 64: with the tiles up to 32 splits and one split per step, (64, 8k) (3
+    splits) 0.2567 -> 0.2425 ms and (32, 16k) (6) 0.2385 -> 0.2364, but (8, 32k) (24) 0.1250
+    -> 0.1413 and (8, 4k) (16) 0.0307 -> 0.0390; as here, 0.2563 -> 0.2425 and 0.2386 ->
+    0.2362, the other shapes (per-row merges) unchanged."""
+    return num_splits <= MERGE_TILE_MAX_SPLITS and dp <= WHOLE_MATRIX_COLUMNS
 
 
 def prep_parts(rows: int, rb: int, qjl: bool, sms: int) -> int:

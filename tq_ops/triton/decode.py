@@ -17,7 +17,9 @@ Launches, all with grids that depend only on shapes (CUDA-graph safe):
    with the built-in codebooks baked in; a program whose codebooks differ does nothing.
 3. `decode_merge_kernel`, grid (B*Hq,), one program per query row: log-sum-exp merges the
    compressed partials of its KV head, un-rotates them once (Pi^T times a vector), adds the
-   raw-pool partial and divides by the softmax sum.  (The raw tokens were attended here until
+   raw-pool partial and divides by the softmax sum.  With few splits (many sequences) a
+   program takes 16 query rows instead and un-rotates them with one tensor-core product
+   (merge_tile; paged_decode_attention.merge_tiles).  (The raw tokens were attended here until
    session 12; the merge's dependent chain was twice as long for it.)  Unless the caller
    declared the built-in codebooks, `decode_merge_fallback_kernel` takes its place on CUDA:
    the same merge after a codebook check, with the compressed tokens attended by decoders
@@ -851,13 +853,15 @@ def split_partial(
         INT8_KEYS: tl.constexpr = False):
     """The partial (max, sum, rotated accumulators) of split `split` of row bh = b * HKV + h.
     WHOLE (the merge's fallback): the one range 0..kv_len-1 into slot `split`, only query
-    column `col` stored (the G programs of the KV head each store their own)."""
+    column `col` stored (the G programs of the KV head each store their own), or every column
+    for col < 0."""
     b = bh // HKV
     h = bh % HKV
     g = tl.arange(0, GP)
     gmask = g < G
     if WHOLE:
-        smask = g == col
+        # col < 0: all G columns (the fallback merge's tiles)
+        smask = (g == col) | ((col < 0) & gmask)
     else:
         smask = gmask
     qrow = b * (HKV * G) + h * G + g
@@ -920,11 +924,11 @@ def split_partial(
     tl.store(l_ptr + orow, l_i, mask=smask)
 
 
-@triton.jit(do_not_specialize=['num_splits'])
+@triton.jit(do_not_specialize=['num_splits', 'rows'])
 def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr,
-                        PI_FIRST: tl.constexpr = True):
+                        PI_FIRST: tl.constexpr = True, rows=0, TILE: tl.constexpr = 0):
     """One program per query row (sequence b, query head): merge the compressed partials of its
     KV head (slots 0 .. num_splits-1, rotated domain) and combine them with its raw-pool partial
     (slot num_splits, original domain, written by the split launch's raw_partial programs):
@@ -938,13 +942,20 @@ def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
     DP = JB, Pi is loaded whole at the start, before any dependent load; wider heads un-rotate
     in JB-column blocks at the end.  PI_FIRST=False loads it after the loop instead: with SC = 128
     partials per step, Pi (128 registers per thread at D = 128, 4 warps) held across the loop
-    spilled (offline sm_90: 255 registers and 128 bytes of spills, against 168 and none)."""
-    pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi
-    merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, num_splits, pid, HKV, G, GP, D,
-              DP, JB, SC, PI_FIRST)
+    spilled (offline sm_90: 255 registers and 128 bytes of spills, against 168 and none).
+
+    TILE > 0 (few splits, many rows: paged_decode_attention.merge_tiles): one program per TILE
+    query rows of `rows` instead (merge_tile, SC splits per step, JB-column blocks of Pi)."""
+    pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi, or (TILE) rows' tile
+    if TILE > 0:
+        merge_tile(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, num_splits, pid, rows,
+                   HKV, G, GP, D, DP, JB, TILE, SC)
+    else:
+        merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, num_splits, pid, HKV, G, GP,
+                  D, DP, JB, SC, PI_FIRST)
 
 
-@triton.jit(do_not_specialize=['kv_start', 'num_splits'],
+@triton.jit(do_not_specialize=['kv_start', 'num_splits', 'rows'],
             do_not_specialize_on_alignment=['bt_ptr', 'kv_lens_ptr'])
 def decode_merge_fallback_kernel(
         o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
@@ -957,33 +968,53 @@ def decode_merge_fallback_kernel(
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
-        KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr):
+        KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr,
+        rows=0, TILE: tl.constexpr = 0):
     """decode_merge_kernel for a caller that did not declare the built-in codebooks: the split
     launch then ran the fast decoders alone, whose programs do nothing when the codebooks are
     not the ones baked into them.  Each program checks the codebooks; on a mismatch it attends
     its KV head's whole compressed range with the decoders that read any codebook (every G
     program of the KV head computes the G columns and stores its own, in split slot 0) and
-    merges that one partial with the raw-pool one.
+    merges that one partial with the raw-pool one.  TILE (decode_merge_kernel's): a program
+    merges TILE rows; on a mismatch it attends each KV head its rows belong to in turn and
+    stores all G columns (a KV head across two tiles is attended by both programs, which
+    store the same bytes).
 
     The check used to be a second split instance (one program per (sequence, KV head) returning
     at once with the built-in codebooks), a launch of its own: ~1.2 us per call on an H200
     ((1, 4k): 0.0167 against 0.0155 ms declared, perf/NOTES.md, session 20).  Here it is a few
     loads beside the merge's own.  The fallback is slow (one program walks a whole sequence)
     but only other codebooks take it."""
-    pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi
+    pid = tl.program_id(0)          # query row b * (HKV * G) + h * G + gi, or (TILE) rows' tile
     matches = table_matches(kc_ptr, KB, KT0, KT1) & table_matches(vc_ptr, VB, VT0, VT1)
     n_used = num_splits
     if matches == 0:
-        bh = (pid // (HKV * G)) * HKV + (pid % (HKV * G)) // G
-        _whole_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
-                       m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh, pid % G,
-                       HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN,
-                       OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, KT0, KT1, VT0, VT1)
+        if TILE > 0:
+            # query row r belongs to KV head row r // G (rows are ordered b, h, gi)
+            first = pid * TILE
+            last = tl.minimum(first + TILE, rows) - 1
+            for bh in range(first // G, last // G + 1):
+                _whole_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr,
+                               o_ptr, m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits,
+                               bh, -1, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC,
+                               OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V,
+                               AL_N, KT0, KT1, VT0, VT1)
+        else:
+            bh = (pid // (HKV * G)) * HKV + (pid % (HKV * G)) // G
+            _whole_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr, o_ptr,
+                           m_ptr, l_ptr, kv_start, bt_stride, page_stride, num_splits, bh,
+                           pid % G, HKV, G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC,
+                           OFF_KS, OFF_KN, OFF_KG, OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N,
+                           KT0, KT1, VT0, VT1)
         # the stores above are read back by other threads of this program
         tl.debug_barrier()
         n_used = num_splits * 0 + 1
-    merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid, HKV, G, GP, D,
-              DP, JB, SC, PI_FIRST)
+    if TILE > 0:
+        merge_tile(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid, rows, HKV, G,
+                   GP, D, DP, JB, TILE, SC)
+    else:
+        merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid, HKV, G, GP, D,
+                  DP, JB, SC, PI_FIRST)
 
 
 @triton.jit(noinline=True)
@@ -1007,6 +1038,19 @@ def _whole_partial(qr_ptr, u_ptr, cache_ptr, bt_ptr, kv_lens_ptr, kc_ptr, vc_ptr
                   G, GP, D, DP, DG, BS, BLOCK_N, KB, QJL, VB, OFF_KC, OFF_KS, OFF_KN, OFF_KG,
                   OFF_VC, OFF_VN, SLOT, AL_K, AL_S, AL_V, AL_N, False, False, False, KT0, KT1,
                   VT0, VT1, True, col)
+
+
+@triton.jit
+def combine_weights(m_c, l_c, m_r, l_r):
+    """The factors of the compressed sum (max m_c, sum l_c) and the raw-pool one (m_r, l_r) in
+    the merged output: w / (w_c l_c + w_r l_r) each, w = exp2(m - max).  Both maxima are
+    finite (NEG_BIG for an empty side, whose zero sums give it weight 0)."""
+    big = tl.maximum(m_c, m_r)
+    w_c = tl.exp2(m_c - big)
+    w_r = tl.exp2(m_r - big)
+    tot = w_c * l_c + w_r * l_r
+    inv = tl.where(tot > 0, 1.0 / tot, 0.0)
+    return w_c * inv, w_r * inv
 
 
 @triton.jit
@@ -1047,14 +1091,9 @@ def merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid,
         l_c = l_c * alpha + tl.sum(w * lv, 0)
         acc = acc * alpha + tl.sum(w[:, None] * ov, 0)
         m_c = m_new
-    # -- combine (both maxima finite: an empty side has weight 0 through its zero sums)
-    big = tl.maximum(m_c, m_r)
-    w_c = tl.exp2(m_c - big)
-    w_r = tl.exp2(m_r - big)
-    tot = w_c * l_c + w_r * l_r
-    inv = tl.where(tot > 0, 1.0 / tot, 0.0)
-    acc = acc * (w_c * inv)
-    acc_raw = acc_raw * (w_r * inv)
+    c_w, r_w = combine_weights(m_c, l_c, m_r, l_r)
+    acc = acc * c_w
+    acc_raw = acc_raw * r_w
     if DP <= JB:
         if not PI_FIRST:
             pi_all = _whole_matrix(rot_ptr, d, dmask, D)
@@ -1071,3 +1110,67 @@ def merge_row(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, pid,
             # acc_raw's columns jj: a masked select-and-sum keeps it in registers
             o += tl.sum(tl.where(d[:, None] == jj[None, :], acc_raw[:, None], 0.0), 0)
             tl.store(out_ptr + pid * D + jj, o.to(out_ptr.dtype.element_ty), mask=jm)
+
+
+@triton.jit
+def merge_tile(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits, n_used, tile, rows,
+               HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+               DP: tl.constexpr, JC: tl.constexpr, RT: tl.constexpr, SS: tl.constexpr):
+    """The merge (decode_merge_kernel's formula) of query rows tile * RT .. tile * RT + RT - 1
+    (of `rows`; row r belongs to KV head row r // G), over compressed partial slots
+    0 .. n_used-1 of a layout of num_splits + 1 slots per (sequence, KV head).
+
+    The rows' partials are merged side by side, SS splits per step (their loads issued
+    together, then (RT, DP) elementwise updates: each row's sums stay its own), and the
+    un-rotation is one tensor-core product for the tile, acc (RT, DP) @ Pi at about fp32
+    accuracy (tf32x3), in blocks of JC output columns (a whole Pi operand spilled, offline
+    sm_90): Pi is read once per RT rows instead of once per row."""
+    r = tile * RT + tl.arange(0, RT)
+    rmask = r < rows
+    bh = r // G
+    g = r % G
+    d = tl.arange(0, DP)
+    dmask = d < D
+    base = bh * (num_splits + 1)
+    raw = (base + num_splits) * GP + g
+    m_r = tl.load(m_ptr + raw, mask=rmask, other=NEG_BIG)
+    l_r = tl.load(l_ptr + raw, mask=rmask, other=0.0)
+    m_c = tl.full([RT], NEG_BIG, tl.float32)
+    l_c = tl.zeros([RT], tl.float32)
+    acc = tl.zeros([RT, DP], tl.float32)
+    for s0 in tl.range(0, n_used, SS):
+        # SS splits' loads first (one round trip per step), then their updates
+        mvs = ()
+        lvs = ()
+        ovs = ()
+        for k in tl.static_range(SS):
+            ok = rmask & (s0 + k < n_used)
+            part = (base + s0 + k) * GP + g
+            mvs = mvs + (tl.load(m_ptr + part, mask=ok, other=NEG_BIG),)
+            lvs = lvs + (tl.load(l_ptr + part, mask=ok, other=0.0),)
+            ovs = ovs + (tl.load(o_ptr + part[:, None] * DP + d[None, :],
+                                 mask=ok[:, None] & dmask[None, :], other=0.0),)
+        m_new = m_c
+        for k in tl.static_range(SS):
+            m_new = tl.maximum(m_new, mvs[k])
+        alpha = tl.exp2(m_c - m_new)
+        l_c = l_c * alpha
+        acc = acc * alpha[:, None]
+        for k in tl.static_range(SS):
+            w = tl.exp2(mvs[k] - m_new)
+            l_c += w * lvs[k]
+            acc += w[:, None] * ovs[k]
+        m_c = m_new
+    c_w, r_w = combine_weights(m_c, l_c, m_r, l_r)
+    acc = acc * c_w[:, None]
+    j = tl.arange(0, JC)
+    for j0 in tl.static_range(0, DP, JC):
+        jj = j0 + j
+        jm = jj < D
+        pi = tl.load(rot_ptr + d[:, None] * D + jj[None, :], mask=dmask[:, None] & jm[None, :],
+                     other=0.0)
+        o = tl.dot(acc, pi, input_precision="tf32x3")
+        o += tl.load(o_ptr + raw[:, None] * DP + jj[None, :], mask=rmask[:, None] & jm[None, :],
+                     other=0.0) * r_w[:, None]
+        tl.store(out_ptr + r[:, None] * D + jj[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & jm[None, :])
