@@ -16,6 +16,8 @@
    skip, output == eager); manual torch.cuda.graph capture of a decode step replayed after the
    cache, block table and lengths were updated in place == eager; the same with the cache write
    on a side stream beside the decode (tq_vllm.attend.SideStream, as the vLLM backend runs it);
+   compile and capture again with a block table short enough that the merge takes 16-row tiles
+   (the "-tiles" runs; each run checks which merge its shapes take);
 3. benchmarks: decode at the seed format vs SDPA-flash fp16, the format's memory floor, percent
    of the measured copy bandwidth; encode+write throughput; then decode variants and prefill
    rows.  Each row prints a BENCH line (and --out's bench.json is rewritten) as it is measured.
@@ -89,6 +91,15 @@ def cases() -> list[dict]:
     out.append(dict(name="d128 seed perturbed codebook (fallback merge, slow decoders, "
                     "asymmetric encode)", hq=8, hkv=2, d=128, fmt="seed", dtype="fp16", bs=16,
                     lens=[7, 129, 700], perturb=True))
+    # many sequences, so few splits: the merge takes 16-row tiles (paged_decode_attention.
+    # merge_tiles), the plain one and the fallback one; with a perturbed codebook the fallback
+    # tiles attend each KV head of their rows (a group of 3: KV heads across two tiles)
+    many = [1 + (37 * i) % 600 for i in range(40)]
+    out.append(dict(name="llama3-8b seed fp16 bs64 40 sequences (merge tiles)", hq=32, hkv=8,
+                    d=128, fmt="seed", dtype="fp16", bs=64, lens=many))
+    out.append(dict(name="d128 seed perturbed codebook gqa3 40 sequences (fallback merge "
+                    "tiles)", hq=6, hkv=2, d=128, fmt="seed", dtype="fp16", bs=64,
+                    lens=[1 + (37 * i) % 400 for i in range(40)], perturb=True))
     for d in (64, 96, 128, 256):
         out.append(dict(name=f"codec ops d{d}", codec_ops=True, d=d))
     out.append(dict(name="opcheck cuda", opcheck=True))
@@ -672,13 +683,12 @@ def worker(index: int, count: int, only: str = "") -> None:
 
 # -- compile and graphs ------------------------------------------------------------------------
 
-def _step_inputs(batch=4, ctx=300, bs=16):
+def _step_inputs(batch=4, ctx=300, bs=16, mb=64):
     from tq_ops import TQCodec, preset
 
     cfg = preset("seed", head_dim=128)
     cg = TQCodec.build(cfg, "cuda")
     lay = cfg.layout
-    mb = 64
     nblocks = batch * mb + 1
     torch.manual_seed(0)
     cache = torch.zeros(nblocks, 8, bs * lay.slot_bytes, dtype=torch.uint8, device="cuda")
@@ -725,12 +735,33 @@ def side_step(side, q, k_new, v_new, slots, cache, bt, lens, raw_k, raw_index, r
     return out
 
 
+def _merges_in_tiles(batch: int, positions: int) -> bool:
+    """Whether the decode op's merge takes 16-row tiles for decode_step's shapes (8 KV heads,
+    head_dim 128, 16-token pages), its split count as the op computes it on this GPU."""
+    import importlib
+
+    from tq_ops.triton.launch import arch, sm_count
+
+    P = importlib.import_module("tq_ops.ops.paged_decode_attention")
+    dev = torch.device("cuda")
+    cfg = P.decode_config(arch(dev), 128, 2)
+    ns = P.num_splits(batch, 8, positions, sm_count(dev), cfg, tile=P.page_tile(16, cfg, 128))
+    return P.merge_tiles(ns, 128)
+
+
 def graphs(which: str) -> None:
-    st, cg = _step_inputs()
+    # "-tiles": a block table of 32 pages (512 positions), few enough splits that the merge
+    # takes 16-row tiles (paged_decode_attention.merge_tiles); otherwise 64 pages, one merge
+    # program per row
+    tiles = which.endswith("-tiles")
+    which = which.removesuffix("-tiles")
+    mb = 32 if tiles else 64
+    st, cg = _step_inputs(mb=mb)
     consts = (cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids)
     names = ("q", "k_new", "v_new", "slots", "cache", "bt", "lens", "raw_k", "raw_index",
              "raw_lens")
-    res = {"name": f"graphs/{which}"}
+    res = {"name": f"graphs/{which}{'-tiles' if tiles else ''}",
+           "merge_tiles": _merges_in_tiles(st["q"].shape[0], mb * 16)}
     if which == "compile":
         from torch._dynamo import explain, mark_static_address, reset
         from torch._dynamo.utils import counters
@@ -755,7 +786,7 @@ def graphs(which: str) -> None:
         res["cache_equal_vs_eager"] = bool(torch.equal(st["cache"], eager_cache))
         res["ok"] = (res["graph_count"] == 1 and res["graph_break_count"] == 0
                      and res["cudagraph_skips"] == 0 and err <= 2.0 ** -10
-                     and res["cache_equal_vs_eager"])
+                     and res["cache_equal_vs_eager"] and res["merge_tiles"] == tiles)
     else:
         # "capture": decode_step; "side": side_step, the backend's side-stream write
         if which == "side":
@@ -796,7 +827,7 @@ def graphs(which: str) -> None:
         err = float((out.float() - eager.float()).abs().max() / eager.float().abs().max())
         res["rel_err_vs_eager"] = err
         res["cache_equal_vs_eager"] = bool(torch.equal(st["cache"], ref_state["cache"]))
-        res["ok"] = err == 0.0 and res["cache_equal_vs_eager"]
+        res["ok"] = err == 0.0 and res["cache_equal_vs_eager"] and res["merge_tiles"] == tiles
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -1035,7 +1066,8 @@ def main() -> None:
         n = min(a.workers, len(picked_cases(a.only)))
         cmds = [[sys.executable, HERE, "--worker", f"{i}/{n}", "--only", a.only]
                 for i in range(n)]
-        cmds += [[sys.executable, HERE, "--graphs", w] for w in ("compile", "capture", "side")
+        cmds += [[sys.executable, HERE, "--graphs", w]
+                 for w in ("compile", "capture", "side", "compile-tiles", "capture-tiles")
                  if not a.only or "graphs" in a.only]
         results = run_check_processes(cmds, env, a.out, t0)
         for r in results:
