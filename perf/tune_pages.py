@@ -16,9 +16,11 @@ should agree bit for bit too (not yet run; before, 16-token tiles agreed to fp32
 
 Session 11 (perf/NOTES.md): pages of 128 and 256 timed 6-10% slower than 64 here, but the
 vLLM backend laid out as 64-token pages was no faster inside vLLM (TPOT 9.681 against 9.656 ms
-with 128-token pages, one sitting), and this script's page-64 times are 10-14% above
-gpu_check's for the same shapes: a reading of the op in this setting (several large caches
-built in one process), not of serving.
+with 128-token pages, one sitting).  Those launches took no register cap, so they timed other
+decoders than the op's (session 31).  Session 34, the op's own kernel (H200, two rounds):
+page 128 within 0.5-1.1% of page 64 at all three shapes, page 32 (two-page tiles) 8.5%
+slower, the same output bytes at every page; page-64 times within 1.5% of gpu_check's in
+the same session.
 """
 from __future__ import annotations
 
