@@ -6,6 +6,7 @@ through tq_ops' reference ops (the "outside vLLM" side of the equivalence tests)
 from __future__ import annotations
 
 import glob
+import math
 import os
 from pathlib import Path
 
@@ -178,16 +179,35 @@ def prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(model, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens.  transformers' cache keeps exact keys; the reference attention re-applies
-    the rule to all of them at every step."""
+def greedy(model, ids: list[int], n: int, top: int = 5) -> tuple[list[int], list[list]]:
+    """n greedy tokens, and at each step the `top` largest logits as [[token, logit], ...]
+    (largest first): a continuation that leaves these tokens at step i was decided by the
+    logits there, which says how near a tie the choice was.  transformers' cache keeps exact
+    keys; the reference attention re-applies the rule to all of them at every step."""
     out = model(torch.tensor([ids]), use_cache=True)
-    new = []
+    new, tops = [], []
     for _ in range(n):
-        new.append(int(out.logits[0, -1].argmax()))
+        values, indices = out.logits[0, -1].float().topk(top)
+        tops.append([[int(t), float(v)] for t, v in zip(indices, values)])
+        new.append(int(indices[0]))
         out = model(torch.tensor([[new[-1]]]), past_key_values=out.past_key_values,
                     use_cache=True)
-    return new
+    return new, tops
+
+
+def greedy_divergence(ours: list[int], ref: list[int], ref_top: list[list]) -> tuple[int, float]:
+    """(i, margin): i is the first step where continuation `ours` leaves the reference's greedy
+    `ref` (len(ref) if it never does); margin is the reference's top logit minus its logit for
+    ours[i] at that step: 0.0 if they never part, inf if ours[i] is missing or not among the
+    reference's recorded candidates ref_top[i] (as `greedy` records them).  Steps up to i share
+    their context; after i they do not, so nothing later is compared."""
+    i = next((t for t in range(len(ref)) if t >= len(ours) or ours[t] != ref[t]), len(ref))
+    if i == len(ref):
+        return i, 0.0
+    if i >= len(ours):
+        return i, math.inf
+    logits = {int(t): v for t, v in ref_top[i]}
+    return i, ref_top[i][0][1] - logits[ours[i]] if ours[i] in logits else math.inf
 
 
 # -- end-to-end scenarios, each run in its own process: python -m tq_vllm.testing NAME ARGS_JSON --
@@ -339,8 +359,9 @@ def scenario_reference(a: dict) -> dict:
     exactly (TQ_BOUNDARY_LAYERS)."""
     cfg = TQConfig(**a["format"])
     ref = load_reference_model(a["checkpoint"], cfg, exact_layers=a.get("exact_layers", ()))
-    res = dict(nll=(-prompt_logprobs(ref, a["ppl_ids"])).tolist(),
-               greedy=greedy(ref, a["greedy_ids"], a["greedy_n"]))
+    tokens, tops = greedy(ref, a["greedy_ids"], a["greedy_n"])
+    res = dict(nll=(-prompt_logprobs(ref, a["ppl_ids"])).tolist(), greedy=tokens,
+               greedy_top=tops)
     exact = load_reference_model(a["checkpoint"], None)
     res["exact_nll"] = (-prompt_logprobs(exact, a["ppl_ids"])).tolist()
     return res
@@ -350,8 +371,6 @@ def scenario_spread(a: dict) -> dict:
     """The reference's own spread: prompt perplexity and greedy continuation with q/k/v perturbed
     by a["eps"] (relative) for each seed in a["seeds"] (seed < 0: unperturbed).  Not run by the
     tests; it produced the tolerances in tests/test_vllm_e2e.py."""
-    import math
-
     cfg = TQConfig(**a["format"])
     out = {}
     for seed in a["seeds"]:
@@ -359,8 +378,8 @@ def scenario_spread(a: dict) -> dict:
                                    perturb=None if seed < 0 else (a["eps"], seed),
                                    exact_layers=a.get("exact_layers", ()))
         nll = (-prompt_logprobs(ref, a["ppl_ids"])).tolist()
-        out[str(seed)] = dict(ppl=math.exp(sum(nll) / len(nll)),
-                              greedy=greedy(ref, a["greedy_ids"], a["greedy_n"]))
+        tokens, tops = greedy(ref, a["greedy_ids"], a["greedy_n"])
+        out[str(seed)] = dict(ppl=math.exp(sum(nll) / len(nll)), greedy=tokens, greedy_top=tops)
         print(f"seed {seed}: {out[str(seed)]}", flush=True)
     return out
 
