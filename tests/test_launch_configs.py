@@ -351,6 +351,20 @@ def test_kernel_does_not_specialise_on_run_time_values(name):
             f"{name}: the alignment of {arg} would select a compiled variant")
 
 
+@pytest.mark.parametrize("name", list(_kernels()))
+def test_kernel_takes_every_argument_from_its_launch(name):
+    """No launched kernel has a defaulted parameter, so a launch that leaves one out fails at
+    once, on CPU too.  torch.compile's inductor (torch 2.11) compiled decode_merge_fallback_kernel
+    with None for the TILE a per-row launch left to its default: perf/gpu_check.py's
+    graphs/compile failed on an H200 (perf/NOTES.md, session 36) while eager launches passed."""
+    import inspect
+
+    fn = _kernels()[name][0]
+    defaulted = [p.name for p in inspect.signature(fn.fn).parameters.values()
+                 if p.default is not inspect.Parameter.empty]
+    assert not defaulted, f"{name}: defaults for {defaulted}"
+
+
 def test_traced_decode_launch_drops_the_register_cap_and_its_decoders():
     """torch.compile's tracing of wrap_triton rejects `maxnreg`: a traced launch gets the
     decoders that need no cap; an eager CUDA launch gets the cap and the table's decoders."""

@@ -153,8 +153,9 @@ def launch(query: Tensor, cache: Tensor, block_table: Tensor, kv_lens: Tensor, r
     else:
         step = merge_step(ns)
         merge_grid = (b * hq,)
+        # rows and TILE unused here but passed: the kernels take no defaults (test_launch_configs)
         merge_consts = dict(HKV=hkv, G=g, GP=gp, D=d, DP=dp, JB=WHOLE_MATRIX_COLUMNS, SC=step,
-                            PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP)
+                            PI_FIRST=step <= MERGE_PI_FIRST_MAX_STEP, rows=b * hq, TILE=0)
     if (use_fast and not alone) or fallback_tables is not None:
         fallback = decode_merge_fallback_kernel if raw else wrap_triton(
             decode_merge_fallback_kernel)

@@ -697,9 +697,9 @@ def decode_split_kernel(
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         FAST: tl.constexpr, PAIRED: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr,
         VT0: tl.constexpr, VT1: tl.constexpr, RAW_N: tl.constexpr, RAW_DC: tl.constexpr,
-        KEY_PLANES: tl.constexpr = True, VALUE_WORDS: tl.constexpr = True,
-        ALONE: tl.constexpr = False, PREFETCH: tl.constexpr = 0, q8_ptr=None,
-        INT8_KEYS: tl.constexpr = False):
+        KEY_PLANES: tl.constexpr, VALUE_WORDS: tl.constexpr,
+        ALONE: tl.constexpr, PREFETCH: tl.constexpr, q8_ptr,
+        INT8_KEYS: tl.constexpr):
     """One (sequence, KV head, split) partial of the compressed positions (module docstring),
     or, for split == num_splits (a program past the last split), the raw-pool partial of that
     (sequence, KV head) (raw_partial).
@@ -928,7 +928,7 @@ def split_partial(
 def decode_merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, num_splits,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         DP: tl.constexpr, JB: tl.constexpr, SC: tl.constexpr,
-                        PI_FIRST: tl.constexpr = True, rows=0, TILE: tl.constexpr = 0):
+                        PI_FIRST: tl.constexpr, rows, TILE: tl.constexpr):
     """One program per query row (sequence b, query head): merge the compressed partials of its
     KV head (slots 0 .. num_splits-1, rotated domain) and combine them with its raw-pool partial
     (slot num_splits, original domain, written by the split launch's raw_partial programs):
@@ -969,7 +969,7 @@ def decode_merge_fallback_kernel(
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         AL_K: tl.constexpr, AL_S: tl.constexpr, AL_V: tl.constexpr, AL_N: tl.constexpr,
         KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr, VT1: tl.constexpr,
-        rows=0, TILE: tl.constexpr = 0):
+        rows, TILE: tl.constexpr):
     """decode_merge_kernel for a caller that did not declare the built-in codebooks: the split
     launch then ran the fast decoders alone, whose programs do nothing when the codebooks are
     not the ones baked into them.  Each program checks the codebooks; on a mismatch it attends

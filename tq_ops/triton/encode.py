@@ -179,7 +179,7 @@ def encode_kernel(x_ptr, n_rows, x_st, x_sh, out_ptr, slot_ptr, page_stride, hea
                   TB: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, BS: tl.constexpr,
                   OFF_C: tl.constexpr, OFF_S: tl.constexpr, OFF_N: tl.constexpr,
                   OFF_G: tl.constexpr, MODE: tl.constexpr, NORM_F32: tl.constexpr,
-                  X_F32: tl.constexpr, EXACT16: tl.constexpr = False):
+                  X_F32: tl.constexpr, EXACT16: tl.constexpr):
     """Encode rows pid*TB .. of x (T, H, D) (element strides x_st, x_sh; last dim contiguous).
 
     MODE_CACHE: token t goes to slot s = slot_ptr[t] (s < 0: skipped) of a paged cache,
@@ -208,8 +208,8 @@ def encode_pair_kernel(k_ptr, v_ptr, n_rows, k_st, k_sh, v_st, v_sh, out_ptr, sl
                        V_BITS: tl.constexpr, BS: tl.constexpr, K_OFF_C: tl.constexpr,
                        K_OFF_S: tl.constexpr, K_OFF_N: tl.constexpr, K_OFF_G: tl.constexpr,
                        V_OFF_C: tl.constexpr, V_OFF_N: tl.constexpr, K_F32: tl.constexpr,
-                       V_F32: tl.constexpr, EXACT16: tl.constexpr = False,
-                       JOINT: tl.constexpr = False, ONE_TILE: tl.constexpr = False):
+                       V_F32: tl.constexpr, EXACT16: tl.constexpr,
+                       JOINT: tl.constexpr, ONE_TILE: tl.constexpr):
     """A cache write's keys and values (each as encode_kernel's MODE_CACHE does) in one launch.
 
     JOINT=False, a small write (a decode step's tokens), two programs: program 0 encodes the

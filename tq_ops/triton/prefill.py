@@ -220,8 +220,8 @@ def prefill_kernel(
         OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr, OFF_KG: tl.constexpr,
         OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr,
         USE_FAST: tl.constexpr, KT0: tl.constexpr, KT1: tl.constexpr, VT0: tl.constexpr,
-        VT1: tl.constexpr, HOIST_Q: tl.constexpr, DECODED: tl.constexpr = False,
-        PRIOR: tl.constexpr = False, PARTIAL: tl.constexpr = False):
+        VT1: tl.constexpr, HOIST_Q: tl.constexpr, DECODED: tl.constexpr,
+        PRIOR: tl.constexpr, PARTIAL: tl.constexpr):
     """See the module docstring.  Output (T, Hq, D) in out_ptr's dtype.  DECODED: phase 1 reads
     the compressed positions from dk_ptr / dv_ptr ((rows, HKV, D), the original domain, rows
     dstart[b] + position - kv_start: tq_ops.triton.dequant) with the raw phases' flash loop,
