@@ -230,17 +230,26 @@ def test_prompt_perplexity_matches_reference(equivalence, backend):
     assert ref > exact * 1.001
 
 
+def _greedy_verdict(ours: list[int], reference: dict) -> tuple[bool, str]:
+    """Whether vLLM's greedy tokens `ours` pass against a reference run's (its "greedy" and
+    "greedy_top"): all GREEDY_N equal, or equal up to a step where ours is within
+    GREEDY_TIE_MARGIN of the reference's top logit; and the sentence that says so."""
+    ref = reference["greedy"]
+    assert len(ref) == GREEDY_N
+    agree, margin = T.greedy_divergence(ours, ref, reference["greedy_top"])
+    verdict = (f"greedy: {agree}/{GREEDY_N} tokens agree with the reference"
+               + (f", then a token {margin:.3f} below its top logit (tie margin "
+                  f"{GREEDY_TIE_MARGIN:.3f})" if agree < GREEDY_N else ""))
+    return agree == GREEDY_N or margin <= GREEDY_TIE_MARGIN, verdict
+
+
 def test_greedy_matches_reference(equivalence):
     """vLLM's 32 greedy tokens against the reference's: the same up to a step where the
     reference itself nearly tied (GREEDY_TIE_MARGIN, measured), and only there may they part."""
     preset, main, reference = equivalence
-    ours, ref = main["greedy"], reference["greedy"]
-    agree, margin = T.greedy_divergence(ours, ref, reference["greedy_top"])
-    print(f"\n{preset}: greedy: {agree}/{GREEDY_N} tokens agree with the reference"
-          f"{f', then a token {margin:.3f} below its top logit' if agree < GREEDY_N else ''}; "
-          f"vLLM scenario timing (s): {main['timing']}")
-    assert len(ref) == GREEDY_N
-    assert agree == GREEDY_N or margin <= GREEDY_TIE_MARGIN
+    ok, verdict = _greedy_verdict(main["greedy"], reference)
+    print(f"\n{preset}: {verdict}; vLLM scenario timing (s): {main['timing']}")
+    assert ok, verdict
 
 
 @pytest.fixture(scope="module")
@@ -281,11 +290,9 @@ def test_boundary_layers_match_reference(boundary_run, checkpoint, texts, backen
           f"{100 * BOUNDARY_TOLERANCE:.1f}%); reference without boundary layers "
           f"{_ppl(plain['nll']):.4f}, exact KV {_ppl(reference['exact_nll']):.4f}")
     assert abs(ours / ref - 1) < BOUNDARY_TOLERANCE
-    agree, margin = T.greedy_divergence(boundary_run["greedy"], reference["greedy"],
-                                        reference["greedy_top"])
-    print(f"greedy: {agree}/{GREEDY_N} tokens agree with the reference"
-          f"{f', then a token {margin:.3f} below its top logit' if agree < GREEDY_N else ''}")
-    assert agree == GREEDY_N or margin <= GREEDY_TIE_MARGIN
+    ok, verdict = _greedy_verdict(boundary_run["greedy"], reference)
+    print(verdict)
+    assert ok, verdict
 
 
 @pytest.mark.parametrize("boundary", (0, BOUNDARY), ids=("ours-alone", "with-boundary-layers"))
