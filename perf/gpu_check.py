@@ -104,6 +104,7 @@ def cases() -> list[dict]:
         out.append(dict(name=f"codec ops d{d}", codec_ops=True, d=d))
     out.append(dict(name="opcheck cuda", opcheck=True))
     out.append(dict(name="no recompiles on run-time values", recompiles=True))
+    out.append(dict(name="cache-write warm-up (no compile at any write size)", write_warm=True))
     return out
 
 
@@ -653,6 +654,55 @@ def run_recompile_check(c: dict) -> dict:
             "variants_after": after}
 
 
+def run_write_warm_check(c: dict) -> dict:
+    """tq_ops.ops.write_cache.warm_up_write_cache as the vLLM backend calls it (bf16 K/V, int64
+    slots, the codec's exact16 declaration, 16384 tokens, 128-token pages): it stores nothing
+    (a poisoned cache keeps its bytes), and afterwards writes of any size up to the limit
+    compile no kernel variant (each size on each side of a variant's first size, and random
+    sizes, with fresh random K/V into distinct random slots)."""
+    import importlib
+
+    from tq_ops import TQCodec, preset
+    from tq_ops.codec import exact16_matrices
+    from tq_ops.triton import encode as KE
+
+    W = importlib.import_module("tq_ops.ops.write_cache")
+    dev = torch.cuda.current_device()
+    kernels = (KE.encode_kernel, KE.encode_pair_kernel)
+
+    def variants():
+        return [len(fn.device_caches[dev][0]) for fn in kernels]
+
+    torch.manual_seed(2)
+    cfg = preset("seed", head_dim=128)
+    cg = TQCodec.build(cfg, "cuda")
+    exact = exact16_matrices(cg.rotation, cg.qjl_projection)
+    hkv, d, bs, max_tokens = 8, 128, 128, 16384
+    nblocks = max_tokens // bs + 1
+    cache = torch.randint(0, 256, (nblocks, hkv, bs * cfg.layout.slot_bytes), dtype=torch.uint8,
+                          device="cuda")
+    before = cache.clone()
+    mats = (cg.rotation, cg.qjl_projection, cg.key_centroids, cg.value_centroids)
+    fmt = (cfg.key_mse_bits, cfg.use_qjl, cfg.value_bits)
+    first = variants()
+    tokens = W.warm_up_write_cache(cache, *mats, *fmt, exact, max_tokens, torch.bfloat16,
+                                   torch.int64)
+    torch.cuda.synchronize()
+    unchanged = bool(torch.equal(cache, before))
+    warm = variants()
+    sizes = sorted({max(1, min(max_tokens, t + o)) for t in tokens for o in (-1, 0, 1)}
+                   | {int(x) for x in torch.randint(1, max_tokens + 1, (12,))} | {max_tokens})
+    for t in sizes:
+        kv = torch.randn(2, t, hkv, d, device="cuda", dtype=torch.bfloat16)
+        slots = torch.randperm(nblocks * bs, device="cuda")[:t].to(torch.int64)
+        torch.ops.turboquant.write_cache(kv[0], kv[1], cache, slots, *mats, *fmt, exact)
+    torch.cuda.synchronize()
+    after = variants()
+    return {"name": c["name"], "ok": unchanged and after == warm and len(tokens) >= 3,
+            "warm_up_tokens": list(tokens), "sizes_written": sizes, "cache_unchanged": unchanged,
+            "variants_before": first, "variants_after_warm_up": warm, "variants_after": after}
+
+
 def picked_cases(only: str) -> list[dict]:
     return [c for c in cases() if not only or any(o in c["name"] for o in only.split(","))]
 
@@ -670,6 +720,8 @@ def worker(index: int, count: int, only: str = "") -> None:
                 r = run_opcheck(c)
             elif c.get("recompiles"):
                 r = run_recompile_check(c)
+            elif c.get("write_warm"):
+                r = run_write_warm_check(c)
             else:
                 r = run_attention_case(c)
         except Exception:  # noqa: BLE001 - a crash is a failed check, reported in full

@@ -579,3 +579,67 @@ def test_folded_decoders_see_the_operand_layouts_they_assume(block_size):
             assert regs[:2] == [[0, 1], [0, 2]] and lanes[1] == [0, 8]
     # per tile: 2 value calls, 4 groups x (high, low) key planes, 4 sign planes
     assert found == {"values": 2, "keys": 8, "signs": 4}
+
+
+# -- cache-write variants (tq_ops.ops.write_cache.write_variant) -------------------------------
+# A serving process warms the cache writes up once (warm_up_write_cache): one write per
+# WriteVariant.  This checks, without a GPU, that the variants cover every launch: the kernels
+# and constexprs that writes of each size up to the limit launch are those of the warm-up's
+# writes.  perf/gpu_check.py ("cache-write warm-up") checks that no write then compiles.
+
+WARM_UP_CASES = [("seed", True, "bfloat16"), ("seed", False, "float16"),
+                 ("k3v3", True, "float16"), ("k4v4", False, "float32"),
+                 ("k2q1v2", True, "bfloat16")]
+WARM_UP_MAX_TOKENS = 12000   # past EXACT16_MIN_ROWS / 8 heads, below vLLM's 16384 default
+WARM_UP_SMS = 132            # an H100 / H200
+
+
+@pytest.mark.parametrize("fmt,exact16,dtype", WARM_UP_CASES,
+                         ids=[f"{f}-{'exact16' if e else 'split'}-{t}"
+                              for f, e, t in WARM_UP_CASES])
+def test_write_variants_cover_every_write_launch(fmt, exact16, dtype, monkeypatch):
+    import importlib
+
+    import torch
+
+    from tq_ops import preset
+
+    W = importlib.import_module("tq_ops.ops.write_cache")
+    launched: set = set()
+
+    class Recorder:
+        """Stands in for a kernel: records each launch's kernel and keyword (constexpr) args."""
+
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.add((self.name, tuple(sorted(kwargs.items()))))
+            return launch
+
+    monkeypatch.setattr(W, "encode_pair_kernel", Recorder("encode_pair_kernel"))
+    monkeypatch.setattr(W, "encode_kernel", Recorder("encode_kernel"))
+    monkeypatch.setattr(W, "arch", lambda device: "sm90")
+    monkeypatch.setattr(W, "sm_count", lambda device: WARM_UP_SMS)
+    cfg = preset(fmt, head_dim=128)
+    h, d = 8, 128
+    x = torch.zeros(WARM_UP_MAX_TOKENS, h, d, dtype=getattr(torch, dtype))
+    slots = torch.zeros(WARM_UP_MAX_TOKENS, dtype=torch.int64)
+    cache = torch.zeros(1, h, 16 * cfg.slot_bytes, dtype=torch.uint8)
+    mats = (torch.zeros(d, d), torch.zeros(d, d), torch.zeros(4), torch.zeros(8))
+
+    def launches(token_counts):
+        launched.clear()
+        for t in token_counts:
+            W.launch_write_cache(x[:t], x[:t], cache, slots[:t], *mats, cfg.key_mse_bits,
+                                 cfg.use_qjl, cfg.value_bits, raw=True, exact16=exact16)
+        return set(launched)
+
+    tokens = W.write_variant_tokens("sm90", WARM_UP_SMS, d, h, cfg.key_mse_bits, cfg.value_bits,
+                                    WARM_UP_MAX_TOKENS, dtype == "float32", exact16)
+    warm = launches(tokens)
+    every = launches(range(1, WARM_UP_MAX_TOKENS + 1))
+    assert every == warm, f"writes launch variants the warm-up {tokens} does not: {every - warm}"
+    # the sizes cross every regime of launch_write_cache: decode-step, one-tile and tiled bulk
+    assert len(tokens) >= 3, tokens

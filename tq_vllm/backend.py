@@ -25,6 +25,7 @@ from torch import Tensor
 
 from tq_ops import _env
 from tq_ops.codec import TQCodec, exact16_matrices
+from tq_ops.ops.write_cache import warm_up_write_cache
 from tq_vllm import attend, compat
 from tq_vllm import config as tq_config
 from tq_vllm.rows import RawRows
@@ -346,7 +347,11 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         self.window = tq_config.window_for(self.fmt)
         from vllm.config import get_current_vllm_config
 
-        self.num_rows = int(get_current_vllm_config().scheduler_config.max_num_seqs) + 1
+        sched = get_current_vllm_config().scheduler_config
+        self.num_rows = int(sched.max_num_seqs) + 1
+        # the most tokens one step writes (warm_up_write_cache)
+        self.max_write_tokens = int(sched.max_num_batched_tokens)
+        self.write_variants_compiled = False
         self.codec: TQCodec | None = None
         self.builtin_codebooks = False
         self.exact16_matrices = False
@@ -396,6 +401,17 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         pages = _pages(kv_cache)
+        if (key.device.type == "cuda" and not self.write_variants_compiled
+                and not torch.cuda.is_current_stream_capturing()):
+            # vLLM's eager warm-up steps before graph capture get here first: every write
+            # variant compiles now, not at the first long prompt (seconds each)
+            self.write_variants_compiled = True
+            c, f = self.codec, self.fmt
+            tokens = warm_up_write_cache(pages, c.rotation, c.qjl_projection, c.key_centroids,
+                                         c.value_centroids, f.key_mse_bits, f.use_qjl,
+                                         f.value_bits, self.exact16_matrices,
+                                         self.max_write_tokens, key.dtype, slot_mapping.dtype)
+            logger.debug("tq_vllm: cache writes compiled for %s tokens", tokens)
         nd = min(md.num_decodes, n) if key.device.type == "cuda" else 0
         if nd:
             with self.side.fork(key.device):

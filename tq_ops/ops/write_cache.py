@@ -1,6 +1,9 @@
 """turboquant::write_cache: encode K/V and store them into the paged cache by slot mapping."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import triton
 from torch import Tensor
@@ -85,19 +88,17 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
         koffs.update(OFF_S=lay.slot_offset("k_signs"), OFF_G=lay.slot_offset("k_gamma"))
     t, h = key.shape[0], int(key.shape[1])
     rows = t * h
-    exact16 = exact16 and rows >= EXACT16_MIN_ROWS
     sms = sm_count(key.device)
-    key_cfg, value_cfg = pair_configs(arch(key.device), d, key_bits, value_bits, rows, sms,
-                                      key.dtype == torch.float32, value.dtype == torch.float32,
-                                      exact16)
-    if rows <= LATENCY_ROWS or key_cfg == value_cfg:
+    wv = write_variant(arch(key.device), sms, d, key_bits, value_bits, rows,
+                       key.dtype == torch.float32, value.dtype == torch.float32, exact16)
+    key_cfg, value_cfg, exact16 = wv.key_config, wv.value_config, wv.exact16
+    if wv.pair:
         k = key if key.stride(-1) == 1 else key.contiguous()
         v = value if value.stride(-1) == 1 else value.contiguous()
         kernel = encode_pair_kernel if raw else wrap_triton(encode_pair_kernel)
-        joint = rows > LATENCY_ROWS
+        joint, one_tile = wv.joint, wv.one_tile
         tiles = triton.cdiv(rows, key_cfg.rows)
         grid = min(2 * tiles, key_cfg.programs_per_sm * sms) if joint else 2
-        one_tile = joint and grid == 2 * tiles
         kernel[(grid,)](
             k, v, rows, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache, slot_mapping,
             page_stride, head_stride, rotation, projection, key_centroids, value_centroids,
@@ -106,7 +107,7 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
             K_OFF_C=koffs["OFF_C"], K_OFF_S=koffs.get("OFF_S", 0), K_OFF_N=koffs["OFF_N"],
             K_OFF_G=koffs.get("OFF_G", 0), V_OFF_C=lay.slot_offset("v_codes"),
             V_OFF_N=lay.slot_offset("v_norm"), K_F32=k.dtype == torch.float32,
-            V_F32=v.dtype == torch.float32, EXACT16=exact16 and joint, JOINT=joint,
+            V_F32=v.dtype == torch.float32, EXACT16=exact16, JOINT=joint,
             ONE_TILE=one_tile, num_warps=key_cfg.num_warps)
         return
     launch_encode(key, rotation, projection, key_centroids, key_bits, qjl, cache, koffs, bs,
@@ -116,6 +117,87 @@ def launch_write_cache(key: Tensor, value: Tensor, cache: Tensor, slot_mapping: 
     launch_encode(value, rotation, projection, value_centroids, value_bits, False, cache, voffs,
                   bs, page_stride, head_stride, slot_mapping=slot_mapping, raw=raw,
                   exact16=exact16, config=value_cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteVariant:
+    """What a cache write of a given shape compiles and launches (launch_write_cache).  Writes
+    of other sizes with the same variant, input dtypes and cache page reuse its compiled
+    kernels; a new variant compiles one (seconds) at its first write.
+
+    pair: one encode_pair_kernel launch (else encode_kernel for the keys, then the values);
+    joint, one_tile: its JOINT and ONE_TILE; exact16: EXACT16 as launched; key_config,
+    value_config: the launch configs (tile rows, warps, programs per SM)."""
+    pair: bool
+    joint: bool
+    one_tile: bool
+    exact16: bool
+    key_config: EncodeConfig
+    value_config: EncodeConfig
+
+
+def write_variant(arch_name: str, sms: int, head_dim: int, key_bits: int, value_bits: int,
+                  rows: int, key_fp32: bool, value_fp32: bool, exact16: bool) -> WriteVariant:
+    """The WriteVariant of a write of `rows` (token, head) rows on a GPU of `sms` SMs of arch
+    `arch_name` (tq_ops.triton.launch.arch); exact16 as write_cache's exact16_matrices."""
+    exact16 = exact16 and rows >= EXACT16_MIN_ROWS
+    key_cfg, value_cfg = pair_configs(arch_name, head_dim, key_bits, value_bits, rows, sms,
+                                      key_fp32, value_fp32, exact16)
+    if rows <= LATENCY_ROWS or key_cfg == value_cfg:
+        joint = rows > LATENCY_ROWS
+        # one tile per program when the persistent grid's cap leaves every tile its own
+        one_tile = joint and 2 * triton.cdiv(rows, key_cfg.rows) <= key_cfg.programs_per_sm * sms
+        return WriteVariant(True, joint, one_tile, exact16 and joint, key_cfg, value_cfg)
+    return WriteVariant(False, True, False, exact16, key_cfg, value_cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def write_variant_tokens(arch_name: str, sms: int, head_dim: int, num_kv_heads: int,
+                         key_bits: int, value_bits: int, max_tokens: int, fp32: bool,
+                         exact16: bool) -> tuple[int, ...]:
+    """The smallest token count of each distinct WriteVariant among writes of 1 .. max_tokens
+    tokens of num_kv_heads heads (fp32: fp32 keys and values), ascending.  Writing each once
+    compiles every kernel a write of up to max_tokens tokens can launch (warm_up_write_cache).
+    Memoised: a pure function of its arguments, called once per attention layer."""
+    first: dict[WriteVariant, int] = {}
+    for t in range(1, max_tokens + 1):
+        first.setdefault(write_variant(arch_name, sms, head_dim, key_bits, value_bits,
+                                       t * num_kv_heads, fp32, fp32, exact16), t)
+    return tuple(sorted(first.values()))
+
+
+def warm_up_write_cache(cache: Tensor, rotation: Tensor, projection: Tensor,
+                        key_centroids: Tensor, value_centroids: Tensor, key_bits: int, qjl: bool,
+                        value_bits: int, exact16_matrices: bool, max_tokens: int,
+                        dtype: torch.dtype, slot_dtype: torch.dtype) -> tuple[int, ...]:
+    """Compile every kernel that write_cache into `cache` can launch for writes of 1 ..
+    max_tokens tokens of `dtype` keys and values and `slot_dtype` slot mappings (torch.int32
+    or torch.int64; each compiles its own kernels), by one write of each variant
+    (write_variant_tokens) whose slots are all -1: nothing is stored.  Without it a serving
+    process compiles a variant at the first prompt chunk that needs it (H200, vLLM 0.26.0,
+    session 36: two compiles of ~5.5 and ~3.5 s inside the first 32k-token prefills).
+
+    cache: (num_blocks, Hkv, block_size * slot_bytes) uint8, the cache the writes will go to
+    (its page shape is part of the compiled kernels); not modified.  Other arguments as
+    write_cache's.  Must not run while a CUDA graph is being captured.  Returns the token
+    counts written (empty off CUDA, and for head dims that write_cache encodes with the
+    reference body)."""
+    d = _checks.rotation(rotation)
+    if cache.device.type != "cuda" or not triton_encode_supported(d):
+        return ()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("warm_up_write_cache: a CUDA graph is being captured on this stream")
+    h = int(cache.shape[1])
+    tokens = write_variant_tokens(arch(cache.device), sm_count(cache.device), d, h, key_bits,
+                                  value_bits, max_tokens, dtype == torch.float32,
+                                  exact16_matrices)
+    k = torch.zeros(tokens[-1], h, d, dtype=dtype, device=cache.device)
+    slots = torch.full((tokens[-1],), -1, dtype=slot_dtype, device=cache.device)
+    for t in tokens:
+        torch.ops.turboquant.write_cache(k[:t], k[:t], cache, slots[:t], rotation, projection,
+                                         key_centroids, value_centroids, key_bits, qjl,
+                                         value_bits, exact16_matrices)
+    return tokens
 
 
 def check_cache(cache: Tensor, lay: layout.SlotLayout, num_kv_heads: int) -> int:
