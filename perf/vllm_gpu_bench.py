@@ -297,7 +297,7 @@ def _gpu_kernel_times(prof) -> dict:
     return per
 
 
-def step_profile(eng, top: int = 12) -> tuple[dict, list]:
+def step_profile(eng, top: int = 20) -> tuple[dict, list]:
     """One engine step under torch.profiler, host and GPU: the heaviest GPU kernels and host-side
     CUDA runtime calls (a cudaStreamSynchronize or a blocking cudaMemcpy here is a step that
     waits for the GPU), each as (name, total microseconds, count), and the step's wall time.
@@ -458,7 +458,7 @@ def run_all(a) -> None:
         if config in a.profile:
             args += ["--profile-steps", "8"]
         if config in a.profile_prefill:
-            args += ["--prefill-profile-steps", "3"]
+            args += ["--prefill-profile-steps", str(a.prefill_profile_steps)]
         rows[config] = _saved(a.save, f"one-{config}-{a.ctx}-{a.batch}-{runner}",
                               lambda: None if a.table_only else _spawn(args, a.timeout))
     quality = {}
@@ -556,8 +556,10 @@ def main() -> None:
     pa.add_argument("--table-only", action="store_true",
                     help="run nothing: the table of what --save holds")
     pa.add_argument("--profile-prefill", nargs="*", default=[],
-                    help="configs whose first 3 prefill steps run under torch.profiler "
-                         "(kernels and host-side CUDA runtime calls)")
+                    help="configs whose first prefill steps (--prefill-profile-steps) run "
+                         "under torch.profiler (kernels and host-side CUDA runtime calls)")
+    pa.add_argument("--prefill-profile-steps", type=int, default=3,
+                    help="with --profile-prefill: how many of the prefill's first engine steps")
     pa.add_argument("--profile", nargs="*", default=[],
                     help="configurations whose run ends with a kernel profile of 8 steps")
     pa.add_argument("--text", default=None, help="text file for the perplexity")
