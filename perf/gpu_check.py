@@ -567,6 +567,12 @@ def run_opcheck(c: dict) -> dict:
     return res
 
 
+def compiled_variants(kernel) -> int:
+    """How many variants of a Triton kernel this process has compiled for the current device
+    (its JIT cache: a new entry is a compile)."""
+    return len(kernel.device_caches[torch.cuda.current_device()][0])
+
+
 def run_recompile_check(c: dict) -> dict:
     """Serving changes token counts, sequence and split counts, and the offsets of sliced
     metadata from step to step; none of that may compile a new kernel variant (a mid-serving
@@ -584,10 +590,9 @@ def run_recompile_check(c: dict) -> dict:
                    prefill=KP.prefill_kernel,
                    encode=KE.encode_kernel, encode_pair=KE.encode_pair_kernel,
                    dequantize=KQ.dequantize_pages_kernel)
-    dev = torch.cuda.current_device()
 
     def variants():
-        return {k: len(fn.device_caches[dev][0]) for k, fn in kernels.items()}
+        return {k: compiled_variants(fn) for k, fn in kernels.items()}
 
     torch.manual_seed(1)
     cfg = preset("seed", head_dim=128)
@@ -667,11 +672,10 @@ def run_write_warm_check(c: dict) -> dict:
     from tq_ops.triton import encode as KE
 
     W = importlib.import_module("tq_ops.ops.write_cache")
-    dev = torch.cuda.current_device()
     kernels = (KE.encode_kernel, KE.encode_pair_kernel)
 
     def variants():
-        return [len(fn.device_caches[dev][0]) for fn in kernels]
+        return [compiled_variants(fn) for fn in kernels]
 
     torch.manual_seed(2)
     cfg = preset("seed", head_dim=128)
