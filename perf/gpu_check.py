@@ -354,6 +354,15 @@ def run_attention_case(c: dict) -> dict:
     derr = max(float((dk.float().cpu() - rk_).abs().max() / rk_.abs().max()),
                float((dv.float().cpu() - rv_).abs().max() / rv_.abs().max()))
     res["dequantize_rel_err"] = derr
+    # fp32 outputs (tq_vllm's for fp32 models): the products' fp32 accuracy alone
+    poison()
+    fk, fv = torch.ops.turboquant.paged_dequantize(
+        cache_g, pbt.cuda(), dq[2].cuda(), dq[3].cuda(), dq[4], cg.rotation, cg.qjl_projection,
+        cg.key_centroids, cg.value_centroids, kb, qjl, vb, kv0, torch.float32)
+    derr32 = max(float((fk.cpu() - rk_).abs().max() / rk_.abs().max()),
+                 float((fv.cpu() - rv_).abs().max() / rv_.abs().max()))
+    res["dequantize_fp32_rel_err"] = derr32
+    del fk, fv
     poison()
     got = torch.ops.turboquant.paged_prefill_attention(
         *[a.cuda() if isinstance(a, torch.Tensor) and a is not cache_ref else a for a in pargs[:4]],
@@ -387,6 +396,7 @@ def run_attention_case(c: dict) -> dict:
                     if torch.isfinite(got).all() else float("inf"))
     res["prefill_slabs_rel_err"] = serr
     res["prefill_ok"] = bool(res["prefill_ok"] and derr <= F32_RTOL + OUT_RTOL[torch.float16]
+                             and derr32 <= F32_RTOL
                              and derr2 <= ATT_RTOL + 2 * OUT_RTOL[dt] + OUT_RTOL[torch.float16]
                              and serr[0] <= ATT_RTOL + 2 * OUT_RTOL[dt]
                              and serr[1] <= ATT_RTOL + 2 * OUT_RTOL[dt]
@@ -1150,7 +1160,8 @@ def main() -> None:
         for r in results:
             print(f"  {'ok  ' if r.get('ok') else 'FAIL'} {r['name']}"
                   + (f"  decode {r['decode_rel_err']:.1e} prefill {r['prefill_rel_err']:.1e}"
-                     f" dequantize {r['dequantize_rel_err']:.1e} prefill decoded "
+                     f" dequantize {r['dequantize_rel_err']:.1e}"
+                     f" (fp32 {r['dequantize_fp32_rel_err']:.1e}) prefill decoded "
                      f"{r['prefill_decoded_rel_err']:.1e} slabs "
                      + "/".join(f"{e:.1e}" for e in r.get("prefill_slabs_rel_err", []))
                      if "decode_rel_err" in r else ""))

@@ -11,6 +11,8 @@ ships ptxas and cuobjdump), so kernel changes can be weighed before spending dev
         [--splits 24]
     PYTHONPATH=. python perf/sass_report.py --kernel prefill [--format seed] [--head-dim 128]
         [--decoded] [--block-q N] [--warps N]
+    PYTHONPATH=. python perf/sass_report.py --kernel dequant [--format seed] [--head-dim 128]
+        [--block-size 128] [--out fp16|bf16|fp32]
 
 The split kernel's constexprs are the launcher's (tq_ops.ops.paged_decode_attention.
 split_constants); pointer arguments (and strides) are declared 16-byte aligned, as Triton
@@ -159,6 +161,32 @@ def compile_prefill(fmt: str, head_dim: int, group: int, block_size: int, block_
                         maxnreg=maxnreg)
 
 
+def compile_dequant(fmt: str, head_dim: int, block_size: int, warps: int, out: str):
+    """dequantize_pages_kernel with the launcher's constexprs (tq_ops.ops.paged_dequantize),
+    `out` ("fp16", "bf16", "fp32") outputs."""
+    import math
+
+    from tq_ops.ops.paged_dequantize import dequant_warps
+    from tq_ops.triton.dequant import BLOCK_N, dequantize_pages_kernel
+
+    cfg = preset(fmt, head_dim=head_dim)
+    lay = cfg.layout
+    qjl = cfg.use_qjl
+    dp = max(16, triton.next_power_of_2(head_dim))
+    consts = dict(
+        HKV=8, D=head_dim, DP=dp, BS=block_size, BN=math.gcd(block_size, BLOCK_N),
+        KB=cfg.key_mse_bits, QJL=qjl, VB=cfg.value_bits, OFF_KC=lay.slot_offset("k_codes"),
+        OFF_KS=lay.slot_offset("k_signs") if qjl else 0, OFF_KN=lay.slot_offset("k_norm"),
+        OFF_KG=lay.slot_offset("k_gamma") if qjl else 0, OFF_VC=lay.slot_offset("v_codes"),
+        OFF_VN=lay.slot_offset("v_norm"), SLOT=lay.slot_bytes)
+    types = {n: "*fp16" for n in ("pih_ptr", "pil_ptr", "sph_ptr", "spl_ptr")}
+    types.update({n: f"*{out}" for n in ("kout_ptr", "vout_ptr")})
+    types.update({"cache_ptr": "*u8", "bt_ptr": "*i32", "lens_ptr": "*i32",
+                  "offsets_ptr": "*i32"})
+    return compile_sm90(dequantize_pages_kernel, consts, types, aligned=("page_stride",),
+                        floats=("qjl_scale",), num_warps=warps or dequant_warps(dp))
+
+
 def compile_small(kernel: str, warps: int, consts: dict):
     """query_prep_kernel (fp16 queries) or decode_merge_kernel, with the
     launcher's constexprs `consts`; their whole SASS is reported (no hot loop to speak of)."""
@@ -215,7 +243,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernel", default="split",
                     choices=("split", "encode-keys", "encode-values", "prep", "merge",
-                             "prefill"))
+                             "prefill", "dequant"))
     ap.add_argument("--splits", type=int, default=24,
                     help="merge: the split count it merges (sets the mode and partials per step)")
     ap.add_argument("--rows", type=int, default=64, help="encode: rows per tile")
@@ -240,6 +268,8 @@ def main() -> int:
     ap.add_argument("--fp16-keys", action="store_true",
                     help="split, prep: the fp16 key planes instead of the int8 ones of the "
                          "config (DecodeConfig.int8_keys)")
+    ap.add_argument("--out", default="fp16", choices=("fp16", "bf16", "fp32"),
+                    help="dequant: the outputs' dtype")
     ap.add_argument("--exact16", action="store_true",
                     help="encode: the variant for declared exact fp16 matrices")
     a = ap.parse_args()
@@ -286,6 +316,16 @@ def main() -> int:
         ops = collections.Counter(opcode(t) for t in sass)
         print(f"{len(sass)} instructions; memory: " + ", ".join(
             f"{op} {n}" for op, n in sorted(ops.items()) if op.startswith(("LD", "ST", "BAR"))))
+        return 0
+    if a.kernel == "dequant":
+        k = compile_dequant(a.format, a.head_dim, a.block_size, a.warps or 0, a.out)
+        for line in ptxas_summary(k.asm["ptx"]):
+            print(line)
+        print(f"shared memory: {k.metadata.shared} bytes")
+        sass = hot_loop(k.asm["cubin"], whole=True)
+        fam = collections.Counter(opcode(t).split(".")[0] for t in sass)
+        print(f"{len(sass)} instructions per program (one tile)")
+        print("  " + ", ".join(f"{op} {n}" for op, n in fam.most_common(18)))
         return 0
     if a.kernel == "prefill":
         from tq_ops.triton.prefill import prefill_config

@@ -12,7 +12,7 @@ from torch.library import triton_op, wrap_triton
 from tq_ops import _checks, layout, reference
 from tq_ops.codec import qjl_scale
 from tq_ops.ops.write_cache import check_cache
-from tq_ops.triton.dequant import BLOCK_N, COLUMN_BLOCK, dequantize_pages_kernel
+from tq_ops.triton.dequant import BLOCK_N, dequantize_pages_kernel
 
 
 def launch(cache: Tensor, block_table: Tensor, lens: Tensor, offsets: Tensor, num_tokens: int,
@@ -32,18 +32,31 @@ def launch(cache: Tensor, block_table: Tensor, lens: Tensor, offsets: Tensor, nu
         return key, value
     # S' Pi in float64: a TF32 matmul setting must not round the QJL term's matrix
     sp = (projection.to(torch.float64) @ rotation.to(torch.float64)).to(torch.float32)
+    pih, pil = fp16_halves(rotation)
+    sph, spl = fp16_halves(sp)
     dp = max(16, triton.next_power_of_2(d))
     bn = math.gcd(bs, BLOCK_N)
     kernel = dequantize_pages_kernel if raw else wrap_triton(dequantize_pages_kernel)
     kernel[(r, triton.cdiv(mb * bs, bn), hkv)](
-        cache, block_table, lens, offsets, rotation, sp, key_centroids, value_centroids, key,
-        value, kv_start, block_table.stride(0), cache.stride(0), qjl_scale(d),
-        HKV=hkv, D=d, DP=dp, BS=bs, BN=bn, JB=min(dp, COLUMN_BLOCK), KB=key_bits, QJL=qjl,
+        cache, block_table, lens, offsets, pih, pil, sph, spl, key_centroids, value_centroids,
+        key, value, kv_start, block_table.stride(0), cache.stride(0), qjl_scale(d),
+        HKV=hkv, D=d, DP=dp, BS=bs, BN=bn, KB=key_bits, QJL=qjl,
         VB=value_bits, OFF_KC=lay.slot_offset("k_codes"),
         OFF_KS=lay.slot_offset("k_signs") if qjl else 0, OFF_KN=lay.slot_offset("k_norm"),
         OFF_KG=lay.slot_offset("k_gamma") if qjl else 0, OFF_VC=lay.slot_offset("v_codes"),
-        OFF_VN=lay.slot_offset("v_norm"), SLOT=lay.slot_bytes, num_warps=8)
+        OFF_VN=lay.slot_offset("v_norm"), SLOT=lay.slot_bytes, num_warps=dequant_warps(dp))
     return key, value
+
+
+def fp16_halves(m: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 m as contiguous fp16 hi + lo (hi + lo carries ~22 bits of m's mantissa)."""
+    hi = m.to(torch.float16)
+    return hi.contiguous(), (m - hi.to(torch.float32)).to(torch.float16).contiguous()
+
+
+def dequant_warps(dp: int) -> int:
+    """Warps per tile program: the (BN, DP) fp32 accumulator at 64 registers per thread."""
+    return 4 if dp <= 128 else 8
 
 
 @triton_op("turboquant::paged_dequantize", mutates_args=())

@@ -10,22 +10,36 @@ residual norms (gamma):
     key   = n * (c @ Pi + qjl_scale * g * (z @ (S' Pi)))      (tq_ops.reference.decode_keys)
     value = n * (c_v @ Pi)
 
-S' Pi is one (D, D) fp32 matrix prepared by the launcher, so the QJL term needs no rotated
-intermediate.  The products run on fp16 tensor cores with fp32 operands split into fp16 halves
-(three products, ~2^-22 relative; z is exact in fp16), in column blocks of JB.  tf32x3 products
-of the fp32 tiles compiled to 32 registers and ~11 KB of local memory per thread (Triton 3.6,
-sm_90): 13 ms for a 30k-token prefix on an H200.  The decoders read any codebook and bit width
-(the cost is one pass over the pages; the reader of the result is what is repeated).
+The products run over the coordinates in chunks of DG (the MMAs' K side), into one (BN, DP)
+fp32 accumulator, keys first and then values.  A chunk is GPC whole coordinate groups of
+tq_ops.layout's packing (coordinates 8 m + R for one group R and all m < D / 8): the code words of
+a tile's rows are loaded once (a 32-, 16- or 8-bit word per m holds every group's code of
+coordinates 8 m .. 8 m + 7), and each chunk takes its codes with one shift and mask per element;
+the matrices' rows are taken in the same order.  Centroids are gathered from the codebook (any
+codebook and bit width).  Pi and S' Pi arrive as fp16 halves (the launcher splits them once per
+call), the operands are split in the kernel, and the three products above 2^-22 relative keep
+fp32 accuracy (z is exact in fp16, so g z splits as g does).
+
+Until session 38 the kernel decoded the whole (BN, D) tile in fp32 first, byte by byte with a
+select chain per coordinate (255 registers with spills, one 8-warp program per SM: 357 us for
+16k positions x 8 KV heads at D = 128 on an H200, perf/NOTES.md, session 37).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from tq_ops.triton.unpack import lookup, slow_code, slow_sign, tile_rows
+from tq_ops.triton.unpack import tile_rows
 
 BLOCK_N = 64   # positions per tile (the launcher takes gcd with the block size)
-COLUMN_BLOCK = 64
+
+
+@triton.constexpr_function
+def chunk_shape(d):
+    """(MDP, GPC): coordinate indices m per group, padded to a power of two, and whole groups
+    per chunk, so that a chunk of MDP * GPC coordinates fills an MMA's K side (16 at least)."""
+    mdp = triton.next_power_of_2(d // 8)
+    return mdp, max(1, 16 // mdp)
 
 
 @triton.jit
@@ -36,29 +50,68 @@ def _split(x):
 
 
 @triton.jit
-def _dot3(a_hi, a_lo, b_hi, b_lo):
-    """a @ b in fp32 from fp16 halves: the three products above 2^-22 relative."""
-    return tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_hi, b_hi)))
-
-
-@triton.jit
 def _tile_scalar(ptr, base, tin, OFF: tl.constexpr, BS: tl.constexpr):
     """(BN,) fp32 of the fp16 scalar component at slot offset OFF for in-page rows tin."""
     return tl.load((ptr + base + BS * OFF + tin * 2).to(tl.pointer_type(tl.float16))).to(
         tl.float32)
 
 
+@triton.jit
+def _code_words(ptr, row, mk, real, BITS: tl.constexpr):
+    """(BN, DG) int32: per row and coordinate index m, the code word of tq_ops.layout's low plane
+    (4-bit: 32 bits, 2- and 3-bit: the 2-bit plane's 16 bits, 1-bit: 8 bits); unsigned."""
+    if BITS == 4:
+        w = tl.load((ptr + row[:, None] + 4 * mk[None, :]).to(tl.pointer_type(tl.int32)),
+                    mask=real[None, :], other=0)
+    elif BITS >= 2:
+        w = tl.load((ptr + row[:, None] + 2 * mk[None, :]).to(tl.pointer_type(tl.int16)),
+                    mask=real[None, :], other=0).to(tl.int32) & 0xFFFF
+    else:
+        w = tl.load(ptr + row[:, None] + mk[None, :], mask=real[None, :], other=0).to(tl.int32)
+    return w
+
+
+@triton.jit
+def _codes(w, h, grp, BITS: tl.constexpr):
+    """Codes of group grp ((1, DG) int32) from _code_words w and, for 3 bits, the 1-bit plane's
+    bytes h."""
+    if BITS == 4:
+        c = (w >> (4 * grp)) & 15
+    elif BITS >= 2:
+        c = (w >> (2 * grp)) & 3
+        if BITS == 3:
+            c = c | (((h >> grp) & 1) << 2)
+    else:
+        c = (w >> grp) & 1
+    return c
+
+
+@triton.jit
+def _matrix_rows(hi_ptr, lo_ptr, rows, real, jj, D: tl.constexpr):
+    """(DG, DP) fp16 halves of matrix rows `rows` (padded rows and columns zero)."""
+    at = rows[:, None] * D + jj[None, :]
+    msk = real[:, None] & (jj < D)[None, :]
+    return (tl.load(hi_ptr + at, mask=msk, other=0.0), tl.load(lo_ptr + at, mask=msk, other=0.0))
+
+
+@triton.jit
+def _dot3(a_hi, a_lo, b_hi, b_lo, acc):
+    """acc + a @ b in fp32 from fp16 halves: the three products above 2^-22 relative."""
+    return tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_hi, b_hi, acc)))
+
+
 @triton.jit(do_not_specialize=['kv_start'],
             do_not_specialize_on_alignment=['bt_ptr', 'lens_ptr', 'offsets_ptr'])
 def dequantize_pages_kernel(
-        cache_ptr, bt_ptr, lens_ptr, offsets_ptr, rot_ptr, sp_ptr, kc_ptr, vc_ptr, kout_ptr, vout_ptr,
-        kv_start, bt_stride, page_stride, qjl_scale,
+        cache_ptr, bt_ptr, lens_ptr, offsets_ptr, pih_ptr, pil_ptr, sph_ptr, spl_ptr, kc_ptr,
+        vc_ptr, kout_ptr, vout_ptr, kv_start, bt_stride, page_stride, qjl_scale,
         HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr,
-        BN: tl.constexpr, JB: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr,
+        BN: tl.constexpr, KB: tl.constexpr, QJL: tl.constexpr,
         VB: tl.constexpr, OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KN: tl.constexpr,
         OFF_KG: tl.constexpr, OFF_VC: tl.constexpr, OFF_VN: tl.constexpr, SLOT: tl.constexpr):
     """Positions kv_start .. lens[r]-1 of request r (block-table row r) to rows
-    offsets[r] + position - kv_start of kout_ptr / vout_ptr, (rows, HKV, D) in their dtype."""
+    offsets[r] + position - kv_start of kout_ptr / vout_ptr, (rows, HKV, D) in their dtype.
+    pih / pil and sph / spl: Pi and S' Pi, (D, D) fp16 halves (hi + lo = the fp32 matrix)."""
     r = tl.program_id(0)
     start = tl.program_id(1) * BN
     h = tl.program_id(2)
@@ -69,40 +122,58 @@ def dequantize_pages_kernel(
         pos = start + tl.arange(0, BN)
         valid = (pos >= kv_start) & (pos < n_pos)
         row = tl.load(offsets_ptr + r).to(tl.int64) + pos - kv_start
-        d = tl.arange(0, DP)
-        dmask = d < D
-        # coordinate d is group d % 8, index d // 8 of tq_ops.layout's packing
-        m2 = (d // 8)[None, :]
-        r2 = (d % 8)[None, :]
-        kc = lookup(slow_code(cache_ptr, (base + BS * OFF_KC + tin * (D * KB // 8))[:, None],
-                              m2, r2, D, KB), kc_ptr, KB)
-        kc = tl.where(dmask[None, :], kc, 0.0)
-        kn = _tile_scalar(cache_ptr, base, tin, OFF_KN, BS)
+        MDP: tl.constexpr = chunk_shape(D)[0]
+        GPC: tl.constexpr = chunk_shape(D)[1]
+        DG: tl.constexpr = MDP * GPC
+        k = tl.arange(0, DG)
+        mk = k % MDP                 # coordinate index m of each chunk column
+        sub = (k // MDP)[None, :]    # its group within the chunk
+        real = mk < D // 8
+        jj = tl.arange(0, DP)
+        omask = valid[:, None] & (jj < D)[None, :]
+        at = row[:, None] * (HKV * D) + h * D + jj[None, :]
+        # -- keys
+        krow = base + BS * OFF_KC + tin * (D * KB // 8)
+        kw = _code_words(cache_ptr, krow, mk, real, KB)
+        kh = kw
+        if KB == 3:
+            kh = tl.load(cache_ptr + krow[:, None] + D // 4 + mk[None, :], mask=real[None, :],
+                         other=0).to(tl.int32)
         if QJL:
-            z = tl.where(dmask[None, :], slow_sign(
-                cache_ptr, (base + BS * OFF_KS + tin * (D // 8))[:, None], m2, r2, D), 0.0)
-            kg = _tile_scalar(cache_ptr, base, tin, OFF_KG, BS) * qjl_scale
-        vc = lookup(slow_code(cache_ptr, (base + BS * OFF_VC + tin * (D * VB // 8))[:, None],
-                              m2, r2, D, VB), vc_ptr, VB)
-        vc = tl.where(dmask[None, :], vc, 0.0)
-        vn = _tile_scalar(cache_ptr, base, tin, OFF_VN, BS)
-        kc_hi, kc_lo = _split(kc)
-        vc_hi, vc_lo = _split(vc)
-        if QJL:
-            z16 = z.to(tl.float16)  # +-1 and 0: exact
-        j = tl.arange(0, JB)
-        for j0 in tl.static_range(0, DP, JB):
-            jj = j0 + j
-            mmask = dmask[:, None] & (jj < D)[None, :]
-            pi_hi, pi_lo = _split(tl.load(rot_ptr + d[:, None] * D + jj[None, :], mask=mmask,
-                                          other=0.0))
-            kb = _dot3(kc_hi, kc_lo, pi_hi, pi_lo)
+            sw = tl.load(cache_ptr + (base + BS * OFF_KS + tin * (D // 8))[:, None]
+                         + mk[None, :], mask=real[None, :], other=0).to(tl.int32)
+            g_hi, g_lo = _split(_tile_scalar(cache_ptr, base, tin, OFF_KG, BS) * qjl_scale)
+        acc = tl.zeros([BN, DP], tl.float32)
+        for ch in tl.static_range(8 // GPC):
+            grp = ch * GPC + sub
+            cen = tl.load(kc_ptr + _codes(kw, kh, grp, KB))
+            c_hi, c_lo = _split(tl.where(real[None, :], cen, 0.0))
+            rows = 8 * mk + ch * GPC + k // MDP
+            p_hi, p_lo = _matrix_rows(pih_ptr, pil_ptr, rows, real, jj, D)
+            acc = _dot3(c_hi, c_lo, p_hi, p_lo, acc)
             if QJL:
-                sp_hi, sp_lo = _split(tl.load(sp_ptr + d[:, None] * D + jj[None, :], mask=mmask,
-                                              other=0.0))
-                kb = kb + kg[:, None] * tl.dot(z16, sp_lo, tl.dot(z16, sp_hi))
-            vb = _dot3(vc_hi, vc_lo, pi_hi, pi_lo)
-            omask = valid[:, None] & (jj < D)[None, :]
-            at = row[:, None] * (HKV * D) + h * D + jj[None, :]
-            tl.store(kout_ptr + at, (kb * kn[:, None]).to(kout_ptr.dtype.element_ty), mask=omask)
-            tl.store(vout_ptr + at, (vb * vn[:, None]).to(vout_ptr.dtype.element_ty), mask=omask)
+                pos_sign = (((sw >> grp) & 1) != 0) & real[None, :]
+                neg = tl.where(real[None, :], -1.0, 0.0).to(tl.float16)
+                z_hi = tl.where(pos_sign, g_hi[:, None], neg * g_hi[:, None])
+                z_lo = tl.where(pos_sign, g_lo[:, None], neg * g_lo[:, None])
+                s_hi, s_lo = _matrix_rows(sph_ptr, spl_ptr, rows, real, jj, D)
+                acc = _dot3(z_hi, z_lo, s_hi, s_lo, acc)
+        kn = _tile_scalar(cache_ptr, base, tin, OFF_KN, BS)
+        tl.store(kout_ptr + at, (acc * kn[:, None]).to(kout_ptr.dtype.element_ty), mask=omask)
+        # -- values
+        vrow = base + BS * OFF_VC + tin * (D * VB // 8)
+        vw = _code_words(cache_ptr, vrow, mk, real, VB)
+        vh = vw
+        if VB == 3:
+            vh = tl.load(cache_ptr + vrow[:, None] + D // 4 + mk[None, :], mask=real[None, :],
+                         other=0).to(tl.int32)
+        acc = tl.zeros([BN, DP], tl.float32)
+        for ch in tl.static_range(8 // GPC):
+            grp = ch * GPC + sub
+            cen = tl.load(vc_ptr + _codes(vw, vh, grp, VB))
+            c_hi, c_lo = _split(tl.where(real[None, :], cen, 0.0))
+            rows = 8 * mk + ch * GPC + k // MDP
+            p_hi, p_lo = _matrix_rows(pih_ptr, pil_ptr, rows, real, jj, D)
+            acc = _dot3(c_hi, c_lo, p_hi, p_lo, acc)
+        vn = _tile_scalar(cache_ptr, base, tin, OFF_VN, BS)
+        tl.store(vout_ptr + at, (acc * vn[:, None]).to(vout_ptr.dtype.element_ty), mask=omask)
