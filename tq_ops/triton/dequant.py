@@ -57,9 +57,10 @@ def _tile_scalar(ptr, base, tin, OFF: tl.constexpr, BS: tl.constexpr):
 
 
 @triton.jit
-def _code_words(ptr, row, mk, real, BITS: tl.constexpr):
-    """(BN, DG) int32: per row and coordinate index m, the code word of tq_ops.layout's low plane
-    (4-bit: 32 bits, 2- and 3-bit: the 2-bit plane's 16 bits, 1-bit: 8 bits); unsigned."""
+def _code_words(ptr, row, mk, real, D: tl.constexpr, BITS: tl.constexpr):
+    """Per row and coordinate index m ((BN, DG) int32, unsigned): the code word of tq_ops.layout's
+    low plane (4-bit: 32 bits, 2- and 3-bit: the 2-bit plane's 16 bits, 1-bit: 8 bits) and, for
+    3 bits, the 1-bit plane's byte (the word again otherwise)."""
     if BITS == 4:
         w = tl.load((ptr + row[:, None] + 4 * mk[None, :]).to(tl.pointer_type(tl.int32)),
                     mask=real[None, :], other=0)
@@ -68,7 +69,11 @@ def _code_words(ptr, row, mk, real, BITS: tl.constexpr):
                     mask=real[None, :], other=0).to(tl.int32) & 0xFFFF
     else:
         w = tl.load(ptr + row[:, None] + mk[None, :], mask=real[None, :], other=0).to(tl.int32)
-    return w
+    h = w
+    if BITS == 3:
+        h = tl.load(ptr + row[:, None] + D // 4 + mk[None, :], mask=real[None, :],
+                    other=0).to(tl.int32)
+    return w, h
 
 
 @triton.jit
@@ -98,6 +103,17 @@ def _matrix_rows(hi_ptr, lo_ptr, rows, real, jj, D: tl.constexpr):
 def _dot3(a_hi, a_lo, b_hi, b_lo, acc):
     """acc + a @ b in fp32 from fp16 halves: the three products above 2^-22 relative."""
     return tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_hi, b_hi, acc)))
+
+
+@triton.jit
+def _centroid_product(c_ptr, w, h, grp, real, rows, pih_ptr, pil_ptr, jj, acc,
+                      D: tl.constexpr, BITS: tl.constexpr):
+    """acc + c @ Pi[rows] for one chunk: c (BN, DG) the centroids of group grp's codes in the
+    words w / h (_code_words), padded columns zero."""
+    cen = tl.load(c_ptr + _codes(w, h, grp, BITS))
+    c_hi, c_lo = _split(tl.where(real[None, :], cen, 0.0))
+    p_hi, p_lo = _matrix_rows(pih_ptr, pil_ptr, rows, real, jj, D)
+    return _dot3(c_hi, c_lo, p_hi, p_lo, acc)
 
 
 @triton.jit(do_not_specialize=['kv_start'],
@@ -134,11 +150,7 @@ def dequantize_pages_kernel(
         at = row[:, None] * (HKV * D) + h * D + jj[None, :]
         # -- keys
         krow = base + BS * OFF_KC + tin * (D * KB // 8)
-        kw = _code_words(cache_ptr, krow, mk, real, KB)
-        kh = kw
-        if KB == 3:
-            kh = tl.load(cache_ptr + krow[:, None] + D // 4 + mk[None, :], mask=real[None, :],
-                         other=0).to(tl.int32)
+        kw, kh = _code_words(cache_ptr, krow, mk, real, D, KB)
         if QJL:
             sw = tl.load(cache_ptr + (base + BS * OFF_KS + tin * (D // 8))[:, None]
                          + mk[None, :], mask=real[None, :], other=0).to(tl.int32)
@@ -146,11 +158,9 @@ def dequantize_pages_kernel(
         acc = tl.zeros([BN, DP], tl.float32)
         for ch in tl.static_range(8 // GPC):
             grp = ch * GPC + sub
-            cen = tl.load(kc_ptr + _codes(kw, kh, grp, KB))
-            c_hi, c_lo = _split(tl.where(real[None, :], cen, 0.0))
             rows = 8 * mk + ch * GPC + k // MDP
-            p_hi, p_lo = _matrix_rows(pih_ptr, pil_ptr, rows, real, jj, D)
-            acc = _dot3(c_hi, c_lo, p_hi, p_lo, acc)
+            acc = _centroid_product(kc_ptr, kw, kh, grp, real, rows, pih_ptr, pil_ptr, jj, acc,
+                                    D, KB)
             if QJL:
                 pos_sign = (((sw >> grp) & 1) != 0) & real[None, :]
                 neg = tl.where(real[None, :], -1.0, 0.0).to(tl.float16)
@@ -162,18 +172,11 @@ def dequantize_pages_kernel(
         tl.store(kout_ptr + at, (acc * kn[:, None]).to(kout_ptr.dtype.element_ty), mask=omask)
         # -- values
         vrow = base + BS * OFF_VC + tin * (D * VB // 8)
-        vw = _code_words(cache_ptr, vrow, mk, real, VB)
-        vh = vw
-        if VB == 3:
-            vh = tl.load(cache_ptr + vrow[:, None] + D // 4 + mk[None, :], mask=real[None, :],
-                         other=0).to(tl.int32)
+        vw, vh = _code_words(cache_ptr, vrow, mk, real, D, VB)
         acc = tl.zeros([BN, DP], tl.float32)
         for ch in tl.static_range(8 // GPC):
-            grp = ch * GPC + sub
-            cen = tl.load(vc_ptr + _codes(vw, vh, grp, VB))
-            c_hi, c_lo = _split(tl.where(real[None, :], cen, 0.0))
             rows = 8 * mk + ch * GPC + k // MDP
-            p_hi, p_lo = _matrix_rows(pih_ptr, pil_ptr, rows, real, jj, D)
-            acc = _dot3(c_hi, c_lo, p_hi, p_lo, acc)
+            acc = _centroid_product(vc_ptr, vw, vh, ch * GPC + sub, real, rows, pih_ptr,
+                                    pil_ptr, jj, acc, D, VB)
         vn = _tile_scalar(cache_ptr, base, tin, OFF_VN, BS)
         tl.store(vout_ptr + at, (acc * vn[:, None]).to(vout_ptr.dtype.element_ty), mask=omask)
